@@ -1,0 +1,156 @@
+"""Command line: download, convert, chat, doctor, api (python -m internlm_app ...)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .sampling import BOUNDS, INT_PARAMS, SamplingParams
+from .settings import Settings, add_settings_arguments, settings_from_args
+
+MODEL_FLAGS = ["model_path", "model_id", "model_revision", "cache_dir", "dtype", "device", "quantization", "max_length"]
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    for name, bound in BOUNDS.items():
+        kind = int if name in INT_PARAMS else float
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=None,
+            help=f"{bound.description} [{bound.low:g}..{bound.high:g}]",
+        )
+
+
+def _progress(done: int, total: int, what: str) -> None:
+    print(f"converting checkpoint: shard {done}/{total} {what}", file=sys.stderr, flush=True)
+
+
+def _load_backend(settings: Settings):
+    from .backend import create_backend
+
+    return create_backend(settings, progress=_progress)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .model_source import download_model
+
+    settings = settings_from_args(args)
+    path = download_model(settings.model_id, settings.model_revision, Path(settings.cache_dir))
+    print(path)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+
+    print(convert_checkpoint(Path(args.src), Path(args.dst), progress=_progress))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat_types import EngineError, Message, ReplyEvents
+
+    settings = settings_from_args(args)
+    backend = _load_backend(settings)
+    sampling = settings.default_sampling().model_dump()
+    sampling.update({k: v for k, v in vars(args).items() if k in SamplingParams.model_fields and v is not None})
+    params = SamplingParams(**sampling)
+    system = settings.system_prompt if args.system is None else args.system
+    messages: list[Message] = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        query = line.rstrip("\n")
+        if interactive and query.strip() in {"exit", "quit"}:
+            break
+        if interactive and query.strip() == "clear":
+            messages = messages[:1] if system else []
+            continue
+        messages.append({"role": "user", "content": query})
+        events, reply = ReplyEvents(), []
+        try:
+            for chunk in backend.stream_reply(messages, params, events=events):
+                reply.append(chunk)
+                print(chunk, end="", flush=True)
+        except EngineError as exc:
+            print(f"\nerror: {exc}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr)
+        print(flush=True)
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        if interactive:
+            s = events.stats
+            print(f"[{s.completion_tokens} tokens, {s.tokens_per_second or 0:.1f} tok/s, {s.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import doctor_report, format_report
+
+    report = doctor_report(settings_from_args(args))
+    print(format_report(report))
+    return 0 if not report["problems"] else 1
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from .api import serve
+
+    serve(settings_from_args(args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m internlm_app", description="InternLM2 Chat: native runtime.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("download", help="download the model from ModelScope and print its directory")
+    add_settings_arguments(p, ["model_id", "model_revision", "cache_dir"])
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("convert", help="convert an InternLM2 checkpoint to a native Llama checkpoint")
+    p.add_argument("src", help="InternLM2 checkpoint directory")
+    p.add_argument("dst", help="output directory")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("chat", help="chat in the terminal (one reply per input line when stdin is not a terminal)")
+    add_settings_arguments(p, [*MODEL_FLAGS, "backend", "openai_base_url", "openai_model"])
+    p.add_argument("--system", default=None, help="system prompt ('' for none; default: the official InternLM2 one)")
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("doctor", help="check Python, torch, CUDA, GPU memory, the model directory and disk")
+    add_settings_arguments(p, ["model_path", "model_id", "cache_dir"])
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("api", help="serve the HTTP API (classic POST / and OpenAI-compatible /v1)")
+    add_settings_arguments(p, [*MODEL_FLAGS, "host", "port", "queue_limit", "empty_cache_after_reply"])
+    p.set_defaults(func=cmd_api)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from .chat_types import EngineError
+    from .loader import ModelLoadError
+    from .model_source import ModelSourceError
+
+    try:
+        return args.func(args)
+    except (ModelLoadError, ModelSourceError, EngineError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,218 @@
+"""Convert an InternLM2 checkpoint to transformers' native Llama layout, one shard at a time."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+
+MARKER = "internlm_app_conversion.json"
+CONVERSION_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+# InternLM2 name (after "model.layers.N.") -> Llama name
+_LAYER_RENAMES = {
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.wo.bias": "self_attn.o_proj.bias",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_RENAMES = {
+    "model.tok_embeddings.weight": "model.embed_tokens.weight",
+    "model.norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+Progress = Callable[[int, int, str], None]
+
+
+class ConversionError(RuntimeError):
+    """The source directory is not an InternLM2 checkpoint this converter understands."""
+
+
+def is_internlm2_checkpoint(path: Path) -> bool:
+    config = path / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "internlm2"
+
+
+def is_converted(dst: Path, src: Path | None = None) -> bool:
+    """True when `dst` holds a finished conversion (of `src`, when given)."""
+    marker = dst / MARKER
+    if not marker.is_file():
+        return False
+    meta = json.loads(marker.read_text())
+    if meta.get("version") != CONVERSION_VERSION:
+        return False
+    return src is None or meta.get("source") == str(src.resolve())
+
+
+def llama_config(internlm: dict) -> dict:
+    """The LlamaConfig dict equivalent to an InternLM2 config dict."""
+    heads = internlm["num_attention_heads"]
+    rope = {"rope_type": "default", "rope_theta": float(internlm.get("rope_theta", 10000))}
+    scaling = internlm.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("rope_type") or scaling.get("type")
+        rope = {**rope, **{k: v for k, v in scaling.items() if k != "type"}, "rope_type": kind}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": internlm["vocab_size"],
+        "hidden_size": internlm["hidden_size"],
+        "intermediate_size": internlm["intermediate_size"],
+        "num_hidden_layers": internlm["num_hidden_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": internlm.get("num_key_value_heads", heads),
+        "head_dim": internlm["hidden_size"] // heads,
+        "hidden_act": internlm.get("hidden_act", "silu"),
+        "max_position_embeddings": internlm["max_position_embeddings"],
+        "initializer_range": internlm.get("initializer_range", 0.02),
+        "rms_norm_eps": internlm["rms_norm_eps"],
+        "rope_parameters": rope,
+        "attention_bias": bool(internlm.get("bias", False)),
+        "mlp_bias": False,
+        "tie_word_embeddings": bool(internlm.get("tie_word_embeddings", False)),
+        "bos_token_id": internlm.get("bos_token_id", 1),
+        "eos_token_id": internlm.get("eos_token_id", 2),
+        "pad_token_id": internlm.get("pad_token_id", 2),
+        "dtype": internlm.get("torch_dtype", "float16"),
+        "use_cache": True,
+    }
+
+
+def split_wqkv(wqkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """Split InternLM2's fused wqkv, laid out per kv head as [q * (heads/kv_heads), k, v] rows of head_dim."""
+    groups = heads // kv_heads
+    grouped = wqkv.reshape(kv_heads, groups + 2, head_dim, *wqkv.shape[1:])
+    q = grouped[:, :groups].reshape(heads * head_dim, *wqkv.shape[1:])
+    k = grouped[:, groups].reshape(kv_heads * head_dim, *wqkv.shape[1:])
+    v = grouped[:, groups + 1].reshape(kv_heads * head_dim, *wqkv.shape[1:])
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def convert_tensor(name: str, tensor: torch.Tensor, cfg: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the Llama (name, tensor) pairs for one InternLM2 tensor."""
+    if name in _TOP_RENAMES:
+        yield _TOP_RENAMES[name], tensor
+        return
+    match = _LAYER_RE.match(name)
+    if not match:
+        if "rotary_emb" in name:  # buffers recomputed by transformers
+            return
+        raise ConversionError(f"unexpected tensor {name!r}")
+    prefix, rest = f"model.layers.{match.group(1)}.", match.group(2)
+    if rest.startswith("attention.wqkv."):
+        suffix = rest.rsplit(".", 1)[1]
+        heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+        q, k, v = split_wqkv(tensor, heads, kv, cfg["hidden_size"] // heads)
+        for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+            yield f"{prefix}self_attn.{proj}.{suffix}", part
+    elif rest in _LAYER_RENAMES:
+        yield prefix + _LAYER_RENAMES[rest], tensor
+    elif "rotary_emb" in rest:
+        return
+    else:
+        raise ConversionError(f"unexpected tensor {name!r}")
+
+
+def _source_shards(src: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = src / index_name
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [src / f for f in files]
+    for pattern in ("*.safetensors", "pytorch_model*.bin"):
+        found = sorted(src.glob(pattern))
+        if found:
+            return found
+    raise ConversionError(f"no safetensors or .bin weights in {src}")
+
+
+def _read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield tensors of one shard; safetensors are read lazily, .bin files are memory-mapped."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    else:
+        state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        yield from state.items()
+        del state
+
+
+def convert_checkpoint(src: Path, dst: Path, progress: Progress | None = None) -> Path:
+    """Write a Llama checkpoint for InternLM2 checkpoint `src` into `dst` and return `dst`."""
+    src, dst = Path(src), Path(dst)
+    if not is_internlm2_checkpoint(src):
+        raise ConversionError(f"{src} has no InternLM2 config.json (model_type 'internlm2')")
+    cfg = json.loads((src / "config.json").read_text())
+    shards = _source_shards(src)
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    for i, shard in enumerate(shards, start=1):
+        if progress:
+            progress(i - 1, len(shards), shard.name)
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in _read_shard(shard):
+            for new_name, new_tensor in convert_tensor(name, tensor, cfg):
+                out[new_name] = new_tensor
+        out_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(out, str(tmp / out_name), metadata={"format": "pt"})
+        for name, tensor in out.items():
+            weight_map[name] = out_name
+            total_size += tensor.numel() * tensor.element_size()
+        del out
+        gc.collect()
+        log.info("converted shard %d/%d (%s)", i, len(shards), shard.name)
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (tmp / "config.json").write_text(json.dumps(llama_config(cfg), indent=2))
+    _write_generation_config(src, tmp, cfg)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, tmp / name)
+    meta = {"version": CONVERSION_VERSION, "source": str(src.resolve()), "source_model_type": "internlm2"}
+    (tmp / MARKER).write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)  # the marker appears atomically with the finished directory
+    if progress:
+        progress(len(shards), len(shards), "done")
+    return dst
+
+
+def _write_generation_config(src: Path, dst: Path, cfg: dict) -> None:
+    """Keep the source generation config, making sure <|im_end|> ends a reply as it does in `model.chat`."""
+    gen = json.loads((src / "generation_config.json").read_text()) if (src / "generation_config.json").is_file() else {}
+    eos = gen.get("eos_token_id", cfg.get("eos_token_id", 2))
+    eos = list(eos) if isinstance(eos, list) else [eos]
+    im_end = _im_end_id(src)
+    if im_end is not None and im_end not in eos:
+        eos.append(im_end)
+    gen.update({"eos_token_id": eos, "bos_token_id": cfg.get("bos_token_id", 1), "pad_token_id": cfg.get("pad_token_id", 2)})
+    gen.pop("transformers_version", None)
+    (dst / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+
+def _im_end_id(src: Path) -> int | None:
+    tok_cfg = src / "tokenizer_config.json"
+    if not tok_cfg.is_file():
+        return None
+    decoder = json.loads(tok_cfg.read_text()).get("added_tokens_decoder", {})
+    return next((int(i) for i, tok in decoder.items() if tok.get("content") == "<|im_end|>"), None)

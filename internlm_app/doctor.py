@@ -1,0 +1,95 @@
+"""`doctor`: what this machine has, the state of the model directory, and what to fix."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import gpu
+from .convert import is_converted, is_internlm2_checkpoint
+from .loader import checkpoint_bytes
+from .model_source import converted_dir_for
+from .settings import Settings
+
+PACKAGES = ("torch", "transformers", "accelerate", "sentencepiece", "safetensors", "modelscope", "streamlit", "fastapi")
+MIN_TRANSFORMERS = (5, 3)
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _model_state(settings: Settings) -> dict:
+    if settings.model_path is not None:
+        src = Path(settings.model_path).expanduser()
+    else:
+        src = Path(settings.cache_dir) / settings.model_id.replace(".", "___")  # ModelScope's cache layout
+    state = {"source": str(src), "present": (src / "config.json").is_file()}
+    if state["present"]:
+        state["weights_bytes"] = checkpoint_bytes(src)
+        state["internlm2_format"] = is_internlm2_checkpoint(src)
+        if state["internlm2_format"]:
+            dst = converted_dir_for(src, settings)
+            state["converted_dir"] = str(dst)
+            state["converted"] = is_converted(dst, src)
+    return state
+
+
+def doctor_report(settings: Settings) -> dict:
+    """Facts and problems, as a dict (printed by the CLI, shown by the Status page)."""
+    problems: list[str] = []
+    versions = {name: _version(name) for name in PACKAGES}
+    versions["python"] = platform.python_version()
+    tf = versions.get("transformers")
+    if tf and tuple(int(x) for x in tf.split(".")[:2]) < MIN_TRANSFORMERS:
+        problems.append(f"transformers {tf} is too old (needs >= 5.3, CVE-2026-4372): pip install -U transformers")
+    devices = [d.to_dict() for d in gpu.memory_report()]
+    if not devices:
+        problems.append(
+            "no CUDA GPU visible: the 7B model needs an NVIDIA GPU (24 GB for float16); check nvidia-smi and that "
+            "torch is a CUDA build (python -c 'import torch; print(torch.version.cuda)')"
+        )
+    model = _model_state(settings)
+    if not model["present"]:
+        problems.append(f"model not downloaded yet: run `python -m internlm_app download` (into {settings.cache_dir})")
+    disk_dir = Path(settings.cache_dir)
+    while not disk_dir.exists() and disk_dir != disk_dir.parent:
+        disk_dir = disk_dir.parent
+    free = shutil.disk_usage(disk_dir).free
+    need = 2 * model.get("weights_bytes", 15_500_000_000) if not model.get("converted") else 0
+    if free < need:
+        problems.append(
+            f"only {gpu.format_bytes(free)} free under {disk_dir}; downloading and converting needs about "
+            f"{gpu.format_bytes(need)}. On AutoDL point INTERNLM_CACHE_DIR at /root/autodl-tmp (the data disk)."
+        )
+    return {
+        "versions": versions,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpus": devices,
+        "ram_available_bytes": gpu.available_ram_bytes(),
+        "model": model,
+        "disk_free_bytes": free,
+        "problems": problems,
+    }
+
+
+def format_report(report: dict) -> str:
+    lines = ["versions: " + ", ".join(f"{k} {v or 'missing'}" for k, v in report["versions"].items())]
+    lines.append(f"CUDA: {report['cuda'] or 'none'} (available: {report['cuda_available']})")
+    for d in report["gpus"]:
+        used, total = gpu.format_bytes(d["allocated"]), gpu.format_bytes(d["total"])
+        lines.append(f"GPU {d['index']}: {d['name']} — {used} allocated of {total}")
+    if report["ram_available_bytes"]:
+        lines.append(f"RAM available: {gpu.format_bytes(report['ram_available_bytes'])}")
+    lines.append("model: " + ", ".join(f"{k}={v}" for k, v in report["model"].items()))
+    lines.append(f"disk free: {gpu.format_bytes(report['disk_free_bytes'])}")
+    lines += [f"problem: {p}" for p in report["problems"]] or ["no problems found"]
+    return "\n".join(lines)

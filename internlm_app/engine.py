@@ -1,0 +1,280 @@
+"""The chat engine: the one seam between a loaded model and every caller (web app, API, CLI)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from queue import SimpleQueue
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from . import gpu
+from .chat_types import (
+    ContextTooLongError,
+    GenerationError,
+    InvalidRequestError,
+    Message,
+    QueueFullError,
+    ReplyEvents,
+    ReplyStats,
+)
+from .convert import Progress
+from .gpu_queue import GpuQueue
+from .loader import ModelInfo, load_model
+from .sampling import SamplingParams
+from .settings import DEFAULT_SYSTEM_PROMPT, Settings
+from .tokenizer import ChatTokenizer
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+class _TokenStreamer(BaseStreamer):
+    """Hands each new token id to the consuming thread; the prompt (first put) is skipped."""
+
+    def __init__(self, tokens: SimpleQueue):
+        self._tokens = tokens
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self._tokens.put(token)
+
+    def end(self) -> None:
+        pass  # the generation thread signals the end itself, also when generate() raises
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Stops generate() at the next token once any of the events is set."""
+
+    def __init__(self, *events: threading.Event | None):
+        self._events = [e for e in events if e is not None]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        stop = any(e.is_set() for e in self._events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class PreparedPrompt:
+    """Prompt ids that fit the context budget, and how many history messages were left out."""
+
+    ids: list[int]
+    dropped_messages: int
+
+
+def history_to_messages(query: str, history: list[tuple[str, str]] | None, system: str | None) -> list[Message]:
+    """Messages for InternLM2-style (user, assistant) pairs, with an optional system prompt first."""
+    messages: list[Message] = [{"role": "system", "content": system}] if system else []
+    for user, assistant in history or []:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return messages + [{"role": "user", "content": query}]
+
+
+class ChatEngine:
+    """Streams replies from one model; generation is serialized by a FIFO GPU queue."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: ChatTokenizer, info: ModelInfo, settings: Settings):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.settings = settings
+        self.queue = GpuQueue(max_waiting=settings.queue_limit)
+
+    @classmethod
+    def load(cls, settings: Settings, progress: Progress | None = None) -> ChatEngine:
+        model, tokenizer, info = load_model(settings, progress=progress)
+        return cls(model, tokenizer, info, settings)
+
+    @property
+    def context_window(self) -> int:
+        return self.info.context_window
+
+    def prepare(self, messages: list[Message], max_new_tokens: int) -> PreparedPrompt:
+        """Validate messages and build prompt ids, leaving out the oldest turns that do not fit."""
+        if not messages or messages[-1].get("role") != "user":
+            raise InvalidRequestError("the conversation must end with a user message")
+        system = messages[:1] if messages[0].get("role") == "system" else []
+        history, new = list(messages[len(system) : -1]), messages[-1:]
+        dropped = 0
+        while True:
+            ids = self.tokenizer.build_prompt_ids(system + history + new)
+            needed = len(ids) + max_new_tokens
+            if needed <= self.context_window:
+                return PreparedPrompt(ids, dropped)
+            if not history:
+                raise ContextTooLongError(needed, self.context_window)
+            cut, freed = 0, 0
+            while cut < len(history) and freed < needed - self.context_window:
+                freed += self.tokenizer.count_message_tokens(history[cut])
+                cut += 1
+            while cut < len(history) and history[cut]["role"] != "user":  # keep whole user/assistant turns
+                cut += 1
+            history, dropped = history[cut:], dropped + cut
+
+    def stream_reply(
+        self,
+        messages: list[Message],
+        params: SamplingParams,
+        *,
+        cancel: threading.Event | None = None,
+        events: ReplyEvents | None = None,
+    ) -> Iterator[str]:
+        """Yield reply text as it is generated; `events.stats` holds the stats when the iterator ends.
+
+        Bad input raises here, before anything runs. Setting `cancel`, or closing the iterator, stops generation
+        within one token. A failure in the generation thread raises GenerationError from the iterator.
+        """
+        prepared = self.prepare(messages, params.max_new_tokens)
+        return self._stream(prepared, params, cancel, events or ReplyEvents())
+
+    def _stream(
+        self, prepared: PreparedPrompt, params: SamplingParams, cancel: threading.Event | None, events: ReplyEvents
+    ) -> Iterator[str]:
+        stats = events.stats
+        stats.prompt_tokens, stats.dropped_messages = len(prepared.ids), prepared.dropped_messages
+        queued = time.perf_counter()
+        try:
+            acquired = self.queue.acquire(on_wait=events.on_queue, cancel=cancel)
+        except QueueFullError as exc:
+            stats.finish_reason, stats.error = "error", str(exc)
+            raise
+        stats.queue_seconds = time.perf_counter() - queued
+        if not acquired:
+            stats.finish_reason = "cancelled"
+            return
+        tokens: SimpleQueue = SimpleQueue()
+        stop = threading.Event()
+        failure: list[BaseException] = []
+        worker = threading.Thread(
+            target=self._generate,
+            args=(prepared.ids, params, tokens, stop, cancel, failure),
+            name="internlm-generate",
+            daemon=True,
+        )
+        started = time.perf_counter()
+        try:
+            worker.start()
+        except BaseException:
+            self.queue.release()
+            raise
+        decoder = self.tokenizer.stream_decoder()
+        count, first_at, last_token = 0, None, None
+        try:
+            while (token := tokens.get()) is not _END:
+                count, last_token = count + 1, token
+                if first_at is None:
+                    first_at = time.perf_counter()
+                    stats.time_to_first_token = first_at - started
+                if text := decoder.push(token):
+                    yield text
+            if tail := decoder.flush():
+                yield tail
+        finally:
+            stop.set()  # a consumer that went away (closed iterator) stops generation too
+            worker.join()
+            ended = time.perf_counter()
+            stats.completion_tokens, stats.total_seconds = count, ended - queued
+            if first_at is not None and count > 1 and ended > first_at:
+                stats.tokens_per_second = (count - 1) / (ended - first_at)
+            stats.finish_reason = self._finish_reason(last_token, count, params, stop, cancel, failure)
+        if failure:
+            stats.error = _describe(failure[0])
+            raise GenerationError(stats.error) from failure[0]
+
+    def _finish_reason(self, last_token, count, params, stop, cancel, failure) -> str:
+        if failure:
+            return "error"
+        if last_token in self.tokenizer.stop_ids:
+            return "stop"
+        if count >= params.max_new_tokens:
+            return "length"
+        if stop.is_set() or (cancel is not None and cancel.is_set()):
+            return "cancelled"
+        return "stop"
+
+    def _generate(self, prompt_ids, params, tokens, stop, cancel, failure) -> None:
+        """Body of the generation thread: always frees the GPU queue and ends the token stream."""
+        try:
+            with torch.inference_mode():
+                input_ids = torch.tensor([prompt_ids], device=self.model.device)
+                self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    generation_config=self.generation_config(params),
+                    streamer=_TokenStreamer(tokens),
+                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop, cancel)]),
+                )
+        except BaseException as exc:  # e.g. CUDA out of memory: reported to the consumer, never swallowed
+            log.error("generation failed: %s", _describe(exc))
+            failure.append(exc)
+        finally:
+            if failure or self.settings.empty_cache_after_reply:
+                gpu.clear_cache()
+            self.queue.release()
+            tokens.put(_END)
+
+    def generation_config(self, params: SamplingParams) -> GenerationConfig:
+        """transformers GenerationConfig for one reply; temperature 0 means greedy."""
+        base = self.model.generation_config
+        sampling = (
+            {"do_sample": False}
+            if params.greedy
+            else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
+        )
+        return GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            repetition_penalty=params.repetition_penalty,
+            eos_token_id=list(self.tokenizer.stop_ids),
+            pad_token_id=base.pad_token_id if base.pad_token_id is not None else self.tokenizer.stop_ids[0],
+            bos_token_id=base.bos_token_id,
+            **sampling,
+        )
+
+    def reply(self, messages: list[Message], params: SamplingParams) -> tuple[str, ReplyStats]:
+        """The whole reply at once, with its stats."""
+        events = ReplyEvents()
+        text = "".join(self.stream_reply(messages, params, events=events))
+        return text, events.stats
+
+    # InternLM2-style calls for users coming from the tutorials (history as (user, assistant) pairs).
+    def chat(
+        self,
+        query: str,
+        history: list[tuple[str, str]] | None = None,
+        *,
+        system: str | None = DEFAULT_SYSTEM_PROMPT,
+        params: SamplingParams | None = None,
+    ) -> tuple[str, list[tuple[str, str]]]:
+        params = params or self.settings.default_sampling()
+        response, _ = self.reply(history_to_messages(query, history, system), params)
+        return response, [*(history or []), (query, response)]
+
+    def stream_chat(
+        self,
+        query: str,
+        history: list[tuple[str, str]] | None = None,
+        *,
+        system: str | None = DEFAULT_SYSTEM_PROMPT,
+        params: SamplingParams | None = None,
+    ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+        params = params or self.settings.default_sampling()
+        response = ""
+        for chunk in self.stream_reply(history_to_messages(query, history, system), params):
+            response += chunk
+            yield response, [*(history or []), (query, response)]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return f"GPU out of memory: {exc}. The cache was cleared; try fewer max new tokens or a shorter conversation."
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,79 @@
+"""A first-come-first-served lock around the GPU that tells waiters their place in line."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from .chat_types import QueueFullError
+
+
+class GpuQueue:
+    """FIFO mutual exclusion: one generation at a time, waiters served in arrival order."""
+
+    def __init__(self, max_waiting: int | None = None, poll_seconds: float = 0.25):
+        self._cond = threading.Condition()
+        self._waiting: deque[int] = deque()
+        self._tickets = itertools.count()
+        self._busy = False
+        self.max_waiting = max_waiting
+        self.poll_seconds = poll_seconds
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def acquire(
+        self,
+        on_wait: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
+        timeout: float | None = None,
+    ) -> bool:
+        """Wait for the GPU; False when cancelled or timed out. Raises QueueFullError when the line is too long."""
+        with self._cond:
+            if not self._busy and not self._waiting:
+                self._busy = True
+                return True
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise QueueFullError(f"the model is busy and {len(self._waiting)} requests are already waiting")
+            ticket = next(self._tickets)
+            self._waiting.append(ticket)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                with self._cond:
+                    if not self._busy and self._waiting[0] == ticket:
+                        self._waiting.popleft()
+                        self._busy = True
+                        self._cond.notify_all()
+                        return True
+                    place = self._waiting.index(ticket) + 1
+                    if (cancel is not None and cancel.is_set()) or (deadline is not None and time.monotonic() >= deadline):
+                        self._waiting.remove(ticket)
+                        self._cond.notify_all()
+                        return False
+                if on_wait is not None:
+                    on_wait(place)  # outside the lock: a callback may take its time (e.g. update a web page)
+                with self._cond:
+                    if self._busy or self._waiting[0] != ticket:
+                        self._cond.wait(self.poll_seconds)
+        except BaseException:
+            with self._cond:
+                if ticket in self._waiting:
+                    self._waiting.remove(ticket)
+                    self._cond.notify_all()
+            raise
+
+    def release(self) -> None:
+        with self._cond:
+            if not self._busy:
+                raise RuntimeError("GpuQueue.release() without acquire()")
+            self._busy = False
+            self._cond.notify_all()

@@ -1,0 +1,61 @@
+"""Sampling parameters: the one definition of their defaults and bounds (UI sliders, API schema, CLI flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+@dataclass(frozen=True)
+class Bound:
+    """Default, range and slider step of one numeric sampling parameter."""
+
+    default: float
+    low: float
+    high: float
+    step: float
+    description: str
+
+
+# Each bound is written once here; pydantic fields, Streamlit sliders and argparse flags are built from it.
+BOUNDS: dict[str, Bound] = {
+    "temperature": Bound(0.8, 0.0, 2.0, 0.05, "Sampling temperature; 0 means greedy decoding."),
+    "top_p": Bound(0.8, 0.01, 1.0, 0.01, "Nucleus sampling: keep the smallest token set with this probability mass."),
+    "top_k": Bound(50, 0, 200, 1, "Keep only the k most likely tokens; 0 disables the filter."),
+    "repetition_penalty": Bound(1.0, 1.0, 2.0, 0.01, "Penalty for tokens already in the context; 1 disables it."),
+    "max_new_tokens": Bound(1024, 1, 8192, 1, "Most tokens generated for one reply."),
+}
+INT_PARAMS = frozenset({"top_k", "max_new_tokens"})
+
+
+def sampling_field(name: str, *, default: object = ...) -> object:
+    """A pydantic Field carrying the bound of `name` (default taken from the bound unless given)."""
+    bound = BOUNDS[name]
+    cast = int if name in INT_PARAMS else float
+    return Field(
+        default=cast(bound.default) if default is ... else default,
+        ge=cast(bound.low),
+        le=cast(bound.high),
+        description=bound.description,
+    )
+
+
+class SamplingParams(BaseModel):
+    """How one reply is sampled."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = sampling_field("temperature")
+    top_p: float = sampling_field("top_p")
+    top_k: int = sampling_field("top_k")
+    repetition_penalty: float = sampling_field("repetition_penalty")
+    max_new_tokens: int = sampling_field("max_new_tokens")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def greedy_params(cls, max_new_tokens: int) -> SamplingParams:
+        return cls(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=max_new_tokens)

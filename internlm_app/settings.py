@@ -1,0 +1,104 @@
+"""Settings: one pydantic-settings class (INTERNLM_ prefix) that also feeds CLI flags and the README table."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .sampling import SamplingParams, sampling_field
+
+DEFAULT_MODEL_ID = "Shanghai_AI_Laboratory/internlm2-chat-7b"
+# The system prompt of the official `model.chat` (recorded in the fixture's reference.json).
+DEFAULT_SYSTEM_PROMPT = (
+    "You are an AI assistant whose name is InternLM (书生·浦语).\n"
+    "- InternLM (书生·浦语) is a conversational language model that is developed by Shanghai AI Laboratory "
+    "(上海人工智能实验室). It is designed to be helpful, honest, and harmless.\n"
+    "- InternLM (书生·浦语) can understand and communicate fluently in the language chosen by the user such as "
+    "English and 中文."
+)
+MAX_LENGTH_BOUNDS = (64, 262144)
+
+
+def _default_home() -> Path:
+    return Path.home() / ".cache" / "internlm_app"
+
+
+class Settings(BaseSettings):
+    """Every setting of the app, the API and the CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="INTERNLM_", extra="ignore", protected_namespaces=())
+
+    # Model source
+    model_id: str = Field(DEFAULT_MODEL_ID, description="ModelScope model id downloaded when no model path is given.")
+    model_revision: str = Field("master", description="ModelScope revision (branch, tag or commit) of the model.")
+    cache_dir: Path = Field(default_factory=lambda: _default_home() / "models", description="Download cache dir.")
+    model_path: Path | None = Field(None, description="Local model directory; skips the download.")
+    converted_dir: Path | None = Field(
+        None, description="Where converted InternLM2 checkpoints go (default: beside the source, '-llama' suffix)."
+    )
+
+    # Loading
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Weights dtype: auto is float16 on CUDA and float32 on CPU."
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Run on CUDA when present (auto) or force one.")
+    device_map: str = Field("auto", description="accelerate device_map on CUDA ('auto' splits over all GPUs).")
+    quantization: Literal["none", "8bit", "4bit"] = Field("none", description="bitsandbytes quantization on CUDA.")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+    max_length: int = Field(
+        32768,
+        ge=MAX_LENGTH_BOUNDS[0],
+        le=MAX_LENGTH_BOUNDS[1],
+        description="Context budget in tokens (prompt + reply); older turns are left out beyond it.",
+    )
+    empty_cache_after_reply: bool = Field(False, description="Release the CUDA cache after each reply (torch_gc).")
+
+    # Default sampling
+    temperature: float = sampling_field("temperature")
+    top_p: float = sampling_field("top_p")
+    top_k: int = sampling_field("top_k")
+    repetition_penalty: float = sampling_field("repetition_penalty")
+    max_new_tokens: int = sampling_field("max_new_tokens")
+    system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="Default system prompt; empty means none.")
+
+    # Storage
+    db_path: Path = Field(default_factory=lambda: _default_home() / "conversations.db", description="SQLite file.")
+
+    # Servers
+    host: str = Field("0.0.0.0", description="Address the API binds to.")
+    port: int = Field(6006, ge=1, le=65535, description="Port the API binds to (AutoDL forwards 6006).")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys the API requires (JSON list).")
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (JSON list).")
+    queue_limit: int = Field(16, ge=0, le=1024, description="Requests waiting for the GPU before the API answers 503.")
+    log_prompts: bool = Field(False, description="Log prompt text (debug only).")
+    web_password: SecretStr | None = Field(None, description="Password required by the web app.")
+
+    # Remote backend
+    backend: Literal["local", "openai"] = Field("local", description="local loads the model; openai calls a server.")
+    openai_base_url: str = Field("http://127.0.0.1:6006/v1", description="OpenAI-compatible server for the backend.")
+    openai_api_key: SecretStr = Field(SecretStr("EMPTY"), description="Key sent to the OpenAI-compatible server.")
+    openai_model: str = Field("internlm2-chat-7b", description="Model name sent to the OpenAI-compatible server.")
+
+    def default_sampling(self) -> SamplingParams:
+        return SamplingParams(**{name: getattr(self, name) for name in SamplingParams.model_fields})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, names: list[str]) -> None:
+    """Add `--flag` options for the named settings, with help from their field descriptions."""
+    for name in names:
+        field = Settings.model_fields[name]
+        parser.add_argument(_flag(name), dest=name, default=None, help=field.description, metavar=name.upper())
+
+
+def settings_from_args(args: argparse.Namespace, **overrides: object) -> Settings:
+    """Settings from the environment, overridden by any flag given on the command line."""
+    given = {name: value for name, value in vars(args).items() if name in Settings.model_fields and value is not None}
+    return Settings(**{**given, **overrides})
