@@ -87,7 +87,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": "".join(reply)})
         if interactive:
             s = events.stats
-            print(f"[{s.completion_tokens} tokens, {s.tokens_per_second or 0:.1f} tok/s, {s.finish_reason}]", file=sys.stderr)
+            print(
+                f"[{s.completion_tokens} tokens, {s.tokens_per_second or 0:.1f} tok/s, {s.finish_reason}]",
+                file=sys.stderr,
+            )
     return 0
 
 

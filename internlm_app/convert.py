@@ -146,7 +146,7 @@ def _read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield tensors of one shard; safetensors are read lazily, .bin files are memory-mapped."""
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 yield name, f.get_tensor(name)
     else:
         state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
@@ -205,7 +205,9 @@ def _write_generation_config(src: Path, dst: Path, cfg: dict) -> None:
     im_end = _im_end_id(src)
     if im_end is not None and im_end not in eos:
         eos.append(im_end)
-    gen.update({"eos_token_id": eos, "bos_token_id": cfg.get("bos_token_id", 1), "pad_token_id": cfg.get("pad_token_id", 2)})
+    gen.update(
+        {"eos_token_id": eos, "bos_token_id": cfg.get("bos_token_id", 1), "pad_token_id": cfg.get("pad_token_id", 2)}
+    )
     gen.pop("transformers_version", None)
     (dst / "generation_config.json").write_text(json.dumps(gen, indent=2))
 

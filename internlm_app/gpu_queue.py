@@ -55,7 +55,9 @@ class GpuQueue:
                         self._cond.notify_all()
                         return True
                     place = self._waiting.index(ticket) + 1
-                    if (cancel is not None and cancel.is_set()) or (deadline is not None and time.monotonic() >= deadline):
+                    if (cancel is not None and cancel.is_set()) or (
+                        deadline is not None and time.monotonic() >= deadline
+                    ):
                         self._waiting.remove(ticket)
                         self._cond.notify_all()
                         return False

@@ -123,7 +123,9 @@ def context_window(config, settings: Settings) -> int:
     return limit
 
 
-def load_model(settings: Settings, progress: Progress | None = None) -> tuple[torch.nn.Module, ChatTokenizer, ModelInfo]:
+def load_model(
+    settings: Settings, progress: Progress | None = None
+) -> tuple[torch.nn.Module, ChatTokenizer, ModelInfo]:
     """Resolve, convert if needed, and load the model and tokenizer described by `settings`."""
     from transformers import AutoModelForCausalLM
 

@@ -1,0 +1,245 @@
+"""Export conversations as JSON or Markdown, and import a JSON export after strict validation."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from .store import Conversation, ConversationStore, StoredMessage, title_from
+
+FORMAT = "internlm-chat-export"
+VERSION = 1
+MAX_IMPORT_BYTES = 32 * 1024 * 1024
+MAX_CONVERSATIONS = 1_000
+MAX_MESSAGES = 5_000  # per conversation
+MAX_TOTAL_MESSAGES = 50_000
+MAX_CONTENT_CHARS = 200_000
+MAX_PROMPT_CHARS = 100_000
+MAX_TITLE_CHARS = 200
+MAX_MAP_KEYS = 32  # entries of a settings or stats object
+MAX_VALUE_CHARS = 10_000  # a string inside settings or stats
+MAX_ERRORS_SHOWN = 5
+
+
+class ImportValidationError(ValueError):
+    """The file is not a valid conversation export; nothing was imported."""
+
+
+def _scalar(value: object) -> object:
+    """A settings or stats value: a short string, a 64-bit int, a finite float, a bool or null."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int) and -(2**63) <= value < 2**63:
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    if isinstance(value, str) and len(value) <= MAX_VALUE_CHARS:
+        value.encode("utf-8")  # rejects lone surrogates, which SQLite cannot store
+        return value
+    raise ValueError(f"values must be strings (at most {MAX_VALUE_CHARS} characters), numbers, booleans or null")
+
+
+def _text(max_chars: int, min_chars: int = 0) -> object:
+    return Annotated[str, StringConstraints(min_length=min_chars, max_length=max_chars)]
+
+
+Content = _text(MAX_CONTENT_CHARS)
+Prompt = _text(MAX_PROMPT_CHARS)
+Title = _text(MAX_TITLE_CHARS)
+ShortText = _text(64)
+Key = _text(64, min_chars=1)
+Scalar = Annotated[object, AfterValidator(_scalar)]
+FlatMap = Annotated[dict[Key, Scalar], Field(max_length=MAX_MAP_KEYS)]
+Timestamp = Annotated[float, Field(ge=0, le=32_503_680_000, allow_inf_nan=False)]  # up to the year 3000
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class MessageIn(_Strict):
+    """One message of an imported conversation."""
+
+    role: Literal["system", "user", "assistant"]
+    content: Content
+    status: Literal["complete", "streaming", "stopped", "error"] = "complete"
+    created_at: Timestamp | None = None
+    stats: FlatMap | None = None
+
+
+class ConversationIn(_Strict):
+    """One imported conversation; its `id` is ignored (imports get new ids)."""
+
+    id: ShortText | None = None
+    title: Title = ""
+    system_prompt: Prompt = ""
+    settings: FlatMap = Field(default_factory=dict)
+    created_at: Timestamp | None = None
+    updated_at: Timestamp | None = None
+    messages: list[MessageIn] = Field(default_factory=list, max_length=MAX_MESSAGES)
+
+
+class ExportDocument(_Strict):
+    """A whole export file."""
+
+    format: Literal["internlm-chat-export"]
+    version: Literal[1]
+    exported_at: Timestamp | None = None
+    conversations: list[ConversationIn] = Field(max_length=MAX_CONVERSATIONS)
+
+    @model_validator(mode="after")
+    def _total(self) -> ExportDocument:
+        total = sum(len(c.messages) for c in self.conversations)
+        if total > MAX_TOTAL_MESSAGES:
+            raise ValueError(f"{total} messages in all; at most {MAX_TOTAL_MESSAGES} can be imported at once")
+        return self
+
+
+# ----- export -----
+
+
+def conversation_to_dict(conv: Conversation) -> dict:
+    """The export form of one conversation."""
+    return {
+        "id": conv.id,
+        "title": conv.title,
+        "system_prompt": conv.system_prompt,
+        "settings": conv.settings,
+        "created_at": conv.created_at,
+        "updated_at": conv.updated_at,
+        "messages": [
+            {"role": m.role, "content": m.content, "status": m.status, "created_at": m.created_at, "stats": m.stats}
+            for m in conv.messages
+        ],
+    }
+
+
+def _load(store: ConversationStore, cids: Iterable[str] | None) -> list[Conversation]:
+    ids = [s.id for s in store.list_conversations(limit=None)] if cids is None else list(cids)
+    conversations = []
+    for cid in ids:
+        conv = store.get_conversation(cid)
+        if conv is None:
+            if cids is None:
+                continue  # deleted meanwhile
+            raise KeyError(f"no conversation {cid!r}")
+        conversations.append(conv)
+    return conversations
+
+
+def export_json(store: ConversationStore, cids: Iterable[str] | None = None) -> str:
+    """A JSON export document of the given conversations (all when None), most recent first."""
+    document = {
+        "format": FORMAT,
+        "version": VERSION,
+        "exported_at": time.time(),
+        "conversations": [conversation_to_dict(c) for c in _load(store, cids)],
+    }
+    return json.dumps(document, ensure_ascii=False, indent=1)
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def conversation_markdown(conv: Conversation) -> str:
+    """One conversation as Markdown."""
+    title = " ".join(conv.title.split()) or "Untitled conversation"
+    parts = [f"# {title}", f"*Created {_when(conv.created_at)} · updated {_when(conv.updated_at)}*"]
+    if conv.system_prompt:
+        parts.append("**System prompt**\n\n" + "\n".join("> " + line for line in conv.system_prompt.splitlines()))
+    for m in conv.messages:
+        note = "" if m.status == "complete" else f" *({m.status})*"
+        parts.append(f"**{m.role.capitalize()}**{note}\n\n{m.content}")
+    return "\n\n".join(parts) + "\n"
+
+
+def export_markdown(store: ConversationStore, cids: Iterable[str] | None = None) -> str:
+    """The given conversations (all when None) as one Markdown document."""
+    return "\n---\n\n".join(conversation_markdown(c) for c in _load(store, cids))
+
+
+# ----- import -----
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("an object repeats a key")
+    return result
+
+
+def _describe(error: ValidationError) -> str:
+    errors = error.errors(include_input=False, include_url=False)
+    lines = [f"{'.'.join(str(p) for p in e['loc']) or '(document)'}: {e['msg']}" for e in errors[:MAX_ERRORS_SHOWN]]
+    more = f" (and {len(errors) - MAX_ERRORS_SHOWN} more)" if len(errors) > MAX_ERRORS_SHOWN else ""
+    return "; ".join(lines) + more
+
+
+def parse_export(data: bytes | str) -> ExportDocument:
+    """Decode and validate an export file, or raise ImportValidationError."""
+    if not isinstance(data, bytes | str):
+        raise ImportValidationError("the export must be bytes or text")
+    size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "surrogatepass"))
+    if size > MAX_IMPORT_BYTES:
+        raise ImportValidationError(f"the file is larger than {MAX_IMPORT_BYTES // (1024 * 1024)} MiB")
+    try:
+        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+        raw = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ImportValidationError(f"not a JSON file: {str(exc)[:200]}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ImportValidationError(f"not a conversation export (expected a JSON object with format {FORMAT!r})")
+    version = raw.get("version")
+    if type(version) is not int or version != VERSION:
+        raise ImportValidationError(f"unsupported export version {repr(version)[:20]}; this app reads {VERSION}")
+    try:
+        return ExportDocument.model_validate(raw)
+    except ValidationError as exc:
+        raise ImportValidationError(f"invalid export: {_describe(exc)}") from None
+    except RecursionError:
+        raise ImportValidationError("invalid export: nested too deeply") from None
+
+
+def _to_conversation(item: ConversationIn, now: float) -> Conversation:
+    created = item.created_at if item.created_at is not None else now
+    messages = [
+        StoredMessage(
+            id=0,
+            conversation_id="",
+            role=m.role,
+            content=m.content,
+            created_at=m.created_at if m.created_at is not None else created,
+            status=m.status,
+            stats=dict(m.stats) if m.stats is not None else None,
+        )
+        for m in item.messages
+    ]
+    updated = item.updated_at if item.updated_at is not None else max([created, *(m.created_at for m in messages)])
+    title = item.title or next((title_from(m.content) for m in messages if m.role == "user"), "")
+    return Conversation("", title, item.system_prompt, dict(item.settings), created, updated, messages)
+
+
+def import_json(store: ConversationStore, data: bytes | str) -> list[str]:
+    """Import every conversation of an export in one transaction and return their new ids; all or nothing."""
+    document = parse_export(data)
+    now = time.time()
+    return store.import_conversations([_to_conversation(c, now) for c in document.conversations])

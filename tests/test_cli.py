@@ -1,0 +1,85 @@
+"""The command line as a user runs it: a subprocess on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from internlm_app.cli import build_parser
+from internlm_app.sampling import BOUNDS
+from tests.conftest import FIXTURE_DIR
+
+ROOT = FIXTURE_DIR.parents[2]
+
+
+def _run(args: list[str], tmp_path, stdin: str = "", **env) -> subprocess.CompletedProcess:
+    environ = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "INTERNLM_CACHE_DIR": str(tmp_path / "cache"),
+        "INTERNLM_DEVICE": "cpu",
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "internlm_app", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=environ,
+        cwd=tmp_path,
+    )
+
+
+def test_piped_chat_prints_only_the_replies(engine, tmp_path):
+    from internlm_app.sampling import SamplingParams
+
+    lines = ["hello", "你好", "What is 2+2?"]
+    messages, expected = [], ""
+    for line in lines:
+        messages.append({"role": "user", "content": line})
+        reply, _ = engine.reply(messages, SamplingParams.greedy_params(20))
+        messages.append({"role": "assistant", "content": reply})
+        expected += reply + "\n"
+    args = ["chat", "--model-path", str(FIXTURE_DIR), "--temperature", "0", "--max-new-tokens", "20", "--system", ""]
+    result = _run(args, tmp_path, stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected
+    assert "converting checkpoint" in result.stderr  # progress goes to stderr, never into the replies
+
+
+def test_convert_command(tmp_path):
+    result = _run(["convert", str(FIXTURE_DIR), str(tmp_path / "out")], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_doctor_reports_versions_and_problems(tmp_path):
+    result = _run(["doctor", "--model-path", str(FIXTURE_DIR)], tmp_path)
+    assert "transformers" in result.stdout and "disk free" in result.stdout
+    assert "present=True" in result.stdout
+    assert ("problem: no CUDA GPU" in result.stdout) == (result.returncode == 1)
+
+
+def test_missing_model_dir_is_a_plain_error(tmp_path):
+    result = _run(["chat", "--model-path", str(tmp_path / "nope")], tmp_path, stdin="hi\n")
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "no config.json" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sampling_flags_come_from_the_shared_bounds():
+    parser = build_parser()
+    chat = parser._subparsers._group_actions[0].choices["chat"]
+    helps = {a.dest: a.help for a in chat._actions}
+    for name, bound in BOUNDS.items():
+        assert bound.description in helps[name]
+    args = parser.parse_args(["chat", "--top-k", "7", "--temperature", "0"])
+    assert (args.top_k, args.temperature) == (7, 0.0)
+
+
+def test_out_of_bounds_flag_is_rejected(tmp_path):
+    result = _run(["chat", "--model-path", str(FIXTURE_DIR), "--temperature", "9"], tmp_path, stdin="hi\n")
+    assert result.returncode == 2 and "temperature" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,112 @@
+"""The InternLM2 -> Llama converter against the official code's logits on the tiny fixture."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from internlm_app.convert import ConversionError, convert_checkpoint, is_converted, llama_config, split_wqkv
+from internlm_app.model_source import resolve_model_dir
+from tests.conftest import FIXTURE_DIR, tiny_settings
+
+
+def _load(path, attn: str):
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attn).eval()
+
+
+def _all_tensors(path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    return tensors
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_logits_match_reference(converted_dir, reference, attn):
+    model = _load(converted_dir, attn)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    for case in reference["logits"]:
+        with torch.no_grad():
+            logits = model(torch.tensor([case["input_ids"]])).logits[0]
+        diff = (logits[-1] - torch.tensor(case["last_logits"])).abs().max().item()
+        assert diff < 1e-4, f"{case['name']}: max |diff| {diff}"
+        assert logits.argmax(-1).tolist() == case["argmax"], case["name"]
+
+
+def test_config_keeps_rope_and_shapes(converted_dir):
+    cfg = json.loads((converted_dir / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and "auto_map" not in cfg
+    assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": 1000000.0}
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (8, 2, 8)
+    assert cfg["rms_norm_eps"] == 1e-5
+    gen = json.loads((converted_dir / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [2, 1104]
+
+
+def test_rope_scaling_is_kept():
+    src = json.loads((FIXTURE_DIR / "config.json").read_text())
+    src["rope_scaling"] = {"type": "dynamic", "factor": 2.0}
+    rope = llama_config(src)["rope_parameters"]
+    assert rope == {"rope_type": "dynamic", "rope_theta": 1000000.0, "factor": 2.0}
+
+
+def test_split_wqkv_groups_queries_per_kv_head():
+    heads, kv, dim, hidden = 4, 2, 3, 5
+    # Rows labelled by (kv group, slot, row): slots 0..1 are queries, 2 is key, 3 is value.
+    rows = [[g * 100 + s * 10 + r] * hidden for g in range(kv) for s in range(heads // kv + 2) for r in range(dim)]
+    q, k, v = split_wqkv(torch.tensor(rows, dtype=torch.float32), heads, kv, dim)
+    assert q[:, 0].tolist() == [0, 1, 2, 10, 11, 12, 100, 101, 102, 110, 111, 112]
+    assert k[:, 0].tolist() == [20, 21, 22, 120, 121, 122]
+    assert v[:, 0].tolist() == [30, 31, 32, 130, 131, 132]
+
+
+def test_bin_shards_with_index_convert_identically(tmp_path, converted_dir):
+    src = tmp_path / "bin-ckpt"
+    src.mkdir()
+    for f in FIXTURE_DIR.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, src / f.name)
+    state = load_file(str(FIXTURE_DIR / "model.safetensors"))
+    names = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    weight_map = {}
+    for shard, shard_names in halves.items():
+        torch.save({n: state[n].clone() for n in shard_names}, src / shard)
+        weight_map.update(dict.fromkeys(shard_names, shard))
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    out = convert_checkpoint(src, tmp_path / "out")
+    assert len(list(out.glob("*.safetensors"))) == 2
+    expected, got = _all_tensors(converted_dir), _all_tensors(out)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_convert_rejects_non_internlm2(tmp_path, converted_dir):
+    with pytest.raises(ConversionError):
+        convert_checkpoint(converted_dir, tmp_path / "again")
+
+
+def test_resolve_converts_once_then_reuses(tmp_path):
+    settings = tiny_settings(tmp_path)
+    calls = []
+    first = resolve_model_dir(settings, progress=lambda done, total, what: calls.append((done, total)))
+    assert calls and calls[-1] == (1, 1)
+    assert is_converted(first, FIXTURE_DIR)
+    stamp = (first / "model-00001-of-00001.safetensors").stat().st_mtime_ns
+    calls.clear()
+    assert resolve_model_dir(settings, progress=lambda *a: calls.append(a)) == first
+    assert calls == [] and (first / "model-00001-of-00001.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_interrupted_conversion_is_redone(tmp_path):
+    settings = tiny_settings(tmp_path)
+    first = resolve_model_dir(settings)
+    (first / "internlm_app_conversion.json").unlink()  # as if the process died before finishing
+    again = resolve_model_dir(settings)
+    assert again == first and is_converted(again, FIXTURE_DIR)

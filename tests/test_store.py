@@ -1,0 +1,461 @@
+"""Tests of the conversation store and export/import: round trips, migrations, concurrency, crashes, bad files."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from internlm_app import export
+from internlm_app.chat_types import ReplyStats
+from internlm_app.export import ImportValidationError, export_json, export_markdown, import_json
+from internlm_app.store import MIGRATIONS, SCHEMA_VERSION, TITLE_MAX, ConversationStore, StoreError
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("store_worker.py")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ConversationStore:
+    s = ConversationStore(tmp_path / "chats.db")
+    yield s
+    s.close()
+
+
+def counts(store: ConversationStore) -> tuple[int, int]:
+    with sqlite3.connect(store.path) as conn:
+        return tuple(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("conversations", "messages"))
+
+
+def worker(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+# ----- basic behaviour -----
+
+
+def test_round_trip(store: ConversationStore) -> None:
+    cid = store.create_conversation("You are helpful.", {"temperature": 0.3, "top_k": 40})
+    assert store.get_conversation(cid).title == ""
+    store.add_message(cid, "user", "  What is\nthe capital of France?  ")
+    mid = store.add_message(cid, "assistant", "", status="streaming")
+    store.update_message(mid, "Par", "streaming")
+    stats = ReplyStats(prompt_tokens=12, completion_tokens=3, time_to_first_token=0.1, total_seconds=0.4)
+    assert store.update_message(mid, "Paris.", "complete", stats)
+
+    conv = store.get_conversation(cid)
+    assert conv.title == "What is the capital of France?"
+    assert (conv.system_prompt, conv.settings) == ("You are helpful.", {"temperature": 0.3, "top_k": 40})
+    assert [(m.role, m.content, m.status) for m in conv.messages] == [
+        ("user", "  What is\nthe capital of France?  ", "complete"),
+        ("assistant", "Paris.", "complete"),
+    ]
+    assert conv.messages[1].stats == stats.to_dict() and conv.messages[0].stats is None
+    assert conv.updated_at >= conv.created_at
+    store.update_message(mid, "Paris!", "complete")  # stats None keeps the saved stats
+    assert store.get_conversation(cid).messages[1].stats == stats.to_dict()
+
+    store.add_message(cid, "user", "Another question")  # the title stays the first one
+    assert store.get_conversation(cid).title == "What is the capital of France?"
+    assert store.rename(cid, "  Geography  ") and store.get_conversation(cid).title == "Geography"
+    assert store.update_settings(cid, "Be terse.", {"temperature": 0.0})
+    assert store.get_conversation(cid).settings == {"temperature": 0.0}
+    assert store.get_conversation("missing") is None
+    assert not store.rename("missing", "x") and not store.update_message(10**9, "x", "complete")
+
+
+def test_title_truncated_and_given_title_kept(store: ConversationStore) -> None:
+    cid = store.create_conversation("", title=None)
+    store.add_message(cid, "assistant", "greeting first does not title")
+    store.add_message(cid, "user", "word " * 100)
+    title = store.get_conversation(cid).title
+    assert len(title) == TITLE_MAX and title.endswith("…")
+    named = store.create_conversation("", title="Mine")
+    store.add_message(named, "user", "hello")
+    assert store.get_conversation(named).title == "Mine"
+
+
+def test_list_order_and_limit(store: ConversationStore) -> None:
+    ids = [store.create_conversation("") for _ in range(4)]
+    store.add_message(ids[1], "user", "bump")
+    listed = store.list_conversations()
+    assert listed[0].id == ids[1] and listed[0].message_count == 1
+    assert {s.id for s in listed} == set(ids)
+    assert len(store.list_conversations(limit=2)) == 2
+
+
+def test_delete_messages_from_and_messages_for_model(store: ConversationStore) -> None:
+    cid = store.create_conversation("SYS")
+    store.add_message(cid, "user", "q1")
+    store.add_message(cid, "assistant", "boom", status="error")
+    store.add_message(cid, "assistant", "   ", status="stopped")
+    store.add_message(cid, "assistant", "a1 partial", status="stopped")
+    m_q2 = store.add_message(cid, "user", "q2")
+    store.add_message(cid, "assistant", "a2")
+    assert store.messages_for_model(cid) == [
+        {"role": "system", "content": "SYS"},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1 partial"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"},
+    ]
+    other = store.create_conversation("")
+    store.add_message(other, "user", "untouched")
+    assert store.delete_messages_from(cid, m_q2) == 2
+    assert [m.content for m in store.get_conversation(cid).messages][-1] == "a1 partial"
+    assert store.messages_for_model(other) == [{"role": "user", "content": "untouched"}]
+
+
+def test_bad_arguments(store: ConversationStore) -> None:
+    cid = store.create_conversation("")
+    with pytest.raises(ValueError, match="role"):
+        store.add_message(cid, "tool", "x")
+    with pytest.raises(ValueError, match="status"):
+        store.add_message(cid, "user", "x", status="done")
+    with pytest.raises(KeyError):
+        store.add_message("missing", "user", "x")
+    assert counts(store) == (1, 0)
+
+
+def test_delete_cascades(store: ConversationStore) -> None:
+    keep, gone = store.create_conversation(""), store.create_conversation("")
+    store.add_message(keep, "user", "keep me")
+    mid = store.add_message(gone, "user", "a")
+    store.add_message(gone, "assistant", "b")
+    assert store.delete(gone) and not store.delete(gone)
+    assert counts(store) == (1, 1)
+    assert store.get_conversation(gone) is None
+    assert not store.update_message(mid, "late stream chunk", "streaming")  # a tab still streaming into it
+    with pytest.raises(KeyError):
+        store.add_message(gone, "user", "x")
+
+
+def test_search_escaping(store: ConversationStore) -> None:
+    ids = {}
+    for text in ["100% sure", "snake_case name", "back\\slash", "Hello World", "plain 100 percent"]:
+        ids[text] = store.create_conversation("")
+        store.add_message(ids[text], "user", text)
+    store.rename(ids["plain 100 percent"], "Renamed")
+
+    def found(q: str) -> set[str]:
+        return {s.id for s in store.search(q)}
+
+    assert found("%") == {ids["100% sure"]}
+    assert found("_") == {ids["snake_case name"]}
+    assert found("\\") == {ids["back\\slash"]}
+    assert found("hello world") == {ids["Hello World"]}
+    assert found("renamed") == {ids["plain 100 percent"]}  # by title
+    assert found("percent") == {ids["plain 100 percent"]}  # by content
+    assert found("100%") == {ids["100% sure"]}
+    assert found("nothing like this") == set()
+    assert len(found("")) == 5
+
+
+# ----- files and migrations -----
+
+
+def test_migrations_from_empty_file_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "dir" / "chats.db"  # parents are created
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    store = ConversationStore(path)
+    assert store.schema_version() == SCHEMA_VERSION == len(MIGRATIONS)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"conversations", "messages", "messages_by_conversation", "conversations_by_update"} <= names
+    cid = store.create_conversation("sys")
+    store.add_message(cid, "user", "persisted")
+    store.close()
+
+    reopened = ConversationStore(path)
+    assert reopened.schema_version() == SCHEMA_VERSION
+    assert [m.content for m in reopened.get_conversation(cid).messages] == ["persisted"]
+    reopened.close()
+    assert ConversationStore(tmp_path / "new" / "deeper" / "x.db").schema_version() == SCHEMA_VERSION
+
+
+def test_migrations_resume_from_an_older_version(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        for statement in MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO conversations VALUES ('abc', 't', '', '{}', 1, 2)")
+        conn.execute("PRAGMA user_version = 1")
+    store = ConversationStore(path)
+    assert store.schema_version() == SCHEMA_VERSION
+    assert store.get_conversation("abc").title == "t"
+    store.close()
+
+
+def test_newer_schema_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="schema version"):
+        ConversationStore(path)
+
+
+def test_finished_thread_connection_is_closed(store: ConversationStore) -> None:
+    thread = threading.Thread(target=store.list_conversations)
+    thread.start()
+    thread.join()
+    gc.collect()
+    assert len(store._connections) <= 1  # only this thread's
+
+
+# ----- concurrency and crashes -----
+
+
+def run_threads(target, count: int) -> list[BaseException]:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(count)
+
+    def wrapped(i: int) -> None:
+        try:
+            barrier.wait()
+            target(i)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted on
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wrapped, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return errors
+
+
+def test_concurrent_fresh_open(tmp_path: Path) -> None:
+    path = tmp_path / "fresh.db"
+    stores: list[ConversationStore] = []
+    assert run_threads(lambda i: stores.append(ConversationStore(path)), 8) == []
+    assert {s.schema_version() for s in stores} == {SCHEMA_VERSION}
+
+
+def test_concurrent_threads(store: ConversationStore) -> None:
+    cid = store.create_conversation("")
+    own: dict[int, str] = {}
+
+    def write(i: int) -> None:
+        own[i] = store.create_conversation("")
+        for n in range(40):
+            store.add_message(cid, "user", f"t{i}-{n}")
+            mid = store.add_message(own[i], "assistant", "", status="streaming")
+            store.update_message(mid, f"reply {n}", "complete")
+            if n % 8 == 0:
+                store.list_conversations()
+                store.get_conversation(cid)
+
+    assert run_threads(write, 8) == []
+    contents = [m.content for m in store.get_conversation(cid).messages]
+    assert sorted(contents) == sorted(f"t{i}-{n}" for i in range(8) for n in range(40))
+    for i in range(8):
+        assert [m.content for m in store.get_conversation(own[i]).messages] == [f"reply {n}" for n in range(40)]
+
+
+def test_concurrent_processes(store: ConversationStore, tmp_path: Path) -> None:
+    cid = store.create_conversation("")
+    go = tmp_path / "go"
+    procs = [worker("append", str(store.path), cid, f"p{k}", "150", str(go)) for k in range(2)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        go.touch()
+        for n in range(50):  # this process writes at the same time
+            store.add_message(cid, "assistant", f"main-{n}")
+        results = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0 and out.strip() == "done", err
+        assert "locked" not in err
+    contents = [m.content for m in store.get_conversation(cid).messages]
+    expected = [f"p{k}-{n}" for k in range(2) for n in range(150)] + [f"main-{n}" for n in range(50)]
+    assert sorted(contents) == sorted(expected)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_crash_mid_reply_keeps_last_partial(tmp_path: Path) -> None:
+    path = tmp_path / "crash.db"
+    proc = worker("crash", str(path))
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        saved = json.loads(line)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+
+    store = ConversationStore(path)
+    conv = store.get_conversation(saved["cid"])
+    assert [(m.role, m.content, m.status) for m in conv.messages] == [
+        ("user", "Tell me a story", "complete"),
+        ("assistant", saved["text"], "streaming"),
+    ]
+    assert conv.title == "Tell me a story" and conv.settings == {"temperature": 0.5}
+    assert store.update_message(saved["mid"], saved["text"], "stopped")  # the app can mark it afterwards
+    store.close()
+
+
+# ----- export and import -----
+
+
+def fill(store: ConversationStore) -> list[str]:
+    a = store.create_conversation("SYS", {"temperature": 0.7, "max_new_tokens": 256})
+    store.add_message(a, "user", "你好, what's 2+2?")
+    store.add_message(a, "assistant", "4", stats=ReplyStats(prompt_tokens=9, completion_tokens=1, error=None))
+    store.add_message(a, "user", "and 3+3?")
+    store.add_message(a, "assistant", "6 and", status="stopped", stats={"finish_reason": "cancelled"})
+    b = store.create_conversation("", title="Second")
+    store.add_message(b, "user", "fail please")
+    store.add_message(b, "assistant", "", status="error", stats=ReplyStats(error="CUDA out of memory").to_dict())
+    return [a, b]
+
+
+def test_export_import_round_trip(store: ConversationStore, tmp_path: Path) -> None:
+    ids = fill(store)
+    document = json.loads(export_json(store))
+    assert (document["format"], document["version"], len(document["conversations"])) == (export.FORMAT, 1, 2)
+
+    other = ConversationStore(tmp_path / "other.db")
+    new_ids = import_json(other, export_json(store).encode())
+    assert len(new_ids) == 2 and not set(new_ids) & set(ids)
+
+    def snapshot(s: ConversationStore, cids: list[str]) -> list[tuple]:
+        result = []
+        for cid in cids:
+            c = s.get_conversation(cid)
+            messages = [(m.role, m.content, m.status, m.stats, m.created_at) for m in c.messages]
+            result.append((c.title, c.system_prompt, c.settings, c.created_at, c.updated_at, messages))
+        return result
+
+    assert sorted(snapshot(other, new_ids)) == sorted(snapshot(store, ids))
+    again = import_json(store, export_json(store, [ids[0]]))  # into the same store: new ids, nothing clobbered
+    assert len(again) == 1 and again[0] not in ids and counts(store) == (3, 10)
+    other.close()
+
+
+def test_markdown_export(store: ConversationStore) -> None:
+    a, b = fill(store)
+    text = export_markdown(store, [a])
+    assert text.startswith("# 你好, what's 2+2?") and "> SYS" in text and "**Assistant** *(stopped)*" in text
+    both = export_markdown(store)
+    assert "# Second" in both and "*(error)*" in both and both.count("\n---\n") == 1
+    with pytest.raises(KeyError):
+        export_markdown(store, ["missing"])
+
+
+def valid_conversation(**extra: object) -> dict:
+    return {"title": "ok", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def doc(*conversations: dict, **top: object) -> str:
+    return json.dumps({"format": export.FORMAT, "version": 1, "conversations": list(conversations), **top})
+
+
+def message(**fields: object) -> dict:
+    return valid_conversation(messages=[{"role": "user", "content": "hi", **fields}])
+
+
+BAD_IMPORTS = {
+    "not json": "{not json",
+    "not utf-8": b"\xff\xfe\x00{",
+    "top level list": "[]",
+    "wrong format tag": doc(valid_conversation()).replace(export.FORMAT, "other-export"),
+    "wrong version": json.dumps({"format": export.FORMAT, "version": 2, "conversations": []}),
+    "version as bool": json.dumps({"format": export.FORMAT, "version": True, "conversations": []}),
+    "version as string": json.dumps({"format": export.FORMAT, "version": "1", "conversations": []}),
+    "missing conversations": json.dumps({"format": export.FORMAT, "version": 1}),
+    "unknown role": doc(message(role="tool")),
+    "unknown status": doc(message(status="done")),
+    "content number": doc(message(content=123)),
+    "content null": doc(message(content=None)),
+    "content list": doc(message(content=["hi"])),
+    "extra message field": doc(message(name="x")),
+    "extra conversation field": doc(valid_conversation(owner="x")),
+    "extra top field": doc(valid_conversation(), extra=1),
+    "too many messages": doc(
+        valid_conversation(messages=[{"role": "user", "content": "x"}] * (export.MAX_MESSAGES + 1))
+    ),
+    "huge string": doc(message(content="x" * (export.MAX_CONTENT_CHARS + 1))),
+    "huge title": doc(valid_conversation(title="t" * (export.MAX_TITLE_CHARS + 1))),
+    "nested garbage in stats": doc(message(stats={"a": {"b": [1, {"c": None}]}})),
+    "nested garbage in settings": doc(valid_conversation(settings={"temperature": [[[0.5]]]})),
+    "deep nesting": '{"format": "internlm-chat-export", "version": 1, "conversations": ' + "[" * 100_000,
+    "NaN": doc(valid_conversation()).replace('"ok"', "NaN"),
+    "duplicate keys": doc(valid_conversation()).replace('"title": "ok"', '"title": "ok", "title": "evil"'),
+    "lone surrogate": doc(valid_conversation()).replace('"ok"', '"\\ud800"'),
+    "negative timestamp": doc(message(created_at=-5)),
+    "timestamp as string": doc(valid_conversation(created_at="2024-01-01")),
+    "conversations not a list": json.dumps({"format": export.FORMAT, "version": 1, "conversations": {"a": 1}}),
+    "valid then invalid": doc(valid_conversation(), valid_conversation(), message(role="root")),
+}
+
+
+@pytest.mark.parametrize("data", BAD_IMPORTS.values(), ids=BAD_IMPORTS.keys())
+def test_bad_import_rejected_and_nothing_changes(store: ConversationStore, data: str | bytes) -> None:
+    fill(store)
+    before = counts(store)
+    with pytest.raises(ImportValidationError) as info:
+        import_json(store, data)
+    assert len(str(info.value)) < 2000  # a clear message, not an echo of the file
+    assert counts(store) == before
+
+
+def test_import_size_limits(store: ConversationStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(export, "MAX_IMPORT_BYTES", 1000)
+    with pytest.raises(ImportValidationError, match="larger than"):
+        import_json(store, doc(message(content="x" * 2000)))
+    monkeypatch.setattr(export, "MAX_TOTAL_MESSAGES", 3)
+    monkeypatch.setattr(export, "MAX_IMPORT_BYTES", 10**6)
+    with pytest.raises(ImportValidationError, match="at most 3"):
+        import_json(store, doc(valid_conversation(), valid_conversation(), valid_conversation(), valid_conversation()))
+    assert counts(store) == (0, 0)
+    assert len(import_json(store, doc(valid_conversation(), valid_conversation()))) == 2
+
+
+def test_import_is_one_transaction(store: ConversationStore) -> None:
+    fill(store)
+    before = counts(store)
+    good, bad = (
+        store.get_conversation(store.list_conversations()[0].id),
+        store.get_conversation(store.list_conversations()[1].id),
+    )
+    bad.messages[0].stats = {"x": object()}  # fails half-way through the insert
+    with pytest.raises(TypeError):
+        store.import_conversations([good, bad])
+    assert counts(store) == before
+
+
+def test_import_defaults_and_bom(store: ConversationStore) -> None:
+    minimal = {
+        "format": export.FORMAT,
+        "version": 1,
+        "conversations": [{"messages": [{"role": "user", "content": "a"}]}],
+    }
+    (cid,) = import_json(store, b"\xef\xbb\xbf" + json.dumps(minimal).encode())
+    conv = store.get_conversation(cid)
+    assert conv.title == "a" and conv.messages[0].status == "complete" and conv.messages[0].created_at > 0
+    assert import_json(store, doc()) == []
