@@ -109,6 +109,13 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    from .settings import settings_table
+
+    print(settings_table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m internlm_app", description="InternLM2 Chat: native runtime.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -136,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("api", help="serve the HTTP API (classic POST / and OpenAI-compatible /v1)")
     add_settings_arguments(p, [*MODEL_FLAGS, "host", "port", "queue_limit", "empty_cache_after_reply"])
     p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("settings", help="print every setting (environment variable, default, meaning) as Markdown")
+    p.set_defaults(func=cmd_settings)
     return parser
 
 

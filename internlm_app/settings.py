@@ -35,10 +35,10 @@ class Settings(BaseSettings):
     # Model source
     model_id: str = Field(DEFAULT_MODEL_ID, description="ModelScope model id downloaded when no model path is given.")
     model_revision: str = Field("master", description="ModelScope revision (branch, tag or commit) of the model.")
-    cache_dir: Path = Field(default_factory=lambda: _default_home() / "models", description="Download cache dir.")
+    cache_dir: Path = Field(default_factory=lambda: _default_home() / "models", description="ModelScope download cache and converted checkpoints.")
     model_path: Path | None = Field(None, description="Local model directory; skips the download.")
     converted_dir: Path | None = Field(
-        None, description="Where converted InternLM2 checkpoints go (default: beside the source, '-llama' suffix)."
+        None, description="Where the Llama conversion of an InternLM2 checkpoint goes (default: under the cache dir)."
     )
 
     # Loading
@@ -102,3 +102,19 @@ def settings_from_args(args: argparse.Namespace, **overrides: object) -> Setting
     """Settings from the environment, overridden by any flag given on the command line."""
     given = {name: value for name, value in vars(args).items() if name in Settings.model_fields and value is not None}
     return Settings(**{**given, **overrides})
+
+
+def settings_table() -> str:
+    """Every setting as a Markdown table row: environment variable, default, description (the README's table)."""
+    rows = ["| Environment variable | Default | Meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default = {"cache_dir": "~/.cache/internlm_app/models", "db_path": "~/.cache/internlm_app/conversations.db"}
+            shown = default.get(name, "[]")
+        elif name == "system_prompt":
+            shown = "the official InternLM2 one"
+        else:
+            value = field.default
+            shown = "(none)" if value is None else str(value.get_secret_value() if isinstance(value, SecretStr) else value)
+        rows.append(f"| `INTERNLM_{name.upper()}` | `{shown}` | {field.description} |")
+    return "\n".join(rows)
