@@ -35,7 +35,10 @@ class Settings(BaseSettings):
     # Model source
     model_id: str = Field(DEFAULT_MODEL_ID, description="ModelScope model id downloaded when no model path is given.")
     model_revision: str = Field("master", description="ModelScope revision (branch, tag or commit) of the model.")
-    cache_dir: Path = Field(default_factory=lambda: _default_home() / "models", description="ModelScope download cache and converted checkpoints.")
+    cache_dir: Path = Field(
+        default_factory=lambda: _default_home() / "models",
+        description="ModelScope download cache and converted checkpoints.",
+    )
     model_path: Path | None = Field(None, description="Local model directory; skips the download.")
     converted_dir: Path | None = Field(
         None, description="Where the Llama conversion of an InternLM2 checkpoint goes (default: under the cache dir)."
@@ -115,6 +118,8 @@ def settings_table() -> str:
             shown = "the official InternLM2 one"
         else:
             value = field.default
-            shown = "(none)" if value is None else str(value.get_secret_value() if isinstance(value, SecretStr) else value)
+            shown = (
+                "(none)" if value is None else str(value.get_secret_value() if isinstance(value, SecretStr) else value)
+            )
         rows.append(f"| `INTERNLM_{name.upper()}` | `{shown}` | {field.description} |")
     return "\n".join(rows)
