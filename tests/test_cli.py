@@ -83,3 +83,12 @@ def test_sampling_flags_come_from_the_shared_bounds():
 def test_out_of_bounds_flag_is_rejected(tmp_path):
     result = _run(["chat", "--model-path", str(FIXTURE_DIR), "--temperature", "9"], tmp_path, stdin="hi\n")
     assert result.returncode == 2 and "temperature" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_download_failure_is_a_plain_error(tmp_path):
+    # A model id that exists nowhere: offline this fails on the network, online with "not found"; never a traceback.
+    args = ["download", "--model-id", "internlm-app-tests/no-such-model", "--cache-dir", str(tmp_path / "ms")]
+    result = _run(args, tmp_path, MODELSCOPE_CACHE=str(tmp_path / "ms"))
+    assert result.returncode == 2, result.stderr
+    assert "could not download internlm-app-tests/no-such-model" in result.stderr
+    assert "INTERNLM_MODEL_PATH" in result.stderr and "Traceback" not in result.stderr

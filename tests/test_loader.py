@@ -1,0 +1,51 @@
+"""Loading: device and dtype choice, plain errors for models that cannot fit, the context window."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from internlm_app.loader import ModelLoadError, choose_dtype, load_model
+from tests.conftest import tiny_settings
+
+
+def test_cpu_load_is_float32_with_fixture_window(tmp_path):
+    model, tokenizer, info = load_model(tiny_settings(tmp_path))
+    assert (info.device, info.dtype, info.context_window) == ("cpu", "float32", 512)
+    assert next(model.parameters()).dtype == torch.float32
+    assert tokenizer.stop_ids == [2, 1104]
+
+
+def test_dtype_choice(tmp_path):
+    assert choose_dtype(tiny_settings(tmp_path), "cuda") == torch.float16
+    assert choose_dtype(tiny_settings(tmp_path, dtype="bfloat16"), "cuda") == torch.bfloat16
+    assert choose_dtype(tiny_settings(tmp_path), "cpu") == torch.float32
+
+
+def test_model_too_big_for_cpu_is_a_plain_error(tmp_path, converted_dir):
+    huge = tmp_path / "huge"
+    shutil.copytree(converted_dir, huge)
+    index = json.loads((huge / "model.safetensors.index.json").read_text())
+    index["metadata"]["total_size"] = 2**50  # what a checkpoint far larger than this machine's RAM declares
+    (huge / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="no CUDA GPU was found"):
+        load_model(tiny_settings(tmp_path, model_path=huge))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is absent")
+def test_forcing_cuda_without_gpu_says_what_to_do(tmp_path):
+    with pytest.raises(ModelLoadError, match="INTERNLM_DEVICE=cpu"):
+        load_model(tiny_settings(tmp_path, device="cuda"))
+
+
+def test_quantization_needs_cuda(tmp_path):
+    with pytest.raises(ModelLoadError, match="CUDA"):
+        load_model(tiny_settings(tmp_path, quantization="4bit"))
+
+
+def test_max_length_setting_caps_the_window(tmp_path):
+    _, _, info = load_model(tiny_settings(tmp_path, max_length=128))
+    assert info.context_window == 128
