@@ -48,12 +48,12 @@ class InvalidRequestError(EngineError):
 
 
 class ContextTooLongError(InvalidRequestError):
-    """Even the system prompt and the newest message do not fit the context budget."""
+    """Even the system prompt and the newest message leave no room for a reply in the context budget."""
 
     def __init__(self, needed: int, limit: int):
         self.needed, self.limit = needed, limit
         super().__init__(
-            f"the prompt needs {needed} tokens (with max_new_tokens) but the context budget is {limit}: "
+            f"the prompt needs {needed} tokens (with one reply token) but the context budget is {limit}: "
             f"{needed - limit} tokens too many"
         )
 

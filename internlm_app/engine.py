@@ -66,10 +66,11 @@ class _StopWhenSet(StoppingCriteria):
 
 @dataclass
 class PreparedPrompt:
-    """Prompt ids that fit the context budget, and how many history messages were left out."""
+    """Prompt ids that fit the context budget, how many history messages were left out, the reply's token cap."""
 
     ids: list[int]
     dropped_messages: int
+    max_new_tokens: int
 
 
 def history_to_messages(query: str, history: list[tuple[str, str]] | None, system: str | None) -> list[Message]:
@@ -100,7 +101,11 @@ class ChatEngine:
         return self.info.context_window
 
     def prepare(self, messages: list[Message], max_new_tokens: int) -> PreparedPrompt:
-        """Validate messages and build prompt ids, leaving out the oldest turns that do not fit."""
+        """Validate messages and build prompt ids, leaving out the oldest turns that do not fit.
+
+        When no history is left to drop, the reply is capped to the room left in the window; only a prompt that
+        leaves no room at all is an error.
+        """
         if not messages or messages[-1].get("role") != "user":
             raise InvalidRequestError("the conversation must end with a user message")
         system = messages[:1] if messages[0].get("role") == "system" else []
@@ -110,9 +115,11 @@ class ChatEngine:
             ids = self.tokenizer.build_prompt_ids(system + history + new)
             needed = len(ids) + max_new_tokens
             if needed <= self.context_window:
-                return PreparedPrompt(ids, dropped)
+                return PreparedPrompt(ids, dropped, max_new_tokens)
             if not history:
-                raise ContextTooLongError(needed, self.context_window)
+                if len(ids) < self.context_window:
+                    return PreparedPrompt(ids, dropped, self.context_window - len(ids))
+                raise ContextTooLongError(len(ids) + 1, self.context_window)
             cut, freed = 0, 0
             while cut < len(history) and freed < needed - self.context_window:
                 freed += self.tokenizer.count_message_tokens(history[cut])
@@ -135,6 +142,8 @@ class ChatEngine:
         within one token. A failure in the generation thread raises GenerationError from the iterator.
         """
         prepared = self.prepare(messages, params.max_new_tokens)
+        if prepared.max_new_tokens != params.max_new_tokens:
+            params = params.model_copy(update={"max_new_tokens": prepared.max_new_tokens})
         return self._stream(prepared, params, cancel, events or ReplyEvents())
 
     def _stream(

@@ -208,10 +208,23 @@ def test_context_budget_drops_oldest_turns(engine):
 
 def test_context_too_long_says_by_how_much(engine):
     small = _engine_with(engine, context_window=100)
+    messages = [{"role": "user", "content": "word " * 200}]
     with pytest.raises(ContextTooLongError) as info:
-        small.prepare([{"role": "user", "content": "word " * 200}], max_new_tokens=10)
-    assert info.value.limit == 100 and info.value.needed > 100
-    assert str(info.value.needed - 100) in str(info.value)
+        small.prepare(messages, max_new_tokens=10)
+    prompt_tokens = len(engine.prepare(messages, 1).ids)
+    assert (info.value.limit, info.value.needed) == (100, prompt_tokens + 1)
+    assert f"{prompt_tokens + 1 - 100} tokens too many" in str(info.value)
+
+
+def test_reply_is_capped_to_the_room_left(engine):
+    small = _engine_with(engine, context_window=60)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    prompt_tokens = len(engine.prepare(messages, 1).ids)
+    assert small.prepare(messages, max_new_tokens=1000).max_new_tokens == 60 - prompt_tokens
+    events = ReplyEvents()
+    list(small.stream_reply(messages, LONG, events=events))
+    assert events.stats.completion_tokens <= 60 - prompt_tokens
+    assert events.stats.finish_reason in {"stop", "length"}
 
 
 @pytest.mark.parametrize(
