@@ -141,7 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("api", help="serve the HTTP API (classic POST / and OpenAI-compatible /v1)")
-    add_settings_arguments(p, [*MODEL_FLAGS, "host", "port", "queue_limit", "empty_cache_after_reply"])
+    add_settings_arguments(
+        p,
+        [*MODEL_FLAGS, "host", "port", "queue_limit", "empty_cache_after_reply", "log_prompts"]
+        + ["backend", "openai_base_url", "openai_model"],
+    )
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("settings", help="print every setting (environment variable, default, meaning) as Markdown")

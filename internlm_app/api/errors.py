@@ -1,0 +1,114 @@
+"""JSON error bodies for every 4xx/5xx: OpenAI-style under /v1, the classic `status`/`error` shape elsewhere."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from ..chat_types import ContextTooLongError, EngineError, GenerationError, QueueFullError
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 5
+_CODES = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    422: "invalid_request",
+    500: "internal_error",
+}
+
+
+def now_text() -> str:
+    """Local time as the tutorial's clients expect it: YYYY-mm-dd HH:MM:SS."""
+    return datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def is_openai_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def openai_error(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code or _CODES.get(status)}}
+
+
+def error_response(
+    path: str,
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The error body for `path`'s family of routes."""
+    if is_openai_path(path):
+        body = openai_error(status, message, code, param)
+    else:
+        body = {"response": None, "status": status, "error": message, "time": now_text()}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
+    """A readable message for pydantic/FastAPI errors, and the first offending field."""
+    parts, first = [], None
+    for error in errors:
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        where = ".".join(loc)
+        if error.get("type") == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", "")
+            parts.append(f"the body is not valid JSON ({reason}, at character {loc[0] if loc else '?'})")
+            continue
+        first = first or where or None
+        msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts) or "invalid request", first
+
+
+def engine_error_details(exc: EngineError) -> tuple[str | None, str | None, dict[str, str] | None]:
+    """The OpenAI `code` and `param` of an engine error, and the headers its response carries."""
+    if isinstance(exc, QueueFullError):
+        return "model_busy", None, {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    if isinstance(exc, ContextTooLongError):
+        return "context_length_exceeded", "messages", None
+    if isinstance(exc, GenerationError):
+        return "generation_failed", None, None
+    return None, None, None
+
+
+def engine_error_response(path: str, exc: EngineError) -> JSONResponse:
+    code, param, headers = engine_error_details(exc)
+    return error_response(path, exc.status, str(exc), code=code, param=param, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that turn every error into a JSON body."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_errors(list(exc.errors()))
+        return error_response(request.url.path, 422, message, param=param)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}; GET / and /docs explain the API"
+        return error_response(request.url.path, exc.status_code, message, headers=exc.headers)
+
+    @app.exception_handler(EngineError)
+    async def _engine(request: Request, exc: EngineError) -> JSONResponse:
+        return engine_error_response(request.url.path, exc)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(request.url.path, 500, f"internal server error: {type(exc).__name__}")

@@ -1,0 +1,89 @@
+"""ASGI middleware: the request-body limit (413) and one log line plus metrics per request."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import error_response
+from .metrics import Metrics
+
+log = logging.getLogger("internlm_app.api")
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over `max_bytes` with 413, by Content-Length or while the body arrives."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> str:
+        return f"the request body is larger than {self.max_bytes} bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await error_response(scope["path"], 413, self._too_large())(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, self._too_large())  # FastAPI re-raises it while reading the body
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class RequestLogMiddleware:
+    """Logs one line per request (endpoint, status, tokens, latency) and counts it in the metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, log_prompts: bool = False):
+        self.app = app
+        self.metrics = metrics
+        self.log_prompts = log_prompts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+        state = scope.setdefault("state", {})
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            seconds = time.perf_counter() - started
+            self.metrics.observe_request(scope["path"], status, seconds)
+            log.info("%s", self._line(scope, status, seconds, state))
+
+    def _line(self, scope: Scope, status: int, seconds: float, state: dict) -> str:
+        line = f"{scope['method']} {scope['path']} {status} {seconds * 1000:.0f}ms"
+        stats = state.get("reply_stats")
+        if stats is not None:
+            line += (
+                f" prompt_tokens={stats.prompt_tokens} completion_tokens={stats.completion_tokens}"
+                f" ttft={stats.time_to_first_token or 0:.3f}s tok/s={stats.tokens_per_second or 0:.1f}"
+                f" queue={stats.queue_seconds:.3f}s finish={state.get('finish_reason', stats.finish_reason)}"
+            )
+        if self.log_prompts and state.get("prompt") is not None:
+            line += f" prompt={state['prompt']!r}"
+        return line

@@ -1,0 +1,65 @@
+"""The InternLM FastAPI tutorial's contract: `POST /` with {"prompt": ...} answers {"response", "status", "time"}."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from .errors import now_text
+from .replies import ReplyRunner
+from .schemas import ClassicRequest
+
+router = APIRouter(tags=["classic"])
+
+_BODY_SCHEMA = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": ClassicRequest.model_json_schema()}}}
+}
+
+
+async def _read_classic_request(request: Request) -> ClassicRequest:
+    """Parse the body as JSON whatever its Content-Type (curl -d without -H works too)."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        position = getattr(exc, "pos", getattr(exc, "start", 0))
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body", position), "ctx": {"error": reason}}]
+        ) from None
+    try:
+        return ClassicRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+@router.post("/", summary="Chat (classic tutorial contract)", openapi_extra=_BODY_SCHEMA)
+async def classic_chat(request: Request) -> dict:
+    """Reply to `prompt` (with optional history/system/sampling); errors mirror the HTTP code in `status`."""
+    body = await _read_classic_request(request)
+    settings = request.app.state.settings
+    messages = body.messages(settings.system_prompt)
+    runner = ReplyRunner(request, messages, body.sampling(settings, body.max_new_tokens))
+    response = await runner.text()
+    history = [[user, assistant] for user, assistant in body.history or []] + [[body.prompt, response]]
+    return {"response": response, "history": history, "status": 200, "time": now_text()}
+
+
+@router.get("/", summary="How to call the classic endpoint")
+async def classic_help(request: Request) -> dict:
+    """Explain the POST contract instead of answering 405."""
+    base = str(request.base_url).rstrip("/")
+    return {
+        "message": "POST a JSON body to this URL to chat; the reply is in 'response'.",
+        "example_request": {"prompt": "你好", "history": [["user turn", "assistant turn"]], "temperature": 0.8},
+        "example_response": {"response": "...", "history": [["你好", "..."]], "status": 200, "time": now_text()},
+        "curl": f"curl -X POST {base} -H 'Content-Type: application/json' -d '{{\"prompt\": \"你好\"}}'",
+        "fields": {name: field.description for name, field in ClassicRequest.model_fields.items() if field.description},
+        "openai_compatible": f"{base}/v1/chat/completions",
+        "docs": f"{base}/docs",
+        "status": 200,
+        "time": now_text(),
+    }

@@ -1,0 +1,123 @@
+"""Request bodies of the classic and the OpenAI-compatible routes; sampling bounds come from internlm_app.sampling."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..chat_types import Message
+from ..sampling import SamplingParams, sampling_field
+from ..settings import Settings
+
+MAX_STOP_STRINGS = 4
+
+
+class SamplingOverrides(BaseModel):
+    """Sampling fields a request may set; the server's defaults fill the rest."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    temperature: float | None = sampling_field("temperature", default=None)
+    top_p: float | None = sampling_field("top_p", default=None)
+    top_k: int | None = sampling_field("top_k", default=None)
+    repetition_penalty: float | None = sampling_field("repetition_penalty", default=None)
+
+    def sampling(self, settings: Settings, max_new_tokens: int | None) -> SamplingParams:
+        """The request's values over the server's defaults."""
+        given = {name: getattr(self, name) for name in SamplingOverrides.model_fields}
+        given["max_new_tokens"] = max_new_tokens
+        defaults = settings.default_sampling().model_dump()
+        return SamplingParams(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
+
+
+class ClassicRequest(SamplingOverrides):
+    """Body of `POST /`, as sent by the InternLM FastAPI tutorial's clients."""
+
+    prompt: str = Field(min_length=1, description="The user's message.")
+    history: list[tuple[str, str]] | None = Field(
+        None, description="Earlier turns as [user, assistant] pairs, oldest first."
+    )
+    system: str | None = Field(None, description="System prompt; omitted means the default one, '' means none.")
+    max_new_tokens: int | None = sampling_field("max_new_tokens", default=None)
+
+    model_config = ConfigDict(
+        extra="ignore", json_schema_extra={"examples": [{"prompt": "你好", "history": [], "temperature": 0.8}]}
+    )
+
+    def messages(self, default_system: str) -> list[Message]:
+        system = default_system if self.system is None else self.system
+        messages: list[Message] = [{"role": "system", "content": system}] if system else []
+        for user, assistant in self.history or []:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        return [*messages, {"role": "user", "content": self.prompt}]
+
+
+class ChatMessage(BaseModel):
+    """One message of an OpenAI chat request; content may be a string or a list of text parts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_text_parts(cls, value: object) -> object:
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(SamplingOverrides):
+    """Body of `POST /v1/chat/completions` (the fields this server uses; others are ignored)."""
+
+    model: str | None = Field(None, description="Ignored: this server serves one model.")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = sampling_field("max_new_tokens", default=None)
+    max_completion_tokens: int | None = sampling_field("max_new_tokens", default=None)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP_STRINGS} strings that end the reply.")
+    n: int = Field(1, ge=1, le=1, description="Only one choice is supported.")
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [{"model": "internlm2-chat-7b", "messages": [{"role": "user", "content": "hi"}]}]
+        },
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> list[str] | None:
+        stops = [value] if isinstance(value, str) else value
+        if stops is not None and (len(stops) > MAX_STOP_STRINGS or not all(stops)):
+            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
+        return stops or None
+
+    def chat_messages(self, default_system: str) -> list[Message]:
+        """Messages for the engine: the default system prompt when none is given ('' keeps no system turn)."""
+        messages: list[Message] = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content or ""} for m in self.messages
+        ]
+        if messages[0]["role"] != "system" and default_system:
+            messages.insert(0, {"role": "system", "content": default_system})
+        return messages
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)

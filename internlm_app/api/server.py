@@ -1,0 +1,52 @@
+"""Run the API with uvicorn: `serve` for the CLI, `running_server` for a background thread (tests, embedding)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+from fastapi import FastAPI
+
+from ..settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def serve(settings: Settings | None = None) -> None:
+    """Serve the API on settings.host:settings.port until interrupted (`python -m internlm_app api`)."""
+    from . import create_app
+
+    settings = settings or Settings()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the API listens on %s without API keys: set INTERNLM_API_KEYS to require one", settings.host)
+    app = create_app(settings)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, access_log=False, log_config=None, timeout_graceful_shutdown=10
+    )
+
+
+@contextmanager
+def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 60.0) -> Iterator[str]:
+    """Serve `app` from a background thread (port 0: a free one); yields the base URL, stops the server on exit."""
+    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="internlm-api-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the API server did not start on {host}:{port} (see the log)")
+        time.sleep(0.02)
+    bound_port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound_port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

@@ -1,0 +1,309 @@
+"""The HTTP API in process (FastAPI TestClient) on the real tiny model: contracts, defaults, metrics, auth, logs."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from internlm_app.api import create_app
+from internlm_app.api.routes_openai import StopFilter
+from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
+from tests.test_api_support import (
+    API_KEY,
+    REPLY_TOKENS,
+    api_settings,
+    engine_copy,
+    greedy_reply,
+    sse_events,
+    with_default_system,
+)
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def client(engine, tmp_path_factory):
+    app = create_app(api_settings(tmp_path_factory.mktemp("api")), backend=engine)
+    with TestClient(app) as client:
+        yield client
+
+
+def _chat(client, messages, **fields):
+    response = client.post(CHAT, json={"model": "internlm2-tiny", "messages": messages, "temperature": 0, **fields})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_classic_contract_is_the_tutorials(client, engine):
+    response = client.post("/", json={"prompt": "你好", "temperature": 0})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == 200 and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", body["time"])
+    expected, _ = greedy_reply(engine, with_default_system("你好"))  # the default system prompt, greedy
+    assert body["response"] == expected
+    assert body["history"] == [["你好", expected]]
+
+
+def test_classic_history_and_system(client, engine):
+    history = [["hello", "hi there"], ["what is AI", "artificial intelligence"]]
+    body = client.post("/", json={"prompt": "tell me more", "history": history, "temperature": 0}).json()
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}]
+    for user, assistant in history:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    expected, _ = greedy_reply(engine, [*messages, {"role": "user", "content": "tell me more"}])
+    assert body["response"] == expected and body["history"] == [*history, ["tell me more", expected]]
+
+    no_system = client.post("/", json={"prompt": "hello", "system": "", "temperature": 0}).json()
+    assert no_system["response"] == greedy_reply(engine, [{"role": "user", "content": "hello"}])[0]
+    custom = client.post("/", json={"prompt": "hello", "system": "be brief", "temperature": 0}).json()
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    assert custom["response"] == greedy_reply(engine, messages)[0]
+
+
+def test_classic_sampling_fields_and_lenient_content_type(client):
+    body = {"prompt": "hi", "temperature": 1.2, "top_p": 0.9, "top_k": 20, "max_new_tokens": 5, "unknown": 1}
+    response = client.post("/", json=body)
+    assert response.status_code == 200 and isinstance(response.json()["response"], str)
+    form_typed = client.post(
+        "/",
+        content=b'{"prompt": "hi", "max_new_tokens": 3}',
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert form_typed.status_code == 200  # curl -d without -H still works
+
+
+def test_get_root_explains_how_to_call(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["example_request"]["prompt"] and "curl -X POST" in body["curl"]
+    assert "/v1/chat/completions" in body["openai_compatible"] and "prompt" in body["fields"]
+
+
+@pytest.mark.parametrize("prompt", ["hello", "你好", "What is 1+1?"])
+def test_openai_greedy_equals_engine(client, engine, prompt):
+    body = _chat(client, [{"role": "user", "content": prompt}], max_tokens=REPLY_TOKENS)
+    text, stats = greedy_reply(engine, with_default_system(prompt))
+    choice = body["choices"][0]
+    assert body["object"] == "chat.completion" and body["model"] == "internlm2-tiny"
+    assert choice["message"] == {"role": "assistant", "content": text}
+    assert choice["finish_reason"] == stats.finish_reason
+    assert body["usage"] == {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+    }
+
+
+def test_openai_system_handling(client, engine):
+    user = {"role": "user", "content": "hello"}
+    assert (
+        _chat(client, [{"role": "system", "content": ""}, user])["choices"][0]["message"]["content"]
+        == (greedy_reply(engine, [user])[0])
+    )
+    developer = _chat(client, [{"role": "developer", "content": "be brief"}, user])
+    assert (
+        developer["choices"][0]["message"]["content"]
+        == greedy_reply(engine, [{"role": "system", "content": "be brief"}, user])[0]
+    )
+    parts = _chat(
+        client, [{"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}]
+    )
+    assert parts["choices"][0]["message"]["content"] == greedy_reply(engine, with_default_system("hello"))[0]
+
+
+def test_max_completion_tokens_and_length(client, engine):
+    body = _chat(client, [{"role": "user", "content": "你好"}], max_completion_tokens=3, max_tokens=50)
+    assert body["usage"]["completion_tokens"] == 3 and body["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_openai_streaming_events(client, engine, include_usage):
+    fields = {"stream": True, "max_tokens": REPLY_TOKENS}
+    if include_usage:
+        fields["stream_options"] = {"include_usage": True}
+    request = {"messages": [{"role": "user", "content": "你好"}], "temperature": 0, **fields}
+    with client.stream("POST", CHAT, json=request) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response.read().decode())
+    text, stats = greedy_reply(engine, with_default_system("你好"))
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == text
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finals) == 1 and finals[0]["choices"][0]["finish_reason"] == stats.finish_reason
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    if include_usage:
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == stats.completion_tokens
+        assert all(c["usage"] is None for c in chunks[:-1])
+    else:
+        assert all("usage" not in c for c in chunks)
+
+
+def test_stop_strings_cut_the_reply(client, engine):
+    text, _ = greedy_reply(engine, with_default_system("你好"))
+    stop = text[5:8]
+    expected = text[: text.index(stop)]
+    body = _chat(client, [{"role": "user", "content": "你好"}], stop=[stop, "never-seen"])
+    assert body["choices"][0] == {
+        "index": 0,
+        "message": {"role": "assistant", "content": expected},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+    request = {"messages": [{"role": "user", "content": "你好"}], "temperature": 0, "stream": True, "stop": stop}
+    events = sse_events(client.post(CHAT, json=request).text)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == expected
+
+
+def test_stop_filter_holds_back_a_split_stop_string():
+    stops = StopFilter(["END"])
+    assert [stops.push(t) for t in ["abc E", "N", "xEN", "D tail"]] == ["abc ", "", "ENx", ""]
+    assert stops.hit and stops.flush() == ""
+    plain = StopFilter(["xyz"])
+    assert plain.push("abx") + plain.push("y") + plain.flush() == "abxy" and not plain.hit
+
+
+def test_models_and_health(client):
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "internlm2-tiny"
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["model_loaded"] is True
+    assert health["device"] == "cpu" and health["gpu_memory"] == [] and health["context_window"] == 512
+    assert health["queue"] == {"waiting": 0, "busy": False, "limit": 16}
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_metrics_count_requests_tokens_and_latency(client):
+    before = client.get("/metrics").text
+    body = _chat(client, [{"role": "user", "content": "hi"}], max_tokens=4)
+    response = client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    after = response.text
+    assert _metric(after, 'internlm_requests_total{endpoint="/v1/chat/completions",status="200"}') == (
+        _metric(before, 'internlm_requests_total{endpoint="/v1/chat/completions",status="200"}') + 1
+    )
+    tokens = body["usage"]["completion_tokens"]
+    assert (
+        _metric(after, "internlm_completion_tokens_total")
+        == _metric(before, "internlm_completion_tokens_total") + tokens
+    )
+    for name in ("internlm_time_to_first_token_seconds_count", "internlm_queue_wait_seconds_count"):
+        assert _metric(after, name) == _metric(before, name) + 1
+    assert "internlm_tokens_per_second_bucket" in after and "internlm_queue_waiting 0.0" in after
+
+
+def test_each_app_has_its_own_registry(engine, tmp_path):
+    apps = [create_app(api_settings(tmp_path), backend=engine) for _ in range(2)]
+    with TestClient(apps[0]) as first, TestClient(apps[1]) as second:
+        first.post("/", json={"prompt": "hi", "max_new_tokens": 2})
+        assert 'endpoint="/",status="200"' in first.get("/metrics").text
+        assert 'endpoint="/",status="200"' not in second.get("/metrics").text
+
+
+def test_api_keys_guard_everything_but_health(engine, tmp_path):
+    app = create_app(api_settings(tmp_path, api_keys=[API_KEY, "second-key"]), backend=engine)
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+        for method, path in [("GET", "/"), ("POST", "/"), ("GET", "/metrics"), ("GET", "/v1/models"), ("POST", CHAT)]:
+            response = client.request(method, path, json={"prompt": "hi"})
+            assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+            body = response.json()
+            assert (body["error"]["code"] == "invalid_api_key") if path.startswith("/v1") else (body["status"] == 401)
+        assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        for key in (API_KEY, "second-key"):
+            assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_cors_is_closed_by_default_and_configurable(client, engine, tmp_path):
+    preflight = {"Origin": "http://example.com", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in client.options(CHAT, headers=preflight).headers
+    app = create_app(api_settings(tmp_path, cors_origins=["http://example.com"]), backend=engine)
+    with TestClient(app) as open_client:
+        response = open_client.options(CHAT, headers=preflight)
+        assert response.headers["access-control-allow-origin"] == "http://example.com"
+
+
+@pytest.mark.parametrize("log_prompts", [False, True])
+def test_one_log_line_per_request(engine, tmp_path, caplog, log_prompts):
+    app = create_app(api_settings(tmp_path, log_prompts=log_prompts), backend=engine)
+    with TestClient(app) as client, caplog.at_level(logging.INFO, logger="internlm_app.api"):
+        caplog.clear()
+        client.post("/", json={"prompt": "secret words", "max_new_tokens": 3})
+    lines = [r.getMessage() for r in caplog.records if r.name == "internlm_app.api"]
+    assert len(lines) == 1
+    assert re.match(r"POST / 200 \d+ms prompt_tokens=\d+ completion_tokens=3 ttft=", lines[0])
+    assert ("secret words" in lines[0]) is log_prompts
+
+
+class _FailOnForward:
+    """Raises CUDA's out-of-memory error from the model's forward number `at` (1 = prefill)."""
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, 0
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        if self.calls == self.at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_is_503_and_the_server_keeps_working(client, engine):
+    for path, body in [("/", {"prompt": "hi"}), (CHAT, {"messages": [{"role": "user", "content": "hi"}]})]:
+        handle = engine.model.register_forward_hook(_FailOnForward(1))
+        try:
+            response = client.post(path, json=body)
+        finally:
+            handle.remove()
+        assert response.status_code == 503 and "out of memory" in response.text
+        assert (
+            (response.json()["error"]["code"] == "generation_failed")
+            if path == CHAT
+            else response.json()["status"] == 503
+        )
+        assert client.post(path, json=body).status_code == 200
+
+
+def test_out_of_memory_mid_stream_ends_with_an_error_event(client, engine):
+    handle = engine.model.register_forward_hook(_FailOnForward(4))
+    try:
+        request = {"messages": [{"role": "user", "content": "hello"}], "stream": True, "temperature": 0}
+        response = client.post(CHAT, json=request)
+    finally:
+        handle.remove()
+    events = sse_events(response.text)
+    assert response.status_code == 200 and events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "generation_failed" and "out of memory" in events[-2]["error"]["message"]
+    assert not engine.queue.busy
+
+
+def test_queue_full_is_503_with_retry_after(engine, tmp_path):
+    settings = api_settings(tmp_path, queue_limit=0)
+    busy = engine_copy(engine, settings)
+    with TestClient(create_app(settings, backend=busy)) as client:
+        assert busy.queue.acquire()
+        try:
+            classic = client.post("/", json={"prompt": "hi"})
+            openai = client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
+        finally:
+            busy.queue.release()
+        for response in (classic, openai):
+            assert response.status_code == 503 and int(response.headers["retry-after"]) > 0
+        assert classic.json()["status"] == 503 and openai.json()["error"]["code"] == "model_busy"
+        assert client.post("/", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+
+
+def test_openapi_documents_both_contracts(client):
+    schema = client.get("/openapi.json").json()
+    assert {"/", "/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= set(schema["paths"])
+    classic = schema["paths"]["/"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "prompt" in classic["properties"] and classic["properties"]["temperature"]["anyOf"][0]["maximum"] == 2.0
+    assert client.get("/docs").status_code == 200

@@ -1,0 +1,209 @@
+"""The API under a real uvicorn server on 127.0.0.1: tutorial clients, the openai client, concurrency, disconnects."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import requests
+
+from internlm_app.api import create_app, running_server
+from tests.test_api_support import (
+    REPLY_TOKENS,
+    api_settings,
+    engine_copy,
+    greedy_reply,
+    raw_request,
+    read_until,
+    sse_events,
+    wait_until,
+    with_default_system,
+)
+
+CHAT = "/v1/chat/completions"
+PROMPTS = ["hello", "你好", "What is 1+1?", "tell me a story", "hi", "abc", "书生浦语", "Write a poem"]
+
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory):
+    with running_server(create_app(api_settings(tmp_path_factory.mktemp("server")), backend=engine)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def endless(engine, tmp_path_factory):
+    """A server whose replies never stop early (always max tokens): long enough to disconnect in the middle."""
+    settings = api_settings(tmp_path_factory.mktemp("endless"))
+    slow = engine_copy(engine, settings, endless=True)
+    with running_server(create_app(settings, backend=slow)) as url:
+        yield url, slow
+
+
+def test_tutorial_requests_snippet(server, engine):
+    # The tutorial's client, unchanged apart from the URL.
+    def get_completion(prompt):
+        headers = {"Content-Type": "application/json"}
+        data = {"prompt": prompt}
+        response = requests.post(url=server, headers=headers, data=json.dumps(data))
+        return response.json()["response"]
+
+    assert isinstance(get_completion("你好"), str)  # sampled with the server's defaults
+    body = requests.post(server, json={"prompt": "你好", "temperature": 0}).json()
+    assert body["status"] == 200 and body["response"] == greedy_reply(engine, with_default_system("你好"))[0]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_tutorial_curl_command(server):
+    command = ["curl", "-s", "-X", "POST", server, "-H", "Content-Type: application/json", "-d", '{"prompt": "你好"}']
+    body = json.loads(subprocess.run(command, capture_output=True, check=True, timeout=30).stdout)
+    assert body["status"] == 200 and isinstance(body["response"], str) and body["time"]
+
+
+def test_official_openai_client(server, engine):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="EMPTY", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["internlm2-tiny"]
+    messages = [{"role": "user", "content": "你好"}]
+    expected, stats = greedy_reply(engine, with_default_system("你好"))
+    completion = client.chat.completions.create(
+        model="internlm2-tiny", messages=messages, temperature=0, max_tokens=REPLY_TOKENS
+    )
+    assert completion.choices[0].message.content == expected
+    assert completion.choices[0].finish_reason == stats.finish_reason
+    assert completion.usage.prompt_tokens == stats.prompt_tokens
+    stream = client.chat.completions.create(
+        model="internlm2-tiny",
+        messages=messages,
+        temperature=0,
+        max_tokens=REPLY_TOKENS,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == stats.completion_tokens
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="x", messages=[{"role": "assistant", "content": "hi"}])
+    assert "must end with a user message" in info.value.message
+
+
+def _stream_text(url: str, prompt: str) -> str:
+    request = {"messages": [{"role": "user", "content": prompt}], "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}{CHAT}", json={**request, "max_tokens": 48}, timeout=60) as response:
+        assert response.status_code == 200
+        events = sse_events(response.read().decode())
+    assert events[-1] == "[DONE]"
+    return "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])
+
+
+def test_eight_concurrent_streaming_clients(server, engine):
+    expected = {p: greedy_reply(engine, with_default_system(p), 48)[0] for p in PROMPTS}
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def run(prompt: str) -> str:
+        barrier.wait()
+        return _stream_text(server, prompt)
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        results = dict(zip(PROMPTS, pool.map(run, PROMPTS), strict=True))
+    assert results == expected
+    assert not engine.queue.busy and engine.queue.waiting() == 0
+
+
+def test_health_and_metrics_answer_while_a_reply_streams(endless):
+    url, slow = endless
+    request = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 400, "stream": True}
+    with raw_request(url, CHAT, request) as sock:
+        read_until(sock, b"data: ")
+        assert slow.queue.busy
+        started = time.monotonic()
+        health = httpx.get(f"{url}/health", timeout=10).json()
+        assert httpx.get(f"{url}/metrics", timeout=10).status_code == 200
+        assert time.monotonic() - started < 0.5 and health["queue"]["busy"] is True
+    assert wait_until(lambda: not slow.queue.busy)
+
+
+def _cancelled(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    prefix = 'internlm_replies_total{finish_reason="cancelled"}'
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+@pytest.mark.parametrize("path", [CHAT, "/"])
+def test_disconnect_mid_reply_frees_the_lock(endless, path):
+    url, slow = endless
+    cancelled_before = _cancelled(url)
+    request = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 450, "stream": True}
+    if path == "/":  # not streamed: the server notices the closed connection while it generates
+        request = {"prompt": "hello", "max_new_tokens": 450}
+    with raw_request(url, path, request) as sock:
+        if path == CHAT:
+            assert b"data: " in read_until(sock, b"data: ")
+        assert wait_until(lambda: slow.queue.busy)
+    dropped = time.monotonic()
+    assert wait_until(lambda: not slow.queue.busy, timeout=2)
+    assert time.monotonic() - dropped < 0.5  # a full reply takes about a second
+    assert wait_until(lambda: _cancelled(url) == cancelled_before + 1)
+    started = time.monotonic()
+    response = httpx.post(url, json={"prompt": "hi", "max_new_tokens": 2}, timeout=10)
+    assert response.status_code == 200 and time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("path", ["/", CHAT])
+def test_disconnect_while_queued_leaves_the_queue(endless, path):
+    url, slow = endless
+    body = {"prompt": "hi"} if path == "/" else {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    assert slow.queue.acquire()
+    try:
+        with raw_request(url, path, body):
+            assert wait_until(lambda: slow.queue.waiting() == 1)
+        assert wait_until(lambda: slow.queue.waiting() == 0, timeout=2)
+    finally:
+        slow.queue.release()
+    assert httpx.post(url, json={"prompt": "hi", "max_new_tokens": 2}, timeout=10).status_code == 200
+
+
+def test_cli_defaults_to_all_interfaces_on_6006():
+    from internlm_app.cli import build_parser
+    from internlm_app.settings import settings_from_args
+
+    settings = settings_from_args(build_parser().parse_args(["api"]))
+    assert (settings.host, settings.port) == ("0.0.0.0", 6006)
+
+
+def test_python_m_internlm_app_api_serves(fixture_dir, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "internlm_app", "api", "--model-path", str(fixture_dir), "--device", "cpu"]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    log_path = tmp_path / "api.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return process.poll() is not None  # stop waiting if it died
+
+        assert wait_until(healthy, timeout=90, interval=0.2) and process.poll() is None, log_path.read_text()
+        body = httpx.post(url, json={"prompt": "你好", "max_new_tokens": 4}, timeout=30).json()
+        assert body["status"] == 200 and isinstance(body["response"], str)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    assert re.search(r"POST / 200 \d+ms prompt_tokens=\d+ completion_tokens=\d+", log_path.read_text())

@@ -1,0 +1,147 @@
+"""RemoteBackend over the official openai client, against this app's API served by uvicorn on loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import httpx
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from internlm_app.api import create_app, running_server
+from internlm_app.backend import create_backend
+from internlm_app.chat_types import (
+    ContextTooLongError,
+    GenerationError,
+    InvalidRequestError,
+    QueueFullError,
+    ReplyEvents,
+)
+from internlm_app.remote import RemoteBackend, engine_error
+from internlm_app.sampling import SamplingParams
+from tests.test_api_support import (
+    API_KEY,
+    REPLY_TOKENS,
+    api_settings,
+    engine_copy,
+    greedy_reply,
+    wait_until,
+    with_default_system,
+)
+
+GREEDY = SamplingParams.greedy_params(REPLY_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def served(engine, tmp_path_factory):
+    """This app's API on loopback, over a copy of the engine with queue_limit 0 (its own queue), with an API key."""
+    settings = api_settings(tmp_path_factory.mktemp("served"), queue_limit=0, api_keys=[API_KEY])
+    local = engine_copy(engine, settings)
+    with running_server(create_app(settings, backend=local)) as url:
+        yield url, local
+
+
+def _remote(url: str, tmp_path, **overrides) -> RemoteBackend:
+    values = {"backend": "openai", "openai_base_url": f"{url}/v1", "openai_model": "internlm2-tiny"}
+    values["openai_api_key"] = API_KEY
+    return create_backend(api_settings(tmp_path, **{**values, **overrides}))
+
+
+@pytest.mark.parametrize("prompt", ["你好", "hello", "What is 1+1?"])
+def test_greedy_reply_equals_the_engine(served, engine, tmp_path, prompt):
+    remote = _remote(served[0], tmp_path)
+    assert isinstance(remote, RemoteBackend)
+    for messages in (with_default_system(prompt), [{"role": "user", "content": prompt}]):  # no system turn: none
+        events = ReplyEvents()
+        text = "".join(remote.stream_reply(messages, GREEDY, events=events))
+        expected, stats = greedy_reply(engine, messages)
+        assert text == expected
+        got = events.stats
+        assert (got.prompt_tokens, got.completion_tokens) == (stats.prompt_tokens, stats.completion_tokens)
+        assert got.finish_reason == stats.finish_reason and got.time_to_first_token is not None
+        assert got.tokens_per_second and got.total_seconds > 0 and got.error is None
+
+
+def test_info_for_the_ui(served, tmp_path):
+    remote = _remote(served[0], tmp_path, max_length=4096)
+    assert remote.info.name == "internlm2-tiny" and remote.info.device == "remote"
+    assert remote.info.extra == {"backend": "openai", "base_url": f"{served[0]}/v1"}
+    assert remote.context_window == 4096 and remote.queue is None
+
+
+def test_cancel_and_close_stop_the_remote_generation(engine, tmp_path):
+    settings = api_settings(tmp_path)
+    endless = engine_copy(engine, settings, endless=True)
+    long = SamplingParams.greedy_params(450)
+    with running_server(create_app(settings, backend=endless)) as url:
+        remote = _remote(url, tmp_path, openai_api_key="EMPTY")
+        cancel, events = threading.Event(), ReplyEvents()
+        stream = remote.stream_reply([{"role": "user", "content": "hello"}], long, cancel=cancel, events=events)
+        next(stream)
+        cancel.set()
+        list(stream)
+        assert events.stats.finish_reason == "cancelled" and events.stats.completion_tokens < 450
+        assert wait_until(lambda: not endless.queue.busy, timeout=2)
+
+        events = ReplyEvents()
+        stream = remote.stream_reply([{"role": "user", "content": "hello"}], long, events=events)
+        next(stream)
+        assert endless.queue.busy
+        stream.close()
+        assert events.stats.finish_reason == "cancelled"
+        assert wait_until(lambda: not endless.queue.busy, timeout=2)
+
+
+def test_bad_messages_fail_before_any_request(tmp_path):
+    remote = _remote("http://127.0.0.1:9", tmp_path)  # nothing listens there; no request is made
+    for messages in ([], [{"role": "assistant", "content": "hi"}], [{"role": "robot", "content": "hi"}]):
+        with pytest.raises(InvalidRequestError):
+            remote.stream_reply(messages, GREEDY)
+
+
+def test_server_errors_map_to_engine_errors(served, tmp_path):
+    url, local = served
+    remote = _remote(url, tmp_path)
+    with pytest.raises(ContextTooLongError) as info:
+        list(remote.stream_reply([{"role": "user", "content": "你好 世界 " * 400}], GREEDY))
+    assert info.value.limit == 512 and info.value.needed > 512 and info.value.status == 400
+    assert local.queue.acquire()
+    try:
+        events = ReplyEvents()
+        with pytest.raises(QueueFullError):
+            list(remote.stream_reply([{"role": "user", "content": "hi"}], GREEDY, events=events))
+        assert events.stats.finish_reason == "error" and "busy" in events.stats.error
+    finally:
+        local.queue.release()
+    with pytest.raises(GenerationError, match="refused the key"):
+        list(_remote(url, tmp_path, openai_api_key="wrong").stream_reply([{"role": "user", "content": "hi"}], GREEDY))
+
+
+def test_unreachable_server_is_a_generation_error(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens on it
+    remote = _remote(f"http://127.0.0.1:{port}", tmp_path)
+    with pytest.raises(GenerationError, match="cannot reach"):
+        list(remote.stream_reply([{"role": "user", "content": "hi"}], GREEDY))
+
+
+def test_vllm_style_context_error_is_understood():
+    request = httpx.Request("POST", "http://x/v1/chat/completions")
+    message = (
+        "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (4000 in the messages)."
+    )
+    exc = openai.BadRequestError(message, response=httpx.Response(400, request=request), body={"message": message})
+    error = engine_error(exc, "http://x/v1")
+    assert isinstance(error, ContextTooLongError) and (error.needed, error.limit) == (5000, 4096)
+
+
+def test_the_api_can_serve_a_remote_backend(served, engine, tmp_path):
+    remote = _remote(served[0], tmp_path)
+    with TestClient(create_app(api_settings(tmp_path), backend=remote)) as proxy:
+        body = proxy.post("/", json={"prompt": "你好", "temperature": 0, "max_new_tokens": REPLY_TOKENS}).json()
+        assert body["response"] == greedy_reply(engine, with_default_system("你好"))[0]
+        health = proxy.get("/health").json()
+        assert health["backend"] == "openai" and health["device"] == "remote" and health["queue"] is None
