@@ -1,0 +1,67 @@
+"""History page support: labels for conversations, lazy exports, import and delete callbacks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+from functools import partial
+
+import streamlit as st
+
+from .. import export
+from ..store import ConversationStore, ConversationSummary
+
+NOTICE_KEY = "_history_notice"  # (kind, text) shown once after a callback
+
+
+def when(ts: float) -> str:
+    """A timestamp in the server's local time, to the minute."""
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+
+
+def describe(item: ConversationSummary, untitled: str, count: str) -> str:
+    """How a conversation is named in the picker: title, last update, message count (`count` has a {n})."""
+    return f"{item.title or untitled} · {when(item.updated_at)} · {count.format(n=item.message_count)}"
+
+
+def exporter(store: ConversationStore, kind: str, cids: list[str] | None = None) -> Callable[[], str]:
+    """A zero-argument callable for st.download_button, so the export runs only when the user clicks."""
+    return partial(export.export_json if kind == "json" else export.export_markdown, store, cids)
+
+
+def file_name(kind: str, cid: str | None = None) -> str:
+    stem = f"conversation-{cid}" if cid else f"conversations-{time.strftime('%Y%m%d-%H%M')}"
+    return f"{stem}.{'json' if kind == 'json' else 'md'}"
+
+
+def import_upload(store: ConversationStore, upload_key: str, ok: str, failed: str) -> None:
+    """on_click of the import button: validate and import the uploaded file (all or nothing), then say what happened."""
+    upload = st.session_state.get(upload_key)
+    if upload is None:
+        return
+    try:
+        ids = export.import_json(store, upload.getvalue())
+    except export.ImportValidationError as exc:
+        st.session_state[NOTICE_KEY] = ("error", failed.format(error=exc))
+    else:
+        st.session_state[NOTICE_KEY] = ("success", ok.format(n=len(ids)))
+
+
+def delete(store: ConversationStore, cid: str, done: str, toggle_key: str) -> None:
+    """on_click of the confirmed delete button; the confirmation toggle goes back off."""
+    store.delete(cid)
+    st.session_state[toggle_key] = False
+    st.session_state[NOTICE_KEY] = ("success", done)
+
+
+def reset(key: str) -> None:
+    """on_change helper: switch a toggle off (a new selection must be confirmed again)."""
+    st.session_state[key] = False
+
+
+def show_notice() -> None:
+    """The message left by the last callback, once."""
+    notice = st.session_state.pop(NOTICE_KEY, None)
+    if notice:
+        getattr(st, notice[0])(notice[1])

@@ -1,0 +1,173 @@
+"""Every label of the web app in Chinese (the default) and English."""
+
+from __future__ import annotations
+
+LANGUAGES = ("zh", "en")
+
+# key -> (Chinese, English); values in {braces} are filled by t().
+LABELS: dict[str, tuple[str, str]] = {
+    "language_name": ("中文", "English"),
+    "nav_chat": ("对话", "Chat"),
+    "nav_status": ("状态", "Status"),
+    "nav_history": ("历史", "History"),
+    "settings_invalid": (
+        "设置无效（请检查 INTERNLM_* 环境变量）：{error}",
+        "Invalid settings (check INTERNLM_*): {error}",
+    ),
+    # loading
+    "loading_start": ("准备中", "starting"),
+    "loading_model": (
+        "正在加载模型（下载 / 转换 / 载入）… {seconds} 秒 · {step}",
+        "Loading the model… {seconds} s · {step}",
+    ),
+    "load_failed": ("模型加载失败：{error}", "The model could not be loaded: {error}"),
+    "load_failed_hint": (
+        "修复后点击“重试”。`python -m internlm_app doctor`（或“状态”页）可检查 GPU、显存、模型文件与磁盘。",
+        "Fix it, then press Retry. `python -m internlm_app doctor` (or the Status page) checks the GPU, memory, "
+        "model files and disk.",
+    ),
+    "retry": ("重试", "Retry"),
+    # chat page
+    "chat_intro": (
+        "向 InternLM2 提问吧。对话会自动保存，网址中的 ?c= 可用于稍后打开。",
+        "Ask InternLM2 anything. Conversations are saved; the ?c= in the URL reopens this one.",
+    ),
+    "chat_placeholder": ("输入消息，回车发送", "Type a message and press Enter"),
+    "chat_busy_here": ("这个对话正在生成回复…", "A reply to this conversation is being generated…"),
+    "conversation_not_found": (
+        "找不到对话 {cid}（可能已被删除），已开始新对话。",
+        "Conversation {cid} was not found (deleted?); starting a new one.",
+    ),
+    "queue_place": (
+        ":material/hourglass_top: 模型正忙（其他标签页正在生成），你排在第 {place} 位…",
+        ":material/hourglass_top: The model is busy with another tab; you are number {place} in line…",
+    ),
+    "generating": (
+        ":material/hourglass_top: 正在生成（另一个标签页）…",
+        ":material/hourglass_top: Being generated (in another tab)…",
+    ),
+    "interrupted": (
+        ":material/warning: 生成被中断（服务重启？）",
+        ":material/warning: Generation was interrupted (server restarted?)",
+    ),
+    "stop": ("停止生成", "Stop"),
+    "stopped_mark": (":material/stop_circle: 已停止", ":material/stop_circle: Stopped"),
+    "stopped_before_first_token": (
+        ":material/stop_circle: 在第一个 token 之前停止",
+        ":material/stop_circle: Stopped before the first token",
+    ),
+    "reply_error": (
+        "回复出错：{error}（对话已保留，可重新生成。）",
+        "The reply failed: {error} (the conversation is kept; you can regenerate.)",
+    ),
+    "unknown_error": ("未知错误", "unknown error"),
+    "dropped_messages": (
+        "上下文已满：最早的 {n} 条消息没有发送给模型。",
+        "Context full: the oldest {n} messages were left out of the context.",
+    ),
+    "stat_tokens": ("{n} tokens", "{n} tokens"),
+    "stat_ttft": ("首字 {s:.2f} 秒", "first token {s:.2f} s"),
+    "stat_speed": ("{v:.1f} tokens/秒", "{v:.1f} tokens/s"),
+    "stat_finish": ("结束：{reason}", "ended: {reason}"),
+    "finish_stop": ("完成", "done"),
+    "finish_length": ("达到长度上限", "length limit"),
+    "finish_cancelled": ("已停止", "stopped"),
+    "finish_error": ("出错", "error"),
+    "regenerate": ("重新生成", "Regenerate"),
+    "edit": ("编辑", "Edit"),
+    "edit_label": ("编辑最后一条消息", "Edit the last message"),
+    "edit_send": ("发送", "Send"),
+    "edit_cancel": ("取消", "Cancel"),
+    "edit_empty": ("消息不能为空", "The message is empty"),
+    # sidebar
+    "new_chat": ("新对话（清空）", "New chat (clear)"),
+    "new_chat_help": (
+        "清空当前窗口并开始新对话；原对话保留在“历史”中。",
+        "Clears the screen and starts a new conversation; the old one stays in History.",
+    ),
+    "untitled": ("未命名对话", "Untitled"),
+    "manage_chat": ("管理当前对话", "This conversation"),
+    "rename_label": ("标题", "Title"),
+    "rename": ("重命名", "Rename"),
+    "delete": ("删除", "Delete"),
+    "delete_confirm_text": ("确定删除这个对话吗？此操作无法撤销。", "Delete this conversation? This cannot be undone."),
+    "delete_yes": ("确认删除", "Yes, delete"),
+    "deleted": ("对话已删除", "Conversation deleted"),
+    "cancel": ("取消", "Cancel"),
+    "model_line": ("模型：{name} · {dtype} · {device}", "Model: {name} · {dtype} · {device}"),
+    "model_remote": ("模型：{name}（远程 {url}）", "Model: {name} (remote {url})"),
+    "gpu_line": (
+        "{name}：已分配 {allocated} · 已保留 {reserved} · 总计 {total}",
+        "{name}: allocated {allocated} · reserved {reserved} · total {total}",
+    ),
+    "gpu_none": ("CPU（未检测到 GPU）", "CPU (no GPU found)"),
+    "queue_busy": ("引擎：正在生成，{waiting} 个请求等待中", "Engine: generating, {waiting} waiting"),
+    "queue_idle": ("引擎：空闲", "Engine: idle"),
+    "clear_gpu": ("清理显存缓存", "Clear GPU cache"),
+    "clear_gpu_cpu": ("CPU 运行：没有显存缓存可清理。", "Running on the CPU: there is no GPU cache to clear."),
+    "clear_gpu_done": ("{name}：保留显存 {before} → {after}", "{name}: reserved {before} → {after}"),
+    "sampling": ("生成参数", "Generation"),
+    "param_temperature": ("温度 temperature", "Temperature"),
+    "param_top_p": ("top_p", "Top p"),
+    "param_top_k": ("top_k", "Top k"),
+    "param_repetition_penalty": ("重复惩罚 repetition penalty", "Repetition penalty"),
+    "param_max_new_tokens": ("最大生成长度 max new tokens", "Max new tokens"),
+    "param_max_length": ("上下文长度 max length", "Max length (context budget)"),
+    "help_temperature": ("0 为贪心解码；越大越随机。", "0 means greedy decoding; higher is more random."),
+    "help_top_p": (
+        "核采样：只保留累计概率达到该值的最小 token 集合。",
+        "Nucleus sampling: keep the smallest token set with this probability mass.",
+    ),
+    "help_top_k": (
+        "只保留概率最高的 k 个 token；0 表示不限制。",
+        "Keep only the k most likely tokens; 0 disables the filter.",
+    ),
+    "help_repetition_penalty": (
+        "对上下文中已出现的 token 降权；1 表示不惩罚。",
+        "Penalty for tokens already in the context; 1 disables it.",
+    ),
+    "help_max_new_tokens": (
+        "一次回复最多生成的 token 数（不超过上下文剩余空间）。",
+        "Most tokens generated for one reply (capped by the room left in the context).",
+    ),
+    "help_max_length": (
+        "提示词加回复的 token 预算；超出时最早的对话轮次不再发送。",
+        "Token budget of prompt plus reply; beyond it the oldest turns are left out.",
+    ),
+    "help_max_length_fixed": (
+        "当前后端在加载时确定上下文长度（INTERNLM_MAX_LENGTH），这里仅显示。",
+        "This backend fixes the context budget at load time (INTERNLM_MAX_LENGTH); shown for reference.",
+    ),
+    "system_prompt": ("系统提示词", "System prompt"),
+    "system_prompt_reset": ("恢复默认", "Reset to default"),
+    # status page
+    "refresh": ("刷新", "Refresh"),
+    "status_model": ("模型", "Model"),
+    "status_backend": ("远程后端", "Remote backend"),
+    "status_field": ("项目", "Field"),
+    "status_value": ("值", "Value"),
+    "status_gpu": ("GPU 显存", "GPU memory"),
+    "status_problems": ("诊断", "Checks"),
+    "status_no_problems": ("没有发现问题", "No problems found"),
+    "status_versions": ("版本", "Versions"),
+    # history page
+    "search": ("搜索对话", "Search conversations"),
+    "search_placeholder": ("标题或消息中的文字", "Text in a title or a message"),
+    "conversations_found": ("对话（{n} 个）", "Conversations ({n})"),
+    "message_count": ("{n} 条消息", "{n} messages"),
+    "open": ("打开", "Open"),
+    "export_all": ("导出全部", "Export all"),
+    "export_all_json": ("全部导出为 JSON", "All as JSON"),
+    "export_all_md": ("全部导出为 Markdown", "All as Markdown"),
+    "import": ("导入", "Import"),
+    "import_file": ("JSON 导出文件", "A JSON export file"),
+    "imported": ("已导入 {n} 个对话", "Imported {n} conversations"),
+    "import_failed": ("导入失败，未做任何更改：{error}", "Import failed, nothing was changed: {error}"),
+}
+
+
+def t(key: str, lang: str, **values: object) -> str:
+    """The label `key` in `lang` (Chinese for an unknown language), with `values` filled in."""
+    zh, en = LABELS[key]
+    text = en if lang == "en" else zh
+    return text.format(**values) if values else text

@@ -1,0 +1,119 @@
+"""What every page does first: page config, settings, the password gate, the language switch and navigation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import streamlit as st
+from pydantic import ValidationError
+
+from ..chat_types import ChatBackend
+from ..settings import Settings
+from ..store import ConversationStore
+from .auth import login_gate
+from .i18n import LANGUAGES, t
+from .loading import BackendLoader, LoadStatus
+from .resources import backend_loader, conversation_store
+
+log = logging.getLogger(__name__)
+
+RUN_COMMAND = "streamlit run app.py"
+PAGES = (
+    ("app.py", "nav_chat", ":material/chat:"),
+    ("pages/status.py", "nav_status", ":material/monitor_heart:"),
+    ("pages/history.py", "nav_history", ":material/history:"),
+)
+POLL_SECONDS = 0.25
+
+
+def exit_unless_streamlit(script: str = "app.py") -> None:
+    """`python app.py` does nothing useful: say how to start the web app instead."""
+    from streamlit import runtime
+
+    if not runtime.exists():
+        sys.exit(
+            f"{script} is a Streamlit app. Start it from the repository root with:\n\n"
+            f"    {RUN_COMMAND}\n\n"
+            "It serves on 0.0.0.0:6006 (see .streamlit/config.toml); set INTERNLM_WEB_PASSWORD to require a password."
+        )
+
+
+@dataclass
+class PageContext:
+    """Settings and language of this run, with the labels in that language."""
+
+    settings: Settings
+    lang: str
+
+    def t(self, key: str, **values: object) -> str:
+        return t(key, self.lang, **values)
+
+    def store(self) -> ConversationStore:
+        return conversation_store(self.settings)
+
+    def backend(self) -> ChatBackend:
+        """The shared backend; while it loads the page shows progress, and a failure stops the page with a message."""
+        return require_backend(self)
+
+
+def start_page(title_key: str) -> PageContext:
+    """Set up the page; stops the script while the password gate is closed or the settings are invalid."""
+    lang = st.session_state.get("lang", LANGUAGES[0])
+    st.set_page_config(
+        page_title=f"{t(title_key, lang)} · InternLM2 Chat", page_icon=":material/chat:", layout="centered"
+    )
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        log.error("invalid settings: %s", exc)
+        # Before the password gate, the details (which may quote a value) only go to the server log.
+        details = "" if os.environ.get("INTERNLM_WEB_PASSWORD") else str(exc)
+        st.error(t("settings_invalid", lang, error=details))
+        st.stop()
+    if not login_gate(settings):
+        st.stop()
+    with st.sidebar:
+        lang = st.radio(
+            "语言 / Language",
+            LANGUAGES,
+            format_func=lambda code: t("language_name", code),
+            key="lang",
+            horizontal=True,
+            persist_state="session",
+        )
+        for path, label, icon in PAGES:
+            st.page_link(path, label=t(label, lang), icon=icon)
+    return PageContext(settings, lang)
+
+
+def require_backend(ctx: PageContext) -> ChatBackend:
+    """The shared backend, after a live progress bar while it loads; a failure stops the page with what to do."""
+    loader = backend_loader(ctx.settings)
+    if wait_for_backend(ctx, loader).state == "failed":
+        st.stop()
+    return loader.backend
+
+
+def wait_for_backend(ctx: PageContext, loader: BackendLoader) -> LoadStatus:
+    """Start loading if needed and show progress until it ends; on failure show the error and a retry button."""
+    loader.start()
+    status = loader.status()
+    if status.state == "loading":
+        box = st.empty()
+        while (status := loader.status()).state == "loading":
+            fraction = status.done / status.total if status.total else (status.elapsed % 10) / 10
+            text = ctx.t("loading_model", seconds=int(status.elapsed), step=status.step or ctx.t("loading_start"))
+            box.progress(min(fraction, 1.0), text=text)
+            time.sleep(POLL_SECONDS)
+        box.empty()
+    if status.state == "failed":
+        st.error(ctx.t("load_failed", error=status.error))
+        st.info(ctx.t("load_failed_hint"))
+        if st.button(ctx.t("retry"), key="retry_load", type="primary"):
+            loader.retry()
+            st.rerun()
+    return status

@@ -1,0 +1,62 @@
+"""How a message looks: Markdown with LaTeX, the stats caption, the stopped/error marks."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import streamlit as st
+
+from ..store import StoredMessage
+
+_CODE = re.compile(r"(```.*?(?:```|$)|`[^`\n]*`)", re.DOTALL)
+_DISPLAY_MATH = re.compile(r"\\\[(.+?)\\\]", re.DOTALL)
+_INLINE_MATH = re.compile(r"\\\((.+?)\\\)", re.DOTALL)
+CURSOR = " ▌"
+
+Translate = Callable[..., str]
+
+
+def to_markdown(text: str) -> str:
+    """InternLM writes math as \\(..\\) and \\[..\\]; Streamlit wants $..$ and $$ on their own lines (not in code)."""
+    parts = _CODE.split(text)
+    for i in range(0, len(parts), 2):  # even parts are outside code
+        parts[i] = _INLINE_MATH.sub(r"$\1$", _DISPLAY_MATH.sub(r"\n$$\n\1\n$$\n", parts[i]))
+    return "".join(parts)
+
+
+def stats_caption(stats: dict | None, status: str, t: Translate) -> str:
+    """One line under a reply: tokens, time to first token, tokens/s and why it ended."""
+    stats = stats or {}
+    parts = []
+    if status == "stopped":
+        parts.append(t("stopped_mark"))
+    if stats.get("completion_tokens") is not None:
+        parts.append(t("stat_tokens", n=stats["completion_tokens"]))
+    if stats.get("time_to_first_token") is not None:
+        parts.append(t("stat_ttft", s=stats["time_to_first_token"]))
+    if stats.get("tokens_per_second") is not None:
+        parts.append(t("stat_speed", v=stats["tokens_per_second"]))
+    if stats.get("finish_reason"):
+        reason = stats["finish_reason"]
+        parts.append(t("stat_finish", reason=f"{t('finish_' + reason)} ({reason})"))
+    return " · ".join(parts)
+
+
+def show_message(message: StoredMessage, t: Translate, *, live: bool = False) -> None:
+    """Draw one stored message in a chat bubble (the caller adds buttons inside the same bubble)."""
+    if message.content:
+        st.markdown(to_markdown(message.content))
+    if message.role != "assistant":
+        return
+    stats = message.stats or {}
+    if message.status == "streaming":
+        st.caption(t("generating") if live else t("interrupted"))
+        return
+    if message.status == "error":
+        st.error(t("reply_error", error=stats.get("error") or t("unknown_error")))
+    elif message.status == "stopped" and not message.content:
+        st.caption(t("stopped_before_first_token"))
+    if stats.get("dropped_messages"):
+        st.info(t("dropped_messages", n=stats["dropped_messages"]))
+    st.caption(stats_caption(stats, message.status, t))

@@ -1,0 +1,38 @@
+"""Objects shared by every session of the process (st.cache_resource); each one is thread-safe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from ..settings import Settings
+from ..store import ConversationStore
+from .loading import BackendLoader, fingerprint
+from .reply import LiveReplies
+
+
+@st.cache_resource(show_spinner=False)
+def _loader(key: str, _settings: Settings) -> BackendLoader:
+    return BackendLoader(_settings)
+
+
+def backend_loader(settings: Settings) -> BackendLoader:
+    """The one loader (and so the one model) per distinct load configuration, shared by all sessions."""
+    return _loader(fingerprint(settings), settings)
+
+
+@st.cache_resource(show_spinner=False)
+def _store(path: str) -> ConversationStore:
+    return ConversationStore(path)
+
+
+def conversation_store(settings: Settings) -> ConversationStore:
+    """The SQLite store at settings.db_path (one connection per thread inside)."""
+    return _store(str(Path(settings.db_path).expanduser()))
+
+
+@st.cache_resource(show_spinner=False)
+def live_replies() -> LiveReplies:
+    """The process-wide set of replies being generated."""
+    return LiveReplies()

@@ -1,0 +1,93 @@
+"""Session-state helpers: widget defaults, the sampling parameters they hold, the conversation in the URL."""
+
+from __future__ import annotations
+
+import inspect
+
+import streamlit as st
+from pydantic import ValidationError
+
+from ..chat_types import ChatBackend
+from ..sampling import SamplingParams
+from ..settings import MAX_LENGTH_BOUNDS, Settings
+from ..store import Conversation
+
+SAMPLING_KEYS = tuple(SamplingParams.model_fields)
+MAX_LENGTH_KEY = "max_length"
+SYSTEM_PROMPT_KEY = "system_prompt"
+RENAME_KEY = "rename_title"
+URL_PARAM = "c"
+_OPENED_KEY = "_opened_conversation"
+
+
+def context_limit(backend: ChatBackend) -> int:
+    """The largest context budget the backend can use (its window when known)."""
+    info = getattr(backend, "info", None)
+    window = getattr(info, "context_window", None)
+    return min(window, MAX_LENGTH_BOUNDS[1]) if window else MAX_LENGTH_BOUNDS[1]
+
+
+def accepts_max_length(backend: ChatBackend) -> bool:
+    """Whether stream_reply takes a per-request context budget (`max_length=`)."""
+    try:
+        return "max_length" in inspect.signature(backend.stream_reply).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def init_widget_defaults(settings: Settings, backend: ChatBackend) -> None:
+    """Give the sidebar widgets their defaults from the settings, once per session."""
+    defaults = settings.default_sampling().model_dump()
+    for key in SAMPLING_KEYS:
+        st.session_state.setdefault(key, defaults[key])
+    st.session_state.setdefault(MAX_LENGTH_KEY, min(settings.max_length, context_limit(backend)))
+    st.session_state.setdefault(SYSTEM_PROMPT_KEY, settings.system_prompt)
+
+
+def sampling_params(settings: Settings) -> SamplingParams:
+    """The parameters the sidebar holds (the settings' defaults where a value is missing or invalid)."""
+    values = {key: st.session_state[key] for key in SAMPLING_KEYS if key in st.session_state}
+    try:
+        return SamplingParams(**values)
+    except ValidationError:
+        return settings.default_sampling()
+
+
+def conversation_settings(params: SamplingParams) -> dict:
+    """What a conversation remembers of the sidebar (restored when it is opened again)."""
+    return {**params.model_dump(), MAX_LENGTH_KEY: st.session_state.get(MAX_LENGTH_KEY)}
+
+
+def apply_conversation_settings(conv: Conversation) -> None:
+    """When this session opens a conversation, put its system prompt and sampling values into the sidebar."""
+    if st.session_state.get(_OPENED_KEY) == conv.id:
+        return
+    st.session_state[_OPENED_KEY] = conv.id
+    st.session_state[SYSTEM_PROMPT_KEY] = conv.system_prompt
+    st.session_state[RENAME_KEY] = conv.title
+    saved = {key: conv.settings[key] for key in SAMPLING_KEYS if key in conv.settings}
+    try:
+        values = SamplingParams(**saved).model_dump(include=set(saved))
+    except ValidationError:
+        return
+    for key, value in values.items():
+        st.session_state[key] = value
+
+
+def stop_point() -> None:
+    """A point where Streamlit may end the script: reading session state checks for a pending stop or rerun."""
+    st.session_state.get(_OPENED_KEY)
+
+
+def conversation_id() -> str | None:
+    """The conversation id in the URL (?c=<id>)."""
+    return st.query_params.get(URL_PARAM) or None
+
+
+def set_conversation_id(cid: str | None) -> None:
+    """Put the conversation in the URL (None starts a new one); a refresh or another tab opens the same one."""
+    if cid is None:
+        st.query_params.pop(URL_PARAM, None)
+        st.session_state.pop(_OPENED_KEY, None)
+    else:
+        st.query_params[URL_PARAM] = cid

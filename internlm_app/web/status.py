@@ -1,0 +1,51 @@
+"""Tables for the Status page: what was loaded, memory per device, versions."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import streamlit as st
+
+from .. import gpu
+from .loading import BackendLoader
+from .page import PageContext, wait_for_backend
+
+
+def model_section(ctx: PageContext, loader: BackendLoader) -> None:
+    """The loaded model's facts and the engine queue (progress while it loads, the error when it failed)."""
+    if wait_for_backend(ctx, loader).state == "failed":
+        return
+    backend = loader.backend
+    info = getattr(backend, "info", None)
+    if info is None:
+        st.table({ctx.t("status_backend"): [ctx.settings.openai_model, ctx.settings.openai_base_url]})
+        return
+    facts = asdict(info)
+    facts["device_map"] = str(facts["device_map"])  # a dict on multi-GPU machines: one cell is enough
+    facts["parameters"] = f"{info.parameters:,}"
+    facts["load_seconds"] = f"{info.load_seconds:.1f} s"
+    facts.pop("extra", None)
+    st.table({ctx.t("status_field"): list(facts), ctx.t("status_value"): [str(v) for v in facts.values()]})
+    queue = getattr(backend, "queue", None)
+    if queue is not None:
+        st.caption(ctx.t("queue_busy" if queue.busy else "queue_idle", waiting=queue.waiting()))
+
+
+def memory_rows(devices: list[gpu.DeviceMemory]) -> dict[str, list[str]]:
+    """One column per fact, one row per GPU."""
+    return {
+        "GPU": [f"{d.index}: {d.name}" for d in devices],
+        "allocated": [gpu.format_bytes(d.allocated) for d in devices],
+        "reserved": [gpu.format_bytes(d.reserved) for d in devices],
+        "total": [gpu.format_bytes(d.total) for d in devices],
+    }
+
+
+def version_rows(report: dict) -> dict[str, list[str]]:
+    """Package versions, CUDA and RAM from the doctor report."""
+    rows = {name: version or "—" for name, version in report["versions"].items()}
+    rows["CUDA"] = f"{report['cuda'] or '—'} (available: {report['cuda_available']})"
+    if report.get("ram_available_bytes"):
+        rows["RAM available"] = gpu.format_bytes(report["ram_available_bytes"])
+    rows["disk free"] = gpu.format_bytes(report["disk_free_bytes"])
+    return {"": list(rows), "version": list(rows.values())}

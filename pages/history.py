@@ -1,0 +1,56 @@
+"""History page: search conversations, open, delete, export one or all (JSON, Markdown), import a JSON export."""
+
+import streamlit as st
+
+from internlm_app.web import history
+from internlm_app.web.page import exit_unless_streamlit, start_page
+
+exit_unless_streamlit("pages/history.py")
+ctx = start_page("nav_history")
+store = ctx.store()
+st.title(ctx.t("nav_history"))
+history.show_notice()
+
+query = st.text_input(ctx.t("search"), key="search", placeholder=ctx.t("search_placeholder"))
+items = store.search(query, limit=None) if query.strip() else store.list_conversations(limit=None)
+by_id = {item.id: item for item in items}
+cid = st.selectbox(
+    ctx.t("conversations_found", n=len(items)),
+    list(by_id),
+    format_func=lambda c: history.describe(by_id[c], ctx.t("untitled"), ctx.t("message_count")),
+    key="selected",
+    on_change=history.reset,
+    args=("delete_one",),
+)
+if cid is not None:
+    open_col, json_col, md_col, delete_col = st.columns(4)
+    open_col.page_link("app.py", label=ctx.t("open"), icon=":material/chat:", query_params={"c": cid})
+    for col, kind in ((json_col, "json"), (md_col, "md")):
+        data = history.exporter(store, kind, [cid])
+        col.download_button(
+            kind.upper(), data, history.file_name(kind, cid), key=f"export_one_{kind}", on_click="ignore"
+        )
+    if delete_col.toggle(ctx.t("delete"), key="delete_one"):
+        st.warning(ctx.t("delete_confirm_text"))
+        st.button(
+            ctx.t("delete_yes"),
+            key="delete_one_confirm",
+            type="primary",
+            on_click=history.delete,
+            args=(store, cid, ctx.t("deleted"), "delete_one"),
+        )
+
+st.subheader(ctx.t("export_all"))
+json_col, md_col = st.columns(2)
+for col, kind in ((json_col, "json"), (md_col, "md")):
+    data, name = history.exporter(store, kind), history.file_name(kind)
+    col.download_button(ctx.t(f"export_all_{kind}"), data, name, key=f"export_all_{kind}", on_click="ignore")
+
+st.subheader(ctx.t("import"))
+st.file_uploader(ctx.t("import_file"), type=["json"], key="import_file")
+st.button(
+    ctx.t("import"),
+    key="import_button",
+    on_click=history.import_upload,
+    args=(store, "import_file", ctx.t("imported"), ctx.t("import_failed")),
+)

@@ -1,0 +1,195 @@
+"""AppTest tests of the chat page (app.py) against the real tiny model."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from internlm_app.sampling import BOUNDS, INT_PARAMS, SamplingParams
+from internlm_app.settings import DEFAULT_SYSTEM_PROMPT, MAX_LENGTH_BOUNDS
+from internlm_app.store import ConversationStore
+from tests.app_helpers import MAX_NEW_TOKENS, ROOT, chat, run_page, send, set_app_env, texts
+from tests.conftest import FIXTURE_DIR
+
+
+@pytest.fixture(scope="session")
+def app_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("app-cache")
+
+
+@pytest.fixture
+def app_env(monkeypatch, tmp_path, app_cache):
+    """The tiny model on the CPU, a fresh conversation database per test."""
+    set_app_env(monkeypatch, tmp_path, app_cache)
+    return tmp_path
+
+
+@pytest.fixture
+def store(app_env):
+    return ConversationStore(app_env / "conversations.db")
+
+
+def test_sliders_have_the_bounds_of_sampling_bounds(app_env):
+    at = run_page()
+    for name, bound in BOUNDS.items():
+        cast = int if name in INT_PARAMS else float
+        slider = at.slider(key=name)
+        assert (slider.min, slider.max, slider.step) == (cast(bound.low), cast(bound.high), cast(bound.step))
+    defaults = SamplingParams(max_new_tokens=MAX_NEW_TOKENS)
+    assert {name: at.slider(key=name).value for name in BOUNDS} == defaults.model_dump()
+    budget = at.slider(key="max_length")
+    assert (budget.min, budget.max, budget.value) == (MAX_LENGTH_BOUNDS[0], 512, 512)  # the fixture's window
+    assert at.text_area(key="system_prompt").value == DEFAULT_SYSTEM_PROMPT
+
+
+def test_a_message_gets_a_streamed_reply_with_stats_saved_under_the_url_id(app_env, store):
+    at = send(run_page(), "你好")
+    (user_role, user_text), (bot_role, reply) = chat(at)
+    assert (user_role, user_text, bot_role) == ("user", "你好", "assistant") and reply
+    caption = at.chat_message[1].caption[0].value
+    assert "tokens" in caption and "首字" in caption and "tokens/秒" in caption
+    assert "(stop)" in caption or "(length)" in caption  # sampled: it ends either way
+    conv = store.get_conversation(at.query_params["c"])
+    assert [(m.role, m.status) for m in conv.messages] == [("user", "complete"), ("assistant", "complete")]
+    assert conv.messages[1].content == reply and conv.messages[1].stats["completion_tokens"] > 0
+    assert conv.system_prompt == DEFAULT_SYSTEM_PROMPT and conv.settings["max_new_tokens"] == MAX_NEW_TOKENS
+
+
+def test_temperature_zero_gives_the_engines_greedy_reply(app_env, engine):
+    at = run_page()
+    at.slider(key="temperature").set_value(0.0)
+    reply = chat(send(at, "hello"))[1][1]
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": "hello"}]
+    expected, _ = engine.reply(messages, SamplingParams.greedy_params(MAX_NEW_TOKENS))
+    assert reply == expected
+
+
+def test_reload_with_the_conversation_id_restores_it_and_its_settings(app_env):
+    at = run_page()
+    at.slider(key="top_k").set_value(7)
+    at.text_area(key="system_prompt").set_value("Be brief.")
+    send(at, "first")
+    cid = at.query_params["c"]
+    again = run_page(query={"c": cid})  # a refresh, or the URL opened in another tab
+    assert chat(again) == chat(at)
+    assert again.slider(key="top_k").value == 7 and again.text_area(key="system_prompt").value == "Be brief."
+
+
+def test_new_chat_clears_the_screen_and_keeps_the_old_conversation(app_env, store):
+    at = send(run_page(), "hello")
+    at.button(key="new_chat").click().run()
+    assert chat(at) == [] and "c" not in at.query_params
+    assert len(store.list_conversations()) == 1
+
+
+def test_regenerate_replaces_the_last_reply(app_env, store):
+    at = run_page()
+    at.slider(key="temperature").set_value(0.0)
+    first = chat(send(at, "hello"))[1][1]
+    at.button(key="regenerate").click().run()
+    assert chat(at) == [("user", "hello"), ("assistant", first)]  # greedy: the same text again
+    conv = store.list_conversations()[0]
+    assert conv.message_count == 2
+
+
+def test_edit_the_last_message_and_resend(app_env, store):
+    at = send(run_page(), "helo")
+    at.button(key="edit_last").click().run()
+    assert at.text_area(key="edit_text").value == "helo"
+    at.text_area(key="edit_text").set_value("hello")
+    at.button(key="edit_send").click().run()
+    assert [role for role, _ in chat(at)] == ["user", "assistant"] and chat(at)[0][1] == "hello"
+    (summary,) = store.list_conversations()
+    assert [m.content for m in store.get_conversation(summary.id).messages][0] == "hello"
+
+
+def test_old_turns_left_out_of_the_context_are_reported(app_env, store):
+    cid = store.create_conversation(DEFAULT_SYSTEM_PROMPT)
+    for i in range(8):
+        store.add_message(cid, "user", f"question {i}: " + "tell me about the sea " * 6)
+        store.add_message(cid, "assistant", f"answer {i}: " + "the sea is large and blue " * 6)
+    at = send(run_page(query={"c": cid}), "and now?")
+    assert "最早的" in texts(at.chat_message[-1].info)
+    assert store.get_conversation(cid).messages[-1].stats["dropped_messages"] > 0
+
+
+def test_an_error_during_a_reply_is_shown_in_the_chat_and_the_conversation_kept(app_env, store):
+    cid = store.create_conversation("")
+    store.add_message(cid, "user", "hello")
+    stats = {"finish_reason": "error", "error": "GPU out of memory: CUDA out of memory. Tried to allocate 2 GiB"}
+    store.add_message(cid, "assistant", "partial", status="error", stats=stats)
+    at = run_page(query={"c": cid})
+    assert chat(at) == [("user", "hello"), ("assistant", "partial")]
+    assert "GPU out of memory" in texts(at.error)
+    assert "hello" in chat(send(at, "hello again"))[2][1]
+
+
+def test_clear_gpu_cache_works_on_a_cpu_only_machine(app_env):
+    at = run_page()
+    assert "CPU" in texts(at.sidebar.caption)
+    at.button(key="clear_gpu").click().run()
+    assert not at.exception and "CPU" in texts(at.sidebar.info)
+
+
+def test_rename_and_delete_with_confirmation(app_env, store):
+    at = send(run_page(), "hello")
+    at.text_input(key="rename_title").set_value("Greetings")
+    at.button(key="rename").click().run()
+    assert store.list_conversations()[0].title == "Greetings"
+    at.button(key="delete_chat").click().run()
+    assert len(store.list_conversations()) == 1  # not before the confirmation
+    at.button(key="delete_confirm").click().run()
+    assert store.list_conversations() == [] and chat(at) == []
+
+
+def test_english_labels(app_env):
+    at = run_page()
+    at.radio(key="lang").set_value("en").run()
+    assert at.slider(key="temperature").label == "Temperature"
+    assert at.button(key="new_chat").label == "New chat (clear)"
+
+
+def test_a_model_path_that_does_not_exist_gives_a_clear_error_and_retry_works_once_fixed(
+    app_env, monkeypatch, app_cache
+):
+    model_dir = app_env / "model"
+    set_app_env(monkeypatch, app_env, app_cache, INTERNLM_MODEL_PATH=str(model_dir))
+    at = run_page()
+    assert "no config.json" in texts(at.error) and str(model_dir) in texts(at.error)
+    assert not at.chat_input  # nothing else of the page
+    shutil.copytree(FIXTURE_DIR, model_dir)
+    at.button(key="retry_load").click().run()
+    assert not at.error and at.chat_input(key="prompt")
+
+
+def test_password_gate_renders_nothing_before_login(app_env, monkeypatch, app_cache):
+    set_app_env(monkeypatch, app_env, app_cache, INTERNLM_WEB_PASSWORD="s3cret")
+    at = run_page()
+    assert not at.chat_input and not at.sidebar.children and not at.slider
+    at.text_input(key="password").set_value("wrong")
+    at.button(key="login").click().run()
+    assert not at.chat_input and "Wrong password" in texts(at.error)
+    at.text_input(key="password").set_value("s3cret")
+    at.button(key="login").click().run()
+    assert at.chat_input(key="prompt") and at.slider(key="temperature")
+
+
+def test_python_app_py_prints_the_streamlit_command():
+    result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "streamlit run app.py" in result.stderr
+
+
+def test_invalid_settings_are_reported_without_a_traceback(app_env, monkeypatch):
+    monkeypatch.setenv("INTERNLM_TEMPERATURE", "hot")
+    at = run_page()
+    assert "INTERNLM_" in texts(at.error) and "temperature" in texts(at.error) and not at.chat_input
+
+
+def test_no_gpu_for_a_cuda_setting_is_a_clear_message(app_env, monkeypatch, app_cache):
+    set_app_env(monkeypatch, app_env, app_cache, INTERNLM_DEVICE="cuda")
+    at = run_page()
+    assert "no CUDA GPU is visible" in texts(at.error) and "nvidia-smi" in texts(at.error)
+    assert at.button(key="retry_load")

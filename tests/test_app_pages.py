@@ -1,0 +1,115 @@
+"""AppTest tests of pages/status.py and pages/history.py against the real tiny model and a real store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from internlm_app import export
+from internlm_app.store import ConversationStore
+from tests.app_helpers import chat, run_page, send, set_app_env, texts
+
+STATUS, HISTORY = "pages/status.py", "pages/history.py"
+
+
+@pytest.fixture(scope="session")
+def app_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("app-cache")
+
+
+@pytest.fixture
+def app_env(monkeypatch, tmp_path, app_cache):
+    set_app_env(monkeypatch, tmp_path, app_cache)
+    return tmp_path
+
+
+@pytest.fixture
+def store(app_env):
+    return ConversationStore(app_env / "conversations.db")
+
+
+def _conversation(store: ConversationStore, title: str, *turns: str) -> str:
+    cid = store.create_conversation("You are helpful.", {"temperature": 0.5}, title=title)
+    for i, text in enumerate(turns):
+        store.add_message(cid, "user" if i % 2 == 0 else "assistant", text)
+    return cid
+
+
+def _table(at) -> str:
+    return "\n".join(str(t.value.to_dict()) for t in at.table)
+
+
+def test_status_page_shows_the_model_memory_queue_and_doctor_report(app_env):
+    at = run_page(STATUS)
+    table = _table(at)
+    for fact in ("internlm2-tiny", "float32", "cpu", "context_window", "512", "load_seconds"):
+        assert fact in table
+    assert "CPU" in texts(at.info)  # GPU memory: none on this machine
+    assert "引擎：空闲" in texts(at.caption)
+    assert "no CUDA GPU visible" in texts(at.warning)  # a doctor problem, shown in the browser
+    assert "transformers" in table and "streamlit" in table
+
+
+def test_history_search_lists_matching_conversations(app_env, store):
+    _conversation(store, "Sea", "tell me about the sea", "it is blue")
+    _conversation(store, "Mountains", "and the mountains?", "they are high")
+    at = run_page(HISTORY)
+    assert len(at.selectbox(key="selected").options) == 2
+    at.text_input(key="search").set_value("blue").run()
+    (only,) = at.selectbox(key="selected").options
+    assert only.startswith("Sea")
+    (link,) = [p.proto for p in at.main.get("page_link")]  # "open": the chat page with ?c=<id>
+    assert link.query_string == f"c={store.search('blue')[0].id}"
+
+
+def test_history_export_then_import_reproduces_the_conversations(app_env, store):
+    chat_page = send(run_page(), "你好，大海")
+    cid = chat_page.query_params["c"]
+    at = run_page(HISTORY)
+    for key in ("export_one_json", "export_one_md", "export_all_json", "export_all_md"):
+        assert at.get("download_button") and any(b.proto.id.endswith(key) for b in at.get("download_button"))
+    data = export.export_json(store)  # what the export-all button serves
+    assert "你好，大海" in export.export_markdown(store, [cid])
+    at.file_uploader(key="import_file").set_value(("export.json", data.encode(), "application/json"))
+    at.button(key="import_button").click().run()
+    assert "已导入 1 个对话" in texts(at.success)
+    ids = sorted((s.id for s in store.list_conversations()), key=lambda i: i != cid)  # the original first
+    original, copy = (store.get_conversation(i) for i in ids)
+    assert copy.id != original.id
+    fields = [[(m.role, m.content, m.status, m.stats) for m in c.messages] for c in (original, copy)]
+    assert fields[0] == fields[1] and copy.system_prompt == original.system_prompt
+    assert chat(run_page(query={"c": copy.id})) == chat(chat_page)
+
+
+def test_a_malformed_import_shows_a_clear_error_and_changes_nothing(app_env, store):
+    _conversation(store, "Kept", "hello", "hi")
+    before = export.export_json(store)
+    at = run_page(HISTORY)
+    bad = json.dumps({"format": "internlm-chat-export", "version": 1, "conversations": [{"messages": [{"role": "x"}]}]})
+    at.file_uploader(key="import_file").set_value(("bad.json", bad.encode(), "application/json"))
+    at.button(key="import_button").click().run()
+    assert "导入失败，未做任何更改" in texts(at.error) and "role" in texts(at.error)
+    at.file_uploader(key="import_file").set_value(("x.json", b"not json", "application/json"))
+    at.button(key="import_button").click().run()
+    assert "not a JSON file" in texts(at.error)
+    assert json.loads(export.export_json(store))["conversations"] == json.loads(before)["conversations"]
+
+
+def test_history_delete_needs_confirmation(app_env, store):
+    kept = _conversation(store, "Kept", "hello", "hi")
+    doomed = _conversation(store, "Doomed", "hello", "hi")  # the newest: selected first
+    at = run_page(HISTORY)
+    at.toggle(key="delete_one").set_value(True).run()
+    assert store.get_conversation(doomed) is not None and at.warning
+    at.button(key="delete_one_confirm").click().run()
+    assert store.get_conversation(doomed) is None and "对话已删除" in texts(at.success)
+    assert store.get_conversation(kept) is not None
+    assert at.toggle(key="delete_one").value is False  # the next conversation needs its own confirmation
+
+
+def test_pages_are_behind_the_password_gate(app_env, monkeypatch, app_cache):
+    set_app_env(monkeypatch, app_env, app_cache, INTERNLM_WEB_PASSWORD="pw")
+    for page in (STATUS, HISTORY):
+        at = run_page(page)
+        assert at.text_input(key="password") and not at.table and not at.get("selectbox") and not at.sidebar.children

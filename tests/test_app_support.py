@@ -1,0 +1,239 @@
+"""internlm_app.web without a page: throttling, stop/error handling of a reply on the real engine, loader, labels."""
+
+from __future__ import annotations
+
+import logging
+import string
+import threading
+import time
+
+import pytest
+import tomllib
+from streamlit.runtime.scriptrunner_utils.exceptions import StopException
+
+from internlm_app.chat_types import GenerationError, ReplyEvents
+from internlm_app.loader import ModelLoadError
+from internlm_app.sampling import SamplingParams
+from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
+from internlm_app.store import ConversationStore
+from internlm_app.web import auth, i18n, loading
+from internlm_app.web.render import stats_caption, to_markdown
+from internlm_app.web.reply import LiveReplies, run_reply
+from internlm_app.web.throttle import UI_UPDATES_PER_SECOND, Throttle, throttled_text
+from tests.app_helpers import ROOT
+
+# A greedy reply of ~220 tokens on the tiny model (repetition penalty keeps it from ending early).
+LONG = SamplingParams(temperature=0.0, repetition_penalty=2.0, max_new_tokens=200)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ConversationStore(tmp_path / "conversations.db")
+
+
+def _conversation(store: ConversationStore, text: str = "asdf") -> str:
+    cid = store.create_conversation(DEFAULT_SYSTEM_PROMPT)
+    store.add_message(cid, "user", text)
+    return cid
+
+
+def test_throttle_lets_one_call_through_per_interval():
+    clock = FakeClock()
+    throttle = Throttle(0.5, clock)
+    assert throttle.ready() and not throttle.ready()
+    clock.now = 0.49
+    assert not throttle.ready()
+    clock.now = 0.5
+    assert throttle.ready()
+
+
+def test_throttled_text_caps_updates_whatever_the_token_rate():
+    clock = FakeClock()
+
+    def chunks():
+        for i in range(10_000):  # 10,000 tokens in 10 simulated seconds: 1,000 tokens/s
+            clock.now = i / 1000
+            yield f"{i} "
+
+    updates = list(throttled_text(chunks(), clock=clock))
+    assert updates[0] == "0 " and updates[-1] == "".join(f"{i} " for i in range(10_000))
+    assert len(updates) <= 10 * UI_UPDATES_PER_SECOND + 1
+    assert all(a in b for a, b in zip(updates, updates[1:], strict=False))  # each update extends the previous
+
+
+def test_a_real_reply_updates_the_page_at_most_20_times_a_second(engine, store):
+    stamps: list[float] = []
+    start = time.perf_counter()
+    outcome = run_reply(engine, store, _conversation(store), LONG, show=lambda text: stamps.append(time.perf_counter()))
+    seconds = time.perf_counter() - start
+    assert outcome.status == "complete" and outcome.stats.completion_tokens > 100
+    assert len(stamps) <= seconds * UI_UPDATES_PER_SECOND + 2
+    assert len(stamps) < outcome.stats.completion_tokens / 3  # far fewer updates than tokens
+
+
+def test_a_stop_keeps_the_partial_reply_marked_stopped_and_frees_the_gpu(engine, store):
+    cid = _conversation(store)
+    shown: list[str] = []
+
+    def show(text: str) -> None:  # Streamlit raises StopException from the next st call after "stop"
+        shown.append(text)
+        raise StopException()
+
+    live = LiveReplies()
+    with pytest.raises(StopException):
+        run_reply(engine, store, cid, LONG, show=show, live=live)
+    assert not engine.queue.busy  # freed before the exception left run_reply
+    reply = store.get_conversation(cid).messages[-1]
+    assert reply.status == "stopped" and reply.content == shown[0] and reply.content
+    assert reply.stats["finish_reason"] == "cancelled" and reply.stats["completion_tokens"] < LONG.max_new_tokens
+    assert live.reply_of(cid) is None
+    store.add_message(cid, "user", "and now?")
+    again = run_reply(engine, store, cid, SamplingParams(max_new_tokens=8), show=lambda text: None)
+    assert again.status == "complete"  # the next message is served at once
+
+
+def test_a_stop_between_page_updates_is_noticed_at_the_next_token(engine, store):
+    cid = _conversation(store)
+    polls: list[int] = []
+
+    def poll() -> None:  # the chat page reads session state here: Streamlit raises there once stopped
+        polls.append(1)
+        if len(polls) == 3:
+            raise StopException()
+
+    with pytest.raises(StopException):
+        run_reply(engine, store, cid, LONG, show=lambda text: None, poll=poll)
+    reply = store.get_conversation(cid).messages[-1]
+    assert reply.status == "stopped" and reply.stats["completion_tokens"] <= 3 and not engine.queue.busy
+
+
+def test_waiting_for_the_gpu_reports_the_place_and_a_stop_while_waiting_leaves_the_line(engine, store):
+    places: list[int] = []
+    engine.queue.acquire()  # another tab is generating
+    try:
+        outcome: list = []
+        worker = threading.Thread(
+            target=lambda: outcome.append(
+                run_reply(engine, store, _conversation(store), LONG, show=lambda t: None, on_queue=places.append)
+            )
+        )
+        worker.start()
+        deadline = time.monotonic() + 10
+        while not places and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert places and places[0] == 1
+
+        def stop_while_waiting(place: int) -> None:
+            raise StopException()
+
+        cid = _conversation(store)
+        with pytest.raises(StopException):
+            run_reply(engine, store, cid, LONG, show=lambda t: None, on_queue=stop_while_waiting)
+        reply = store.get_conversation(cid).messages[-1]
+        assert (reply.status, reply.content, reply.stats["finish_reason"]) == ("stopped", "", "cancelled")
+        assert engine.queue.waiting() == 1  # only the first waiter is still in line
+    finally:
+        engine.queue.release()
+    worker.join(30)
+    assert outcome and outcome[0].status == "complete"
+
+
+def test_a_prompt_that_does_not_fit_is_an_error_reply_and_the_conversation_is_kept(engine, store):
+    cid = _conversation(store, "sea " * 600)
+    outcome = run_reply(engine, store, cid, LONG, show=lambda text: None)
+    assert outcome.status == "error" and "context budget" in outcome.stats.error
+    messages = store.get_conversation(cid).messages
+    assert [(m.role, m.status) for m in messages] == [("user", "complete"), ("assistant", "error")]
+
+
+class FailingBackend:
+    """Yields two chunks, then fails like a CUDA out-of-memory in the generation thread (a layout-level fake)."""
+
+    def stream_reply(self, messages, params, *, cancel=None, events: ReplyEvents | None = None):
+        events = events or ReplyEvents()
+
+        def chunks():
+            yield "Hello"
+            yield " wor"
+            events.stats.finish_reason, events.stats.error = "error", "GPU out of memory: CUDA out of memory"
+            raise GenerationError(events.stats.error)
+
+        return chunks()
+
+
+def test_a_failure_mid_reply_keeps_the_partial_text_with_the_error(store):
+    cid = _conversation(store, "hello")
+    outcome = run_reply(FailingBackend(), store, cid, LONG, show=lambda text: None)
+    reply = store.get_conversation(cid).messages[-1]
+    assert (outcome.status, reply.status, reply.content) == ("error", "error", "Hello wor")
+    assert "out of memory" in reply.stats["error"]
+    assert store.messages_for_model(cid)[-1] == {"role": "user", "content": "hello"}  # the failed reply is skipped
+
+
+def test_a_failed_load_is_kept_until_retry_then_loads(tmp_path):
+    attempts: list[int] = []
+
+    def create(settings, progress=None):
+        attempts.append(1)
+        logging.getLogger("internlm_app.model_source").info("downloading internlm2-chat-7b from ModelScope")
+        if len(attempts) == 1:
+            raise ModelLoadError("no CUDA GPU visible: check nvidia-smi")
+        progress(1, 2, "model-00001-of-00002.safetensors")
+        return "backend"
+
+    loader = loading.BackendLoader(settings=None, create=create)
+    loader.start()
+    while loader.status().state == "loading":
+        time.sleep(0.01)
+    failed = loader.status()
+    assert failed.error == "no CUDA GPU visible: check nvidia-smi"  # our own message, no type prefix
+    assert failed.step == "downloading internlm2-chat-7b from ModelScope"  # the step the page showed
+    loader.start()
+    assert loader.status().state == "failed" and len(attempts) == 1  # not retried behind the user's back
+    loader.retry()
+    while loader.status().state == "loading":
+        time.sleep(0.01)
+    assert loader.status().state == "ready" and loader.backend == "backend"
+    assert "(1/2)" in loader.status().step
+
+
+def test_every_label_exists_in_chinese_and_english_with_the_same_fields():
+    fields = string.Formatter()
+    for key, (zh, en) in i18n.LABELS.items():
+        assert zh.strip() and en.strip(), key
+        names = [{f for _, f, _, _ in fields.parse(text) if f} for text in (zh, en)]
+        assert names[0] == names[1], key
+
+
+def test_streamlit_config_serves_on_6006_with_xsrf_and_no_usage_stats():
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["port"] == 6006 and config["server"]["address"] == "0.0.0.0"
+    assert config["server"]["headless"] is True and config["server"]["enableXsrfProtection"] is True
+    assert config["browser"]["gatherUsageStats"] is False
+
+
+def test_latex_is_converted_outside_code_only():
+    text = "Euler: \\(e^{i\\pi}+1=0\\) and \\[\\int_0^1 x\\,dx\\]\n```python\nprint('\\(x\\)')\n```\n`\\(y\\)`"
+    assert to_markdown(text) == (
+        "Euler: $e^{i\\pi}+1=0$ and \n$$\n\\int_0^1 x\\,dx\n$$\n\n```python\nprint('\\(x\\)')\n```\n`\\(y\\)`"
+    )
+
+
+def test_stats_caption_says_tokens_speed_and_why_it_ended():
+    stats = {"completion_tokens": 57, "time_to_first_token": 0.123, "tokens_per_second": 31.25}
+    stats["finish_reason"] = "length"
+    caption = stats_caption(stats, "complete", lambda key, **v: i18n.t(key, "en", **v))
+    assert caption == "57 tokens · first token 0.12 s · 31.2 tokens/s · ended: length limit (length)"
+
+
+def test_password_comparison():
+    assert auth.password_matches("密码 s3cret", "密码 s3cret")
+    assert not auth.password_matches("s3cre", "s3cret") and not auth.password_matches("", "s3cret")

@@ -1,0 +1,81 @@
+"""End to end in headless Chromium: `streamlit run app.py` on the real tiny model, driven like a user would."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.browser_helpers import CHROMIUM, button, chromium, send, streamlit_server, tiny_model_env, wait_for_text
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium"),
+]
+
+# Greedy with repetition penalty 2 makes the tiny model write ~275 tokens for this prompt; at 20 ms a token
+# (BROWSER_TEST_TOKEN_DELAY, a GPU-like pace) that is ~5 s, so "stop" lands mid-reply.
+LONG_PROMPT = "写一个很长的故事"
+SERVER_ENV = {"INTERNLM_TEMPERATURE": "0", "INTERNLM_MAX_NEW_TOKENS": "280", "BROWSER_TEST_TOKEN_DELAY": "0.02"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("browser")
+    with streamlit_server(tiny_model_env(tmp, **SERVER_ENV), tmp / "server.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as browser:
+        yield browser
+
+
+def test_chat_stop_busy_tab_clear_and_reload(server, browser, tmp_path):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server)
+    bubbles = page.locator('[data-testid="stChatMessage"]')
+    expect(page.locator(".st-key-prompt textarea")).to_be_enabled(timeout=60_000)  # after the model loaded
+
+    send(page, "hello")  # a reply streams in, with its stats caption
+    expect(bubbles).to_have_count(2, timeout=30_000)
+    wait_for_text(page, 1, contains="tokens ·")
+    expect(page.get_by_text("(stop)")).to_be_visible()
+
+    page.get_by_text("生成参数").click()  # a slider: repetition penalty to its maximum (2.00)
+    penalty = page.locator(".st-key-repetition_penalty input[type=range]")
+    penalty.focus()
+    penalty.press("End")
+    assert penalty.get_attribute("aria-valuetext") == "2.00"
+
+    send(page, LONG_PROMPT)  # stop a long reply right after its first chunk (chat_input's own stop button)
+    wait_for_text(page, 3, min_chars=2)
+    button(page, "prompt").click()
+    expect(page.get_by_text("已停止 ·")).to_be_visible(timeout=15_000)
+    stopped = bubbles.nth(3).inner_text()
+    assert "(cancelled)" in stopped and int(stopped.split("已停止 · ")[1].split(" tokens")[0]) < 280
+
+    other = browser.new_page()  # a second tab asks while the first one generates: it sees its place in line
+    other.goto(server)
+    expect(other.locator(".st-key-prompt textarea")).to_be_enabled(timeout=30_000)
+    button(page, "regenerate").click()
+    expect(button(page, "stop_reply")).to_be_visible(timeout=15_000)
+    wait_for_text(page, 3, min_chars=2)
+    send(other, "hi")
+    expect(other.get_by_text("你排在第 1 位")).to_be_visible(timeout=15_000)
+    button(page, "stop_reply").click()  # the inline stop of a regenerated reply: the other tab goes next
+    expect(page.get_by_text("已停止 ·")).to_be_visible(timeout=15_000)
+    wait_for_text(other, 1, contains="tokens ·")
+    other.close()
+
+    url = page.url
+    assert "?c=" in url
+    button(page, "new_chat").click()  # clear: an empty chat, the old conversation stays saved
+    expect(bubbles).to_have_count(0, timeout=15_000)
+    page.goto(url)  # reload the conversation's URL: it is all there, the stopped reply marked
+    expect(bubbles).to_have_count(4, timeout=30_000)
+    expect(page.get_by_text(LONG_PROMPT)).to_be_visible()
+    expect(page.get_by_text("已停止 ·")).to_be_visible()
+    page.screenshot(path=str(tmp_path / "chat.png"))
+    page.close()
