@@ -1,0 +1,186 @@
+"""GPU decode speed of a model with InternLM2-chat-7B's exact shape, against the memory-bandwidth ceiling.
+
+Runs only where CUDA exists (elsewhere it prints "skipped: no CUDA"). A LlamaForCausalLM with InternLM2-7B's shape
+(hidden 4096, 32 layers, 32 heads / 8 KV heads, FFN 14336, vocab 92544, rope_theta 1e6; what the converter produces)
+is random-initialised in fp16 directly on the GPU (no 30 GB CPU copy); the weights' values do not change the speed.
+For prompts of 128, 1k and 4k random tokens it times greedy `generate` with 1 new token (time to first token: the
+prefill) and with N new tokens (end-of-sequence disabled, length checked); decode tokens/s = (N - 1) / (T_N - T_1),
+medians over interleaved repetitions after warm-up, with CUDA synchronised around each call. Batch size 1, as the
+app serves one reply at a time.
+
+Decoding one token at batch 1 reads every weight once (all but the embedding table: 14.72 GB in fp16), so
+bandwidth / 14.72 GB is the ceiling; the figure reported is tokens/s ÷ that ceiling (the KV cache read, growing with
+the context, is printed beside it). Bandwidth comes from --bandwidth-gbs or a table by device name (printed).
+
+Two paths are measured side by side: the dynamic KV cache (what the engine uses today) and a static KV cache, where
+transformers compiles the decode step with torch.compile (mode reduce-overhead: CUDA graphs) by itself on CUDA
+(`cache_implementation="static"`; compile time is spent in the warm-up and reported). Whether the engine offers the
+static path as a setting is a separate decision; this reports the numbers. The headline is the dynamic-cache ratio at
+the shortest prompt. `--cpu-smoke` runs the code path with a tiny shape on the CPU (figures meaningless).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from common import headline, parser, set_threads
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+INTERNLM2_7B = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+    "vocab_size": 92544,
+}
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "intermediate_size": 160,
+    "vocab_size": 1106,
+}
+# Peak memory bandwidth in GB/s by a piece of torch.cuda.get_device_name(); the first match wins.
+BANDWIDTH_GBS = [
+    ("H200", 4800),
+    ("H100 NVL", 3900),
+    ("H100 PCIe", 2000),
+    ("H100", 3350),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H800", 3350),
+    ("A100-SXM4-80GB", 2039),
+    ("A100 80GB PCIe", 1935),
+    ("A100", 1555),  # 40 GB
+    ("A800", 2039),
+    ("L40S", 864),
+    ("L40", 864),
+    ("L4", 300),
+    ("A10G", 600),
+    ("A10", 600),
+    ("RTX 4090", 1008),
+    ("RTX 3090 Ti", 1008),
+    ("RTX 3090", 936),
+    ("RTX 3080", 760),
+    ("A6000", 768),
+    ("V100", 900),
+    ("T4", 320),
+]
+
+
+def bandwidth_for(name: str) -> float | None:
+    return next((gbs for key, gbs in BANDWIDTH_GBS if key.lower() in name.lower()), None)
+
+
+def build_model(shape: dict, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    """A random-initialised Llama of `shape`, created directly on `device` in `dtype`."""
+    rope = {"rope_type": "default", "rope_theta": 1e6}
+    config = LlamaConfig(**shape, max_position_embeddings=32768, rope_parameters=rope, tie_word_embeddings=False)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    model.eval()
+    model.generation_config.eos_token_id = None  # exactly N tokens: no end-of-sequence to stop at
+    return model
+
+
+def weight_bytes_per_token(model: LlamaForCausalLM) -> int:
+    """Bytes of weights one decode step reads: all parameters but the embedding table (one row of it is read)."""
+    embed = model.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
+
+
+def kv_bytes_per_token(model: LlamaForCausalLM, context: int) -> int:
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.dtype.itemsize * context
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_generate(model, prompt: torch.Tensor, new_tokens: int, static: bool) -> float:
+    """Seconds for one greedy generate of exactly `new_tokens` tokens."""
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        cache_implementation="static" if static else None,
+    )
+    sync(prompt.device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+    sync(prompt.device)
+    seconds = time.perf_counter() - started
+    if out.shape[1] != prompt.shape[1] + new_tokens:
+        raise RuntimeError(f"expected {new_tokens} new tokens, got {out.shape[1] - prompt.shape[1]}")
+    return seconds
+
+
+def main() -> None:
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--prompt-lengths", default="128,1024,4096", help="prompt tokens, comma-separated")
+    args_parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per timed decode")
+    args_parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions per path")
+    args_parser.add_argument("--bandwidth-gbs", type=float, default=None, help="GPU memory bandwidth in GB/s")
+    args_parser.add_argument("--no-static", action="store_true", help="skip the static cache + torch.compile path")
+    args_parser.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU: checks the code only")
+    args = args_parser.parse_args()
+    set_threads(args.threads)
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("gpu_decode: skipped: no CUDA (torch.cuda.is_available() is False); run it on a GPU machine")
+        headline("gpu_decode", "skipped")
+        return
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    shape, dtype = (TINY, torch.float32) if args.cpu_smoke else (INTERNLM2_7B, torch.float16)
+    name = "CPU (smoke run, tiny shape)" if args.cpu_smoke else torch.cuda.get_device_name(device)
+    bandwidth = args.bandwidth_gbs or (None if args.cpu_smoke else bandwidth_for(name)) or 100.0
+    source = "--bandwidth-gbs" if args.bandwidth_gbs else ("table" if bandwidth_for(name) else "placeholder 100")
+    started = time.perf_counter()
+    model = build_model(shape, device, dtype)
+    per_token = weight_bytes_per_token(model)
+    ceiling = bandwidth * 1e9 / per_token
+    print(f"gpu_decode on {name}, torch {torch.__version__}; model built in {time.perf_counter() - started:.1f} s")
+    print(f"  shape {shape}, {dtype}; weights read per token {per_token / 1e9:.2f} GB")
+    print(f"  bandwidth {bandwidth:.0f} GB/s ({source}); ceiling {ceiling:.1f} tokens/s (weights only)")
+    paths = {"dynamic cache": False} if args.no_static else {"dynamic cache": False, "static cache + compile": True}
+    n, results = args.new_tokens, {}
+    generator = torch.Generator().manual_seed(0)
+    for length in [int(x) for x in args.prompt_lengths.split(",")]:
+        prompt = torch.randint(3, shape["vocab_size"], (1, length), generator=generator).to(device)
+        for label, static in paths.items():
+            warm = time.perf_counter()
+            for _ in range(2):  # compile and CUDA-graph recording happen here for the static path
+                timed_generate(model, prompt, 1, static)
+                timed_generate(model, prompt, n, static)
+            compiled = "compiled decode step" if hasattr(model, "_compiled_call") else "not compiled"
+            print(f"  warm-up {label}, prompt {length}: {time.perf_counter() - warm:.1f} s ({compiled} so far)")
+        samples = {label: ([], []) for label in paths}
+        for _ in range(args.reps):
+            for label, static in paths.items():
+                samples[label][0].append(timed_generate(model, prompt, 1, static))
+                samples[label][1].append(timed_generate(model, prompt, n, static))
+        kv = kv_bytes_per_token(model, length + n // 2)
+        for label, (firsts, fulls) in samples.items():
+            ttft, full = statistics.median(firsts), statistics.median(fulls)
+            rate = (n - 1) / (full - ttft)
+            results[(label, length)] = rate / ceiling
+            with_kv = bandwidth * 1e9 / (per_token + kv)
+            print(
+                f"  {label:>22}, prompt {length:>5}: time to first token {ttft * 1e3:8.1f} ms, decode {rate:7.1f} "
+                f"tok/s = {rate / ceiling:.3f} of the ceiling ({rate / with_kv:.3f} counting the KV cache read, "
+                f"{kv / 1e9:.2f} GB)"
+            )
+    if device.type == "cuda":
+        print(f"  peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    shortest = min(length for _, length in results)
+    headline("gpu_decode", results[("dynamic cache", shortest)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Per-token engine overhead near token 1000 ÷ near token 100: is the engine's own work per token O(1)?
+
+What is measured is only the engine's code on each token's path, with the model taken out: a stub stands behind the
+engine's seam (`ChatEngine(model, ...)`; the stub implements `generate` as transformers calls the streamer and the
+stopping criteria) and emits ordinary text tokens. For every token the stub notes the time, hands the token to the
+engine's streamer (`put` -> queue), and the benchmark's consumer notes when `engine.stream_reply` yields its text
+(queue handoff to the consuming thread + stream decoder push + yield). The stub then runs the engine's stopping
+criterion (timed on its own and added: it runs after `put`, as in generate) and waits until the consumer has the
+token before sending the next one. This lockstep is what a real model gives, which is far slower than the consumer:
+each token arrives at an empty queue and wakes a waiting thread, so the handoff latency is included, not hidden in
+a backlog. Per-token overhead = handoff latency + criterion time; the figure is the median over tokens 75..124 and
+975..1024 pooled over the repetitions, and the headline is their ratio (target <= 1.2).
+
+Not included, on purpose: the model's forward pass and transformers' own generate loop (logits processors, KV cache
+growth, attention over a longer context), which grow with position whatever the engine does. A control run swaps in
+a stream decoder that re-decodes the whole reply at every token (the O(n^2) mistake the target guards against) to
+show that this benchmark does catch growing per-token work. Absolute microseconds are of this CPU and only indicative.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+from common import FIXTURE_DIR, headline, parser, set_threads, tiny_settings, verdict, workdir
+from transformers import GenerationConfig
+
+from internlm_app.engine import ChatEngine
+from internlm_app.loader import ModelInfo
+from internlm_app.sampling import SamplingParams
+from internlm_app.tokenizer import load_tokenizer
+
+TARGET = 1.2
+TEXT = "The quick brown fox jumps over the lazy dog while the city of Shanghai sleeps under a quiet management sky "
+
+
+class LockstepModel:
+    """A model stub behind the engine's seam: emits a token cycle, each one only after the consumer got the last."""
+
+    def __init__(self, token_cycle: list[int], vocab_size: int):
+        self.device = torch.device("cpu")
+        self.generation_config = GenerationConfig(bos_token_id=1, pad_token_id=2)
+        self.token_cycle, self.vocab_size = token_cycle, vocab_size
+        self.received = threading.Event()
+        self.sent: list[float] = []
+        self.criterion_seconds: list[float] = []
+
+    def generate(self, input_ids, attention_mask, generation_config, streamer, stopping_criteria):
+        """Like transformers' greedy loop, minus the model: put the prompt, then one token per step."""
+        prompt = input_ids.shape[1]
+        ids = torch.zeros((1, prompt + generation_config.max_new_tokens), dtype=torch.long)
+        ids[:, :prompt] = input_ids
+        scores = torch.zeros((1, self.vocab_size))
+        streamer.put(input_ids)
+        for step in range(generation_config.max_new_tokens):
+            token = self.token_cycle[step % len(self.token_cycle)]
+            ids[0, prompt + step] = token
+            next_tokens = torch.tensor([token])
+            self.received.clear()
+            self.sent.append(time.perf_counter())
+            streamer.put(next_tokens)
+            started = time.perf_counter()
+            done = stopping_criteria(ids[:, : prompt + step + 1], scores)
+            self.criterion_seconds.append(time.perf_counter() - started)
+            if done.all() or not self.received.wait(10):
+                break
+        streamer.end()
+        return ids
+
+
+class RedecodingTokenizer:
+    """The control: the fixture tokenizer with a stream decoder that re-decodes the whole reply at every token."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+    def stream_decoder(self):
+        return _RedecodingDecoder(self._tokenizer)
+
+
+class _RedecodingDecoder:
+    """O(n) per token: decode every id so far and return the new suffix."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self._ids, self._shown = tokenizer, [], 0
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        text = self._tokenizer.decode(self._ids, clean_up=False)
+        new, self._shown = text[self._shown :], len(text)
+        return new
+
+    def flush(self) -> str:
+        return ""
+
+
+def text_tokens(tokenizer) -> list[int]:
+    """Ids of TEXT that each decode to visible text on their own (no byte pieces, no special ids)."""
+    return [i for i in tokenizer.encode_plain(TEXT) if tokenizer.stream_decoder().push(i)]
+
+
+def run_once(engine: ChatEngine, stub: LockstepModel, new_tokens: int) -> list[float]:
+    """One reply through the engine; the per-token overhead (handoff + criterion) in seconds, by token index."""
+    stub.sent.clear()
+    stub.criterion_seconds.clear()
+    arrived = []
+    params = SamplingParams.greedy_params(new_tokens)
+    for _ in engine.stream_reply([{"role": "user", "content": "hello"}], params):
+        arrived.append(time.perf_counter())
+        stub.received.set()
+    if not (len(arrived) == len(stub.sent) == new_tokens):
+        raise RuntimeError(f"expected one chunk per token: {len(arrived)} chunks, {len(stub.sent)} tokens")
+    return [a - s + c for a, s, c in zip(arrived, stub.sent, stub.criterion_seconds, strict=True)]
+
+
+def near(samples: list[list[float]], center: int, half: int = 25) -> float:
+    """Median overhead over tokens center-half .. center+half-1 (1-based positions), pooled over repetitions."""
+    return statistics.median(x for run in samples for x in run[center - half - 1 : center + half - 1])
+
+
+def measure(engine: ChatEngine, stub: LockstepModel, new_tokens: int, reps: int) -> tuple[float, float]:
+    run_once(engine, stub, new_tokens)  # warm-up
+    samples = [run_once(engine, stub, new_tokens) for _ in range(reps)]
+    return near(samples, 100), near(samples, 1000)
+
+
+def main() -> None:
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--reps", type=int, default=7, help="replies measured (after one warm-up)")
+    args_parser.add_argument("--no-control", action="store_true", help="skip the re-decoding control run")
+    args = args_parser.parse_args()
+    set_threads(args.threads)
+    new_tokens = 1025
+    tokenizer = load_tokenizer(FIXTURE_DIR)
+    stub = LockstepModel(text_tokens(tokenizer), tokenizer.vocab_size)
+    with workdir("overhead") as tmp:
+        settings = tiny_settings(Path(tmp))
+        info = ModelInfo("stub", "-", "float32", "cpu", None, "none", "sdpa", context_window=4096)
+        at_100, at_1000 = measure(ChatEngine(stub, tokenizer, info, settings), stub, new_tokens, args.reps)
+        ratio = at_1000 / at_100
+        print(
+            f"per_token_overhead: model stub in lockstep behind the engine's seam, {args.reps} replies of "
+            f"{new_tokens} tokens"
+        )
+        print("  engine overhead per token (put + handoff + decoder push + yield + stop criterion), medians:")
+        print(f"  near token 100: {at_100 * 1e6:.1f} us; near token 1000: {at_1000 * 1e6:.1f} us; ratio {ratio:.3f}")
+        if not args.no_control:
+            control = ChatEngine(stub, RedecodingTokenizer(tokenizer), info, settings)
+            c100, c1000 = measure(control, stub, new_tokens, max(args.reps // 2, 1))
+            print(
+                f"  control, decoder re-decoding the whole reply per token: {c100 * 1e6:.1f} us -> "
+                f"{c1000 * 1e6:.1f} us, ratio {c1000 / c100:.3f} (the benchmark sees O(n) per-token work)"
+            )
+    print(f"ratio {ratio:.3f} ({verdict(ratio, TARGET, higher_is_better=False)})")
+    headline("per_token_overhead", ratio)
+
+
+if __name__ == "__main__":
+    main()

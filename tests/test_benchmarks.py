@@ -1,0 +1,41 @@
+"""Every benchmark script runs from the repo root with tiny sizes and ends with its `<name>=<value>` line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import FIXTURE_DIR
+
+ROOT = FIXTURE_DIR.parents[2]
+
+RUNS = {
+    "stream_efficiency": ["--lengths", "8", "--reps", "1", "--hidden", "128", "--layers", "1"],
+    "per_token_overhead": ["--reps", "1"],
+    "ui_updates": ["--rates", "1000,max", "--seconds", "0.2", "--engine-tokens", "16"],
+    "sse_delivery": ["--tokens", "16", "--reps", "1", "--health-samples", "8", "--hidden", "128", "--layers", "1"],
+    "gpu_decode": [],
+    "gpu_decode --cpu-smoke": ["--cpu-smoke", "--prompt-lengths", "8", "--new-tokens", "4", "--reps", "1"],
+    "convert_memory": ["--hidden", "64", "--heads", "8", "--kv-heads", "2", "--intermediate", "128", "--shards", "2"],
+}
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_benchmark_runs_and_prints_its_headline(run):
+    name = run.split()[0]
+    result = subprocess.run(
+        [sys.executable, f"benchmarks/{name}.py", *RUNS[run]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    last = result.stdout.strip().splitlines()[-1]
+    value = r"skipped|\d+(\.\d+)?" if name == "gpu_decode" else r"\d+(\.\d+)?"
+    assert re.fullmatch(rf"{name}=({value})", last), result.stdout[-2000:]
+    if run == "gpu_decode" and last.endswith("skipped"):
+        assert "skipped: no CUDA" in result.stdout
