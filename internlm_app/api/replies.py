@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator
 from functools import partial
@@ -18,7 +20,11 @@ DISCONNECT_POLL_SECONDS = 0.1
 
 
 class ReplyRunner:
-    """Drives `backend.stream_reply` from the event loop without blocking it; the client leaving cancels it."""
+    """Drives `backend.stream_reply` from the event loop without blocking it; the client leaving cancels it.
+
+    One thread per reply reads the blocking iterator and hands each chunk to the loop (no thread hop per chunk), and
+    one task per reply watches the connection.
+    """
 
     def __init__(self, request: Request, messages: list[Message], params: SamplingParams):
         state = request.app.state
@@ -29,7 +35,9 @@ class ReplyRunner:
         self.disconnected = False
         self.finish_reason: str | None = None  # set by the route when it ends the reply itself (a stop string)
         self._iterator = None
-        self._lock = threading.Lock()  # one next()/close() on the iterator at a time, even after an abandoned pull
+        self._ready: asyncio.Queue | None = None
+        self._pump: threading.Thread | None = None
+        self._watcher: asyncio.Task | None = None
         self._first: object = _END
         self._done = False
         if state.settings.log_prompts:
@@ -37,10 +45,14 @@ class ReplyRunner:
 
     async def start(self) -> None:
         """Validate, wait for the GPU and the first chunk: errors up to here still get an HTTP status."""
+        loop, self._ready = asyncio.get_running_loop(), asyncio.Queue()
         try:
             stream = partial(self.backend.stream_reply, cancel=self.cancel, events=self.events)
             self._iterator = await to_thread.run_sync(stream, self.messages, self.params, limiter=self.limiter)
             self.request.state.reply_stats = self.events.stats  # the request passed validation: log its reply
+            self._pump = threading.Thread(target=self._run_pump, args=(loop,), name="internlm-api-pump", daemon=True)
+            self._pump.start()
+            self._watcher = asyncio.ensure_future(self._watch_disconnect())
             self._first = await self._pull()
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -68,9 +80,14 @@ class ReplyRunner:
             return
         self._done = True
         self.cancel.set()  # no effect on a reply that has already ended
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._iterator is None:
             return  # refused before generation: no reply to record
-        await to_thread.run_sync(self._close_iterator, limiter=self.limiter)
+        if self._pump is not None:
+            await to_thread.run_sync(self._pump.join, limiter=self.limiter)
+        else:
+            self._iterator.close()
         stats = self.events.stats
         finish = self.finish_reason or ("cancelled" if self.disconnected else stats.finish_reason)
         self.request.state.finish_reason = finish
@@ -80,22 +97,31 @@ class ReplyRunner:
     def stats(self) -> ReplyStats:
         return self.events.stats
 
+    def _run_pump(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Body of the reply's thread: every chunk, then _END or the exception, goes to the loop's queue."""
+        last: object = _END
+        try:
+            for chunk in self._iterator:
+                loop.call_soon_threadsafe(self._ready.put_nowait, chunk)
+                if self.cancel.is_set():
+                    break
+        except Exception as exc:  # QueueFullError, GenerationError ...: raised by _pull on the loop
+            last = exc
+        finally:
+            self._iterator.close()  # stops generation within one token when the loop above ended early
+            with contextlib.suppress(RuntimeError):  # the loop is already closed (server shutdown)
+                loop.call_soon_threadsafe(self._ready.put_nowait, last)
+
     async def _pull(self) -> object:
-        """The next chunk (or _END), read in a worker thread while the client's connection is watched."""
-        failure: Exception | None = None
-        async with anyio.create_task_group() as group:
-            group.start_soon(self._watch_disconnect)
-            try:
-                chunk = await to_thread.run_sync(self._next, abandon_on_cancel=True, limiter=self.limiter)
-            except anyio.get_cancelled_exc_class():
-                self.cancel.set()  # cancelled from outside (e.g. the response saw the client go): stop generating
-                raise
-            except Exception as exc:  # kept out of the task group, which would wrap it in an ExceptionGroup
-                failure, chunk = exc, _END
-            group.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-        return chunk
+        """The next chunk, or _END; a failure in the reply's thread is raised here."""
+        try:
+            item = await self._ready.get()
+        except asyncio.CancelledError:
+            self.cancel.set()  # cancelled from outside (e.g. the response saw the client go): stop generating
+            raise
+        if isinstance(item, Exception):
+            raise item
+        return item
 
     async def _watch_disconnect(self) -> None:
         while not self.cancel.is_set():
@@ -108,11 +134,3 @@ class ReplyRunner:
                 self.cancel.set()
                 return
             await anyio.sleep(DISCONNECT_POLL_SECONDS)
-
-    def _next(self) -> object:
-        with self._lock:
-            return next(self._iterator, _END)
-
-    def _close_iterator(self) -> None:
-        with self._lock:
-            self._iterator.close()
