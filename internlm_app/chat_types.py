@@ -88,4 +88,5 @@ class ChatBackend(Protocol):
         *,
         cancel: object | None = None,
         events: ReplyEvents | None = None,
+        max_length: int | None = None,
     ) -> Iterator[str]: ...

@@ -100,12 +100,13 @@ class ChatEngine:
     def context_window(self) -> int:
         return self.info.context_window
 
-    def prepare(self, messages: list[Message], max_new_tokens: int) -> PreparedPrompt:
+    def prepare(self, messages: list[Message], max_new_tokens: int, max_length: int | None = None) -> PreparedPrompt:
         """Validate messages and build prompt ids, leaving out the oldest turns that do not fit.
 
-        When no history is left to drop, the reply is capped to the room left in the window; only a prompt that
-        leaves no room at all is an error.
+        `max_length` narrows the context budget for this request (never beyond the model's window). When no history
+        is left to drop, the reply is capped to the room left; only a prompt that leaves no room at all is an error.
         """
+        window = self.context_window if max_length is None else min(max_length, self.context_window)
         if not messages or messages[-1].get("role") != "user":
             raise InvalidRequestError("the conversation must end with a user message")
         system = messages[:1] if messages[0].get("role") == "system" else []
@@ -114,14 +115,14 @@ class ChatEngine:
         while True:
             ids = self.tokenizer.build_prompt_ids(system + history + new)
             needed = len(ids) + max_new_tokens
-            if needed <= self.context_window:
+            if needed <= window:
                 return PreparedPrompt(ids, dropped, max_new_tokens)
             if not history:
-                if len(ids) < self.context_window:
-                    return PreparedPrompt(ids, dropped, self.context_window - len(ids))
-                raise ContextTooLongError(len(ids) + 1, self.context_window)
+                if len(ids) < window:
+                    return PreparedPrompt(ids, dropped, window - len(ids))
+                raise ContextTooLongError(len(ids) + 1, window)
             cut, freed = 0, 0
-            while cut < len(history) and freed < needed - self.context_window:
+            while cut < len(history) and freed < needed - window:
                 freed += self.tokenizer.count_message_tokens(history[cut])
                 cut += 1
             while cut < len(history) and history[cut]["role"] != "user":  # keep whole user/assistant turns
@@ -135,13 +136,14 @@ class ChatEngine:
         *,
         cancel: threading.Event | None = None,
         events: ReplyEvents | None = None,
+        max_length: int | None = None,
     ) -> Iterator[str]:
         """Yield reply text as it is generated; `events.stats` holds the stats when the iterator ends.
 
         Bad input raises here, before anything runs. Setting `cancel`, or closing the iterator, stops generation
         within one token. A failure in the generation thread raises GenerationError from the iterator.
         """
-        prepared = self.prepare(messages, params.max_new_tokens)
+        prepared = self.prepare(messages, params.max_new_tokens, max_length)
         if prepared.max_new_tokens != params.max_new_tokens:
             params = params.model_copy(update={"max_new_tokens": prepared.max_new_tokens})
         return self._stream(prepared, params, cancel, events or ReplyEvents())

@@ -93,10 +93,12 @@ class RemoteBackend:
         *,
         cancel: threading.Event | None = None,
         events: ReplyEvents | None = None,
+        max_length: int | None = None,
     ) -> Iterator[str]:
         """Yield reply text from the server; the messages are checked here, the request is sent on the first next().
 
         Setting `cancel` or closing the iterator closes the HTTP stream, which stops generation on the server.
+        `max_length` is accepted for the seam's sake: the server applies its own context limit.
         """
         validate_messages(messages)
         if not messages or messages[-1]["role"] != "user":

@@ -42,6 +42,7 @@ def test_sliders_have_the_bounds_of_sampling_bounds(app_env):
     assert {name: at.slider(key=name).value for name in BOUNDS} == defaults.model_dump()
     budget = at.slider(key="max_length")
     assert (budget.min, budget.max, budget.value) == (MAX_LENGTH_BOUNDS[0], 512, 512)  # the fixture's window
+    assert not budget.disabled
     assert at.text_area(key="system_prompt").value == DEFAULT_SYSTEM_PROMPT
 
 

@@ -157,7 +157,7 @@ def test_a_prompt_that_does_not_fit_is_an_error_reply_and_the_conversation_is_ke
 class FailingBackend:
     """Yields two chunks, then fails like a CUDA out-of-memory in the generation thread (a layout-level fake)."""
 
-    def stream_reply(self, messages, params, *, cancel=None, events: ReplyEvents | None = None):
+    def stream_reply(self, messages, params, *, cancel=None, events: ReplyEvents | None = None, max_length=None):
         events = events or ReplyEvents()
 
         def chunks():

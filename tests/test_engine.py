@@ -206,6 +206,18 @@ def test_context_budget_drops_oldest_turns(engine):
     assert events.stats.dropped_messages == prepared.dropped_messages
 
 
+def test_per_request_max_length_narrows_the_window(engine):
+    history = [(f"question {i} " * 5, f"answer {i} " * 5) for i in range(6)]
+    messages = history_to_messages("newest question", history, "be brief")
+    assert engine.prepare(messages, 32).dropped_messages == 0
+    narrowed = engine.prepare(messages, 32, max_length=150)
+    assert narrowed.dropped_messages > 0 and len(narrowed.ids) + 32 <= 150
+    assert engine.prepare(messages, 32, max_length=10**6).dropped_messages == 0  # never beyond the model's window
+    events = ReplyEvents()
+    list(engine.stream_reply(messages, SamplingParams.greedy_params(32), events=events, max_length=150))
+    assert events.stats.dropped_messages == narrowed.dropped_messages
+
+
 def test_context_too_long_says_by_how_much(engine):
     small = _engine_with(engine, context_window=100)
     messages = [{"role": "user", "content": "word " * 200}]

@@ -135,7 +135,7 @@ def stream(
     """Stream the reply into an assistant bubble, then redraw the page from the store."""
     params = params or state.sampling_params(ctx.settings)
     store.update_settings(cid, st.session_state.get(state.SYSTEM_PROMPT_KEY, ""), state.conversation_settings(params))
-    max_length = st.session_state.get(state.MAX_LENGTH_KEY) if state.accepts_max_length(backend) else None
+    max_length = st.session_state.get(state.MAX_LENGTH_KEY)
     with st.chat_message("assistant"):
         if stop_button:  # a chat_input submission has its own stop button
             st.button(ctx.t("stop"), key="stop_reply", icon=":material/stop_circle:")

@@ -134,10 +134,6 @@ LABELS: dict[str, tuple[str, str]] = {
         "提示词加回复的 token 预算；超出时最早的对话轮次不再发送。",
         "Token budget of prompt plus reply; beyond it the oldest turns are left out.",
     ),
-    "help_max_length_fixed": (
-        "当前后端在加载时确定上下文长度（INTERNLM_MAX_LENGTH），这里仅显示。",
-        "This backend fixes the context budget at load time (INTERNLM_MAX_LENGTH); shown for reference.",
-    ),
     "system_prompt": ("系统提示词", "System prompt"),
     "system_prompt_reset": ("恢复默认", "Reset to default"),
     # status page

@@ -101,8 +101,7 @@ def run_reply(
         try:
             if on_start is not None:
                 on_start()
-            extra = {} if max_length is None else {"max_length": max_length}
-            chunks = backend.stream_reply(messages, params, events=events, **extra)
+            chunks = backend.stream_reply(messages, params, events=events, max_length=max_length)
             saver = Throttle(SAVE_INTERVAL_SECONDS)
             saver.ready()  # the first periodic save is due one interval after the start
             for text in throttled_text(_recorded(chunks, received, poll)):

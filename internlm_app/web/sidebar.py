@@ -99,14 +99,13 @@ def sampling_controls(ctx: PageContext, backend: ChatBackend) -> None:
                 on_change="ignore",
                 persist_state="session",
             )
-        limit, settable = state.context_limit(backend), state.accepts_max_length(backend)
+        limit = state.context_limit(backend)
         st.slider(
             ctx.t("param_max_length"),
             min_value=MAX_LENGTH_BOUNDS[0],
             max_value=max(limit, MAX_LENGTH_BOUNDS[0] + 1),
             key=state.MAX_LENGTH_KEY,
-            help=ctx.t("help_max_length" if settable else "help_max_length_fixed"),
-            disabled=not settable,
+            help=ctx.t("help_max_length"),
             on_change="ignore",
             persist_state="session",
         )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import streamlit as st
 from pydantic import ValidationError
 
@@ -25,14 +23,6 @@ def context_limit(backend: ChatBackend) -> int:
     info = getattr(backend, "info", None)
     window = getattr(info, "context_window", None)
     return min(window, MAX_LENGTH_BOUNDS[1]) if window else MAX_LENGTH_BOUNDS[1]
-
-
-def accepts_max_length(backend: ChatBackend) -> bool:
-    """Whether stream_reply takes a per-request context budget (`max_length=`)."""
-    try:
-        return "max_length" in inspect.signature(backend.stream_reply).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def init_widget_defaults(settings: Settings, backend: ChatBackend) -> None:
