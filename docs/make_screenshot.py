@@ -30,7 +30,6 @@ def fib(n: int) -> int:
         a, b = b, a + b
     return a
 ```"""
-STATS = {"completion_tokens": 142, "time_to_first_token": 0.21, "tokens_per_second": 38.5, "finish_reason": "stop"}
 
 
 def main() -> None:
@@ -39,7 +38,7 @@ def main() -> None:
         store = ConversationStore(env["INTERNLM_DB_PATH"])
         cid = store.create_conversation(DEFAULT_SYSTEM_PROMPT, title="斐波那契数列")
         store.add_message(cid, "user", QUESTION)
-        store.add_message(cid, "assistant", ANSWER, stats=STATS)
+        store.add_message(cid, "assistant", ANSWER)  # an example: no stats, since no model produced it
         store.close()
         with streamlit_server(env, Path(tmp) / "server.log") as url, chromium() as browser:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})

@@ -38,12 +38,14 @@ def tiny_model_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment of a server that loads the tiny fixture on the CPU and keeps its files under tmp_path."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INTERNLM_")}
     env.update(
-        PYTHONPATH=str(ROOT),
-        INTERNLM_MODEL_PATH=str(FIXTURE_DIR),
-        INTERNLM_DEVICE="cpu",
-        INTERNLM_CACHE_DIR=str(tmp_path / "cache"),
-        INTERNLM_DB_PATH=str(tmp_path / "conversations.db"),
-        **extra,
+        {
+            "PYTHONPATH": str(ROOT),
+            "INTERNLM_MODEL_PATH": str(FIXTURE_DIR),
+            "INTERNLM_DEVICE": "cpu",
+            "INTERNLM_CACHE_DIR": str(tmp_path / "cache"),
+            "INTERNLM_DB_PATH": str(tmp_path / "conversations.db"),
+            **extra,
+        }
     )
     return env
 
