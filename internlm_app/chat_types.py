@@ -4,17 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Protocol, TypedDict
+from typing import Literal, Protocol, TypedDict, get_args
 
 from .sampling import SamplingParams
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+ROLES: tuple[str, ...] = get_args(Role)
+TURN_ROLES = ("user", "assistant")  # roles of stored conversation messages (the system prompt is a conversation field)
 
 
 class Message(TypedDict):
     role: Role
     content: str
+
+
+def history_to_messages(query: str, history: list[tuple[str, str]] | None, system: str | None) -> list[Message]:
+    """Messages for InternLM2-style (user, assistant) pairs, with an optional system prompt first."""
+    messages: list[Message] = [{"role": "system", "content": system}] if system else []
+    for user, assistant in history or []:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return messages + [{"role": "user", "content": query}]
 
 
 @dataclass

@@ -22,6 +22,7 @@ from .chat_types import (
     QueueFullError,
     ReplyEvents,
     ReplyStats,
+    history_to_messages,
 )
 from .convert import Progress
 from .gpu_queue import GpuQueue
@@ -71,14 +72,6 @@ class PreparedPrompt:
     ids: list[int]
     dropped_messages: int
     max_new_tokens: int
-
-
-def history_to_messages(query: str, history: list[tuple[str, str]] | None, system: str | None) -> list[Message]:
-    """Messages for InternLM2-style (user, assistant) pairs, with an optional system prompt first."""
-    messages: list[Message] = [{"role": "system", "content": system}] if system else []
-    for user, assistant in history or []:
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    return messages + [{"role": "user", "content": query}]
 
 
 class ChatEngine:
@@ -229,10 +222,14 @@ class ChatEngine:
             log.error("generation failed: %s", _describe(exc))
             failure.append(exc)
         finally:
-            if failure or self.settings.empty_cache_after_reply:
-                gpu.clear_cache()
-            self.queue.release()
-            tokens.put(_END)
+            try:
+                if failure or self.settings.empty_cache_after_reply:
+                    gpu.clear_cache()
+            except BaseException as exc:  # a sticky CUDA error raises again here: report it, never wedge the queue
+                failure.append(exc)
+            finally:
+                self.queue.release()
+                tokens.put(_END)
 
     def generation_config(self, params: SamplingParams) -> GenerationConfig:
         """transformers GenerationConfig for one reply; temperature 0 means greedy."""

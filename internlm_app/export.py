@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from .chat_types import FinishReason
 from .store import Conversation, ConversationStore, StoredMessage, title_from
 
 FORMAT = "internlm-chat-export"
@@ -71,14 +72,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
+Count = Annotated[int, Field(ge=0, le=10**9)]
+Seconds = Annotated[float, Field(ge=0, le=10**7, allow_inf_nan=False)]
+
+
+class StatsIn(_Strict):
+    """The reply stats of an imported message: the fields of ReplyStats, typed, so the UI can always show them."""
+
+    model_config = ConfigDict(strict=False, extra="forbid", frozen=True)
+
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
+    time_to_first_token: Seconds | None = None
+    tokens_per_second: Seconds | None = None
+    total_seconds: Seconds = 0.0
+    queue_seconds: Seconds = 0.0
+    finish_reason: FinishReason = "stop"
+    dropped_messages: Count = 0
+    error: Annotated[str, StringConstraints(max_length=MAX_VALUE_CHARS)] | None = None
+
+
 class MessageIn(_Strict):
     """One message of an imported conversation."""
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["user", "assistant"]  # the system prompt is a field of the conversation
     content: Content
     status: Literal["complete", "streaming", "stopped", "error"] = "complete"
     created_at: Timestamp | None = None
-    stats: FlatMap | None = None
+    stats: StatsIn | None = None
 
 
 class ConversationIn(_Strict):
@@ -229,7 +250,7 @@ def _to_conversation(item: ConversationIn, now: float) -> Conversation:
             content=m.content,
             created_at=m.created_at if m.created_at is not None else created,
             status=m.status,
-            stats=dict(m.stats) if m.stats is not None else None,
+            stats=m.stats.model_dump(exclude_unset=True) if m.stats is not None else None,
         )
         for m in item.messages
     ]

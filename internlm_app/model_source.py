@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 from pathlib import Path
@@ -65,5 +66,11 @@ def resolve_model_dir(settings: Settings, progress: Progress | None = None) -> P
     if is_converted(dst, src):
         log.info("using converted checkpoint %s", dst)
         return dst
-    log.info("converting InternLM2 checkpoint %s -> %s (once)", src, dst)
-    return convert_checkpoint(src, dst, progress=progress)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # The web app and the API may start together: one converts, the other waits and then reuses the result.
+    with open(dst.parent / f"{dst.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_converted(dst, src):
+            return dst
+        log.info("converting InternLM2 checkpoint %s -> %s (once)", src, dst)
+        return convert_checkpoint(src, dst, progress=progress)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .chat_types import InvalidRequestError, Message
-
-ROLES = ("system", "user", "assistant")
+from .chat_types import ROLES, InvalidRequestError, Message
 
 
 class PromptEncoder(Protocol):

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .sampling import SamplingParams, sampling_field
@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     openai_base_url: str = Field("http://127.0.0.1:6006/v1", description="OpenAI-compatible server for the backend.")
     openai_api_key: SecretStr = Field(SecretStr("EMPTY"), description="Key sent to the OpenAI-compatible server.")
     openai_model: str = Field("internlm2-chat-7b", description="Model name sent to the OpenAI-compatible server.")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_blank_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        if any(not key.get_secret_value().strip() for key in keys):
+            raise ValueError("API keys must not be empty: an empty key would leave the API open")
+        return keys
 
     def default_sampling(self) -> SamplingParams:
         return SamplingParams(**{name: getattr(self, name) for name in SamplingParams.model_fields})

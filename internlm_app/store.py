@@ -14,45 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from .chat_types import Message, ReplyStats
+from .chat_types import TURN_ROLES, Message, ReplyStats
+from .store_schema import MIGRATIONS, SCHEMA_VERSION
 
 T = TypeVar("T")
 
-ROLES = ("system", "user", "assistant")
 STATUSES = ("complete", "streaming", "stopped", "error")
 TITLE_MAX = 60  # characters of the first user message used as the automatic title
 TITLE_LIMIT = 200  # longest title a user may set
 BUSY_TIMEOUT_MS = 10_000
 RETRY_SECONDS = 30.0  # total time a transaction is retried when SQLite still reports the database busy
-
-# Each step moves the schema from version i to i + 1; steps are only ever appended, never edited.
-MIGRATIONS: list[tuple[str, ...]] = [
-    (
-        """CREATE TABLE conversations (
-            id TEXT PRIMARY KEY,
-            title TEXT NOT NULL DEFAULT '',
-            system_prompt TEXT NOT NULL DEFAULT '',
-            settings TEXT NOT NULL DEFAULT '{}',
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL
-        )""",
-        """CREATE TABLE messages (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
-            content TEXT NOT NULL,
-            created_at REAL NOT NULL,
-            status TEXT NOT NULL DEFAULT 'complete'
-                CHECK (status IN ('complete', 'streaming', 'stopped', 'error')),
-            stats TEXT
-        )""",
-    ),
-    (
-        "CREATE INDEX messages_by_conversation ON messages (conversation_id, id)",
-        "CREATE INDEX conversations_by_update ON conversations (updated_at)",
-    ),
-]
-SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class _Connection(sqlite3.Connection):
@@ -119,6 +90,24 @@ def escape_like(text: str) -> str:
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
         raise ValueError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+def _append_message(
+    conn: sqlite3.Connection, cid: str, role: str, content: str, status: str, stats_text: str | None
+) -> int:
+    """Insert a message inside the caller's transaction; the first user message titles an untitled conversation."""
+    now, title = time.time(), title_from(content) if role == "user" else ""
+    touched = conn.execute(
+        "UPDATE conversations SET updated_at = ?, title = CASE WHEN title = '' THEN ? ELSE title END WHERE id = ?",
+        (now, title, cid),
+    ).rowcount
+    if not touched:
+        raise KeyError(f"no conversation {cid!r}")
+    cursor = conn.execute(
+        "INSERT INTO messages (conversation_id, role, content, created_at, status, stats) VALUES (?, ?, ?, ?, ?, ?)",
+        (cid, role, content, now, status, stats_text),
+    )
+    return cursor.lastrowid
 
 
 def _stats_json(stats: ReplyStats | dict | None) -> str | None:
@@ -300,25 +289,18 @@ class ConversationStore:
         self, cid: str, role: str, content: str, status: str = "complete", stats: ReplyStats | dict | None = None
     ) -> int:
         """Append a message and return its id; the first user message titles an untitled conversation."""
-        _check(role, ROLES, "role")
+        _check(role, TURN_ROLES, "role")
         _check(status, STATUSES, "status")
-        now, stats_text = time.time(), _stats_json(stats)
-        title = title_from(content) if role == "user" else ""
+        stats_text = _stats_json(stats)
+        return self._write(lambda conn: _append_message(conn, cid, role, content, status, stats_text))
+
+    def replace_from(self, cid: str, mid: int, role: str, content: str) -> int:
+        """Delete message `mid` and every later one, then append a new message, in one transaction (edit & resend)."""
+        _check(role, TURN_ROLES, "role")
 
         def body(conn: sqlite3.Connection) -> int:
-            touched = conn.execute(
-                "UPDATE conversations SET updated_at = ?, title = CASE WHEN title = '' THEN ? ELSE title END"
-                " WHERE id = ?",
-                (now, title, cid),
-            ).rowcount
-            if not touched:
-                raise KeyError(f"no conversation {cid!r}")
-            cursor = conn.execute(
-                "INSERT INTO messages (conversation_id, role, content, created_at, status, stats)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (cid, role, content, now, status, stats_text),
-            )
-            return cursor.lastrowid
+            conn.execute("DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (cid, mid))
+            return _append_message(conn, cid, role, content, "complete", None)
 
         return self._write(body)
 
@@ -370,7 +352,7 @@ class ConversationStore:
         items = list(conversations)
         for conv in items:
             for m in conv.messages:
-                _check(m.role, ROLES, "role")
+                _check(m.role, TURN_ROLES, "role")
                 _check(m.status, STATUSES, "status")
 
         def body(conn: sqlite3.Connection) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,25 @@ def test_interrupted_conversion_is_redone(tmp_path):
     (first / "internlm_app_conversion.json").unlink()  # as if the process died before finishing
     again = resolve_model_dir(settings)
     assert again == first and is_converted(again, FIXTURE_DIR)
+
+
+def test_two_processes_starting_together_convert_once(tmp_path):
+    """The web app and the API starting at once: both get the same finished conversion, made once."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from pathlib import Path; from internlm_app.model_source import resolve_model_dir;"
+        "from tests.conftest import tiny_settings; print(resolve_model_dir(tiny_settings(Path(sys.argv[1]))))"
+    )
+    root = FIXTURE_DIR.parents[2]
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=root, env=env, stdout=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outputs = {p.communicate(timeout=120)[0].decode().strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    (converted,) = outputs
+    assert is_converted(Path(converted), FIXTURE_DIR)
+    assert _all_tensors(Path(converted)).keys() == _all_tensors(resolve_model_dir(tiny_settings(tmp_path))).keys()

@@ -44,3 +44,10 @@ def test_sampling_params_reject_unknown_fields():
     with pytest.raises(ValidationError):
         SamplingParams(temprature=0.5)
     assert SamplingParams(temperature=0).greedy
+
+
+@pytest.mark.parametrize("keys", ['[""]', '["  "]', '["good", ""]'])
+def test_blank_api_keys_are_refused(monkeypatch, keys):
+    monkeypatch.setenv("INTERNLM_API_KEYS", keys)
+    with pytest.raises(ValidationError, match="must not be empty"):
+        Settings()

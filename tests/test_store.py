@@ -402,6 +402,11 @@ BAD_IMPORTS = {
     "huge string": doc(message(content="x" * (export.MAX_CONTENT_CHARS + 1))),
     "huge title": doc(valid_conversation(title="t" * (export.MAX_TITLE_CHARS + 1))),
     "nested garbage in stats": doc(message(stats={"a": {"b": [1, {"c": None}]}})),
+    "system role among messages": doc(message(role="system")),
+    "unknown finish reason in stats": doc(message(role="assistant", stats={"finish_reason": "bogus"})),
+    "text where stats need a number": doc(message(role="assistant", stats={"time_to_first_token": "x"})),
+    "negative token count": doc(message(role="assistant", stats={"completion_tokens": -1})),
+    "unknown stats field": doc(message(role="assistant", stats={"secret": 1})),
     "nested garbage in settings": doc(valid_conversation(settings={"temperature": [[[0.5]]]})),
     "deep nesting": '{"format": "internlm-chat-export", "version": 1, "conversations": ' + "[" * 100_000,
     "NaN": doc(valid_conversation()).replace('"ok"', "NaN"),
@@ -459,3 +464,19 @@ def test_import_defaults_and_bom(store: ConversationStore) -> None:
     conv = store.get_conversation(cid)
     assert conv.title == "a" and conv.messages[0].status == "complete" and conv.messages[0].created_at > 0
     assert import_json(store, doc()) == []
+
+
+def test_replace_from_is_one_transaction(store: ConversationStore) -> None:
+    cid = store.create_conversation("")
+    store.add_message(cid, "user", "first")
+    q2 = store.add_message(cid, "user", "typo")
+    store.add_message(cid, "assistant", "answer to typo")
+    new = store.replace_from(cid, q2, "user", "fixed")
+    assert new > q2
+    assert [(m.role, m.content) for m in store.get_conversation(cid).messages] == [("user", "first"), ("user", "fixed")]
+    with pytest.raises(KeyError):
+        store.replace_from("missing", q2, "user", "x")
+    with pytest.raises(ValueError):
+        store.replace_from(cid, new, "system", "x")
+    # a refused replace changed nothing
+    assert [m.content for m in store.get_conversation(cid).messages] == ["first", "fixed"]

@@ -24,8 +24,9 @@ async def _read_classic_request(request: Request) -> ClassicRequest:
     raw = await request.body()
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reasons = {json.JSONDecodeError: getattr(exc, "msg", ""), RecursionError: "nested too deeply"}
+        reason = reasons.get(type(exc), "not UTF-8")
         position = getattr(exc, "pos", getattr(exc, "start", 0))
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ("body", position), "ctx": {"error": reason}}]

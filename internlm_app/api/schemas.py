@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..chat_types import Message
+from ..chat_types import Message, history_to_messages
 from ..sampling import SamplingParams, sampling_field
 from ..settings import Settings
 
@@ -46,11 +46,7 @@ class ClassicRequest(SamplingOverrides):
     )
 
     def messages(self, default_system: str) -> list[Message]:
-        system = default_system if self.system is None else self.system
-        messages: list[Message] = [{"role": "system", "content": system}] if system else []
-        for user, assistant in self.history or []:
-            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        return [*messages, {"role": "user", "content": self.prompt}]
+        return history_to_messages(self.prompt, self.history, default_system if self.system is None else self.system)
 
 
 class ChatMessage(BaseModel):

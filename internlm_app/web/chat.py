@@ -109,8 +109,7 @@ def act(ctx: PageContext, store: ConversationStore, conv: Conversation, action: 
             st.toast(ctx.t("edit_empty"))
             st.stop()
         last_user = next(m for m in reversed(conv.messages) if m.role == "user")  # show_history drew its editor
-        store.delete_messages_from(conv.id, last_user.id)
-        store.add_message(conv.id, "user", text)
+        store.replace_from(conv.id, last_user.id, "user", text)
         _stop_edit()
     elif conv.messages[-1].role == "assistant":
         store.delete_messages_from(conv.id, conv.messages[-1].id)
