@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
 
+import httpx2
 import openai
 
 from .chat_types import (
@@ -38,7 +41,7 @@ def _error_message(exc: openai.APIError) -> str:
     return exc.message
 
 
-def engine_error(exc: openai.OpenAIError, base_url: str) -> EngineError:
+def engine_error(exc: openai.OpenAIError | httpx2.HTTPError, base_url: str) -> EngineError:
     """The EngineError subclass (and so the HTTP status) that stands for an error of the remote server."""
     if isinstance(exc, openai.APIConnectionError):  # also timeouts
         return GenerationError(f"cannot reach the model server at {base_url}: {exc}")
@@ -61,13 +64,92 @@ def engine_error(exc: openai.OpenAIError, base_url: str) -> EngineError:
     return GenerationError(message)
 
 
+# How often the watcher of a streamed reply checks that the reply is still going (a cancel is noticed at once).
+_WATCH_SECONDS = 0.1
+# httpcore's trace events of a new connection ("connection.", "proxy." or "socks." first), whose stream has the socket.
+_CONNECTED = (".connect_tcp.complete", ".connect_unix_socket.complete", ".start_tls.complete")
+_requests = threading.local()  # .abort: the _Abort of the request the current thread is about to send
+
+
+class _Abort:
+    """Ends one HTTP request from another thread, also while the request blocks in a read (e.g. while queued).
+
+    Closing the openai stream from another thread does not wake a thread blocked in recv() on the socket (and the
+    response headers, so the stream object, come only once the server starts the reply); shutting the socket down
+    does: the read returns at once with end-of-stream. The request's sockets are noted through httpcore's `trace`
+    extension when its connection is made (the client keeps no idle connection, so each request makes one).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._ended = False
+        self.aborted = False
+
+    def trace(self, event: str, info: dict) -> None:
+        if not event.endswith(_CONNECTED):
+            return
+        stream = info.get("return_value")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if isinstance(sock, socket.socket):
+            with self._lock:
+                self._sockets.append(sock)
+                if self.aborted and not self._ended:  # aborted while connecting
+                    _shut(sock)
+
+    def abort(self) -> None:
+        with self._lock:
+            if self._ended or self.aborted:
+                return
+            self.aborted = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def end(self) -> None:
+        """The request is over (its sockets may close and their numbers be reused): abort() does nothing from now."""
+        with self._lock:
+            self._ended = True
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's: an SSLSocket's drops its TLS state
+
+
+def _attach_abort(request: httpx2.Request) -> None:
+    """httpx request hook: hands httpcore the trace callback of the request being sent from this thread."""
+    abort = getattr(_requests, "abort", None)
+    if abort is not None:
+        request.extensions["trace"] = abort.trace
+
+
+def _watch(cancel: threading.Event, done: threading.Event, abort: _Abort) -> None:
+    """Body of a streamed reply's watcher thread: aborts the request when `cancel` is set before `done`."""
+    while not done.is_set():
+        if cancel.wait(_WATCH_SECONDS):
+            if not done.is_set():
+                abort.abort()
+            return
+
+
+def _http_client() -> httpx2.Client:
+    """The openai client's default HTTP client with no idle connections kept, and the hook _Abort relies on."""
+    return openai.DefaultHttpxClient(
+        limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=0),
+        event_hooks={"request": [_attach_abort]},
+    )
+
+
 class RemoteBackend:
     """Streams replies from `settings.openai_base_url` with the official openai client; no model is loaded here."""
 
     def __init__(self, settings: Settings, client: openai.OpenAI | None = None):
         self.settings = settings
         self.client = client or openai.OpenAI(
-            base_url=settings.openai_base_url, api_key=settings.openai_api_key.get_secret_value(), max_retries=0
+            base_url=settings.openai_base_url,
+            api_key=settings.openai_api_key.get_secret_value(),
+            max_retries=0,
+            http_client=_http_client(),
         )
         self.info = ModelInfo(
             name=settings.openai_model,
@@ -124,9 +206,20 @@ class RemoteBackend:
         stats = events.stats
         started = time.perf_counter()
         count, first_at, finish, usage, ended_normally = 0, None, None, None, False
-        stream = None
+        stream, abort, done = None, _Abort(), threading.Event()
+        if cancel is not None:  # a cancel ends the request at once, also while it waits for the server's reply
+            watcher = threading.Thread(
+                target=_watch, args=(cancel, done, abort), name="internlm-remote-cancel", daemon=True
+            )
+            watcher.start()
         try:
-            stream = self.client.chat.completions.create(**request)
+            if cancel is not None and cancel.is_set():
+                return
+            _requests.abort = abort
+            try:
+                stream = self.client.chat.completions.create(**request)
+            finally:
+                _requests.abort = None
             for chunk in stream:
                 usage = chunk.usage or usage
                 for choice in chunk.choices:
@@ -139,14 +232,18 @@ class RemoteBackend:
                     break
             else:
                 ended_normally = True
-        except openai.OpenAIError as exc:
-            stats.finish_reason = "error"
-            error = engine_error(exc, self.settings.openai_base_url)
-            stats.error = str(error)
-            raise error from exc
+        except (openai.OpenAIError, httpx2.HTTPError) as exc:
+            if not abort.aborted:  # else: the read ended by the cancel's abort, a cancel and no error
+                stats.finish_reason = "error"
+                error = engine_error(exc, self.settings.openai_base_url)
+                stats.error = str(error)
+                raise error from exc
         finally:
+            done.set()  # the watcher ends
+            abort.end()
             if stream is not None:
-                stream.close()
+                with contextlib.suppress(httpx2.HTTPError):  # a connection the abort shut down
+                    stream.close()
             ended = time.perf_counter()
             stats.total_seconds = ended - started
             stats.prompt_tokens = usage.prompt_tokens if usage else 0

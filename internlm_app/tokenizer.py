@@ -226,23 +226,33 @@ class _WindowStreamDecoder:
         self._decode, self._special_ids = decode, special_ids
         self._window: list[int] = []  # ids from the prefix offset on
         self._read = 0  # ids in the window whose text was already shown
+        self._shown: str | None = ""  # decode(window[:read]), cached until the read offset moves (None: stale)
+
+    def _shown_text(self) -> str:
+        if self._shown is None:
+            self._shown = self._decode(self._window[: self._read])
+        return self._shown
 
     def push(self, token_id: int) -> str:
         if token_id in self._special_ids:
             return ""
         self._window.append(token_id)
-        shown = self._decode(self._window[: self._read])
+        shown = self._shown_text()
         text = self._decode(self._window)
         if len(text) <= len(shown) or text.endswith("\ufffd"):
             return ""  # an incomplete character (or nothing yet): wait for more ids
+        moved = self._read > 0  # at the start the new prefix is the whole window, whose text is `text`
         self._window = self._window[self._read :]
         self._read = len(self._window)
+        self._shown = None if moved else text  # a moved prefix is decoded again on the next push, once
         return text[len(shown) :]
 
     def flush(self) -> str:
-        shown, text = self._decode(self._window[: self._read]), self._decode(self._window)
-        self._window, self._read = [], 0
-        return text[len(shown) :]
+        rest = ""
+        if len(self._window) > self._read:  # ids whose text is not shown yet (an incomplete character)
+            rest = self._decode(self._window)[len(self._shown_text()) :]
+        self._window, self._read, self._shown = [], 0, ""
+        return rest
 
 
 class HFChatTokenizer:

@@ -46,17 +46,23 @@ def test_sliders_have_the_bounds_of_sampling_bounds(app_env):
     assert at.text_area(key="system_prompt").value == DEFAULT_SYSTEM_PROMPT
 
 
-def test_a_message_gets_a_streamed_reply_with_stats_saved_under_the_url_id(app_env, store):
-    at = send(run_page(), "你好")
+def test_a_message_gets_a_streamed_reply_with_stats_saved_under_the_url_id(app_env, store, engine):
+    at = run_page()
+    at.slider(key="temperature").set_value(0.0)  # greedy: the same reply on every run
+    send(at, "你好")
     (user_role, user_text), (bot_role, reply) = chat(at)
     assert (user_role, user_text, bot_role) == ("user", "你好", "assistant") and reply
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": "你好"}]
+    expected, stats = engine.reply(messages, SamplingParams.greedy_params(MAX_NEW_TOKENS))
+    assert reply == expected
     caption = at.chat_message[1].caption[0].value
     assert "tokens" in caption and "首字" in caption and "tokens/秒" in caption
-    assert "(stop)" in caption or "(length)" in caption  # sampled: it ends either way
+    assert f"({stats.finish_reason})" in caption
     conv = store.get_conversation(at.query_params["c"])
     assert [(m.role, m.status) for m in conv.messages] == [("user", "complete"), ("assistant", "complete")]
-    assert conv.messages[1].content == reply and conv.messages[1].stats["completion_tokens"] > 0
+    assert conv.messages[1].content == reply and conv.messages[1].stats["completion_tokens"] == stats.completion_tokens
     assert conv.system_prompt == DEFAULT_SYSTEM_PROMPT and conv.settings["max_new_tokens"] == MAX_NEW_TOKENS
+    assert conv.settings["temperature"] == 0.0
 
 
 def test_temperature_zero_gives_the_engines_greedy_reply(app_env, engine):

@@ -17,6 +17,7 @@ from internlm_app.sampling import SamplingParams
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
 from internlm_app.store import ConversationStore
 from internlm_app.web import auth, i18n, loading
+from internlm_app.web import reply as reply_module
 from internlm_app.web.render import stats_caption, to_markdown
 from internlm_app.web.reply import LiveReplies, run_reply
 from internlm_app.web.throttle import UI_UPDATES_PER_SECOND, Throttle, throttled_text
@@ -69,14 +70,34 @@ def test_throttled_text_caps_updates_whatever_the_token_rate():
     assert all(a in b for a, b in zip(updates, updates[1:], strict=False))  # each update extends the previous
 
 
-def test_a_real_reply_updates_the_page_at_most_20_times_a_second(engine, store):
-    stamps: list[float] = []
-    start = time.perf_counter()
-    outcome = run_reply(engine, store, _conversation(store), LONG, show=lambda text: stamps.append(time.perf_counter()))
-    seconds = time.perf_counter() - start
+class SteppingClock:
+    """A clock that moves on by `step` seconds each time it is read: simulated time, independent of the machine."""
+
+    def __init__(self, step: float) -> None:
+        self.step, self.now = step, 0.0
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_a_real_reply_updates_the_page_at_most_20_times_a_second(engine, store, monkeypatch):
+    # The page's throttle reads a clock once per token; this one says 1,000 tokens a second whatever the machine does,
+    # so the number of updates is the same on every machine (with the wall clock a slow one updates at every token).
+    clock, used = SteppingClock(0.001), []
+
+    def throttled(chunks, **kwargs):
+        used.append(1)
+        return throttled_text(chunks, clock=clock, **kwargs)
+
+    monkeypatch.setattr(reply_module, "throttled_text", throttled)
+    shown: list[str] = []
+    outcome = run_reply(engine, store, _conversation(store), LONG, show=shown.append)
+    assert used == [1]  # the page's updates went through the throttle
     assert outcome.status == "complete" and outcome.stats.completion_tokens > 100
-    assert len(stamps) <= seconds * UI_UPDATES_PER_SECOND + 2
-    assert len(stamps) < outcome.stats.completion_tokens / 3  # far fewer updates than tokens
+    assert shown[-1] == outcome.text and all(b.startswith(a) for a, b in zip(shown, shown[1:], strict=False))
+    assert len(shown) <= clock.now * UI_UPDATES_PER_SECOND + 2  # at most 20 a (simulated) second, plus the last
+    assert len(shown) < outcome.stats.completion_tokens / 3  # far fewer updates than tokens
 
 
 def test_a_stop_keeps_the_partial_reply_marked_stopped_and_frees_the_gpu(engine, store):

@@ -45,16 +45,18 @@ def test_raise_mid_stream_reaches_consumer_within_a_second(engine):
     assert engine.reply(messages, params)[1].completion_tokens > 10  # so the failure at pass 10 is mid-reply
     hook = _RaiseOnForward(at=10)
     handle = engine.model.register_forward_hook(hook)
-    chunks, caught_at = [], None
+    chunks, caught_at, error = [], None, None
     try:
-        with pytest.raises(GenerationError, match="injected failure"):
-            for chunk in engine.stream_reply(messages, params):
-                chunks.append(chunk)
-        caught_at = time.perf_counter()
+        for chunk in engine.stream_reply(messages, params):
+            chunks.append(chunk)
+    except GenerationError as exc:
+        caught_at = time.perf_counter()  # from the raise in the generation thread to here: nothing else is timed
+        error = exc
     finally:
         handle.remove()
+    assert error is not None and "injected failure" in str(error)
     assert chunks, "the failure came before any text: not mid-stream"
-    assert hook.raised_at is not None and caught_at - hook.raised_at < 1.0
+    assert hook.raised_at is not None and caught_at - hook.raised_at < 1.0  # the bound: within a second
     assert not engine.queue.busy and not _generation_threads()
     assert engine.queue.acquire(timeout=0.1)  # the lock is really free, not just flagged
     engine.queue.release()
@@ -86,14 +88,12 @@ def test_stop_in_prefill_or_decode_ends_within_one_token_and_frees_memory(engine
     hook = _CancelOnForward(cancel, at)
     handle = engine.model.register_forward_pre_hook(hook)
     try:
-        started = time.monotonic()
         chunks = list(engine.stream_reply(messages, params, cancel=cancel, events=events))
     finally:
         handle.remove()
     assert hook.calls >= at and hook.after_cancel <= 1  # the pass running when cancel was set, at most one more
     assert events.stats.finish_reason == "cancelled"
     assert events.stats.completion_tokens <= at + 1 and len(chunks) <= at + 1
-    assert time.monotonic() - started < 10
     assert not _generation_threads() and not engine.queue.busy
     del chunks
     # CPU shows no allocator figure worth comparing (freed blocks stay in the process), so what is checked there is

@@ -83,7 +83,7 @@ def test_cancel_and_close_stop_the_remote_generation(engine, tmp_path):
         cancel.set()
         list(stream)
         assert events.stats.finish_reason == "cancelled" and events.stats.completion_tokens < 450
-        assert wait_until(lambda: not endless.queue.busy, timeout=2)
+        assert wait_until(lambda: not endless.queue.busy, timeout=30)
 
         events = ReplyEvents()
         stream = remote.stream_reply([{"role": "user", "content": "hello"}], long, events=events)
@@ -91,7 +91,49 @@ def test_cancel_and_close_stop_the_remote_generation(engine, tmp_path):
         assert endless.queue.busy
         stream.close()
         assert events.stats.finish_reason == "cancelled"
-        assert wait_until(lambda: not endless.queue.busy, timeout=2)
+        assert wait_until(lambda: not endless.queue.busy, timeout=30)
+    assert wait_until(lambda: not _cancel_watchers(), timeout=30)
+
+
+def _cancel_watchers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "internlm-remote-cancel"]
+
+
+def test_cancel_while_the_server_queues_the_request(engine, tmp_path):
+    # The server sends no response headers while the request waits for its GPU: the client blocks in its first read,
+    # so a cancel has to end that read rather than wait for a chunk that would come when the GPU is free.
+    settings = api_settings(tmp_path)  # queue_limit 16: a request waits while the GPU is busy
+    local = engine_copy(engine, settings)
+    with running_server(create_app(settings, backend=local)) as url:
+        remote = _remote(url, tmp_path, openai_api_key="EMPTY")
+        messages = [{"role": "user", "content": "hello"}]
+        cancel, events, outcome = threading.Event(), ReplyEvents(), {}
+        stream = remote.stream_reply(messages, GREEDY, cancel=cancel, events=events)
+
+        def consume() -> None:
+            try:
+                outcome["chunks"] = list(stream)
+            except BaseException as exc:  # noqa: BLE001 - checked below
+                outcome["error"] = exc
+
+        assert local.queue.acquire()  # the GPU is busy with another reply
+        try:
+            consumer = threading.Thread(target=consume, daemon=True)
+            consumer.start()
+            assert wait_until(lambda: local.queue.waiting() == 1, timeout=30)  # the request waits on the server
+            cancel.set()
+            consumer.join(timeout=30)  # generous: only turns a read that is never woken into a failure
+            assert not consumer.is_alive(), "the cancel was not noticed while the server queued the request"
+            assert outcome == {"chunks": []}
+            assert events.stats.finish_reason == "cancelled" and events.stats.completion_tokens == 0
+            assert events.stats.error is None
+            assert wait_until(lambda: not _cancel_watchers(), timeout=30)  # the reply's watcher thread ended too
+            assert wait_until(lambda: local.queue.waiting() == 0, timeout=30)  # the server saw the client go
+        finally:
+            local.queue.release()
+        events = ReplyEvents()
+        assert "".join(remote.stream_reply(messages, GREEDY, events=events)) == greedy_reply(engine, messages)[0]
+        assert events.stats.finish_reason in {"stop", "length"}
 
 
 def test_bad_messages_fail_before_any_request(tmp_path):

@@ -226,3 +226,24 @@ def test_hf_stream_decoder(hf_tok):
     assert "".join(pieces) == text == hf_tok.decode(ids)
     assert all("\ufffd" not in piece for piece in pieces)
     assert EMOJI in pieces  # shown whole, once its last byte arrived
+
+
+def test_hf_stream_decoder_decodes_the_shown_prefix_once(hf_tok):
+    from internlm_app.tokenizer import _WindowStreamDecoder
+
+    calls: list[tuple[int, ...]] = []
+
+    def counting(ids: list[int]) -> str:
+        calls.append(tuple(ids))
+        return hf_tok._decode_window(ids)
+
+    text = f"hello {EMOJI} 你好，世界 🎉! how are you?"
+    ids = hf_tok.hf.encode(text, add_special_tokens=False)
+    decoder = _WindowStreamDecoder(counting, hf_tok.special_ids)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert any(piece == "" for piece in pieces[:-1])  # some ids waited for the rest of a character
+    # One decode of the window per id, plus one of the shown prefix after each time the read offset moved (the
+    # first time excepted: that prefix is the window just decoded); before, the prefix was decoded on every push.
+    emitted = sum(1 for piece in pieces[:-1] if piece)
+    assert len(calls) <= len(ids) + emitted - 1 < 2 * len(ids)
