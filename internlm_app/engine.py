@@ -59,10 +59,13 @@ class _StopWhenSet(StoppingCriteria):
 
     def __init__(self, *events: threading.Event | None):
         self._events = [e for e in events if e is not None]
+        self._answers: dict[tuple, torch.BoolTensor] = {}  # generate() only reads them: made once, not per token
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        stop = any(e.is_set() for e in self._events)
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        key = (any(e.is_set() for e in self._events), input_ids.shape[0], input_ids.device)
+        if key not in self._answers:
+            self._answers[key] = torch.full(key[1:2], key[0], dtype=torch.bool, device=input_ids.device)
+        return self._answers[key]
 
 
 @dataclass
