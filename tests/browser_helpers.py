@@ -51,10 +51,8 @@ def tiny_model_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def streamlit_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
-    """Run tests/browser_server.py (streamlit run app.py) until the block ends; yields the base URL."""
-    port = free_port()
-    command = [sys.executable, "tests/browser_server.py", "--server.port", str(port), "--server.address", "127.0.0.1"]
+def local_server(command: list[str], health_path: str, port: int, env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """Run a server command on 127.0.0.1:port until the block ends, once `health_path` answers 200; yields its URL."""
     with open(log_path, "wb") as log:
         server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -62,9 +60,9 @@ def streamlit_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"streamlit did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
+                raise RuntimeError(f"{command[1]} did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
             try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                with urllib.request.urlopen(url + health_path, timeout=2) as response:
                     if response.status == 200:
                         break
             except OSError:
@@ -77,6 +75,15 @@ def streamlit_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@contextmanager
+def streamlit_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """Run tests/browser_server.py (streamlit run app.py) until the block ends; yields the base URL."""
+    port = free_port()
+    command = [sys.executable, "tests/browser_server.py", "--server.port", str(port), "--server.address", "127.0.0.1"]
+    with local_server(command, "/_stcore/health", port, env, log_path) as url:
+        yield url
 
 
 @contextmanager

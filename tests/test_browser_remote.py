@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.browser_helpers import CHROMIUM, ROOT, chromium, free_port, send, streamlit_server, tiny_model_env
+from tests.browser_helpers import CHROMIUM, chromium, free_port, local_server, send, streamlit_server, tiny_model_env
 
 pytestmark = [
     pytest.mark.browser,
@@ -25,28 +22,8 @@ def api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
     """`python -m internlm_app api` on a free loopback port until the block ends; yields its base URL."""
     port = free_port()
     command = [sys.executable, "-m", "internlm_app", "api", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
+    with local_server(command, "/health", port, env, log_path) as url:
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def test_web_app_talks_to_the_api_as_a_remote_backend(tmp_path, reference):

@@ -8,16 +8,13 @@ from pathlib import Path
 import pytest
 
 from internlm_app.tokenizer import HFChatTokenizer, InternLM2Tokenizer, clean_up_tokenization, load_tokenizer
+from tests.hf_tiny import build_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "internlm2-tiny"
 REF = json.loads((FIXTURE / "reference.json").read_text(encoding="utf-8"))
 TOKENIZE = REF["tokenize"]
 CHAT = REF["chat"]
 EMOJI = "😀"
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
-    " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
@@ -150,27 +147,7 @@ def test_missing_chat_tokens_is_an_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    corpus = ["hello world, how are you today?", "user assistant system", "你好，世界！", "The quick brown fox."] * 20
-    backend.train_from_iterator(corpus, trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHATML
-    )
-    path = tmp_path_factory.mktemp("hf-tiny")
-    hf.save_pretrained(path)
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
-    return path
+    return build_tokenizer(tmp_path_factory.mktemp("hf-tiny"))
 
 
 @pytest.fixture(scope="module")
