@@ -62,3 +62,18 @@ def _isolated_env(monkeypatch, tmp_path):
             monkeypatch.delenv(key)
     monkeypatch.setenv("INTERNLM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("INTERNLM_DB_PATH", str(tmp_path / "conversations.db"))
+
+
+@pytest.fixture(scope="session")
+def app_cache(tmp_path_factory):
+    """One conversion of the tiny model shared by the web app's tests."""
+    return tmp_path_factory.mktemp("app-cache")
+
+
+@pytest.fixture
+def app_env(monkeypatch, tmp_path, app_cache):
+    """The web app's environment: the tiny model on the CPU, a fresh conversation database per test."""
+    from tests.app_helpers import set_app_env
+
+    set_app_env(monkeypatch, tmp_path, app_cache)
+    return tmp_path

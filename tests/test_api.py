@@ -6,12 +6,12 @@ import logging
 import re
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from internlm_app.api import create_app
 from internlm_app.api.routes_openai import StopFilter
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
+from tests.faults import FailOnForward
 from tests.test_api_support import (
     API_KEY,
     REPLY_TOKENS,
@@ -244,21 +244,9 @@ def test_one_log_line_per_request(engine, tmp_path, caplog, log_prompts):
     assert ("secret words" in lines[0]) is log_prompts
 
 
-class _FailOnForward:
-    """Raises CUDA's out-of-memory error from the model's forward number `at` (1 = prefill)."""
-
-    def __init__(self, at: int):
-        self.at, self.calls = at, 0
-
-    def __call__(self, module, args, output):
-        self.calls += 1
-        if self.calls == self.at:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-
 def test_out_of_memory_is_503_and_the_server_keeps_working(client, engine):
     for path, body in [("/", {"prompt": "hi"}), (CHAT, {"messages": [{"role": "user", "content": "hi"}]})]:
-        handle = engine.model.register_forward_hook(_FailOnForward(1))
+        handle = engine.model.register_forward_hook(FailOnForward(1))
         try:
             response = client.post(path, json=body)
         finally:
@@ -273,7 +261,7 @@ def test_out_of_memory_is_503_and_the_server_keeps_working(client, engine):
 
 
 def test_out_of_memory_mid_stream_ends_with_an_error_event(client, engine):
-    handle = engine.model.register_forward_hook(_FailOnForward(4))
+    handle = engine.model.register_forward_hook(FailOnForward(4))
     try:
         request = {"messages": [{"role": "user", "content": "hello"}], "stream": True, "temperature": 0}
         response = client.post(CHAT, json=request)

@@ -15,18 +15,6 @@ from tests.app_helpers import MAX_NEW_TOKENS, ROOT, chat, run_page, send, set_ap
 from tests.conftest import FIXTURE_DIR
 
 
-@pytest.fixture(scope="session")
-def app_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("app-cache")
-
-
-@pytest.fixture
-def app_env(monkeypatch, tmp_path, app_cache):
-    """The tiny model on the CPU, a fresh conversation database per test."""
-    set_app_env(monkeypatch, tmp_path, app_cache)
-    return tmp_path
-
-
 @pytest.fixture
 def store(app_env):
     return ConversationStore(app_env / "conversations.db")

@@ -13,17 +13,6 @@ from tests.app_helpers import chat, run_page, send, set_app_env, texts
 STATUS, HISTORY = "pages/status.py", "pages/history.py"
 
 
-@pytest.fixture(scope="session")
-def app_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("app-cache")
-
-
-@pytest.fixture
-def app_env(monkeypatch, tmp_path, app_cache):
-    set_app_env(monkeypatch, tmp_path, app_cache)
-    return tmp_path
-
-
 @pytest.fixture
 def store(app_env):
     return ConversationStore(app_env / "conversations.db")

@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from internlm_app.chat_types import (
     ContextTooLongError,
@@ -19,6 +18,7 @@ from internlm_app.chat_types import (
 from internlm_app.engine import ChatEngine, history_to_messages
 from internlm_app.gpu_queue import GpuQueue
 from internlm_app.sampling import SamplingParams
+from tests.faults import FailOnForward
 
 # Greedy with a strong repetition penalty: the tiny model answers "hi" with 245 tokens, deterministically.
 LONG = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=2.0, max_new_tokens=400)
@@ -105,21 +105,9 @@ def test_closing_the_iterator_stops_generation(engine, long_reply_tokens):
     assert events.stats.finish_reason == "cancelled" and events.stats.completion_tokens < long_reply_tokens
 
 
-class _FailOnForward:
-    """A forward hook that raises CUDA's out-of-memory error on the n-th forward pass, as a real OOM would."""
-
-    def __init__(self, at: int):
-        self.at, self.calls = at, 0
-
-    def __call__(self, module, args, output):
-        self.calls += 1
-        if self.calls == self.at:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-
 @pytest.mark.parametrize("at", [1, 5])  # during prefill, and mid-decode
 def test_exception_in_generation_thread_reaches_caller(engine, at):
-    hook = _FailOnForward(at)
+    hook = FailOnForward(at)
     handle = engine.model.register_forward_hook(hook)
     events = ReplyEvents()
     try:
