@@ -3,15 +3,15 @@
 What is measured is only the engine's code on each token's path, with the model taken out: a stub stands behind the
 engine's seam (`ChatEngine(model, ...)`; the stub implements `generate` as transformers calls the streamer and the
 stopping criteria) and emits ordinary text tokens. For every token the stub notes the time, hands the token to the
-engine's streamer (`put` -> queue), and the benchmark's consumer notes when `engine.stream_reply` yields its text
-(queue handoff to the consuming thread + stream decoder push + yield). The stub then runs the engine's stopping
-criterion (timed on its own and added: it runs after `put`, as in generate) and waits until the consumer has the
-token before sending the next one. This lockstep is what a real model gives, which is far slower than the consumer:
-each token arrives at an empty queue and wakes a waiting thread, so the handoff latency is included, not hidden in
-a backlog. The headline is the engine's CPU time per token (thread CPU clocks: put + criterion on the generation
-thread, queue get + decoder push + yield on the consumer's; blocking costs none), median over tokens 75..124 vs
-975..1024 pooled over the replies (target <= 1.2). Wall-clock overhead including the thread wake-up is printed too,
-but a VM's wake-up latency wanders too much for a ratio.
+engine's streamer (`put` -> queue), and the benchmark's consumer notes when `engine.stream_reply` yields its text (queue
+handoff to the consuming thread + stream decoder push + yield). The stub then runs the engine's stopping criterion
+(timed on its own and added: it runs after `put`, as in generate) and waits until the consumer has the token before
+sending the next one. This lockstep is what a real model gives, which is far slower than the consumer: each token
+arrives at an empty queue and wakes a waiting thread, so the handoff latency is included, not hidden in a backlog (the
+engine's `stream_interval_ms` is 0 here, so no tokens are coalesced either). The headline is the engine's CPU time per
+token (thread CPU clocks: put + criterion on the generation thread, queue get + decoder push + yield on the consumer's;
+blocking costs none), median over tokens 75..124 vs 975..1024 pooled over the replies (target <= 1.2). Wall-clock
+overhead including the thread wake-up is printed too, but a VM's wake-up latency wanders too much for a ratio.
 
 Not included, on purpose: the model's forward pass and transformers' own generate loop (logits processors, KV cache
 growth, attention over a longer context), which grow with position whatever the engine does. A control run swaps in
@@ -155,7 +155,7 @@ def main() -> None:
     tokenizer = load_tokenizer(FIXTURE_DIR)
     stub = LockstepModel(text_tokens(tokenizer), tokenizer.vocab_size)
     with workdir("overhead") as tmp:
-        settings = tiny_settings(Path(tmp))
+        settings = tiny_settings(Path(tmp), stream_interval_ms=0)  # every token on its own: no coalescing to hide in
         info = ModelInfo("stub", "-", "float32", "cpu", None, "none", "sdpa", context_window=4096)
         figures = measure(ChatEngine(stub, tokenizer, info, settings), stub, new_tokens, args.reps)
         (cpu_100, cpu_1000), (wall_100, wall_1000) = figures["cpu"], figures["wall"]

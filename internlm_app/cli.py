@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("api", help="serve the HTTP API (classic POST / and OpenAI-compatible /v1)")
     add_settings_arguments(
         p,
-        [*MODEL_FLAGS, "host", "port", "queue_limit", "empty_cache_after_reply", "log_prompts"]
+        [*MODEL_FLAGS, "host", "port", "queue_limit", "empty_cache_after_reply", "stream_interval_ms", "log_prompts"]
         + ["backend", "openai_base_url", "openai_model"],
     )
     p.set_defaults(func=cmd_api)

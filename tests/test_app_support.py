@@ -22,6 +22,7 @@ from internlm_app.web.render import stats_caption, to_markdown
 from internlm_app.web.reply import LiveReplies, run_reply
 from internlm_app.web.throttle import UI_UPDATES_PER_SECOND, Throttle, throttled_text
 from tests.app_helpers import ROOT
+from tests.test_api_support import engine_copy
 
 # A greedy reply of ~220 tokens on the tiny model (repetition penalty keeps it from ending early).
 LONG = SamplingParams(temperature=0.0, repetition_penalty=2.0, max_new_tokens=200)
@@ -122,6 +123,7 @@ def test_a_stop_keeps_the_partial_reply_marked_stopped_and_frees_the_gpu(engine,
 
 
 def test_a_stop_between_page_updates_is_noticed_at_the_next_token(engine, store):
+    engine = engine_copy(engine, engine.settings.model_copy(update={"stream_interval_ms": 0}))  # a chunk per token
     cid = _conversation(store)
     polls: list[int] = []
 

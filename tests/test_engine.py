@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import threading
 import time
 
@@ -75,6 +76,26 @@ def test_tutorial_chat_and_stream_chat(engine, reference):
         items = list(engine.stream_chat(case["query"], history, system=_system(case, reference), params=params))
         assert items[-1][0] == case["stream_chat_final"]
         assert [list(p) for p in items[-1][1]] == case["returned_history"]
+
+
+def _engine_streaming_every(engine: ChatEngine, interval_ms: int) -> ChatEngine:
+    settings = engine.settings.model_copy(update={"stream_interval_ms": interval_ms})
+    return ChatEngine(engine.model, engine.tokenizer, engine.info, settings)
+
+
+def test_tokens_faster_than_the_stream_interval_go_out_together(engine, long_reply_tokens):
+    per_token = list(_engine_streaming_every(engine, 0).stream_reply(HI, LONG))
+    events = ReplyEvents()
+    started = time.perf_counter()
+    coalesced = list(_engine_streaming_every(engine, 50).stream_reply(HI, LONG, events=events))
+    elapsed = time.perf_counter() - started
+    assert "".join(coalesced) == "".join(per_token) and events.stats.completion_tokens == long_reply_tokens
+    assert len(per_token) > long_reply_tokens / 2  # without an interval: a chunk for (nearly) every token
+    assert len(coalesced) <= 2 + elapsed / 0.05  # the first token at once, then at most one chunk per 50 ms
+
+
+def test_loading_moves_long_lived_objects_out_of_the_collectors_sight(engine):
+    assert gc.get_freeze_count() > 10_000  # modules and the model, frozen by ChatEngine.load
 
 
 def test_cancel_event_stops_within_one_token(engine, long_reply_tokens):

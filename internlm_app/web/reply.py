@@ -88,7 +88,8 @@ def run_reply(
     # Streamlit ends a script (stop button, rerun, closed tab) by raising StopException/RerunException from the next
     # st call, i.e. from `show` or `on_queue`. Then the engine's iterator is closed at once (generation stops within
     # one token and the GPU queue is released), the partial reply is saved as stopped, and the exception goes on.
-    # `poll` runs for every chunk, between throttled updates, so that a stop is noticed at the next token.
+    # `poll` runs for every chunk (a token, or the tokens of one stream interval), between throttled updates, so that
+    # a stop is noticed at the next chunk, not at the next page update.
     # `on_start` runs once the reply is saved as streaming and registered in `live`.
     messages = store.messages_for_model(cid)
     events = ReplyEvents(on_queue=on_queue)
