@@ -120,13 +120,17 @@ def make_stop_tokens_unreachable(model, stop_ids: list[int]) -> str:
 
 
 def interleaved(runs: dict[str, Callable[[], float]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Run each callable in turn (A B A B ...) `reps` times after `warmup` rounds; their returned figures by name."""
+    """Run each callable in turn `reps` times after `warmup` rounds; their returned figures by name.
+
+    The order alternates (A B, B A, A B ...), so neither side is always the one that runs right after the other.
+    """
     for _ in range(warmup):
         for run in runs.values():
             run()
     results: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, run in runs.items():
+    for rep in range(reps):
+        order = list(runs.items())
+        for name, run in order if rep % 2 == 0 else reversed(order):
             results[name].append(run())
     return results
 

@@ -5,13 +5,13 @@ port, over a ChatEngine. Two models: the tiny fixture (~500 tok/s on a CPU, wher
 bit of per-chunk server work competes with it for the GIL: the worst case) and a larger random Llama on the fixture's
 tokenizer (~60 tok/s, most time inside torch ops, closer to a GPU serving a 7B model). The benchmark process loads an
 identical engine for the in-process side. Stop tokens are made unreachable on both sides, so every reply is exactly N
-tokens (checked against the usage chunk) and the texts must be equal. Interleaved runs (HTTP, in-process, HTTP ...): the
-HTTP side is a streaming POST /v1/chat/completions (stream true, temperature 0) read with httpx until `data: [DONE]`,
-each event's JSON parsed, timed from sending the request; the in-process side is `engine.stream_reply` consumed to the
-end, timed from the call. Both include prefill; the ratio is the median of the per-pair ratios (each pair runs back to
-back, so slow drifts in machine load cancel; target >= 0.95). CPU seconds per token of the server process (all threads,
-from /proc) and of the in-process run are printed too: unlike wall time they hardly depend on what else the machine
-runs.
+tokens (checked against the usage chunk) and the texts must be equal. Interleaved runs in alternating order (HTTP
+in-process, in-process HTTP ...): the HTTP side is a streaming POST /v1/chat/completions (stream true, temperature 0)
+read with httpx until `data: [DONE]`, each event's JSON parsed, timed from sending the request; the in-process side is
+`engine.stream_reply` consumed to the end, timed from the call. Both include prefill; the ratio is the median of the
+per-pair ratios (each pair runs back to back, so slow drifts in machine load cancel; target >= 0.95). CPU seconds per
+token of the server process (all threads, from /proc) and of the in-process run are printed too: unlike wall time they
+hardly depend on what else the machine runs.
 
 /health latency: GET /health one after another (5 ms apart) on a second connection, while the server is idle and
 while a stream is in flight (only requests that both start and end during a stream count), in alternating blocks;
@@ -251,7 +251,7 @@ def measure(label: str, model_path: Path, args: argparse.Namespace, context_wind
 def main() -> None:
     args_parser = parser(__doc__)
     args_parser.add_argument("--tokens", type=int, default=512, help="tokens per timed reply")
-    args_parser.add_argument("--reps", type=int, default=11, help="interleaved repetitions per side")
+    args_parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions per side")
     args_parser.add_argument("--health-samples", type=int, default=200, help="/health requests per condition")
     args_parser.add_argument("--models", default="tiny,llama", help="tiny (fixture) and/or llama (random, larger)")
     args_parser.add_argument("--hidden", type=int, default=1024, help="hidden size of the random Llama")

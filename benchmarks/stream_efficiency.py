@@ -1,19 +1,19 @@
 """Streaming efficiency: tokens/s through `engine.stream_reply` ÷ tokens/s of a bare `model.generate`.
 
-Both sides use the same loaded model, the same prompt ids and the engine's own GenerationConfig (greedy, same eos
-ids), so the only difference is the engine's streaming path: the GPU queue, the generation thread, the token
-streamer and its stopping criterion, the queue handoff to the consuming thread and the incremental decoder. The
-engine runs with its default settings: `stream_interval_ms` 20, so when tokens come faster than one per 20 ms (the
-tiny fixture: ~1.5 ms each) the consumer wakes once per 20 ms and yields them together; `--stream-interval-ms 0`
-measures the one-wake-up-per-token path instead. The
-lm_head rows of the stop ids are zeroed, so both sides produce exactly N tokens (checked on every run). Runs are
-interleaved (engine, bare, engine, bare ...) after a warm-up; the ratio is the median of the per-pair ratios (each
-pair runs back to back, so slow drifts in machine load cancel); the tokens/s shown are medians. Each timing covers
-the whole reply (prefill + N decode steps) on both sides. Models: the tiny InternLM2 fixture (per-token model time
-is tiny, so overhead shows most) and a larger random Llama on the fixture's tokenizer. The headline is the lowest
-ratio over all models and lengths. Target >= 0.95. CPU timings; only the ratio is meaningful here. The process's
-CPU time per token (both threads) is printed too: it hardly depends on what else the machine runs. (The tiny fixture
-has 512 positions; at 1024 new tokens it runs past them, which does not change the timing: RoPE angles are computed.)
+Both sides use the same loaded model, the same prompt ids and the engine's own GenerationConfig (greedy, same eos ids),
+so the only difference is the engine's streaming path: the GPU queue, the generation thread, the token streamer and its
+stopping criterion, the queue handoff to the consuming thread and the incremental decoder. The engine runs with its
+default settings: `stream_interval_ms` 20, so when tokens come faster than one per 20 ms (the tiny fixture: ~1.5 ms
+each) the consumer wakes once per 20 ms and yields them together; `--stream-interval-ms 0` measures the
+one-wake-up-per-token path instead. The lm_head rows of the stop ids are zeroed, so both sides produce exactly N tokens
+(checked on every run). Runs are interleaved in alternating order (engine bare, bare engine ...) after a warm-up; the
+ratio is the median of the per-pair ratios (each pair runs back to back, so slow drifts in machine load cancel); the
+tokens/s shown are medians. Each timing covers the whole reply (prefill + N decode steps) on both sides. Models: the
+tiny InternLM2 fixture (per-token model time is tiny, so overhead shows most) and a larger random Llama on the fixture's
+tokenizer. The headline is the lowest ratio over all models and lengths. Target >= 0.95. CPU timings; only the ratio is
+meaningful here. The process's CPU time per token (both threads) is printed too: it hardly depends on what else the
+machine runs. (The tiny fixture has 512 positions; at 1024 new tokens it runs past them, which does not change the
+timing: RoPE angles are computed.)
 """
 
 from __future__ import annotations
