@@ -34,7 +34,7 @@ class PacedBackend:
         self.rate, self.seconds = rate, seconds
         self.ended = 0.0
 
-    def stream_reply(self, messages, params, *, cancel=None, events: ReplyEvents | None = None):
+    def stream_reply(self, messages, params, *, cancel=None, events: ReplyEvents | None = None, max_length=None):
         return self._stream(events or ReplyEvents())
 
     def _stream(self, events: ReplyEvents):
@@ -59,8 +59,9 @@ class TimedBackend:
     def __init__(self, backend):
         self.backend, self.ended = backend, 0.0
 
-    def stream_reply(self, messages, params, *, cancel=None, events: ReplyEvents | None = None):
-        return self._stream(self.backend.stream_reply(messages, params, cancel=cancel, events=events))
+    def stream_reply(self, messages, params, *, cancel=None, events: ReplyEvents | None = None, max_length=None):
+        chunks = self.backend.stream_reply(messages, params, cancel=cancel, events=events, max_length=max_length)
+        return self._stream(chunks)
 
     def _stream(self, chunks):
         yield from chunks
@@ -89,6 +90,8 @@ def measure(backend, store: ConversationStore, max_new_tokens: int) -> dict:
 
     started = time.perf_counter()
     outcome = run_reply(backend, store, cid, SamplingParams.greedy_params(max_new_tokens), show=show)
+    if outcome.status != "complete":  # run_reply keeps an error in the store: here it must end the benchmark
+        raise RuntimeError(f"the reply did not complete ({outcome.status}): {outcome.stats.error}")
     streaming = [t for t in stamps if t <= backend.ended]
     seconds = backend.ended - started
     return {
