@@ -178,9 +178,9 @@ class ChatEngine:
             raise
         decoder = self.tokenizer.stream_decoder()
         interval = self.settings.stream_interval_ms / 1000
-        count, first_at, last_token, next_at, ended = 0, None, None, 0.0, False
+        count, first_at, last_token, next_at, done = 0, None, None, 0.0, False
         try:
-            while not ended:
+            while not done:
                 if (wait := next_at - time.perf_counter()) > 0:
                     time.sleep(wait)  # tokens that come meanwhile go out together: one wake-up, not one per token
                 text, token = "", tokens.get()
@@ -190,11 +190,11 @@ class ChatEngine:
                         first_at = time.perf_counter()
                         stats.time_to_first_token = first_at - started
                     text += decoder.push(token)
-                    if tokens.empty():
+                    if not interval or tokens.empty():  # interval 0: a chunk per token, even when some queued up
                         break
                     token = tokens.get()
-                ended = token is _END
-                if ended:
+                done = token is _END
+                if done:
                     text += decoder.flush()
                 if text:
                     next_at = time.perf_counter() + interval
