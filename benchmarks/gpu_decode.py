@@ -17,6 +17,12 @@ transformers compiles the decode step with torch.compile (mode reduce-overhead: 
 (`cache_implementation="static"`; compile time is spent in the warm-up and reported). Whether the engine offers the
 static path as a setting is a separate decision; this reports the numbers. The headline is the dynamic-cache ratio at
 the shortest prompt. `--cpu-smoke` runs the code path with a tiny shape on the CPU (figures meaningless).
+
+Last, the engine's own streaming path on the GPU (stream_efficiency's question where a token costs what it costs in
+production): a ChatEngine around the same model and the tiny fixture's tokenizer streams a reply, timed against a
+bare `generate` of the same prompt ids and length (alternating order, median of pair ratios). So that every generated
+id can be decoded by that tokenizer, the lm_head rows of all ids beyond its vocabulary and of its stop ids are zeroed
+first: greedy never picks them, and the matmul (the whole 92544-row lm_head) costs the same.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import statistics
 import time
 
 import torch
-from common import headline, parser, set_threads
+from common import FIXTURE_DIR, headline, interleaved, parser, set_threads
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 INTERNLM2_7B = {
@@ -122,6 +128,58 @@ def timed_generate(model, prompt: torch.Tensor, new_tokens: int, static: bool) -
     return seconds
 
 
+def measure_engine(model: LlamaForCausalLM, new_tokens: int, reps: int) -> float:
+    """Tokens/s through ChatEngine.stream_reply ÷ bare generate on `model`; prints and returns the ratio."""
+    from internlm_app.chat_types import ReplyEvents
+    from internlm_app.engine import ChatEngine
+    from internlm_app.loader import ModelInfo
+    from internlm_app.sampling import SamplingParams
+    from internlm_app.settings import Settings
+    from internlm_app.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(FIXTURE_DIR)
+    with torch.no_grad():
+        rows = model.get_output_embeddings().weight
+        rows[tokenizer.vocab_size :] = 0.0
+        rows[list(tokenizer.stop_ids)] = 0.0
+    info = ModelInfo("random", "-", str(model.dtype), str(model.device), None, "none", "sdpa", context_window=4096)
+    engine = ChatEngine(model, tokenizer, info, Settings(model_path=FIXTURE_DIR))
+    messages = [{"role": "user", "content": "Tell me a long story about Shanghai and the people who live there."}]
+    params = SamplingParams.greedy_params(new_tokens)
+    prompt = torch.tensor([engine.prepare(messages, new_tokens).ids], device=model.device)
+    config = engine.generation_config(params)
+
+    def streamed() -> float:
+        events = ReplyEvents()
+        sync(model.device)
+        started = time.perf_counter()
+        "".join(engine.stream_reply(messages, params, events=events))
+        seconds = time.perf_counter() - started
+        if events.stats.completion_tokens != new_tokens:
+            raise RuntimeError(f"expected {new_tokens} tokens from the engine: {events.stats}")
+        return new_tokens / seconds
+
+    def bare() -> float:
+        sync(model.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+        sync(model.device)
+        seconds = time.perf_counter() - started
+        if out.shape[1] - prompt.shape[1] != new_tokens:
+            raise RuntimeError(f"expected {new_tokens} tokens from generate, got {out.shape[1] - prompt.shape[1]}")
+        return new_tokens / seconds
+
+    rates = interleaved({"stream": streamed, "bare": bare}, max(reps, 5))
+    ratio = statistics.median([a / b for a, b in zip(rates["stream"], rates["bare"], strict=True)])
+    print(
+        f"  engine stream_reply, prompt {prompt.shape[1]}, {new_tokens} new tokens: "
+        f"{statistics.median(rates['stream']):.1f} tok/s vs bare generate {statistics.median(rates['bare']):.1f} tok/s "
+        f"(prefill included on both sides), ratio (median of pairs) {ratio:.3f}"
+    )
+    return ratio
+
+
 def main() -> None:
     args_parser = parser(__doc__)
     args_parser.add_argument("--prompt-lengths", default="128,1024,4096", help="prompt tokens, comma-separated")
@@ -129,6 +187,7 @@ def main() -> None:
     args_parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions per path")
     args_parser.add_argument("--bandwidth-gbs", type=float, default=None, help="GPU memory bandwidth in GB/s")
     args_parser.add_argument("--no-static", action="store_true", help="skip the static cache + torch.compile path")
+    args_parser.add_argument("--no-engine", action="store_true", help="skip the engine's streaming path")
     args_parser.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU: checks the code only")
     args = args_parser.parse_args()
     set_threads(args.threads)
@@ -176,6 +235,8 @@ def main() -> None:
                 f"tok/s = {rate / ceiling:.3f} of the ceiling ({rate / with_kv:.3f} counting the KV cache read, "
                 f"{kv / 1e9:.2f} GB)"
             )
+    if not args.no_engine:
+        measure_engine(model, n, args.reps)
     if device.type == "cuda":
         print(f"  peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     shortest = min(length for _, length in results)
