@@ -220,7 +220,10 @@ def measure(label: str, model_path: Path, args: argparse.Namespace, context_wind
             def in_process() -> float:
                 server.stdin.write(f"{args.tokens}\n")
                 server.stdin.flush()
-                run = json.loads(server.stdout.readline())
+                line = server.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"the API server exited with {server.wait(timeout=30)}")
+                run = json.loads(line)
                 texts["local"] = run["text"]
                 cpu["local"].append(run["cpu"] / args.tokens)
                 return args.tokens / run["seconds"]
