@@ -22,7 +22,8 @@ Last, the engine's own streaming path on the GPU (stream_efficiency's question w
 production): a ChatEngine around the same model and the tiny fixture's tokenizer streams a reply, timed against a
 bare `generate` of the same prompt ids and length (alternating order, median of pair ratios). So that every generated
 id can be decoded by that tokenizer, the lm_head rows of all ids beyond its vocabulary and of its stop ids are zeroed
-first: greedy never picks them, and the matmul (the whole 92544-row lm_head) costs the same.
+first: their logit 0 stays below the greatest of the other random logits, so greedy does not pick them (every
+reply's length is checked), and the matmul (the whole 92544-row lm_head) costs the same.
 """
 
 from __future__ import annotations

@@ -78,11 +78,15 @@ def serve(port: int, model_path: Path, context_window: int, threads: int) -> Non
     def answer_local_runs(engine) -> None:
         messages = [{"role": "user", "content": PROMPT}]
         for line in sys.stdin:
-            params = SamplingParams.greedy_params(int(line))
-            cpu, started = time.process_time(), time.perf_counter()
-            text = "".join(engine.stream_reply(messages, params))
-            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
-            print(json.dumps({"text": text, "seconds": seconds, "cpu": cpu}), flush=True)
+            try:
+                params = SamplingParams.greedy_params(int(line))
+                cpu, started = time.process_time(), time.perf_counter()
+                text = "".join(engine.stream_reply(messages, params))
+                seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+                answer = {"text": text, "seconds": seconds, "cpu": cpu}
+            except Exception as exc:  # answered, so the benchmark fails instead of waiting for a line forever
+                answer = {"error": f"{type(exc).__name__}: {exc}"}
+            print(json.dumps(answer), flush=True)
 
     threading.Thread(target=exit_with_parent, daemon=True).start()
     with workdir("sse-server") as tmp:
@@ -224,6 +228,8 @@ def measure(label: str, model_path: Path, args: argparse.Namespace, context_wind
                 if not line:
                     raise RuntimeError(f"the API server exited with {server.wait(timeout=30)}")
                 run = json.loads(line)
+                if "error" in run:
+                    raise RuntimeError(f"the in-process run in the server failed: {run['error']}")
                 texts["local"] = run["text"]
                 cpu["local"].append(run["cpu"] / args.tokens)
                 return args.tokens / run["seconds"]

@@ -162,11 +162,11 @@ class ChatEngine:
             stats.finish_reason = "cancelled"
             return
         tokens: SimpleQueue = SimpleQueue()
-        stop = threading.Event()
+        stop, finished = threading.Event(), threading.Event()
         failure: list[BaseException] = []
         worker = threading.Thread(
             target=self._generate,
-            args=(prepared.ids, params, tokens, stop, cancel, failure),
+            args=(prepared.ids, params, tokens, stop, cancel, failure, finished),
             name="internlm-generate",
             daemon=True,
         )
@@ -182,7 +182,9 @@ class ChatEngine:
         try:
             while not done:
                 if (wait := next_at - time.perf_counter()) > 0:
-                    time.sleep(wait)  # tokens that come meanwhile go out together: one wake-up, not one per token
+                    # Tokens that come meanwhile go out together (one wake-up, not one per token); the end of the
+                    # reply, an error or a cancel ends the wait at once.
+                    finished.wait(wait)
                 text, token = "", tokens.get()
                 while token is not _END:
                     count, last_token = count + 1, token
@@ -222,7 +224,7 @@ class ChatEngine:
             return "cancelled"
         return "stop"
 
-    def _generate(self, prompt_ids, params, tokens, stop, cancel, failure) -> None:
+    def _generate(self, prompt_ids, params, tokens, stop, cancel, failure, finished) -> None:
         """Body of the generation thread: always frees the GPU queue and ends the token stream."""
         try:
             with torch.inference_mode():
@@ -246,6 +248,7 @@ class ChatEngine:
             finally:
                 self.queue.release()
                 tokens.put(_END)
+                finished.set()
 
     def generation_config(self, params: SamplingParams) -> GenerationConfig:
         """transformers GenerationConfig for one reply; temperature 0 means greedy."""
@@ -291,6 +294,7 @@ class ChatEngine:
         system: str | None = DEFAULT_SYSTEM_PROMPT,
         params: SamplingParams | None = None,
     ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+        """Yield (response so far, history) once per streamed chunk: a token, or the tokens of one stream interval."""
         params = params or self.settings.default_sampling()
         response = ""
         for chunk in self.stream_reply(history_to_messages(query, history, system), params):
@@ -303,7 +307,8 @@ def _freeze_long_lived_objects() -> None:
 
     torch, transformers and the web or API stack leave some 300-400k tracked objects; a full collection scans them all
     while holding the GIL (0.2-0.3 s on this project's 2-core test VM), a stall in the middle of a streamed reply.
-    Frozen, a collection scans only the objects made since.
+    Frozen, a collection scans only the objects made since. Frozen objects stay out of every collection until
+    `gc.unfreeze()`: nothing unloads a model today; a feature that does must unfreeze first.
     """
     gc.collect()
     gc.freeze()

@@ -63,8 +63,8 @@ class Settings(BaseSettings):
         20,
         ge=0,
         le=1000,
-        description="Shortest time between two streamed chunks: tokens generated faster go out together, saving a "
-        "thread wake-up each (0: every token on its own).",
+        description="Shortest time between two streamed chunks of the local engine: tokens generated faster go out "
+        "together, saving a thread wake-up each (0: every token on its own).",
     )
 
     # Default sampling

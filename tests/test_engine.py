@@ -94,6 +94,16 @@ def test_tokens_faster_than_the_stream_interval_go_out_together(engine, long_rep
     assert len(coalesced) <= 2 + elapsed / 0.05  # the first token at once, then at most one chunk per 50 ms
 
 
+def test_the_end_of_a_reply_is_not_held_back_by_the_stream_interval(engine):
+    events = ReplyEvents()
+    started = time.perf_counter()
+    short = LONG.model_copy(update={"max_new_tokens": 20})
+    chunks = list(_engine_streaming_every(engine, 1000).stream_reply(HI, short, events=events))
+    elapsed = time.perf_counter() - started
+    assert events.stats.completion_tokens == 20 and len(chunks) <= 2  # the first token at once, then the rest
+    assert elapsed < 1.0 and events.stats.total_seconds < 1.0  # not one whole 1000 ms interval after the first
+
+
 def test_loading_moves_long_lived_objects_out_of_the_collectors_sight(engine):
     assert gc.get_freeze_count() > 10_000  # modules and the model, frozen by ChatEngine.load
 
