@@ -118,14 +118,19 @@ def timed_generate(model, prompt: torch.Tensor, new_tokens: int, static: bool) -
         pad_token_id=0,
         cache_implementation="static" if static else None,
     )
+    return generate_seconds(model, prompt, config)
+
+
+def generate_seconds(model, prompt: torch.Tensor, config: GenerationConfig) -> float:
+    """Seconds for one `generate`, CUDA synchronised on both ends; it must make exactly max_new_tokens tokens."""
     sync(prompt.device)
     started = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
     sync(prompt.device)
     seconds = time.perf_counter() - started
-    if out.shape[1] != prompt.shape[1] + new_tokens:
-        raise RuntimeError(f"expected {new_tokens} new tokens, got {out.shape[1] - prompt.shape[1]}")
+    if out.shape[1] != prompt.shape[1] + config.max_new_tokens:
+        raise RuntimeError(f"expected {config.max_new_tokens} new tokens, got {out.shape[1] - prompt.shape[1]}")
     return seconds
 
 
@@ -161,15 +166,7 @@ def measure_engine(model: LlamaForCausalLM, new_tokens: int, reps: int) -> float
         return new_tokens / seconds
 
     def bare() -> float:
-        sync(model.device)
-        started = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
-        sync(model.device)
-        seconds = time.perf_counter() - started
-        if out.shape[1] - prompt.shape[1] != new_tokens:
-            raise RuntimeError(f"expected {new_tokens} tokens from generate, got {out.shape[1] - prompt.shape[1]}")
-        return new_tokens / seconds
+        return new_tokens / generate_seconds(model, prompt, config)
 
     rates = interleaved({"stream": streamed, "bare": bare}, max(reps, 5))
     ratio = statistics.median([a / b for a, b in zip(rates["stream"], rates["bare"], strict=True)])
