@@ -76,14 +76,18 @@ def build_random_llama(
     *,
     hidden: int = 1024,
     layers: int = 4,
-    heads: int = 16,
-    kv_heads: int = 4,
-    intermediate: int = 2816,
     max_positions: int = 4096,
     seed: int = 0,
 ) -> Path:
-    """Save a random-initialised LlamaForCausalLM with the fixture's tokenizer files, loadable by the engine."""
+    """Save a random-initialised LlamaForCausalLM with the fixture's tokenizer files, loadable by the engine.
+
+    The rest of the shape follows from `hidden`: head dim 64, 4 query heads per KV head (as in InternLM2-7B), FFN
+    2.75 x hidden.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = hidden // 64
+    kv_heads, intermediate = max(heads // 4, 1), hidden * 11 // 4
 
     vocab = json.loads((FIXTURE_DIR / "config.json").read_text())["vocab_size"]
     config = LlamaConfig(

@@ -302,9 +302,6 @@ def main() -> None:
                     Path(tmp) / "llama",
                     hidden=args.hidden,
                     layers=args.layers,
-                    heads=args.hidden // 64,
-                    kv_heads=max(args.hidden // 256, 1),
-                    intermediate=args.hidden * 11 // 4,
                 )
                 label = f"random Llama (hidden {args.hidden}, {args.layers} layers)"
             results.append(measure(label, path, args, context_window))

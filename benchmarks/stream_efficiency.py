@@ -121,9 +121,6 @@ def main() -> None:
                     tmp / "llama-src",
                     hidden=args.hidden,
                     layers=args.layers,
-                    heads=args.hidden // 64,
-                    kv_heads=max(args.hidden // 256, 1),
-                    intermediate=args.hidden * 11 // 4,
                 )
                 engine = load_engine(tmp / "llama", model_path=path, **overrides)
                 label = (
