@@ -18,6 +18,7 @@ RUNS = {
     "ui_updates": ["--rates", "1000,max", "--seconds", "0.2", "--engine-tokens", "16"],
     "sse_delivery": ["--tokens", "16", "--reps", "1", "--health-samples", "8", "--hidden", "128", "--layers", "1"],
     "gpu_decode": [],
+    "gpu_fp16": [],
     "gpu_decode --cpu-smoke": ["--cpu-smoke", "--prompt-lengths", "8", "--new-tokens", "4", "--reps", "1"],
     "convert_memory": ["--hidden", "64", "--heads", "8", "--kv-heads", "2", "--intermediate", "128", "--shards", "2"],
 }
@@ -35,7 +36,7 @@ def test_benchmark_runs_and_prints_its_headline(run):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     last = result.stdout.strip().splitlines()[-1]
-    value = r"skipped|\d+(\.\d+)?" if name == "gpu_decode" else r"\d+(\.\d+)?"
+    value = r"skipped|\d+(\.\d+)?" if name.startswith("gpu_") else r"\d+(\.\d+)?"
     assert re.fullmatch(rf"{name}=({value})", last), result.stdout[-2000:]
-    if run == "gpu_decode" and last.endswith("skipped"):
+    if run in ("gpu_decode", "gpu_fp16") and last.endswith("skipped"):
         assert "skipped: no CUDA" in result.stdout
