@@ -12,26 +12,28 @@ Decoding one token at batch 1 reads every weight once (all but the embedding tab
 bandwidth / 14.72 GB is the ceiling; the figure reported is tokens/s ÷ that ceiling (the KV cache read, growing with
 the context, is printed beside it). Bandwidth comes from --bandwidth-gbs or a table by device name (printed).
 
-Two paths are measured, one after the other: the dynamic KV cache (what the engine uses today), then a static KV
-cache, where transformers compiles the decode step with torch.compile (mode reduce-overhead: CUDA graphs) by itself
-on CUDA (`cache_implementation="static"`). The static cache is sized once, for the longest prompt plus N
-(`max_cache_len`), so every call reuses one compiled step instead of recompiling per cache length; the compile time is
-spent in its first warm-up and reported. The static path runs last and a failure there is printed, not raised, so the
-dynamic figures and the engine's come back whatever the compiler does. Whether the engine offers the static path as a
-setting is a separate decision; this reports the numbers. The headline is the dynamic-cache ratio at the shortest
-prompt. `--cpu-smoke` runs the code path with a tiny shape on the CPU (figures meaningless).
+Two paths are measured, one after the other: the dynamic KV cache (the engine's default), then a static KV cache
+(the engine's INTERNLM_STATIC_CACHE setting), where transformers compiles the decode step with torch.compile (mode
+reduce-overhead: CUDA graphs) by itself on CUDA (`cache_implementation="static"`). The static cache is sized once,
+for the longest prompt plus N (`max_cache_len`), so every call reuses one compiled step instead of recompiling per
+cache length; the compile time is spent in its first warm-up and reported. The static path runs last and a failure
+there is printed, not raised, so the dynamic figures come back whatever the compiler does. The headline is the
+dynamic-cache ratio at the shortest prompt. `--cpu-smoke` runs the code path with a tiny shape on the CPU (figures
+meaningless).
 
-Last, the engine's own streaming path on the GPU (stream_efficiency's question where a token costs what it costs in
-production): a ChatEngine around the same model and the tiny fixture's tokenizer streams a reply, timed against a
-bare `generate` of the same prompt ids and length (alternating order, median of pair ratios). So that every generated
-id can be decoded by that tokenizer, the lm_head rows of all ids beyond its vocabulary and of its stop ids are zeroed
-first: their logit 0 stays below the greatest of the other random logits, so greedy does not pick them (every
-reply's length is checked), and the matmul (the whole 92544-row lm_head) costs the same.
+After each path, the engine's own streaming path on the GPU (stream_efficiency's question where a token costs what
+it costs in production): a ChatEngine around the same model and the tiny fixture's tokenizer streams a reply, timed
+against a bare `generate` of the same prompt ids, length and cache, in the main thread and in a new thread
+(alternating order, median of pair ratios). So that every generated id can be decoded by that tokenizer, the lm_head
+rows of all ids beyond its vocabulary and of its stop ids are zeroed first: their logit 0 stays below the greatest of
+the other random logits, so greedy does not pick them (every reply's length is checked), and the matmul (the whole
+92544-row lm_head) costs the same.
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 
 import torch
@@ -132,8 +134,12 @@ def generate_seconds(model, prompt: torch.Tensor, config: GenerationConfig) -> f
     return seconds
 
 
-def measure_engine(model: LlamaForCausalLM, new_tokens: int, reps: int) -> float:
-    """Tokens/s through ChatEngine.stream_reply ÷ bare generate on `model`; prints and returns the ratio."""
+def measure_engine(model: LlamaForCausalLM, new_tokens: int, reps: int, static_cache_len: int | None) -> float:
+    """Tokens/s through ChatEngine.stream_reply ÷ bare generate on `model`; prints and returns the ratio.
+
+    The engine generates in a thread of its own, so bare `generate` is also timed in a new thread: on the H200 this
+    was first run on, any thread but the main one took about three times the CPU per token on the dynamic path.
+    """
     from internlm_app.chat_types import ReplyEvents
     from internlm_app.engine import ChatEngine
     from internlm_app.loader import ModelInfo
@@ -146,8 +152,10 @@ def measure_engine(model: LlamaForCausalLM, new_tokens: int, reps: int) -> float
         rows = model.get_output_embeddings().weight
         rows[tokenizer.vocab_size :] = 0.0
         rows[list(tokenizer.stop_ids)] = 0.0
-    info = ModelInfo("random", "-", str(model.dtype), str(model.device), None, "none", "sdpa", context_window=4096)
-    engine = ChatEngine(model, tokenizer, info, Settings(model_path=FIXTURE_DIR))
+    window = static_cache_len or 4096  # the static cache's length is the context window: the one already compiled
+    info = ModelInfo("random", "-", str(model.dtype), str(model.device), None, "none", "sdpa", context_window=window)
+    engine = ChatEngine(model, tokenizer, info, Settings(model_path=FIXTURE_DIR, static_cache=bool(static_cache_len)))
+    engine.static_cache = bool(static_cache_len)  # also on the CPU (--cpu-smoke), where the setting alone is ignored
     messages = [{"role": "user", "content": "Tell me a long story about Shanghai and the people who live there."}]
     params = SamplingParams.greedy_params(new_tokens)
     prompt = torch.tensor([engine.prepare(messages, new_tokens).ids], device=model.device)
@@ -166,12 +174,24 @@ def measure_engine(model: LlamaForCausalLM, new_tokens: int, reps: int) -> float
     def bare() -> float:
         return new_tokens / generate_seconds(model, prompt, config)
 
-    rates = interleaved({"stream": streamed, "bare": bare}, max(reps, 5))
+    def bare_in_thread() -> float:
+        seconds: list[float] = []
+        worker = threading.Thread(target=lambda: seconds.append(generate_seconds(model, prompt, config)))
+        worker.start()
+        worker.join()
+        if not seconds:
+            raise RuntimeError("generate failed in its thread")
+        return new_tokens / seconds[0]
+
+    rates = interleaved({"stream": streamed, "bare": bare, "thread": bare_in_thread}, max(reps, 5))
     ratio = statistics.median([a / b for a, b in zip(rates["stream"], rates["bare"], strict=True)])
+    label = "static cache + compile" if static_cache_len else "dynamic cache"
     print(
-        f"  engine stream_reply, prompt {prompt.shape[1]}, {new_tokens} new tokens: "
+        f"  engine stream_reply, {label}, prompt {prompt.shape[1]}, {new_tokens} new tokens: "
         f"{statistics.median(rates['stream']):.1f} tok/s vs bare generate {statistics.median(rates['bare']):.1f} tok/s "
-        f"(prefill included on both sides), ratio (median of pairs) {ratio:.3f}"
+        f"in the main thread, {statistics.median(rates['thread']):.1f} tok/s in a new thread (prefill included "
+        f"everywhere); ratio stream / main-thread bare (median of pairs) {ratio:.3f}",
+        flush=True,
     )
     return ratio
 
@@ -233,10 +253,13 @@ def main() -> None:
 
     measure("dynamic cache", None)
     if not args.no_engine:
-        measure_engine(model, n, args.reps)
+        measure_engine(model, n, args.reps, None)
     if not args.no_static:
         try:
-            measure("static cache + compile", max(lengths) + n)
+            static_len = max(*lengths, 64) + n  # one length for all: the engine's prompt (36 tokens) fits too
+            measure("static cache + compile", static_len)
+            if not args.no_engine:
+                measure_engine(model, n, args.reps, static_len)
         except Exception as error:  # a compiler failure must not cost the figures above
             print(f"  static cache + compile failed: {type(error).__name__}: {error}")
     if device.type == "cuda":

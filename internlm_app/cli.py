@@ -10,7 +10,10 @@ from pathlib import Path
 from .sampling import BOUNDS, INT_PARAMS, SamplingParams
 from .settings import Settings, add_settings_arguments, settings_from_args
 
-MODEL_FLAGS = ["model_path", "model_id", "model_revision", "cache_dir", "dtype", "device", "quantization", "max_length"]
+MODEL_FLAGS = [
+    *("model_path", "model_id", "model_revision", "cache_dir", "dtype", "device", "quantization", "max_length"),
+    "static_cache",
+]
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:

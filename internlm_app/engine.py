@@ -87,12 +87,24 @@ class ChatEngine:
         self.info = info
         self.settings = settings
         self.queue = GpuQueue(max_waiting=settings.queue_limit)
+        # transformers compiles the decode step by itself for a static cache on CUDA; on the CPU it would only be slower
+        self.static_cache = settings.static_cache and model.device.type == "cuda"
 
     @classmethod
     def load(cls, settings: Settings, progress: Progress | None = None) -> ChatEngine:
         model, tokenizer, info = load_model(settings, progress=progress)
         _freeze_long_lived_objects()
-        return cls(model, tokenizer, info, settings)
+        engine = cls(model, tokenizer, info, settings)
+        if engine.static_cache:
+            log.info("compiling the decode step for the static cache (a warm-up reply)")  # a step the web app shows
+            engine.warm_up()
+        return engine
+
+    def warm_up(self) -> None:
+        """Reply once, a few tokens, so that compiling the decode step happens while loading, not in the first chat."""
+        started = time.perf_counter()
+        self.reply([{"role": "user", "content": "hi"}], SamplingParams.greedy_params(8))
+        log.info("warm-up reply done in %.1fs", time.perf_counter() - started)
 
     @property
     def context_window(self) -> int:
@@ -258,7 +270,10 @@ class ChatEngine:
             if params.greedy
             else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
         )
+        # One cache length for every reply, so the compiled decode step is reused rather than compiled again.
+        static = {"cache_implementation": "static", "max_cache_len": self.context_window} if self.static_cache else {}
         return GenerationConfig(
+            **static,
             max_new_tokens=params.max_new_tokens,
             repetition_penalty=params.repetition_penalty,
             eos_token_id=list(self.tokenizer.stop_ids),

@@ -78,6 +78,24 @@ def test_tutorial_chat_and_stream_chat(engine, reference):
         assert [list(p) for p in items[-1][1]] == case["returned_history"]
 
 
+def test_static_cache_is_a_cuda_setting(engine):
+    settings = engine.settings.model_copy(update={"static_cache": True})
+    on_cpu = ChatEngine(engine.model, engine.tokenizer, engine.info, settings)
+    assert not on_cpu.static_cache  # no compile on the CPU: a static cache there would only be slower
+    assert on_cpu.generation_config(SamplingParams.greedy_params(8)).cache_implementation is None
+
+
+def test_static_cache_replies_match_model_chat(engine, reference):
+    static = ChatEngine(engine.model, engine.tokenizer, engine.info, engine.settings)
+    static.static_cache = True  # what the setting gives on CUDA; here the same cache, uncompiled
+    config = static.generation_config(SamplingParams.greedy_params(8))
+    assert (config.cache_implementation, config.max_cache_len) == ("static", engine.context_window)
+    for case in reference["chat"]:
+        messages = history_to_messages(case["query"], case["history"], _system(case, reference))
+        text, stats = static.reply(messages, SamplingParams.greedy_params(case["max_new_tokens"]))
+        assert text == case["response"] and stats.completion_tokens == len(case["generated_ids"])
+
+
 def _engine_streaming_every(engine: ChatEngine, interval_ms: int) -> ChatEngine:
     settings = engine.settings.model_copy(update={"stream_interval_ms": interval_ms})
     return ChatEngine(engine.model, engine.tokenizer, engine.info, settings)

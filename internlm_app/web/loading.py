@@ -31,6 +31,7 @@ LOAD_FIELDS = (
     "max_length",
     "queue_limit",
     "empty_cache_after_reply",
+    "static_cache",
     "stream_interval_ms",
     "openai_base_url",
     "openai_model",
