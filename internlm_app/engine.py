@@ -27,7 +27,7 @@ from .chat_types import (
 )
 from .convert import Progress
 from .gpu_queue import GpuQueue
-from .loader import ModelInfo, load_model
+from .loader import ModelInfo, ModelLoadError, load_model
 from .sampling import SamplingParams
 from .settings import DEFAULT_SYSTEM_PROMPT, Settings
 from .tokenizer import ChatTokenizer
@@ -103,7 +103,13 @@ class ChatEngine:
     def warm_up(self) -> None:
         """Reply once, a few tokens, so that compiling the decode step happens while loading, not in the first chat."""
         started = time.perf_counter()
-        self.reply([{"role": "user", "content": "hi"}], SamplingParams.greedy_params(8))
+        try:
+            self.reply([{"role": "user", "content": "hi"}], SamplingParams.greedy_params(8))
+        except GenerationError as exc:
+            raise ModelLoadError(
+                f"the warm-up reply for the static cache failed: {exc}. Start without INTERNLM_STATIC_CACHE, or check "
+                "that torch.compile works here (Triton, from the CUDA torch wheel, and a C compiler such as gcc)."
+            ) from exc
         log.info("warm-up reply done in %.1fs", time.perf_counter() - started)
 
     @property

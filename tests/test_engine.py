@@ -18,6 +18,7 @@ from internlm_app.chat_types import (
 )
 from internlm_app.engine import ChatEngine, history_to_messages
 from internlm_app.gpu_queue import GpuQueue
+from internlm_app.loader import ModelLoadError
 from internlm_app.sampling import SamplingParams
 from tests.faults import FailOnForward
 
@@ -94,6 +95,16 @@ def test_static_cache_replies_match_model_chat(engine, reference):
         messages = history_to_messages(case["query"], case["history"], _system(case, reference))
         text, stats = static.reply(messages, SamplingParams.greedy_params(case["max_new_tokens"]))
         assert text == case["response"] and stats.completion_tokens == len(case["generated_ids"])
+
+
+def test_a_failed_static_cache_warm_up_is_a_load_error_that_says_what_to_do(engine):
+    handle = engine.model.register_forward_hook(FailOnForward(2))  # as a compile failure of the decode step would
+    try:
+        with pytest.raises(ModelLoadError, match="INTERNLM_STATIC_CACHE") as failure:
+            engine.warm_up()
+    finally:
+        handle.remove()
+    assert isinstance(failure.value.__cause__, GenerationError) and not engine.queue.busy
 
 
 def _engine_streaming_every(engine: ChatEngine, interval_ms: int) -> ChatEngine:
