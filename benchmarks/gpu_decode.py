@@ -154,8 +154,8 @@ def measure_engine(model: LlamaForCausalLM, new_tokens: int, reps: int, static_c
         rows[list(tokenizer.stop_ids)] = 0.0
     window = static_cache_len or 4096  # the static cache's length is the context window: the one already compiled
     info = ModelInfo("random", "-", str(model.dtype), str(model.device), None, "none", "sdpa", context_window=window)
-    engine = ChatEngine(model, tokenizer, info, Settings(model_path=FIXTURE_DIR, static_cache=bool(static_cache_len)))
-    engine.static_cache = bool(static_cache_len)  # also on the CPU (--cpu-smoke), where the setting alone is ignored
+    engine = ChatEngine(model, tokenizer, info, Settings(model_path=FIXTURE_DIR))
+    engine.static_cache = bool(static_cache_len)  # what INTERNLM_STATIC_CACHE gives on CUDA; also on --cpu-smoke
     messages = [{"role": "user", "content": "Tell me a long story about Shanghai and the people who live there."}]
     params = SamplingParams.greedy_params(new_tokens)
     prompt = torch.tensor([engine.prepare(messages, new_tokens).ids], device=model.device)
