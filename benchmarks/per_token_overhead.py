@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 from common import FIXTURE_DIR, headline, parser, set_threads, tiny_settings, verdict, workdir
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LlamaConfig
 
+from internlm_app.backends.decode_plan import DecodePlan
 from internlm_app.engine import ChatEngine
 from internlm_app.loader import ModelInfo
 from internlm_app.sampling import SamplingParams
@@ -39,11 +40,13 @@ TARGET = 1.2
 TEXT = "The quick brown fox jumps over the lazy dog while the city of Shanghai sleeps under a quiet management sky "
 
 
-class LockstepModel:
+class LockstepModel(torch.nn.Module):
     """A model stub behind the engine's seam: emits a token cycle, each one only after the consumer got the last."""
 
     def __init__(self, token_cycle: list[int], vocab_size: int):
+        super().__init__()
         self.device = torch.device("cpu")
+        self.config = LlamaConfig(hidden_size=64, num_attention_heads=8, num_hidden_layers=2, vocab_size=vocab_size)
         self.generation_config = GenerationConfig(bos_token_id=1, pad_token_id=2)
         self.token_cycle, self.vocab_size = token_cycle, vocab_size
         self.received = threading.Event()
@@ -51,7 +54,7 @@ class LockstepModel:
         self.criterion_seconds: list[float] = []
         self.cpu_seconds: list[float] = []  # CPU time of put + criterion on the generation thread
 
-    def generate(self, input_ids, attention_mask, generation_config, streamer, stopping_criteria):
+    def generate(self, input_ids, attention_mask, generation_config, streamer, stopping_criteria, cache=None):
         """Like transformers' greedy loop, minus the model: put the prompt, then one token per step."""
         prompt = input_ids.shape[1]
         ids = torch.zeros((1, prompt + generation_config.max_new_tokens), dtype=torch.long)
@@ -157,7 +160,8 @@ def main() -> None:
     with workdir("overhead") as tmp:
         settings = tiny_settings(Path(tmp), stream_interval_ms=0)  # every token on its own: no coalescing to hide in
         info = ModelInfo("stub", "-", "float32", "cpu", None, "none", "sdpa", context_window=4096)
-        figures = measure(ChatEngine(stub, tokenizer, info, settings), stub, new_tokens, args.reps)
+        plan = DecodePlan("dynamic", "a stub", 1, "off: a stub", 0, 0, 32, 0)  # the worker alone, nothing kept
+        figures = measure(ChatEngine(stub, tokenizer, info, settings, plan), stub, new_tokens, args.reps)
         (cpu_100, cpu_1000), (wall_100, wall_1000) = figures["cpu"], figures["wall"]
         ratio = cpu_1000 / cpu_100
         print(
@@ -171,7 +175,7 @@ def main() -> None:
             f"ratio {wall_1000 / wall_100:.3f}"
         )
         if not args.no_control:
-            control = ChatEngine(stub, RedecodingTokenizer(tokenizer), info, settings)
+            control = ChatEngine(stub, RedecodingTokenizer(tokenizer), info, settings, plan)
             c100, c1000 = measure(control, stub, new_tokens, max(args.reps // 2, 1))["cpu"]
             print(
                 f"  control, decoder re-decoding the whole reply per token: CPU {c100 * 1e6:.1f} us -> "

@@ -39,6 +39,8 @@ class ReplyStats:
     queue_seconds: float = 0.0
     finish_reason: FinishReason = "stop"
     dropped_messages: int = 0  # oldest history messages left out to fit the context budget
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused from an earlier turn instead of prefilled
+    batched: bool = False  # decoded in the continuous batch (another reply was running) rather than alone
     error: str | None = None
 
     def to_dict(self) -> dict:

@@ -8,13 +8,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from queue import SimpleQueue
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import GenerationConfig
 
-from . import gpu
+from .backends.batching import BatchDecoder
+from .backends.decode_plan import DecodePlan, plan_decoding
+from .backends.token_stream import END, Empty, TokenStream
+from .backends.worker import GenerationJob, GenerationWorker
 from .chat_types import (
     ContextTooLongError,
     GenerationError,
@@ -34,39 +35,7 @@ from .tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
 
-_END = object()
-
-
-class _TokenStreamer(BaseStreamer):
-    """Hands each new token id to the consuming thread; the prompt (first put) is skipped."""
-
-    def __init__(self, tokens: SimpleQueue):
-        self._tokens = tokens
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self._tokens.put(token)
-
-    def end(self) -> None:
-        pass  # the generation thread signals the end itself, also when generate() raises
-
-
-class _StopWhenSet(StoppingCriteria):
-    """Stops generate() at the next token once any of the events is set."""
-
-    def __init__(self, *events: threading.Event | None):
-        self._events = [e for e in events if e is not None]
-        self._answers: dict[tuple, torch.BoolTensor] = {}  # generate() only reads them: made once, not per token
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        key = (any(e.is_set() for e in self._events), input_ids.shape[0], input_ids.device)
-        if key not in self._answers:
-            self._answers[key] = torch.full(key[1:2], key[0], dtype=torch.bool, device=input_ids.device)
-        return self._answers[key]
+_CANCEL_POLL_SECONDS = 0.25  # how often a consumer waiting for a token checks its cancel event
 
 
 @dataclass
@@ -79,42 +48,106 @@ class PreparedPrompt:
 
 
 class ChatEngine:
-    """Streams replies from one model; generation is serialized by a FIFO GPU queue."""
+    """Streams replies from one model: one reply alone on the generation worker, concurrent ones in a batch.
 
-    def __init__(self, model: torch.nn.Module, tokenizer: ChatTokenizer, info: ModelInfo, settings: Settings):
+    At most `plan.batch_slots` replies generate at once; later ones wait in a first-come-first-served line (`queue`).
+    A reply that starts while nothing runs goes to the worker (`generate`, static cache + compiled step on CUDA, KV
+    reuse across turns); one that starts while another runs joins the continuous batch, as does every reply while the
+    batch is busy. Replies the batch cannot sample (a repetition penalty) wait for the worker.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: ChatTokenizer,
+        info: ModelInfo,
+        settings: Settings,
+        plan: DecodePlan | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
         self.settings = settings
-        self.queue = GpuQueue(max_waiting=settings.queue_limit)
-        # transformers compiles the decode step by itself for a static cache on CUDA; on the CPU it would only be slower
-        self.static_cache = settings.static_cache and model.device.type == "cuda"
+        self.plan = plan or plan_decoding(model, settings, info.context_window)
+        self.static_cache = self.plan.single_path == "static"
+        self.queue = GpuQueue(max_waiting=settings.queue_limit, slots=self.plan.batch_slots)
+        self._worker_line = GpuQueue()  # the worker decodes one reply at a time
+        self.worker = GenerationWorker(
+            model,
+            static_window=lambda: self.context_window if self.static_cache else None,
+            kv_reuse_tokens=self.plan.kv_reuse_tokens,
+            empty_cache_after_reply=settings.empty_cache_after_reply,
+        )
+        self._batch: BatchDecoder | None = None
+        self._batch_lock = threading.Lock()
 
     @classmethod
     def load(cls, settings: Settings, progress: Progress | None = None) -> ChatEngine:
         model, tokenizer, info = load_model(settings, progress=progress)
         _freeze_long_lived_objects()
         engine = cls(model, tokenizer, info, settings)
-        if engine.static_cache:
-            log.info("compiling the decode step for the static cache (a warm-up reply)")  # a step the web app shows
-            engine.warm_up()
+        engine.warm_up()
         return engine
 
     def warm_up(self) -> None:
-        """Reply once, a few tokens, so that compiling the decode step happens while loading, not in the first chat."""
+        """Reply once on each path, a few tokens, so that threads, compiles and caches are ready before the first chat.
+
+        Raises ModelLoadError, saying which setting turns the failing part off.
+        """
+        hi: list[Message] = [{"role": "user", "content": "hi"}]
+        params = SamplingParams.greedy_params(8)
+        # A step the web app shows while loading: the log lines of the loading thread are its progress.
+        log.info(
+            "warming up the generation worker"
+            + (" (compiling the decode step for the static cache)" if self.static_cache else "")
+        )
         started = time.perf_counter()
         try:
-            self.reply([{"role": "user", "content": "hi"}], SamplingParams.greedy_params(8))
+            self._reply_on("worker", hi, params)
         except GenerationError as exc:
-            raise ModelLoadError(
-                f"the warm-up reply for the static cache failed: {exc}. Start without INTERNLM_STATIC_CACHE, or check "
-                "that torch.compile works here (Triton, from the CUDA torch wheel, and a C compiler such as gcc)."
-            ) from exc
+            hint = (
+                "Start with INTERNLM_STATIC_CACHE=false, or check that torch.compile works here (Triton, from the "
+                "CUDA torch wheel, and a C compiler such as gcc)."
+                if self.static_cache
+                else "Check the model files and the GPU (python -m internlm_app doctor)."
+            )
+            raise ModelLoadError(f"the warm-up reply failed: {exc}. {hint}") from exc
         log.info("warm-up reply done in %.1fs", time.perf_counter() - started)
+        if self.plan.batching:
+            log.info("starting the continuous batch (%s)", self.plan.batch_reason)
+            try:
+                self._reply_on("batch", hi, params)
+            except (GenerationError, RuntimeError, ValueError) as exc:
+                raise ModelLoadError(
+                    f"the continuous batch failed to start: {exc}. Start with INTERNLM_MAX_BATCH_SIZE=1 to decode one "
+                    "reply at a time without it."
+                ) from exc
+
+    def close(self) -> None:
+        """Stop the worker and the batch's threads (tests and benchmarks; a server keeps its engine to the end)."""
+        self.worker.close()
+        if self._batch is not None:
+            self._batch.close()
 
     @property
     def context_window(self) -> int:
         return self.info.context_window
+
+    def batch_decoder(self) -> BatchDecoder | None:
+        """The continuous batch, started on first use (ChatEngine.load starts it while loading); None when off."""
+        if not self.plan.batching:
+            return None
+        with self._batch_lock:
+            if self._batch is None:
+                self._batch = BatchDecoder(
+                    self.model,
+                    stop_ids=list(self.tokenizer.stop_ids),
+                    pad_token_id=self._pad_token_id(),
+                    slots=self.plan.batch_slots,
+                    cache_tokens=self.plan.batch_cache_tokens,
+                    page_size=self.plan.page_size,
+                )
+            return self._batch
 
     def prepare(self, messages: list[Message], max_new_tokens: int, max_length: int | None = None) -> PreparedPrompt:
         """Validate messages and build prompt ids, leaving out the oldest turns that do not fit.
@@ -157,15 +190,39 @@ class ChatEngine:
         """Yield reply text as it is generated; `events.stats` holds the stats when the iterator ends.
 
         Bad input raises here, before anything runs. Setting `cancel`, or closing the iterator, stops generation
-        within one token. A failure in the generation thread raises GenerationError from the iterator.
+        within one token. A failed generation raises GenerationError from the iterator.
         """
         prepared = self.prepare(messages, params.max_new_tokens, max_length)
         if prepared.max_new_tokens != params.max_new_tokens:
             params = params.model_copy(update={"max_new_tokens": prepared.max_new_tokens})
         return self._stream(prepared, params, cancel, events or ReplyEvents())
 
+    def _reply_on(self, path: str, messages: list[Message], params: SamplingParams) -> tuple[str, ReplyStats]:
+        """A whole reply on one path ("worker" or "batch"), whatever else runs (the warm-up and tests use it)."""
+        events = ReplyEvents()
+        prepared = self.prepare(messages, params.max_new_tokens)
+        text = "".join(self._stream(prepared, params, None, events, path=path))
+        return text, events.stats
+
+    def _choose_path(self, params: SamplingParams) -> tuple[str, bool]:
+        """The worker when nothing else runs (fastest alone, reuses the chat's KV); the batch otherwise.
+
+        Returns the path and whether this call already took the worker's line.
+        """
+        batch = self.batch_decoder()
+        if batch is None or batch.unsupported(params) is not None:
+            return "worker", False
+        if batch.active == 0 and self._worker_line.try_acquire():
+            return "worker", True
+        return "batch", False
+
     def _stream(
-        self, prepared: PreparedPrompt, params: SamplingParams, cancel: threading.Event | None, events: ReplyEvents
+        self,
+        prepared: PreparedPrompt,
+        params: SamplingParams,
+        cancel: threading.Event | None,
+        events: ReplyEvents,
+        path: str | None = None,
     ) -> Iterator[str]:
         stats = events.stats
         stats.prompt_tokens, stats.dropped_messages = len(prepared.ids), prepared.dropped_messages
@@ -175,22 +232,25 @@ class ChatEngine:
         except QueueFullError as exc:
             stats.finish_reason, stats.error = "error", str(exc)
             raise
-        stats.queue_seconds = time.perf_counter() - queued
         if not acquired:
+            stats.queue_seconds = time.perf_counter() - queued
             stats.finish_reason = "cancelled"
             return
-        tokens: SimpleQueue = SimpleQueue()
-        stop, finished = threading.Event(), threading.Event()
-        failure: list[BaseException] = []
-        worker = threading.Thread(
-            target=self._generate,
-            args=(prepared.ids, params, tokens, stop, cancel, failure, finished),
-            name="internlm-generate",
-            daemon=True,
-        )
-        started = time.perf_counter()
+        stop = threading.Event()
         try:
-            worker.start()
+            path, holding = (path, False) if path else self._choose_path(params)
+            if (
+                path == "worker"
+                and not holding
+                and not self._worker_line.acquire(on_wait=events.on_queue, cancel=cancel)
+            ):
+                self.queue.release()
+                stats.queue_seconds = time.perf_counter() - queued
+                stats.finish_reason = "cancelled"
+                return
+            stats.queue_seconds, stats.batched = time.perf_counter() - queued, path == "batch"
+            started = time.perf_counter()
+            stream, end = self._start(path, prepared.ids, params, stop, cancel)
         except BaseException:
             self.queue.release()
             raise
@@ -202,18 +262,18 @@ class ChatEngine:
                 if (wait := next_at - time.perf_counter()) > 0:
                     # Tokens that come meanwhile go out together (one wake-up, not one per token); the end of the
                     # reply, an error or a cancel ends the wait at once.
-                    finished.wait(wait)
-                text, token = "", tokens.get()
-                while token is not _END:
+                    stream.finished.wait(wait)
+                text, token = "", self._next_token(stream, cancel, end)
+                while token is not END:
                     count, last_token = count + 1, token
                     if first_at is None:
                         first_at = time.perf_counter()
                         stats.time_to_first_token = first_at - started
                     text += decoder.push(token)
-                    if not interval or tokens.empty():  # interval 0: a chunk per token, even when some queued up
+                    if not interval or stream.empty():  # interval 0: a chunk per token, even when some queued up
                         break
-                    token = tokens.get()
-                done = token is _END
+                    token = stream.get()
+                done = token is END
                 if done:
                     text += decoder.flush()
                 if text:
@@ -221,18 +281,50 @@ class ChatEngine:
                     yield text
         finally:
             stop.set()  # a consumer that went away (closed iterator) stops generation too
-            worker.join()
+            end()
+            stream.finished.wait()  # the worker has let go of the model (the batch ends a stream at once)
             ended = time.perf_counter()
             stats.completion_tokens, stats.total_seconds = count, ended - queued
+            stats.cached_tokens = stream.cached_tokens
             if first_at is not None and count > 1 and ended > first_at:
                 stats.tokens_per_second = (count - 1) / (ended - first_at)
-            stats.finish_reason = self._finish_reason(last_token, count, params, stop, cancel, failure)
-        if failure:
-            stats.error = _describe(failure[0])
-            raise GenerationError(stats.error) from failure[0]
+            stats.finish_reason = self._finish_reason(last_token, count, params, stop, cancel, stream.failure)
+        if stream.failure is not None:
+            stats.error = _describe(stream.failure)
+            raise GenerationError(stats.error) from stream.failure
+
+    def _start(self, path, prompt_ids, params, stop, cancel) -> tuple[TokenStream, object]:
+        """Start decoding on a path; returns the token stream and a call that stops it (safe to call twice)."""
+        if path == "worker":
+
+            def release_worker() -> None:
+                self._worker_line.release()
+                self.queue.release()
+
+            stream = TokenStream(on_finish=release_worker)
+            try:
+                self.worker.submit(GenerationJob(prompt_ids, self.generation_config(params), stream, stop, cancel))
+            except BaseException:
+                self._worker_line.release()
+                raise
+            return stream, stop.set
+        batch = self.batch_decoder()
+        stream = TokenStream(on_finish=self.queue.release)
+        request_id = batch.submit(prompt_ids, params, stream, stop, cancel)
+        return stream, lambda: batch.cancel(request_id)
+
+    @staticmethod
+    def _next_token(stream: TokenStream, cancel: threading.Event | None, end) -> object:
+        """The next token or END; a cancel set meanwhile stops the reply even when no token comes."""
+        while True:
+            try:
+                return stream.get(timeout=_CANCEL_POLL_SECONDS)
+            except Empty:
+                if cancel is not None and cancel.is_set():
+                    end()
 
     def _finish_reason(self, last_token, count, params, stop, cancel, failure) -> str:
-        if failure:
+        if failure is not None:
             return "error"
         if last_token in self.tokenizer.stop_ids:
             return "stop"
@@ -242,48 +334,23 @@ class ChatEngine:
             return "cancelled"
         return "stop"
 
-    def _generate(self, prompt_ids, params, tokens, stop, cancel, failure, finished) -> None:
-        """Body of the generation thread: always frees the GPU queue and ends the token stream."""
-        try:
-            with torch.inference_mode():
-                input_ids = torch.tensor([prompt_ids], device=self.model.device)
-                self.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    generation_config=self.generation_config(params),
-                    streamer=_TokenStreamer(tokens),
-                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop, cancel)]),
-                )
-        except BaseException as exc:  # e.g. CUDA out of memory: reported to the consumer, never swallowed
-            log.error("generation failed: %s", _describe(exc))
-            failure.append(exc)
-        finally:
-            try:
-                if failure or self.settings.empty_cache_after_reply:
-                    gpu.clear_cache()
-            except BaseException as exc:  # a sticky CUDA error raises again here: report it, never wedge the queue
-                failure.append(exc)
-            finally:
-                self.queue.release()
-                tokens.put(_END)
-                finished.set()
+    def _pad_token_id(self) -> int:
+        pad = self.model.generation_config.pad_token_id
+        return pad if pad is not None else self.tokenizer.stop_ids[0]
 
     def generation_config(self, params: SamplingParams) -> GenerationConfig:
-        """transformers GenerationConfig for one reply; temperature 0 means greedy."""
+        """transformers GenerationConfig for one reply on the worker; temperature 0 means greedy."""
         base = self.model.generation_config
         sampling = (
             {"do_sample": False}
             if params.greedy
             else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
         )
-        # One cache length for every reply, so the compiled decode step is reused rather than compiled again.
-        static = {"cache_implementation": "static", "max_cache_len": self.context_window} if self.static_cache else {}
         return GenerationConfig(
-            **static,
             max_new_tokens=params.max_new_tokens,
             repetition_penalty=params.repetition_penalty,
             eos_token_id=list(self.tokenizer.stop_ids),
-            pad_token_id=base.pad_token_id if base.pad_token_id is not None else self.tokenizer.stop_ids[0],
+            pad_token_id=self._pad_token_id(),
             bos_token_id=base.bos_token_id,
             **sampling,
         )
@@ -336,6 +403,8 @@ def _freeze_long_lived_objects() -> None:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, GenerationError):
+        return str(exc)  # the batch's errors are worded already
     if isinstance(exc, torch.OutOfMemoryError):
         return f"GPU out of memory: {exc}. The cache was cleared; try fewer max new tokens or a shorter conversation."
     return f"{type(exc).__name__}: {exc}"

@@ -89,6 +89,8 @@ class StatsIn(_Strict):
     queue_seconds: Seconds = 0.0
     finish_reason: FinishReason = "stop"
     dropped_messages: Count = 0
+    cached_tokens: Count = 0
+    batched: bool = False
     error: Annotated[str, StringConstraints(max_length=MAX_VALUE_CHARS)] | None = None
 
 

@@ -1,4 +1,4 @@
-"""A first-come-first-served lock around the GPU that tells waiters their place in line."""
+"""A first-come-first-served semaphore around the GPU that tells waiters their place in line."""
 
 from __future__ import annotations
 
@@ -12,23 +12,39 @@ from .chat_types import QueueFullError
 
 
 class GpuQueue:
-    """FIFO mutual exclusion: one generation at a time, waiters served in arrival order."""
+    """FIFO admission: at most `slots` replies generate at once, waiters are served in arrival order."""
 
-    def __init__(self, max_waiting: int | None = None, poll_seconds: float = 0.25):
+    def __init__(self, max_waiting: int | None = None, poll_seconds: float = 0.25, slots: int = 1):
+        if slots < 1:
+            raise ValueError("a GPU queue needs at least one slot")
         self._cond = threading.Condition()
         self._waiting: deque[int] = deque()
         self._tickets = itertools.count()
-        self._busy = False
+        self._active = 0
+        self.slots = slots
         self.max_waiting = max_waiting
         self.poll_seconds = poll_seconds
 
     @property
     def busy(self) -> bool:
-        return self._busy
+        """Every slot is taken: a new request has to wait."""
+        return self._active >= self.slots
+
+    @property
+    def active(self) -> int:
+        return self._active
 
     def waiting(self) -> int:
         with self._cond:
             return len(self._waiting)
+
+    def try_acquire(self) -> bool:
+        """Take a slot only if one is free and nobody waits; never queues."""
+        with self._cond:
+            if self._active < self.slots and not self._waiting:
+                self._active += 1
+                return True
+            return False
 
     def acquire(
         self,
@@ -36,10 +52,10 @@ class GpuQueue:
         cancel: threading.Event | None = None,
         timeout: float | None = None,
     ) -> bool:
-        """Wait for the GPU; False when cancelled or timed out. Raises QueueFullError when the line is too long."""
+        """Wait for a slot; False when cancelled or timed out. Raises QueueFullError when the line is too long."""
         with self._cond:
-            if not self._busy and not self._waiting:
-                self._busy = True
+            if self._active < self.slots and not self._waiting:
+                self._active += 1
                 return True
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
                 raise QueueFullError(f"the model is busy and {len(self._waiting)} requests are already waiting")
@@ -49,9 +65,9 @@ class GpuQueue:
         try:
             while True:
                 with self._cond:
-                    if not self._busy and self._waiting[0] == ticket:
+                    if self._active < self.slots and self._waiting[0] == ticket:
                         self._waiting.popleft()
-                        self._busy = True
+                        self._active += 1
                         self._cond.notify_all()
                         return True
                     place = self._waiting.index(ticket) + 1
@@ -64,7 +80,7 @@ class GpuQueue:
                 if on_wait is not None:
                     on_wait(place)  # outside the lock: a callback may take its time (e.g. update a web page)
                 with self._cond:
-                    if self._busy or self._waiting[0] != ticket:
+                    if self._active >= self.slots or self._waiting[0] != ticket:
                         self._cond.wait(self.poll_seconds)
         except BaseException:
             with self._cond:
@@ -75,7 +91,7 @@ class GpuQueue:
 
     def release(self) -> None:
         with self._cond:
-            if not self._busy:
+            if self._active == 0:
                 raise RuntimeError("GpuQueue.release() without acquire()")
-            self._busy = False
+            self._active -= 1
             self._cond.notify_all()

@@ -59,11 +59,34 @@ class Settings(BaseSettings):
         description="Context budget in tokens (prompt + reply); older turns are left out beyond it.",
     )
     empty_cache_after_reply: bool = Field(False, description="Release the CUDA cache after each reply (torch_gc).")
-    static_cache: bool = Field(
-        False,
-        description="CUDA only: a static KV cache sized to max_length and a torch.compile'd decode step (CUDA "
-        "graphs). Faster decoding; loading compiles it in a warm-up reply (tens of seconds), and the whole window's KV "
-        "cache stays in GPU memory (128 KiB per token for InternLM2-7B in float16: 4 GiB at 32768).",
+    static_cache: bool | Literal["auto"] = Field(
+        "auto",
+        description="CUDA only: decode one reply over a static KV cache sized to max_length with a torch.compile'd "
+        "step (CUDA graphs). auto: on when that cache fits in half the GPU memory left beside the weights, else the "
+        "dynamic cache (the log, the Status page and doctor say which and why); true / false force it. Loading "
+        "compiles it in a warm-up reply (tens of seconds); the cache takes 128 KiB per token for InternLM2-7B in "
+        "float16 (1 GiB at 8192).",
+    )
+    max_batch_size: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Most replies decoded at once. A reply that starts while another runs joins a continuous batch "
+        "(transformers' paged KV cache); beyond this many, requests wait in line. 1: one reply at a time.",
+    )
+    kv_cache_memory_share: float = Field(
+        0.8,
+        gt=0.0,
+        le=1.0,
+        description="Share of the GPU memory left after the weights, the static cache and KV reuse that the batch's "
+        "paged KV cache may take (the rest is headroom for activations).",
+    )
+    kv_reuse_tokens: int = Field(
+        16384,
+        ge=0,
+        le=1_048_576,
+        description="KV cache tokens kept after a reply so that the next turn of a conversation (or a regenerate or "
+        "edit) does not prefill the shared part again; least recently used conversations go first (0: off).",
     )
     stream_interval_ms: int = Field(
         20,

@@ -17,8 +17,10 @@ from tests.test_api_support import (
     REPLY_TOKENS,
     api_settings,
     engine_copy,
+    free_all_slots,
     greedy_reply,
     sse_events,
+    take_all_slots,
     with_default_system,
 )
 
@@ -175,7 +177,8 @@ def test_models_and_health(client):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["model_loaded"] is True
     assert health["device"] == "cpu" and health["gpu_memory"] == [] and health["context_window"] == 512
-    assert health["queue"] == {"waiting": 0, "busy": False, "limit": 16}
+    assert health["queue"] == {"waiting": 0, "active": 0, "slots": 8, "busy": False, "limit": 16}
+    assert health["decoding"]["single_path"] == "dynamic" and health["decoding"]["batch_slots"] == 8
 
 
 def _metric(text: str, name: str) -> float:
@@ -270,19 +273,19 @@ def test_out_of_memory_mid_stream_ends_with_an_error_event(client, engine):
     events = sse_events(response.text)
     assert response.status_code == 200 and events[-1] == "[DONE]"
     assert events[-2]["error"]["code"] == "generation_failed" and "out of memory" in events[-2]["error"]["message"]
-    assert not engine.queue.busy
+    assert engine.queue.active == 0
 
 
 def test_queue_full_is_503_with_retry_after(engine, tmp_path):
     settings = api_settings(tmp_path, queue_limit=0)
     busy = engine_copy(engine, settings)
     with TestClient(create_app(settings, backend=busy)) as client:
-        assert busy.queue.acquire()
+        take_all_slots(busy)
         try:
             classic = client.post("/", json={"prompt": "hi"})
             openai = client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
         finally:
-            busy.queue.release()
+            free_all_slots(busy)
         for response in (classic, openai):
             assert response.status_code == 503 and int(response.headers["retry-after"]) > 0
         assert classic.json()["status"] == 503 and openai.json()["error"]["code"] == "model_busy"

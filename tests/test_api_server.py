@@ -23,10 +23,12 @@ from tests.test_api_support import (
     REPLY_TOKENS,
     api_settings,
     engine_copy,
+    free_all_slots,
     greedy_reply,
     raw_request,
     read_until,
     sse_events,
+    take_all_slots,
     wait_until,
     with_default_system,
 )
@@ -117,7 +119,7 @@ def test_eight_concurrent_streaming_clients(server, engine):
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         results = dict(zip(PROMPTS, pool.map(run, PROMPTS), strict=True))
     assert results == expected
-    assert not engine.queue.busy and engine.queue.waiting() == 0
+    assert engine.queue.active == 0 and engine.queue.waiting() == 0
 
 
 CANCELLED = 'internlm_replies_total{finish_reason="cancelled"}'
@@ -138,16 +140,16 @@ def test_health_and_metrics_answer_while_a_reply_streams(endless):
     request = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 400, "stream": True}
     with raw_request(url, CHAT, request) as sock:
         read_until(sock, b"data: ")
-        assert slow.queue.busy
+        assert slow.queue.active == 1
         health = httpx.get(f"{url}/health", timeout=30).json()
         metrics = httpx.get(f"{url}/metrics", timeout=30)
         # Both were answered while the reply was still being generated, i.e. before its last chunk (not queued
         # behind it): each saw the generation running.
-        assert health["queue"]["busy"] is True
+        assert health["queue"]["active"] == 1 and health["queue"]["slots"] == slow.queue.slots
         assert metrics.status_code == 200 and _metric(metrics.text, "internlm_generation_busy") == 1
         rest = read_until(sock, b"data: [DONE]")  # and the reply went on to its end, undisturbed
         assert b"[DONE]" in rest and b'"finish_reason":"length"' in rest.replace(b" ", b"")
-    assert wait_until(lambda: not slow.queue.busy, timeout=30)
+    assert wait_until(lambda: slow.queue.active == 0, timeout=30)
     done = _metric(metrics.text, LENGTH) + 1  # recorded once the response ended: wait, so that no later test sees it
     assert wait_until(lambda: _metric(_metrics(url), LENGTH) == done, timeout=30)
 
@@ -162,10 +164,10 @@ def test_disconnect_mid_reply_frees_the_lock(endless, path):
     with raw_request(url, path, request) as sock:
         if path == CHAT:
             assert b"data: " in read_until(sock, b"data: ")
-        assert wait_until(lambda: slow.queue.busy, timeout=30)
+        assert wait_until(lambda: slow.queue.active == 1, timeout=30)
     # The deadlines only turn a hang into a failure; that the disconnect, not the reply's end, freed the GPU shows
     # in the reply: recorded as cancelled, with fewer tokens than the 450 it would have run to.
-    assert wait_until(lambda: not slow.queue.busy, timeout=30)
+    assert wait_until(lambda: slow.queue.active == 0, timeout=30)
     assert wait_until(lambda: _metric(_metrics(url), CANCELLED) == _metric(before, CANCELLED) + 1, timeout=30)
     assert _metric(_metrics(url), TOKENS) - _metric(before, TOKENS) < 450
     response = httpx.post(url, json={"prompt": "hi", "max_new_tokens": 2}, timeout=30)
@@ -177,13 +179,13 @@ def test_disconnect_while_queued_leaves_the_queue(endless, path):
     url, slow = endless
     body = {"prompt": "hi"} if path == "/" else {"messages": [{"role": "user", "content": "hi"}], "stream": True}
     before = _metric(_metrics(url), CANCELLED)
-    assert slow.queue.acquire()
+    take_all_slots(slow)
     try:
         with raw_request(url, path, body):
             assert wait_until(lambda: slow.queue.waiting() == 1, timeout=30)
         assert wait_until(lambda: slow.queue.waiting() == 0, timeout=30)  # left the line while the GPU was still held
     finally:
-        slow.queue.release()
+        free_all_slots(slow)
     assert wait_until(lambda: _metric(_metrics(url), CANCELLED) == before + 1, timeout=30)
     assert httpx.post(url, json={"prompt": "hi", "max_new_tokens": 2}, timeout=30).status_code == 200
 

@@ -38,6 +38,17 @@ def engine_copy(engine: ChatEngine, settings=None, *, endless: bool = False) -> 
     return ChatEngine(engine.model, tokenizer, engine.info, settings or engine.settings)
 
 
+def take_all_slots(engine: ChatEngine) -> None:
+    """Hold every decoding slot, as when the GPU already decodes its most replies at once: the next request waits."""
+    for _ in range(engine.queue.slots):
+        assert engine.queue.acquire()
+
+
+def free_all_slots(engine: ChatEngine) -> None:
+    for _ in range(engine.queue.slots):
+        engine.queue.release()
+
+
 def with_default_system(content: str) -> list[dict]:
     return [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": content}]
 

@@ -22,7 +22,7 @@ from internlm_app.web.render import stats_caption, to_markdown
 from internlm_app.web.reply import LiveReplies, run_reply
 from internlm_app.web.throttle import UI_UPDATES_PER_SECOND, Throttle, throttled_text
 from tests.app_helpers import ROOT
-from tests.test_api_support import engine_copy
+from tests.test_api_support import engine_copy, free_all_slots, take_all_slots
 
 # A greedy reply of ~220 tokens on the tiny model (repetition penalty keeps it from ending early).
 LONG = SamplingParams(temperature=0.0, repetition_penalty=2.0, max_new_tokens=200)
@@ -112,7 +112,7 @@ def test_a_stop_keeps_the_partial_reply_marked_stopped_and_frees_the_gpu(engine,
     live = LiveReplies()
     with pytest.raises(StopException):
         run_reply(engine, store, cid, LONG, show=show, live=live)
-    assert not engine.queue.busy  # freed before the exception left run_reply
+    assert engine.queue.active == 0  # freed before the exception left run_reply
     reply = store.get_conversation(cid).messages[-1]
     assert reply.status == "stopped" and reply.content == shown[0] and reply.content
     assert reply.stats["finish_reason"] == "cancelled" and reply.stats["completion_tokens"] < LONG.max_new_tokens
@@ -135,12 +135,12 @@ def test_a_stop_between_page_updates_is_noticed_at_the_next_token(engine, store)
     with pytest.raises(StopException):
         run_reply(engine, store, cid, LONG, show=lambda text: None, poll=poll)
     reply = store.get_conversation(cid).messages[-1]
-    assert reply.status == "stopped" and reply.stats["completion_tokens"] <= 3 and not engine.queue.busy
+    assert reply.status == "stopped" and reply.stats["completion_tokens"] <= 3 and engine.queue.active == 0
 
 
 def test_waiting_for_the_gpu_reports_the_place_and_a_stop_while_waiting_leaves_the_line(engine, store):
     places: list[int] = []
-    engine.queue.acquire()  # another tab is generating
+    take_all_slots(engine)  # other tabs are generating
     try:
         outcome: list = []
         worker = threading.Thread(
@@ -164,7 +164,7 @@ def test_waiting_for_the_gpu_reports_the_place_and_a_stop_while_waiting_leaves_t
         assert (reply.status, reply.content, reply.stats["finish_reason"]) == ("stopped", "", "cancelled")
         assert engine.queue.waiting() == 1  # only the first waiter is still in line
     finally:
-        engine.queue.release()
+        free_all_slots(engine)
     worker.join(30)
     assert outcome and outcome[0].status == "complete"
 

@@ -89,22 +89,32 @@ def test_static_cache_is_a_cuda_setting(engine):
 def test_static_cache_replies_match_model_chat(engine, reference):
     static = ChatEngine(engine.model, engine.tokenizer, engine.info, engine.settings)
     static.static_cache = True  # what the setting gives on CUDA; here the same cache, uncompiled
-    config = static.generation_config(SamplingParams.greedy_params(8))
-    assert (config.cache_implementation, config.max_cache_len) == ("static", engine.context_window)
-    for case in reference["chat"]:
-        messages = history_to_messages(case["query"], case["history"], _system(case, reference))
-        text, stats = static.reply(messages, SamplingParams.greedy_params(case["max_new_tokens"]))
-        assert text == case["response"] and stats.completion_tokens == len(case["generated_ids"])
+    caches = []
+    handle = engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: caches.append(type(kwargs.get("cache")).__name__), with_kwargs=True
+    )
+    try:
+        for case in reference["chat"]:
+            messages = history_to_messages(case["query"], case["history"], _system(case, reference))
+            text, stats = static.reply(messages, SamplingParams.greedy_params(case["max_new_tokens"]))
+            assert text == case["response"] and stats.completion_tokens == len(case["generated_ids"])
+    finally:
+        handle.remove()
+        static.close()
+    assert set(caches) == {"StaticCache"}
 
 
 def test_a_failed_static_cache_warm_up_is_a_load_error_that_says_what_to_do(engine):
+    static = ChatEngine(engine.model, engine.tokenizer, engine.info, engine.settings)
+    static.static_cache = True
     handle = engine.model.register_forward_hook(FailOnForward(2))  # as a compile failure of the decode step would
     try:
-        with pytest.raises(ModelLoadError, match="INTERNLM_STATIC_CACHE") as failure:
-            engine.warm_up()
+        with pytest.raises(ModelLoadError, match="INTERNLM_STATIC_CACHE=false") as failure:
+            static.warm_up()
     finally:
         handle.remove()
-    assert isinstance(failure.value.__cause__, GenerationError) and not engine.queue.busy
+        static.close()
+    assert isinstance(failure.value.__cause__, GenerationError) and static.queue.active == 0
 
 
 def _engine_streaming_every(engine: ChatEngine, interval_ms: int) -> ChatEngine:
@@ -138,6 +148,7 @@ def test_loading_moves_long_lived_objects_out_of_the_collectors_sight(engine):
 
 
 def test_cancel_event_stops_within_one_token(engine, long_reply_tokens):
+    threads = _generation_threads()  # the engine's one long-lived worker: no thread per reply
     forwards = []
     handle = engine.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     cancel = threading.Event()
@@ -153,20 +164,22 @@ def test_cancel_event_stops_within_one_token(engine, long_reply_tokens):
     assert len(forwards) - started_before_cancel <= 1  # at most the forward pass already under way
     assert events.stats.finish_reason == "cancelled"
     assert events.stats.completion_tokens < long_reply_tokens  # cut short: not the whole natural reply
-    assert not _generation_threads() and not engine.queue.busy
+    assert _generation_threads() == threads and engine.worker.alive and engine.queue.active == 0
 
 
 def test_closing_the_iterator_stops_generation(engine, long_reply_tokens):
+    threads = _generation_threads()
     events = ReplyEvents()
     stream = engine.stream_reply(HI, LONG, events=events)
     next(stream)
     stream.close()
-    assert not _generation_threads() and not engine.queue.busy
+    assert _generation_threads() == threads and engine.worker.alive and engine.queue.active == 0
     assert events.stats.finish_reason == "cancelled" and events.stats.completion_tokens < long_reply_tokens
 
 
 @pytest.mark.parametrize("at", [1, 5])  # during prefill, and mid-decode
 def test_exception_in_generation_thread_reaches_caller(engine, at):
+    threads = _generation_threads()
     hook = FailOnForward(at)
     handle = engine.model.register_forward_hook(hook)
     events = ReplyEvents()
@@ -179,12 +192,22 @@ def test_exception_in_generation_thread_reaches_caller(engine, at):
     assert hook.calls == at  # generation ended at the failing pass: none ran after it
     assert events.stats.finish_reason == "error" and "out of memory" in events.stats.error
     assert events.stats.completion_tokens < at
-    assert not engine.queue.busy and not _generation_threads()
+    assert engine.queue.active == 0 and _generation_threads() == threads and engine.worker.alive
     text, stats = engine.reply([{"role": "user", "content": "hi"}], SamplingParams.greedy_params(8))
     assert stats.finish_reason in {"stop", "length"}
 
 
-def test_concurrent_callers_are_serialized_and_complete(engine):
+@pytest.fixture(scope="module")
+def serial_engine(engine):
+    """The same weights with batching off (INTERNLM_MAX_BATCH_SIZE=1): one reply at a time, the others in line."""
+    settings = engine.settings.model_copy(update={"max_batch_size": 1})
+    serial = ChatEngine(engine.model, engine.tokenizer, engine.info, settings)
+    yield serial
+    serial.close()
+
+
+def test_concurrent_callers_are_serialized_and_complete(serial_engine):
+    engine = serial_engine
     prompts = ["hello", "你好", "What is 2+2?", "介绍一下上海"]
     params = SamplingParams.greedy_params(48)
     expected = {p: engine.reply([{"role": "user", "content": p}], params)[0] for p in prompts}
@@ -216,7 +239,7 @@ def test_concurrent_callers_are_serialized_and_complete(engine):
         t.join(timeout=60)
     assert results == expected
     assert places and set(places) <= {1, 2, 3, 4} and 4 in places
-    assert not engine.queue.busy
+    assert engine.queue.active == 0
 
 
 def test_gpu_queue_is_first_come_first_served():
@@ -238,7 +261,7 @@ def test_gpu_queue_is_first_come_first_served():
     assert order == [0, 1, 2, 3]
 
 
-def test_queue_limit_and_cancel_while_waiting(engine):
+def test_queue_limit_and_cancel_while_waiting(engine, serial_engine):
     limited = _engine_with(engine)
     limited.queue = GpuQueue(max_waiting=0)
     assert limited.queue.acquire()
@@ -247,15 +270,15 @@ def test_queue_limit_and_cancel_while_waiting(engine):
             list(limited.stream_reply([{"role": "user", "content": "hi"}], LONG))
     finally:
         limited.queue.release()
-    assert engine.queue.acquire()
+    assert serial_engine.queue.acquire()
     cancel, events = threading.Event(), ReplyEvents()
-    stream = engine.stream_reply([{"role": "user", "content": "hi"}], LONG, cancel=cancel, events=events)
+    stream = serial_engine.stream_reply([{"role": "user", "content": "hi"}], LONG, cancel=cancel, events=events)
     timer = threading.Timer(0.3, cancel.set)
     timer.start()
     try:
         assert list(stream) == []
     finally:
-        engine.queue.release()
+        serial_engine.queue.release()
     assert events.stats.finish_reason == "cancelled"
 
 
@@ -323,7 +346,7 @@ def test_reply_is_capped_to_the_room_left(engine):
 def test_bad_messages_are_rejected_before_generation(engine, messages):
     with pytest.raises(InvalidRequestError):
         engine.stream_reply(messages, LONG)
-    assert not engine.queue.busy
+    assert engine.queue.active == 0
 
 
 def test_control_tokens_typed_by_the_user_stay_text(engine):

@@ -37,7 +37,7 @@ def test_failing_cache_release_is_reported_and_frees_the_queue(engine, monkeypat
         if handle is not None:
             handle.remove()
     assert events.stats.finish_reason == "error"
-    assert not subject.queue.busy
+    assert subject.queue.active == 0
     monkeypatch.undo()
     text, stats = subject.reply([{"role": "user", "content": "hi"}], GREEDY)
     assert stats.finish_reason in {"stop", "length"}

@@ -41,6 +41,7 @@ class _RaiseOnForward:
 
 
 def test_raise_mid_stream_reaches_consumer_within_a_second(engine):
+    threads = _generation_threads()  # the engine's one long-lived worker
     messages, params = [{"role": "user", "content": "hello"}], SamplingParams.greedy_params(64)
     assert engine.reply(messages, params)[1].completion_tokens > 10  # so the failure at pass 10 is mid-reply
     hook = _RaiseOnForward(at=10)
@@ -57,7 +58,7 @@ def test_raise_mid_stream_reaches_consumer_within_a_second(engine):
     assert error is not None and "injected failure" in str(error)
     assert chunks, "the failure came before any text: not mid-stream"
     assert hook.raised_at is not None and caught_at - hook.raised_at < 1.0  # the bound: within a second
-    assert not engine.queue.busy and not _generation_threads()
+    assert engine.queue.active == 0 and _generation_threads() == threads and engine.worker.alive
     assert engine.queue.acquire(timeout=0.1)  # the lock is really free, not just flagged
     engine.queue.release()
 
@@ -83,6 +84,7 @@ def test_stop_in_prefill_or_decode_ends_within_one_token_and_frees_memory(engine
     params = SamplingParams.greedy_params(200)
     messages = [{"role": "user", "content": "Tell me about Shanghai. " * 40}]  # a long prompt: a real prefill
     list(engine.stream_reply(messages, SamplingParams.greedy_params(2)))  # warm-up: lazily built state exists
+    threads = _generation_threads()
     tensors_before, device_before = _live_tensors(), _device_memory(engine)
     cancel, events = threading.Event(), ReplyEvents()
     hook = _CancelOnForward(cancel, at)
@@ -94,7 +96,7 @@ def test_stop_in_prefill_or_decode_ends_within_one_token_and_frees_memory(engine
     assert hook.calls >= at and hook.after_cancel <= 1  # the pass running when cancel was set, at most one more
     assert events.stats.finish_reason == "cancelled"
     assert events.stats.completion_tokens <= at + 1 and len(chunks) <= at + 1
-    assert not _generation_threads() and not engine.queue.busy
+    assert _generation_threads() == threads and engine.queue.active == 0
     del chunks
     # CPU shows no allocator figure worth comparing (freed blocks stay in the process), so what is checked there is
     # that no tensor (KV cache, logits, ids) is still referenced; on CUDA the allocated bytes are compared too.
@@ -153,7 +155,7 @@ def test_eight_concurrent_chats_are_serialized_complete_and_unmixed(engine):
     assert not errors and not any(t.is_alive() for t in threads)
     assert results == expected
     assert overlap.most == 1 and overlap.passes >= len(prompts) * 2
-    assert not engine.queue.busy and engine.queue.waiting() == 0
+    assert engine.queue.active == 0 and engine.queue.waiting() == 0
 
 
 INJECTIONS = [

@@ -26,7 +26,9 @@ from tests.test_api_support import (
     REPLY_TOKENS,
     api_settings,
     engine_copy,
+    free_all_slots,
     greedy_reply,
+    take_all_slots,
     wait_until,
     with_default_system,
 )
@@ -83,15 +85,15 @@ def test_cancel_and_close_stop_the_remote_generation(engine, tmp_path):
         cancel.set()
         list(stream)
         assert events.stats.finish_reason == "cancelled" and events.stats.completion_tokens < 450
-        assert wait_until(lambda: not endless.queue.busy, timeout=30)
+        assert wait_until(lambda: endless.queue.active == 0, timeout=30)
 
         events = ReplyEvents()
         stream = remote.stream_reply([{"role": "user", "content": "hello"}], long, events=events)
         next(stream)
-        assert endless.queue.busy
+        assert endless.queue.active == 1
         stream.close()
         assert events.stats.finish_reason == "cancelled"
-        assert wait_until(lambda: not endless.queue.busy, timeout=30)
+        assert wait_until(lambda: endless.queue.active == 0, timeout=30)
     assert wait_until(lambda: not _cancel_watchers(), timeout=30)
 
 
@@ -116,7 +118,7 @@ def test_cancel_while_the_server_queues_the_request(engine, tmp_path):
             except BaseException as exc:  # noqa: BLE001 - checked below
                 outcome["error"] = exc
 
-        assert local.queue.acquire()  # the GPU is busy with another reply
+        take_all_slots(local)  # the GPU is busy with other replies
         try:
             consumer = threading.Thread(target=consume, daemon=True)
             consumer.start()
@@ -130,7 +132,7 @@ def test_cancel_while_the_server_queues_the_request(engine, tmp_path):
             assert wait_until(lambda: not _cancel_watchers(), timeout=30)  # the reply's watcher thread ended too
             assert wait_until(lambda: local.queue.waiting() == 0, timeout=30)  # the server saw the client go
         finally:
-            local.queue.release()
+            free_all_slots(local)
         events = ReplyEvents()
         assert "".join(remote.stream_reply(messages, GREEDY, events=events)) == greedy_reply(engine, messages)[0]
         assert events.stats.finish_reason in {"stop", "length"}
@@ -149,14 +151,14 @@ def test_server_errors_map_to_engine_errors(served, tmp_path):
     with pytest.raises(ContextTooLongError) as info:
         list(remote.stream_reply([{"role": "user", "content": "你好 世界 " * 400}], GREEDY))
     assert info.value.limit == 512 and info.value.needed > 512 and info.value.status == 400
-    assert local.queue.acquire()
+    take_all_slots(local)
     try:
         events = ReplyEvents()
         with pytest.raises(QueueFullError):
             list(remote.stream_reply([{"role": "user", "content": "hi"}], GREEDY, events=events))
         assert events.stats.finish_reason == "error" and "busy" in events.stats.error
     finally:
-        local.queue.release()
+        free_all_slots(local)
     with pytest.raises(GenerationError, match="refused the key"):
         list(_remote(url, tmp_path, openai_api_key="wrong").stream_reply([{"role": "user", "content": "hi"}], GREEDY))
 

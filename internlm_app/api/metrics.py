@@ -45,12 +45,14 @@ class Metrics:
         )
         self.queue_waiting = Gauge("internlm_queue_waiting", "Requests waiting for the GPU.", registry=registry)
         self.busy = Gauge("internlm_generation_busy", "1 while a reply is being generated.", registry=registry)
+        self.active = Gauge("internlm_generation_active", "Replies being generated now.", registry=registry)
 
     def watch_queue(self, queue: object | None) -> None:
         """Read the queue gauges from the backend's GPU queue at scrape time (none for a remote backend)."""
         if queue is not None:
             self.queue_waiting.set_function(queue.waiting)
-            self.busy.set_function(lambda: float(queue.busy))
+            self.busy.set_function(lambda: float(queue.active > 0))
+            self.active.set_function(lambda: float(queue.active))
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
         endpoint = path if path in ENDPOINTS else "other"

@@ -20,7 +20,16 @@ async def health(request: Request) -> dict:
     if backend is None:
         return {"status": "loading", "model_loaded": False}
     info, queue = backend.info, getattr(backend, "queue", None)
-    waiting = None if queue is None else {"waiting": queue.waiting(), "busy": queue.busy, "limit": queue.max_waiting}
+    waiting = None
+    if queue is not None:
+        waiting = {
+            "waiting": queue.waiting(),
+            "active": queue.active,  # replies generating now
+            "slots": queue.slots,  # most replies generating at once (the batch size)
+            "busy": queue.busy,  # every slot taken: a new request waits
+            "limit": queue.max_waiting,
+        }
+    plan = getattr(backend, "plan", None)
     return {
         "status": "ok",
         "model_loaded": True,
@@ -32,6 +41,7 @@ async def health(request: Request) -> dict:
         "context_window": info.context_window,
         "gpu_memory": [device.to_dict() for device in gpu.memory_report()],
         "queue": waiting,
+        "decoding": None if plan is None else plan.to_dict(),
         "uptime_seconds": round(time.time() - state.started_at, 1),
     }
 

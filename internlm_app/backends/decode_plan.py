@@ -1,0 +1,151 @@
+"""How the local engine decodes on this machine, and why: static or dynamic KV cache, batching, KV memory.
+
+Decided once after the weights are loaded, from the free GPU memory; logged, and shown by the Status page, `/health`
+and `doctor`. KV cache size per token (the source of every memory figure here) is
+`2 (keys and values) × layers × KV heads × head dim × bytes per element`: 128 KiB for InternLM2-7B in float16
+(32 layers, 8 KV heads, head dim 128).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from .. import gpu
+from ..settings import Settings
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+# Kept free for activations, logits and the allocator's fragmentation: prefill of a long prompt and the logits of a
+# full batch (vocab 92544 × batch tokens × 4 bytes) need a few hundred MiB each on InternLM2-7B.
+_HEADROOM_BYTES = int(1.5 * GIB)
+# Page size of the batch's paged KV cache on CUDA (transformers' default); smaller on the CPU, where prompts are short
+# test prompts and a page is the unit of prefix sharing.
+_PAGE_SIZE = {"cuda": 256, "cpu": 32}
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """The decode paths chosen at load, with the reasons in words."""
+
+    single_path: Literal["static", "dynamic"]  # one reply alone: static KV cache + compiled step, or dynamic cache
+    single_reason: str
+    batch_slots: int  # most replies decoded at once; 1 means no batching
+    batch_reason: str
+    kv_bytes_per_token: int
+    batch_cache_tokens: int  # paged KV cache of the batch, in tokens (0 without batching)
+    page_size: int  # tokens per page of the paged cache (the unit of prefix sharing)
+    kv_reuse_tokens: int  # KV kept across turns on the one-reply path, in tokens (the static cache keeps one chat)
+
+    @property
+    def batching(self) -> bool:
+        return self.batch_slots > 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line per decision, for the log, `doctor` and the Status page."""
+        return f"one reply: {self.single_path} KV cache ({self.single_reason}); batching: {self.batch_reason}"
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of KV cache one token takes in every layer: 2 × layers × KV heads × head dim × element size."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    element = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * element
+
+
+def _free_gpu_bytes(model: torch.nn.Module) -> int:
+    free, _total = torch.cuda.mem_get_info(model.device)
+    return int(free)
+
+
+def _single_device(model: torch.nn.Module) -> bool:
+    devices = set((getattr(model, "hf_device_map", None) or {"": str(model.device)}).values())
+    return len(devices) == 1
+
+
+def choose_single_path(
+    *, cuda: bool, setting: bool | str, quantized: bool, window: int, per_token: int, usable: int
+) -> tuple[Literal["static", "dynamic"], str]:
+    """The one-reply path and why: the static cache + torch.compile (CUDA graphs) when asked for or when it fits.
+
+    `usable` is the GPU memory in bytes left beside the weights (less the headroom); auto takes the static cache when
+    the window's cache needs at most half of it, leaving the rest to the batch.
+    """
+    static_bytes = window * per_token
+    if not cuda:
+        return "dynamic", "on the CPU a compiled static cache would only be slower"
+    if setting is False:
+        return "dynamic", "INTERNLM_STATIC_CACHE=false"
+    if setting is True:
+        return "static", "INTERNLM_STATIC_CACHE=true"
+    if quantized:
+        return "dynamic", "bitsandbytes quantization does not compile"
+    if static_bytes <= usable // 2:
+        return "static", (
+            f"the {window}-token window's cache ({static_bytes / GIB:.2f} GiB) fits in half of the "
+            f"{usable / GIB:.2f} GiB free beside the weights"
+        )
+    fits = (usable // 2 // per_token) // 1024 * 1024
+    return "dynamic", (
+        f"a static cache for the {window}-token window needs {static_bytes / GIB:.2f} GiB, more than half of the "
+        f"{usable / GIB:.2f} GiB free beside the weights" + (f"; INTERNLM_MAX_LENGTH={fits} would fit" if fits else "")
+    )
+
+
+def plan_decoding(model: torch.nn.Module, settings: Settings, context_window: int) -> DecodePlan:
+    """Choose the one-reply path and the batch size from the settings and the memory left beside the weights."""
+    per_token = kv_bytes_per_token(model)
+    cuda = model.device.type == "cuda"
+    quantized = getattr(model, "hf_quantizer", None) is not None
+    page_size = _PAGE_SIZE["cuda" if cuda else "cpu"]
+    slots = settings.max_batch_size
+    # On the CPU there is no allocator to ask: a quarter of the free RAM at most, so a CPU run never swaps for a cache.
+    usable = max(0, _free_gpu_bytes(model) - _HEADROOM_BYTES) if cuda else (gpu.available_ram_bytes() or 8 * GIB) // 4
+    single, single_reason = choose_single_path(
+        cuda=cuda,
+        setting=settings.static_cache,
+        quantized=quantized,
+        window=context_window,
+        per_token=per_token,
+        usable=usable,
+    )
+    reuse_tokens = settings.kv_reuse_tokens
+    # The static cache itself holds the chat it reuses; the dynamic path keeps up to reuse_tokens of KV beside it.
+    kept_bytes = context_window * per_token if single == "static" else reuse_tokens * per_token
+    left = usable - kept_bytes
+
+    # Concurrent replies: a continuous batch over a paged KV cache, sized from what is left.
+    cache_tokens = int(max(0, left) * settings.kv_cache_memory_share) // per_token // page_size * page_size
+    if not cuda:
+        cache_tokens = min(cache_tokens, slots * context_window)  # enough for every slot's whole window
+    reason = ""
+    if slots == 1:
+        reason = "off (INTERNLM_MAX_BATCH_SIZE=1)"
+    elif settings.attn_implementation == "eager":
+        reason = "off: the batch needs sdpa attention (with eager, transformers switches the model to paged|eager)"
+    elif quantized:
+        reason = "off: not tried with bitsandbytes quantization"
+    elif not _single_device(model):
+        reason = "off: the model is split over several devices"
+    elif cache_tokens < 2 * page_size:
+        reason = f"off: only {max(0, left) / GIB:.2f} GiB left for its KV cache"
+    if reason:
+        slots, cache_tokens = 1, 0
+    else:
+        reason = (
+            f"up to {slots} replies at once over a paged KV cache of {cache_tokens} tokens "
+            f"({cache_tokens * per_token / GIB:.2f} GiB)"
+        )
+    plan = DecodePlan(single, single_reason, slots, reason, per_token, cache_tokens, page_size, reuse_tokens)
+    log.info("decode plan: %s", plan.summary())
+    return plan

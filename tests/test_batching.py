@@ -1,0 +1,234 @@
+"""Concurrent replies on the real tiny model: the continuous batch beside the worker, token for token, faults, queue."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from internlm_app.chat_types import GenerationError, QueueFullError, ReplyEvents
+from internlm_app.engine import ChatEngine, history_to_messages
+from internlm_app.sampling import SamplingParams
+from tests.faults import FailOnForward
+from tests.test_api_support import free_all_slots, take_all_slots, wait_until
+
+# Greedy replies of the tiny model that run 70+ tokens: they are still decoding while a shorter reply joins them.
+BACKGROUND = ["abc", "hi", "why"]
+SOLO_TOKENS = 120
+
+
+def _system(case: dict, reference: dict) -> str:
+    return (
+        case["meta_instruction"] if case["meta_instruction_passed"] else reference["meta"]["default_meta_instruction"]
+    )
+
+
+def _user(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}]
+
+
+class Running:
+    """Replies streaming in threads; `started` is set once each has its first chunk."""
+
+    def __init__(self, engine: ChatEngine, prompts: list[str], params: SamplingParams, cancel_index: int | None = None):
+        self.texts: dict[int, str] = {}
+        self.stats: dict[int, object] = {}
+        self.errors: dict[int, BaseException] = {}
+        self.ended_at: dict[int, float] = {}
+        self.cancels = [threading.Event() for _ in prompts]
+        self.started = [threading.Event() for _ in prompts]
+        self.threads = [
+            threading.Thread(target=self._run, args=(engine, i, p, params), daemon=True) for i, p in enumerate(prompts)
+        ]
+        for thread, started in zip(self.threads, self.started, strict=True):
+            thread.start()
+            assert started.wait(60), "a reply never produced its first chunk"
+
+    def _run(self, engine: ChatEngine, i: int, prompt: str, params: SamplingParams) -> None:
+        events, parts = ReplyEvents(), []
+        try:
+            for chunk in engine.stream_reply(_user(prompt), params, cancel=self.cancels[i], events=events):
+                parts.append(chunk)
+                self.started[i].set()
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            self.errors[i] = exc
+        finally:
+            self.started[i].set()
+            self.texts[i], self.stats[i], self.ended_at[i] = "".join(parts), events.stats, time.perf_counter()
+
+    def join(self) -> Running:
+        for thread in self.threads:
+            thread.join(120)
+            assert not thread.is_alive()
+        return self
+
+
+@pytest.fixture(scope="module")
+def solo(engine) -> dict[str, str]:
+    """Each background prompt's greedy reply when it runs alone."""
+    params = SamplingParams.greedy_params(SOLO_TOKENS)
+    return {p: engine.reply(_user(p), params)[0] for p in BACKGROUND}
+
+
+def test_the_engine_batches_on_the_cpu_with_the_plan_it_logged(engine):
+    plan = engine.plan
+    assert plan.single_path == "dynamic" and "CPU" in plan.single_reason
+    assert plan.batch_slots == engine.settings.max_batch_size == engine.queue.slots == 8
+    assert plan.batch_cache_tokens >= plan.batch_slots * engine.context_window
+    assert engine.batch_decoder() is not None
+
+
+def test_greedy_replies_match_the_reference_while_three_others_run(engine, reference, solo):
+    params = SamplingParams.greedy_params(SOLO_TOKENS)
+    for case in reference["chat"]:
+        background = Running(engine, BACKGROUND, params)
+        messages = history_to_messages(case["query"], case["history"], _system(case, reference))
+        events = ReplyEvents()
+        text = "".join(
+            engine.stream_reply(messages, SamplingParams.greedy_params(case["max_new_tokens"]), events=events)
+        )
+        finished_at = time.perf_counter()
+        background.join()
+        assert text == case["response"] and events.stats.completion_tokens == len(case["generated_ids"])
+        assert events.stats.batched  # it joined the running batch rather than waiting for the worker
+        assert all(background.ended_at[i] > finished_at for i in range(3))  # the others really ran meanwhile
+        assert [background.texts[i] for i in range(3)] == [solo[p] for p in BACKGROUND]
+        assert sorted(background.stats[i].batched for i in range(3)) == [False, True, True]  # the worker took one
+
+
+def test_concurrent_replies_are_decoded_together(engine, solo):
+    forwards: list[str] = []
+    handle = engine.model.register_forward_pre_hook(
+        lambda module, args: forwards.append(threading.current_thread().name)
+    )
+    try:
+        running = Running(engine, [*BACKGROUND, "hello"], SamplingParams.greedy_params(SOLO_TOKENS)).join()
+    finally:
+        handle.remove()
+    batched = [i for i in range(4) if running.stats[i].batched]
+    batch_tokens = sum(running.stats[i].completion_tokens for i in batched)
+    batch_passes = sum(1 for name in forwards if name != "internlm-generate")
+    assert len(batched) == 3 and batch_passes < batch_tokens * 0.6  # several replies' tokens per forward pass
+    assert [running.texts[i] for i in range(3)] == [solo[p] for p in BACKGROUND]
+
+
+def test_cancelling_one_of_four_leaves_the_others_unchanged(engine, solo):
+    prompts = [*BACKGROUND, "why"]
+    running = Running(engine, prompts, SamplingParams.greedy_params(SOLO_TOKENS))
+    running.cancels[3].set()  # the fourth, in the batch, mid-reply
+    running.join()
+    assert running.stats[3].finish_reason == "cancelled" and running.stats[3].batched
+    assert solo["why"].startswith(running.texts[3]) and len(running.texts[3]) < len(solo["why"])  # cut short
+    assert [running.texts[i] for i in range(3)] == [solo[p] for p in BACKGROUND]
+    assert all(running.stats[i].finish_reason in {"stop", "length"} for i in range(3))
+    assert engine.queue.active == 0 and engine.batch_decoder().active == 0
+
+
+def test_a_failure_in_the_worker_ends_that_reply_and_the_batch_goes_on(engine, solo):
+    # The first reply decodes on the worker; the fault hits only its thread's forward passes.
+    fault = FailOnForward(20)
+    handle = engine.model.register_forward_hook(
+        lambda module, args, output: (
+            fault(module, args, output) if threading.current_thread().name == "internlm-generate" else None
+        )
+    )
+    try:
+        running = Running(engine, BACKGROUND, SamplingParams.greedy_params(SOLO_TOKENS)).join()
+    finally:
+        handle.remove()
+    on_worker = next(i for i in range(3) if not running.stats[i].batched)
+    assert isinstance(running.errors.get(on_worker), GenerationError)
+    assert running.stats[on_worker].finish_reason == "error" and "out of memory" in running.stats[on_worker].error
+    for i in set(range(3)) - {on_worker}:
+        assert i not in running.errors and running.texts[i] == solo[BACKGROUND[i]]
+    assert engine.queue.active == 0
+    assert engine.reply(_user("abc"), SamplingParams.greedy_params(SOLO_TOKENS))[0] == solo["abc"]
+
+
+def test_a_failed_batch_step_ends_its_replies_with_an_error_and_the_next_ones_work(engine, solo):
+    fault = FailOnForward(5)
+    handle = engine.model.register_forward_hook(
+        lambda module, args, output: (
+            fault(module, args, output) if threading.current_thread().name != "internlm-generate" else None
+        )
+    )
+    try:
+        running = Running(engine, BACKGROUND, SamplingParams.greedy_params(SOLO_TOKENS)).join()
+    finally:
+        handle.remove()
+    on_worker = next(i for i in range(3) if not running.stats[i].batched)
+    assert running.texts[on_worker] == solo[BACKGROUND[on_worker]] and on_worker not in running.errors
+    for i in set(range(3)) - {on_worker}:
+        assert isinstance(running.errors.get(i), GenerationError) and "out of memory" in str(running.errors[i])
+        assert running.stats[i].finish_reason == "error"
+    assert engine.queue.active == 0
+    again = Running(engine, BACKGROUND, SamplingParams.greedy_params(SOLO_TOKENS)).join()  # the batch restarted
+    assert not again.errors and [again.texts[i] for i in range(3)] == [solo[p] for p in BACKGROUND]
+    assert sum(again.stats[i].batched for i in range(3)) == 2
+
+
+def test_replies_the_batch_cannot_sample_wait_for_the_worker_and_still_run(engine):
+    penalized = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.3, max_new_tokens=40)
+    expected = engine.reply(_user("hello"), penalized)[0]
+    assert engine.batch_decoder().unsupported(penalized) == "repetition_penalty"
+    background = Running(engine, ["abc"], SamplingParams.greedy_params(SOLO_TOKENS))  # holds the worker
+    events = ReplyEvents()
+    text = "".join(engine.stream_reply(_user("hello"), penalized, events=events))
+    background.join()
+    assert text == expected and not events.stats.batched  # the penalty was applied, by the worker, not dropped
+
+
+def test_beyond_the_batch_size_requests_wait_in_line_and_the_limit_refuses(engine):
+    settings = engine.settings.model_copy(update={"max_batch_size": 2, "queue_limit": 1})
+    small = ChatEngine(engine.model, engine.tokenizer, engine.info, settings)
+    try:
+        assert small.queue.slots == 2
+        take_all_slots(small)  # two replies decoding: the batch is full
+        try:
+            places: list[int] = []
+            events = ReplyEvents(on_queue=places.append)
+            waiter = threading.Thread(
+                target=lambda: list(small.stream_reply(_user("why"), SamplingParams.greedy_params(8), events=events))
+            )
+            waiter.start()
+            assert wait_until(lambda: small.queue.waiting() == 1, timeout=30)
+            with pytest.raises(QueueFullError):  # one already waits: the line is full
+                list(small.stream_reply(_user("ok"), SamplingParams.greedy_params(8)))
+            assert places and places[0] == 1
+        finally:
+            free_all_slots(small)
+        waiter.join(60)
+        assert events.stats.finish_reason in {"stop", "length"} and events.stats.queue_seconds > 0
+    finally:
+        small.close()
+
+
+def test_an_engine_with_batching_off_never_starts_a_batch(engine):
+    settings = engine.settings.model_copy(update={"max_batch_size": 1})
+    serial = ChatEngine(engine.model, engine.tokenizer, engine.info, settings)
+    try:
+        assert serial.batch_decoder() is None and serial.plan.batch_reason.startswith("off")
+        running = Running(serial, BACKGROUND[:2], SamplingParams.greedy_params(16)).join()
+        assert not any(running.stats[i].batched for i in range(2))
+    finally:
+        serial.close()
+
+
+def test_the_worker_never_sees_the_batchs_config_write(engine, solo):
+    # The batch's forwards set config.is_causal=False for their duration; a worker step that saw it would attend to
+    # the future. The forward lock makes them take turns.
+    seen: list[object] = []
+
+    def record(module, args) -> None:
+        if threading.current_thread().name == "internlm-generate":
+            seen.append(getattr(module.config, "is_causal", None))
+
+    handle = engine.model.register_forward_pre_hook(record)
+    try:
+        running = Running(engine, [*BACKGROUND, "hello"], SamplingParams.greedy_params(SOLO_TOKENS)).join()
+    finally:
+        handle.remove()
+    assert len(seen) > 20 and set(seen) == {None}
+    assert [running.texts[i] for i in range(3)] == [solo[p] for p in BACKGROUND]
+    assert getattr(engine.model.config, "is_causal", None) is None
