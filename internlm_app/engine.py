@@ -47,6 +47,25 @@ class PreparedPrompt:
     max_new_tokens: int
 
 
+@dataclass
+class _Reply:
+    """Where one reply decodes: the worker (its job), the batch (its request id), or the worker and then the batch."""
+
+    stream: TokenStream
+    stop: threading.Event
+    batch: BatchDecoder | None = None
+    batchable: bool = False
+    batched: bool = False
+    job: GenerationJob | None = None
+    request_id: str | None = None
+
+    def end(self) -> None:
+        """Stop it at its next token (safe to call again)."""
+        self.stop.set()
+        if self.request_id is not None:
+            self.batch.cancel(self.request_id)
+
+
 class ChatEngine:
     """Streams replies from one model: one reply alone on the generation worker, concurrent ones in a batch.
 
@@ -80,6 +99,7 @@ class ChatEngine:
         )
         self._batch: BatchDecoder | None = None
         self._batch_lock = threading.Lock()
+        self._worker_reply: _Reply | None = None  # the reply the worker decodes now
 
     @classmethod
     def load(cls, settings: Settings, progress: Progress | None = None) -> ChatEngine:
@@ -204,17 +224,29 @@ class ChatEngine:
         text = "".join(self._stream(prepared, params, None, events, path=path))
         return text, events.stats
 
-    def _choose_path(self, params: SamplingParams) -> tuple[str, bool]:
+    def _choose_path(self, prepared: PreparedPrompt, params: SamplingParams) -> tuple[str, bool]:
         """The worker when nothing else runs (fastest alone, reuses the chat's KV); the batch otherwise.
 
-        Returns the path and whether this call already took the worker's line.
+        A reply that joins moves the worker's reply into the batch too, so that one forward pass decodes both
+        (two paths side by side would read every weight twice per round). Returns the path and whether this call
+        already took the worker's line.
         """
-        batch = self.batch_decoder()
-        if batch is None or batch.unsupported(params) is not None:
+        if not self._batchable(prepared, params):
             return "worker", False
-        if batch.active == 0 and self._worker_line.try_acquire():
+        if (self._batch is None or self._batch.active == 0) and self._worker_line.try_acquire():
             return "worker", True
+        with self._batch_lock:
+            running = self._worker_reply
+        if running is not None and running.batchable:
+            running.job.preempt.set()  # the worker stops at its next token and hands the reply to the batch
         return "batch", False
+
+    def _batchable(self, prepared: PreparedPrompt, params: SamplingParams) -> bool:
+        """Whether the batch can decode this reply: its sampling, and its length within the paged cache."""
+        needed = len(prepared.ids) + params.max_new_tokens
+        return (
+            self.plan.batching and BatchDecoder.unsupported(params) is None and needed <= self.plan.batch_cache_tokens
+        )
 
     def _stream(
         self,
@@ -238,7 +270,7 @@ class ChatEngine:
             return
         stop = threading.Event()
         try:
-            path, holding = (path, False) if path else self._choose_path(params)
+            path, holding = (path, False) if path else self._choose_path(prepared, params)
             if (
                 path == "worker"
                 and not holding
@@ -248,9 +280,10 @@ class ChatEngine:
                 stats.queue_seconds = time.perf_counter() - queued
                 stats.finish_reason = "cancelled"
                 return
-            stats.queue_seconds, stats.batched = time.perf_counter() - queued, path == "batch"
+            stats.queue_seconds = time.perf_counter() - queued
             started = time.perf_counter()
-            stream, end = self._start(path, prepared.ids, params, stop, cancel)
+            reply = self._start(path, prepared, params, stop, cancel)
+            stream, end = reply.stream, reply.end
         except BaseException:
             self.queue.release()
             raise
@@ -281,9 +314,10 @@ class ChatEngine:
                     yield text
         finally:
             stop.set()  # a consumer that went away (closed iterator) stops generation too
-            end()
-            stream.finished.wait()  # the worker has let go of the model (the batch ends a stream at once)
+            while not stream.finished.wait(_CANCEL_POLL_SECONDS):  # the worker lets go at its next token
+                end()  # (again, should the reply have moved to the batch meanwhile)
             ended = time.perf_counter()
+            stats.batched = reply.batched
             stats.completion_tokens, stats.total_seconds = count, ended - queued
             stats.cached_tokens = stream.cached_tokens
             if first_at is not None and count > 1 and ended > first_at:
@@ -293,25 +327,42 @@ class ChatEngine:
             stats.error = _describe(stream.failure)
             raise GenerationError(stats.error) from stream.failure
 
-    def _start(self, path, prompt_ids, params, stop, cancel) -> tuple[TokenStream, object]:
-        """Start decoding on a path; returns the token stream and a call that stops it (safe to call twice)."""
-        if path == "worker":
-
-            def release_worker() -> None:
-                self._worker_line.release()
-                self.queue.release()
-
-            stream = TokenStream(on_finish=release_worker)
-            try:
-                self.worker.submit(GenerationJob(prompt_ids, self.generation_config(params), stream, stop, cancel))
-            except BaseException:
-                self._worker_line.release()
-                raise
-            return stream, stop.set
-        batch = self.batch_decoder()
+    def _start(self, path, prepared, params, stop, cancel) -> _Reply:
+        """Start decoding on a path; the reply's handle has its token stream and a call that stops it."""
         stream = TokenStream(on_finish=self.queue.release)
-        request_id = batch.submit(prompt_ids, params, stream, stop, cancel)
-        return stream, lambda: batch.cancel(request_id)
+        if path == "batch":
+            reply = _Reply(stream, stop, batch=self.batch_decoder(), batched=True)
+            reply.request_id = reply.batch.submit(prepared.ids, params, stream, stop, cancel)
+            return reply
+        reply = _Reply(stream, stop, batchable=self._batchable(prepared, params))
+
+        def hand_off(ids: list[int], generated: int) -> bool:  # in the worker's thread, once preempted
+            rest = params.model_copy(update={"max_new_tokens": params.max_new_tokens - generated})
+            try:
+                reply.batch = self.batch_decoder()
+                reply.request_id = reply.batch.submit(ids, rest, stream, stop, cancel)
+            except Exception as exc:  # the reply then ends here, with what it has
+                log.error("moving a reply into the batch failed: %s", exc)
+                return False
+            reply.batched = True
+            return True
+
+        def worker_done() -> None:
+            with self._batch_lock:
+                self._worker_reply = None
+            self._worker_line.release()
+
+        reply.job = GenerationJob(
+            prepared.ids, self.generation_config(params), stream, stop, cancel, hand_off=hand_off, on_done=worker_done
+        )
+        with self._batch_lock:
+            self._worker_reply = reply
+        try:
+            self.worker.submit(reply.job)
+        except BaseException:
+            worker_done()
+            raise
+        return reply
 
     @staticmethod
     def _next_token(stream: TokenStream, cancel: threading.Event | None, end) -> object:

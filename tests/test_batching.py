@@ -16,6 +16,9 @@ from tests.test_api_support import free_all_slots, take_all_slots, wait_until
 # Greedy replies of the tiny model that run 70+ tokens: they are still decoding while a shorter reply joins them.
 BACKGROUND = ["abc", "hi", "why"]
 SOLO_TOKENS = 120
+# A repetition penalty has no batched form: such a reply stays on the worker while the batch decodes beside it.
+PENALIZED = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.3, max_new_tokens=SOLO_TOKENS)
+WORKER_AND_BATCH = [PENALIZED, *[SamplingParams.greedy_params(SOLO_TOKENS)] * 2]  # one reply on each path, one more
 
 
 def _system(case: dict, reference: dict) -> str:
@@ -31,15 +34,16 @@ def _user(prompt: str) -> list[dict]:
 class Running:
     """Replies streaming in threads; `started` is set once each has its first chunk."""
 
-    def __init__(self, engine: ChatEngine, prompts: list[str], params: SamplingParams, cancel_index: int | None = None):
+    def __init__(self, engine: ChatEngine, prompts: list[str], params: SamplingParams | list[SamplingParams]):
         self.texts: dict[int, str] = {}
         self.stats: dict[int, object] = {}
         self.errors: dict[int, BaseException] = {}
         self.ended_at: dict[int, float] = {}
         self.cancels = [threading.Event() for _ in prompts]
         self.started = [threading.Event() for _ in prompts]
+        each = params if isinstance(params, list) else [params] * len(prompts)
         self.threads = [
-            threading.Thread(target=self._run, args=(engine, i, p, params), daemon=True) for i, p in enumerate(prompts)
+            threading.Thread(target=self._run, args=(engine, i, p, each[i]), daemon=True) for i, p in enumerate(prompts)
         ]
         for thread, started in zip(self.threads, self.started, strict=True):
             thread.start()
@@ -66,9 +70,12 @@ class Running:
 
 @pytest.fixture(scope="module")
 def solo(engine) -> dict[str, str]:
-    """Each background prompt's greedy reply when it runs alone."""
+    """Each background prompt's greedy reply when it runs alone, and "penalized" with PENALIZED for "hello"."""
     params = SamplingParams.greedy_params(SOLO_TOKENS)
-    return {p: engine.reply(_user(p), params)[0] for p in BACKGROUND}
+    return {
+        **{p: engine.reply(_user(p), params)[0] for p in BACKGROUND},
+        "penalized": engine.reply(_user("hello"), PENALIZED)[0],
+    }
 
 
 def test_the_engine_batches_on_the_cpu_with_the_plan_it_logged(engine):
@@ -94,23 +101,30 @@ def test_greedy_replies_match_the_reference_while_three_others_run(engine, refer
         assert events.stats.batched  # it joined the running batch rather than waiting for the worker
         assert all(background.ended_at[i] > finished_at for i in range(3))  # the others really ran meanwhile
         assert [background.texts[i] for i in range(3)] == [solo[p] for p in BACKGROUND]
-        assert sorted(background.stats[i].batched for i in range(3)) == [False, True, True]  # the worker took one
+        # The first started alone on the worker and moved into the batch when the second came: all three batched.
+        assert all(background.stats[i].batched for i in range(3))
 
 
 def test_concurrent_replies_are_decoded_together(engine, solo):
-    forwards: list[str] = []
-    handle = engine.model.register_forward_pre_hook(
-        lambda module, args: forwards.append(threading.current_thread().name)
-    )
+    forwards: list[str] = []  # the thread of each forward pass
+    handle = engine.model.register_forward_pre_hook(lambda m, args: forwards.append(threading.current_thread().name))
     try:
         running = Running(engine, [*BACKGROUND, "hello"], SamplingParams.greedy_params(SOLO_TOKENS)).join()
     finally:
         handle.remove()
-    batched = [i for i in range(4) if running.stats[i].batched]
-    batch_tokens = sum(running.stats[i].completion_tokens for i in batched)
-    batch_passes = sum(1 for name in forwards if name != "internlm-generate")
-    assert len(batched) == 3 and batch_passes < batch_tokens * 0.6  # several replies' tokens per forward pass
+    tokens = sum(running.stats[i].completion_tokens for i in range(4))
+    assert all(running.stats[i].batched for i in range(4))
+    assert len(forwards) < tokens * 0.6  # several replies' tokens per forward pass
     assert [running.texts[i] for i in range(3)] == [solo[p] for p in BACKGROUND]
+
+
+def test_a_reply_moved_from_the_worker_into_the_batch_goes_on_unchanged(engine, solo):
+    first = Running(engine, ["abc"], SamplingParams.greedy_params(SOLO_TOKENS))  # alone: on the worker
+    assert not first.stats and engine.queue.active == 1
+    second = Running(engine, ["hi"], SamplingParams.greedy_params(SOLO_TOKENS))  # joins: both now in the batch
+    first.join(), second.join()
+    assert first.texts[0] == solo["abc"] and second.texts[0] == solo["hi"]
+    assert first.stats[0].batched and second.stats[0].batched
 
 
 def test_cancelling_one_of_four_leaves_the_others_unchanged(engine, solo):
@@ -125,47 +139,51 @@ def test_cancelling_one_of_four_leaves_the_others_unchanged(engine, solo):
     assert engine.queue.active == 0 and engine.batch_decoder().active == 0
 
 
+def _in_thread(condition, fault: FailOnForward):
+    """A forward hook that applies `fault` only to forward passes in threads that meet `condition`."""
+
+    def hook(module, args, output):
+        if condition(threading.current_thread().name == "internlm-generate"):
+            fault(module, args, output)
+
+    return hook
+
+
 def test_a_failure_in_the_worker_ends_that_reply_and_the_batch_goes_on(engine, solo):
-    # The first reply decodes on the worker; the fault hits only its thread's forward passes.
+    # The penalized reply stays on the worker; the fault hits only that thread's forward passes.
     fault = FailOnForward(20)
-    handle = engine.model.register_forward_hook(
-        lambda module, args, output: (
-            fault(module, args, output) if threading.current_thread().name == "internlm-generate" else None
-        )
-    )
+    handle = engine.model.register_forward_hook(_in_thread(lambda on_worker: on_worker, fault))
     try:
-        running = Running(engine, BACKGROUND, SamplingParams.greedy_params(SOLO_TOKENS)).join()
+        running = Running(
+            engine, ["hello", *BACKGROUND[:2]], [PENALIZED, *[SamplingParams.greedy_params(SOLO_TOKENS)] * 2]
+        ).join()
     finally:
         handle.remove()
-    on_worker = next(i for i in range(3) if not running.stats[i].batched)
-    assert isinstance(running.errors.get(on_worker), GenerationError)
-    assert running.stats[on_worker].finish_reason == "error" and "out of memory" in running.stats[on_worker].error
-    for i in set(range(3)) - {on_worker}:
-        assert i not in running.errors and running.texts[i] == solo[BACKGROUND[i]]
+    assert isinstance(running.errors.get(0), GenerationError) and not running.stats[0].batched
+    assert running.stats[0].finish_reason == "error" and "out of memory" in running.stats[0].error
+    assert 1 not in running.errors and 2 not in running.errors
+    assert [running.texts[1], running.texts[2]] == [solo[p] for p in BACKGROUND[:2]]
     assert engine.queue.active == 0
-    assert engine.reply(_user("abc"), SamplingParams.greedy_params(SOLO_TOKENS))[0] == solo["abc"]
+    assert engine.reply(_user("hello"), PENALIZED)[0] == solo["penalized"]
 
 
 def test_a_failed_batch_step_ends_its_replies_with_an_error_and_the_next_ones_work(engine, solo):
     fault = FailOnForward(5)
-    handle = engine.model.register_forward_hook(
-        lambda module, args, output: (
-            fault(module, args, output) if threading.current_thread().name != "internlm-generate" else None
-        )
-    )
+    handle = engine.model.register_forward_hook(_in_thread(lambda on_worker: not on_worker, fault))
     try:
-        running = Running(engine, BACKGROUND, SamplingParams.greedy_params(SOLO_TOKENS)).join()
+        running = Running(
+            engine, ["hello", *BACKGROUND[:2]], [PENALIZED, *[SamplingParams.greedy_params(SOLO_TOKENS)] * 2]
+        ).join()
     finally:
         handle.remove()
-    on_worker = next(i for i in range(3) if not running.stats[i].batched)
-    assert running.texts[on_worker] == solo[BACKGROUND[on_worker]] and on_worker not in running.errors
-    for i in set(range(3)) - {on_worker}:
+    assert 0 not in running.errors and running.texts[0] == solo["penalized"]  # the worker's reply went on
+    for i in (1, 2):
         assert isinstance(running.errors.get(i), GenerationError) and "out of memory" in str(running.errors[i])
         assert running.stats[i].finish_reason == "error"
     assert engine.queue.active == 0
     again = Running(engine, BACKGROUND, SamplingParams.greedy_params(SOLO_TOKENS)).join()  # the batch restarted
     assert not again.errors and [again.texts[i] for i in range(3)] == [solo[p] for p in BACKGROUND]
-    assert sum(again.stats[i].batched for i in range(3)) == 2
+    assert all(again.stats[i].batched for i in range(3))
 
 
 def test_replies_the_batch_cannot_sample_wait_for_the_worker_and_still_run(engine):
@@ -226,9 +244,11 @@ def test_the_worker_never_sees_the_batchs_config_write(engine, solo):
 
     handle = engine.model.register_forward_pre_hook(record)
     try:
-        running = Running(engine, [*BACKGROUND, "hello"], SamplingParams.greedy_params(SOLO_TOKENS)).join()
+        params = [PENALIZED, *[SamplingParams.greedy_params(SOLO_TOKENS)] * 3]
+        running = Running(engine, ["hello", *BACKGROUND], params).join()  # the worker's reply beside the batch
     finally:
         handle.remove()
     assert len(seen) > 20 and set(seen) == {None}
-    assert [running.texts[i] for i in range(3)] == [solo[p] for p in BACKGROUND]
+    assert running.texts[0] == solo["penalized"]
+    assert [running.texts[i + 1] for i in range(3)] == [solo[p] for p in BACKGROUND]
     assert getattr(engine.model.config, "is_causal", None) is None

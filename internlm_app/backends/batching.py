@@ -93,8 +93,9 @@ class BatchDecoder:
         with self._lock:
             return len(self._requests)
 
-    def unsupported(self, params: SamplingParams) -> str | None:
-        """Why the batch cannot sample a reply this way, or None."""
+    @staticmethod
+    def unsupported(params: SamplingParams) -> str | None:
+        """The sampling field the batch cannot apply to a reply (its name), or None."""
         if params.repetition_penalty != 1.0:
             return "repetition_penalty"
         return None

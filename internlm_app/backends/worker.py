@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from queue import SimpleQueue
 
 import torch
@@ -76,13 +76,21 @@ class _HandOverBetweenSteps(StoppingCriteria):
 
 @dataclass
 class GenerationJob:
-    """One reply for the worker: prompt ids, how to sample, where the tokens go, what stops it."""
+    """One reply for the worker: prompt ids, how to sample, where the tokens go, what stops it.
+
+    Setting `preempt` stops generate at the next token like `stop`, but the reply is not over: the worker calls
+    `hand_off(prompt and reply ids so far, tokens generated)`, which continues it elsewhere (the batch) on the same
+    stream and returns True, or returns False and the reply ends here. `on_done` runs once the worker has let go.
+    """
 
     prompt_ids: list[int]
     config: GenerationConfig
     stream: TokenStream
     stop: threading.Event
     cancel: threading.Event | None = None
+    preempt: threading.Event = field(default_factory=threading.Event)
+    hand_off: Callable[[list[int], int], bool] | None = None
+    on_done: Callable[[], None] | None = None
 
 
 class GenerationWorker:
@@ -156,7 +164,7 @@ class GenerationWorker:
 
     def _generate(self, job: GenerationJob) -> None:
         failure: BaseException | None = None
-        kept = None
+        kept, handed_off = None, False
         self._lock.acquire()  # held for each decode step, handed over between steps
         try:
             store = self._prefix_cache()
@@ -170,7 +178,7 @@ class GenerationWorker:
                     generation_config=job.config,
                     streamer=_TokenStreamer(job.stream),
                     stopping_criteria=StoppingCriteriaList(
-                        [_StopWhenSet(job.stop, job.cancel), _HandOverBetweenSteps(self._lock)]
+                        [_StopWhenSet(job.stop, job.cancel, job.preempt), _HandOverBetweenSteps(self._lock)]
                     ),
                 )
             kept = (store, cache, output[0].tolist())
@@ -184,9 +192,29 @@ class GenerationWorker:
                 self.forget_kv()  # a cache a failed forward wrote into is not trusted again
             elif kept is not None:
                 kept[0].give_back(kept[1], kept[2])
+                handed_off = self._hand_off(job, kept[2])
             if failure is not None or self._empty_cache_after_reply:
                 gpu.clear_cache()
         except BaseException as exc:  # a sticky CUDA error raises again here: report it, never wedge the worker
             failure = failure or exc
         finally:
-            job.stream.finish(failure)
+            if job.on_done is not None:
+                job.on_done()  # first: a reply that follows at once finds the worker free
+            if not handed_off:
+                job.stream.finish(failure)
+
+    @staticmethod
+    def _hand_off(job: GenerationJob, ids: list[int]) -> bool:
+        """Continue a preempted reply elsewhere, unless it ended anyway (stop id, length, stop or cancel)."""
+        generated = len(ids) - len(job.prompt_ids)
+        stop_ids = job.config.eos_token_id if isinstance(job.config.eos_token_id, list) else [job.config.eos_token_id]
+        if (
+            job.hand_off is None
+            or not job.preempt.is_set()
+            or job.stop.is_set()
+            or (job.cancel is not None and job.cancel.is_set())
+            or generated >= job.config.max_new_tokens
+            or (generated > 0 and ids[-1] in stop_ids)
+        ):
+            return False
+        return job.hand_off(ids, generated)
