@@ -154,12 +154,15 @@ def measure_engine(model: LlamaForCausalLM, new_tokens: int, reps: int, static_c
         rows[list(tokenizer.stop_ids)] = 0.0
     window = static_cache_len or 4096  # the static cache's length is the context window: the one already compiled
     info = ModelInfo("random", "-", str(model.dtype), str(model.device), None, "none", "sdpa", context_window=window)
-    engine = ChatEngine(model, tokenizer, info, Settings(model_path=FIXTURE_DIR))
+    # One reply at a time, nothing reused across calls: the same work as the bare generate it is compared with.
+    engine = ChatEngine(model, tokenizer, info, Settings(model_path=FIXTURE_DIR, max_batch_size=1, kv_reuse_tokens=0))
     engine.static_cache = bool(static_cache_len)  # what INTERNLM_STATIC_CACHE gives on CUDA; also on --cpu-smoke
     messages = [{"role": "user", "content": "Tell me a long story about Shanghai and the people who live there."}]
     params = SamplingParams.greedy_params(new_tokens)
     prompt = torch.tensor([engine.prepare(messages, new_tokens).ids], device=model.device)
     config = engine.generation_config(params)
+    if static_cache_len:  # the engine's worker brings its own static cache of the window's length
+        config.cache_implementation, config.max_cache_len = "static", window
 
     def streamed() -> float:
         events = ReplyEvents()
@@ -184,6 +187,7 @@ def measure_engine(model: LlamaForCausalLM, new_tokens: int, reps: int, static_c
         return new_tokens / seconds[0]
 
     rates = interleaved({"stream": streamed, "bare": bare, "thread": bare_in_thread}, max(reps, 5))
+    engine.close()
     ratio = statistics.median([a / b for a, b in zip(rates["stream"], rates["bare"], strict=True)])
     label = "static cache + compile" if static_cache_len else "dynamic cache"
     print(

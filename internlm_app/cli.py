@@ -12,7 +12,7 @@ from .settings import Settings, add_settings_arguments, settings_from_args
 
 MODEL_FLAGS = [
     *("model_path", "model_id", "model_revision", "cache_dir", "dtype", "device", "quantization", "max_length"),
-    "static_cache",
+    *("static_cache", "max_batch_size", "kv_reuse_tokens"),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import gpu
+from .backends.decode_plan import estimate_for_checkpoint
 from .convert import is_converted, is_internlm2_checkpoint
 from .loader import checkpoint_bytes
 from .model_source import converted_dir_for
@@ -69,6 +71,11 @@ def doctor_report(settings: Settings) -> dict:
             f"only {gpu.format_bytes(free)} free under {disk_dir}; downloading and converting needs about "
             f"{gpu.format_bytes(need)}. On AutoDL point INTERNLM_CACHE_DIR at /root/autodl-tmp (the data disk)."
         )
+    decoding = "unknown until the model is downloaded"
+    if model["present"]:
+        config = json.loads((Path(model["source"]) / "config.json").read_text())
+        gpu_free = int(torch.cuda.mem_get_info()[0]) if devices else None
+        decoding = estimate_for_checkpoint(config, settings, gpu_free, model.get("weights_bytes", 0))
     return {
         "versions": versions,
         "cuda": torch.version.cuda,
@@ -77,6 +84,7 @@ def doctor_report(settings: Settings) -> dict:
         "ram_available_bytes": gpu.available_ram_bytes(),
         "model": model,
         "disk_free_bytes": free,
+        "decoding": decoding,
         "problems": problems,
     }
 
@@ -91,5 +99,6 @@ def format_report(report: dict) -> str:
         lines.append(f"RAM available: {gpu.format_bytes(report['ram_available_bytes'])}")
     lines.append("model: " + ", ".join(f"{k}={v}" for k, v in report["model"].items()))
     lines.append(f"disk free: {gpu.format_bytes(report['disk_free_bytes'])}")
+    lines.append(f"decoding: {report['decoding']}")
     lines += [f"problem: {p}" for p in report["problems"]] or ["no problems found"]
     return "\n".join(lines)

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     static_cache: bool | Literal["auto"] = Field(
         "auto",
         description="CUDA only: decode one reply over a static KV cache sized to max_length with a torch.compile'd "
-        "step (CUDA graphs). auto: on when that cache fits in half the GPU memory left beside the weights, else the "
+        "step (CUDA graphs). auto: on when that cache fits in 3/4 of the GPU memory left beside the weights, else the "
         "dynamic cache (the log, the Status page and doctor say which and why); true / false force it. Loading "
         "compiles it in a warm-up reply (tens of seconds); the cache takes 128 KiB per token for InternLM2-7B in "
         "float16 (1 GiB at 8192).",

@@ -117,3 +117,10 @@ def wait_for_backend(ctx: PageContext, loader: BackendLoader) -> LoadStatus:
             loader.retry()
             st.rerun()
     return status
+
+
+def queue_caption(ctx: PageContext, queue) -> str:
+    """The engine's line: how many replies generate of how many at once, and how many wait."""
+    if not queue.active:
+        return ctx.t("queue_idle")
+    return ctx.t("queue_active", active=queue.active, slots=queue.slots, waiting=queue.waiting())

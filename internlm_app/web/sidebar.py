@@ -10,7 +10,7 @@ from ..sampling import BOUNDS, INT_PARAMS
 from ..settings import MAX_LENGTH_BOUNDS
 from ..store import Conversation, ConversationStore
 from . import state
-from .page import PageContext
+from .page import PageContext, queue_caption
 
 RECENT_CONVERSATIONS = 8
 _CONFIRM_DELETE_KEY = "_confirm_delete_chat"
@@ -68,7 +68,7 @@ def model_panel(ctx: PageContext, backend: ChatBackend) -> None:
         st.caption(ctx.t("gpu_none"))
     queue = getattr(backend, "queue", None)
     if queue is not None:
-        st.caption(ctx.t("queue_busy" if queue.busy else "queue_idle", waiting=queue.waiting()))
+        st.caption(queue_caption(ctx, queue))
     if st.button(ctx.t("clear_gpu"), key="clear_gpu", icon=":material/cleaning_services:"):
         before, after = gpu.clear_cache()
         if not before:

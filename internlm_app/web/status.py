@@ -8,7 +8,7 @@ import streamlit as st
 
 from .. import gpu
 from .loading import BackendLoader
-from .page import PageContext, wait_for_backend
+from .page import PageContext, queue_caption, wait_for_backend
 
 
 def model_section(ctx: PageContext, loader: BackendLoader) -> None:
@@ -26,9 +26,25 @@ def model_section(ctx: PageContext, loader: BackendLoader) -> None:
     facts["load_seconds"] = f"{info.load_seconds:.1f} s"
     facts.pop("extra", None)
     st.table({ctx.t("status_field"): list(facts), ctx.t("status_value"): [str(v) for v in facts.values()]})
+    plan = getattr(backend, "plan", None)
+    if plan is not None:
+        st.table(decoding_rows(ctx, plan, backend.worker.kept_tokens))
     queue = getattr(backend, "queue", None)
     if queue is not None:
-        st.caption(ctx.t("queue_busy" if queue.busy else "queue_idle", waiting=queue.waiting()))
+        st.caption(queue_caption(ctx, queue))
+
+
+def decoding_rows(ctx: PageContext, plan, kept_tokens: int) -> dict[str, list[str]]:
+    """How replies are decoded here and why (the decode plan chosen at load)."""
+    single = f"{plan.single_path} KV cache" + (" + torch.compile" if plan.single_path == "static" else "")
+    return {
+        ctx.t("status_field"): [ctx.t("decode_single"), ctx.t("decode_batch"), ctx.t("decode_reuse")],
+        ctx.t("status_value"): [
+            f"{single}: {plan.single_reason}",
+            plan.batch_reason,
+            f"{kept_tokens} / {plan.kv_reuse_tokens} tokens",
+        ],
+    }
 
 
 def memory_rows(devices: list[gpu.DeviceMemory]) -> dict[str, list[str]]:
