@@ -12,9 +12,9 @@ tokens/s shown are medians. Each timing covers the whole reply (prefill + N deco
 tiny InternLM2 fixture (per-token model time is tiny, so overhead shows most) and a larger random Llama on the fixture's
 tokenizer. The headline is the lowest ratio over all models and lengths. Target >= 0.95. CPU timings; only the ratio is
 meaningful here. The engine keeps no KV across replies here (INTERNLM_KV_REUSE_TOKENS=0): the same prompt again
-would otherwise come from its cache, work bare generate does. The process's CPU time per token (both threads) is printed too: it hardly depends on what else the
-machine runs. (The tiny fixture has 512 positions; at 1024 new tokens it runs past them, which does not change the
-timing: RoPE angles are computed.)
+would otherwise come from its cache, work bare generate does. The process's CPU time per token (both threads) is
+printed too: it hardly depends on what else the machine runs. (The tiny fixture has 512 positions; at 1024 new
+tokens it runs past them, which does not change the timing: RoPE angles are computed.)
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
+from . import gpu
 from .backends.batching import BatchDecoder
 from .backends.decode_plan import DecodePlan, plan_decoding
 from .backends.token_stream import END, Empty, TokenStream
@@ -125,29 +127,54 @@ class ChatEngine:
         try:
             self._reply_on("worker", hi, params)
         except GenerationError as exc:
-            hint = (
-                "Start with INTERNLM_STATIC_CACHE=false, or check that torch.compile works here (Triton, from the "
-                "CUDA torch wheel, and a C compiler such as gcc)."
-                if self.static_cache
-                else "Check the model files and the GPU (python -m internlm_app doctor)."
+            if not (self.static_cache and self.settings.static_cache == "auto"):
+                hint = (
+                    "Start with INTERNLM_STATIC_CACHE=false, or check that torch.compile works here (Triton, from the "
+                    "CUDA torch wheel, and a C compiler such as gcc)."
+                    if self.static_cache
+                    else "Check the model files and the GPU (python -m internlm_app doctor)."
+                )
+                raise ModelLoadError(f"the warm-up reply failed: {exc}. {hint}") from exc
+            # Chosen by auto, not asked for: fall back to the dynamic cache and say why, rather than not start.
+            log.warning("the compiled static cache failed its warm-up (%s); decoding on the dynamic cache", exc)
+            self.static_cache = False
+            self.worker.drop_static_cache()
+            self.plan = dataclasses.replace(
+                self.plan, single_path="dynamic", single_reason=f"the compiled static cache failed its warm-up: {exc}"
             )
-            raise ModelLoadError(f"the warm-up reply failed: {exc}. {hint}") from exc
+            self.warm_up()
+            return
         log.info("warm-up reply done in %.1fs", time.perf_counter() - started)
         if self.plan.batching:
             log.info("starting the continuous batch (%s)", self.plan.batch_reason)
             try:
                 self._reply_on("batch", hi, params)
             except (GenerationError, RuntimeError, ValueError) as exc:
-                raise ModelLoadError(
-                    f"the continuous batch failed to start: {exc}. Start with INTERNLM_MAX_BATCH_SIZE=1 to decode one "
-                    "reply at a time without it."
-                ) from exc
+                # One reply at a time still works: go on without the batch and say why.
+                log.warning("the continuous batch failed to start (%s); decoding one reply at a time", exc)
+                self._stop_batching(f"off: it failed to start ({exc}); INTERNLM_MAX_BATCH_SIZE=1 skips it")
+
+    def _stop_batching(self, reason: str) -> None:
+        with self._batch_lock:
+            batch, self._batch = self._batch, None
+            self.plan = dataclasses.replace(self.plan, batch_slots=1, batch_cache_tokens=0, batch_reason=reason)
+            self.queue = GpuQueue(max_waiting=self.settings.queue_limit, slots=1)
+        if batch is not None:
+            batch.close()
 
     def close(self) -> None:
         """Stop the worker and the batch's threads (tests and benchmarks; a server keeps its engine to the end)."""
         self.worker.close()
         if self._batch is not None:
             self._batch.close()
+
+    def release_memory(self) -> tuple[list[gpu.DeviceMemory], list[gpu.DeviceMemory]]:
+        """Drop the KV caches kept for reuse across turns and release cached CUDA blocks; GPU memory before, after.
+
+        Replies that run keep their caches: only idle ones go (the next turn of those chats prefills again).
+        """
+        self.worker.forget_kv()
+        return gpu.clear_cache()
 
     @property
     def context_window(self) -> int:

@@ -105,8 +105,9 @@ def test_static_cache_replies_match_model_chat(engine, reference):
 
 
 def test_a_failed_static_cache_warm_up_is_a_load_error_that_says_what_to_do(engine):
-    static = ChatEngine(engine.model, engine.tokenizer, engine.info, engine.settings)
-    static.static_cache = True
+    settings = engine.settings.model_copy(update={"static_cache": True})  # asked for: no quiet fallback
+    static = ChatEngine(engine.model, engine.tokenizer, engine.info, settings)
+    static.static_cache = True  # what the setting gives on CUDA
     handle = engine.model.register_forward_hook(FailOnForward(2))  # as a compile failure of the decode step would
     try:
         with pytest.raises(ModelLoadError, match="INTERNLM_STATIC_CACHE=false") as failure:
@@ -115,6 +116,46 @@ def test_a_failed_static_cache_warm_up_is_a_load_error_that_says_what_to_do(engi
         handle.remove()
         static.close()
     assert isinstance(failure.value.__cause__, GenerationError) and static.queue.active == 0
+
+
+def test_a_failed_static_cache_warm_up_under_auto_falls_back_to_the_dynamic_cache_and_says_why(engine):
+    auto = ChatEngine(engine.model, engine.tokenizer, engine.info, engine.settings)  # INTERNLM_STATIC_CACHE=auto
+    auto.static_cache = True  # what auto chooses on CUDA when the cache fits
+    handle = engine.model.register_forward_hook(FailOnForward(2))  # as a compile failure of the decode step would
+    try:
+        auto.warm_up()
+    finally:
+        handle.remove()
+    try:
+        assert not auto.static_cache and auto.plan.single_path == "dynamic"
+        assert "failed its warm-up" in auto.plan.single_reason and "out of memory" in auto.plan.single_reason
+        text, stats = auto.reply(HI, SamplingParams.greedy_params(8))
+        assert (
+            stats.finish_reason in {"stop", "length"} and text == engine.reply(HI, SamplingParams.greedy_params(8))[0]
+        )
+    finally:
+        auto.close()
+
+
+def test_a_batch_that_fails_to_start_leaves_one_reply_at_a_time(engine):
+    subject = ChatEngine(engine.model, engine.tokenizer, engine.info, engine.settings)
+    fault = FailOnForward(2)  # the worker's warm-up reply passes first; the batch's first pass fails
+
+    def in_batch(module, args, output):
+        if threading.current_thread().name != "internlm-generate":
+            fault(module, args, output)
+
+    handle = engine.model.register_forward_hook(in_batch)
+    try:
+        subject.warm_up()
+    finally:
+        handle.remove()
+    try:
+        assert subject.plan.batch_slots == 1 and subject.queue.slots == 1 and subject.batch_decoder() is None
+        assert "failed to start" in subject.plan.batch_reason
+        assert subject.reply(HI, SamplingParams.greedy_params(8))[1].finish_reason in {"stop", "length"}
+    finally:
+        subject.close()
 
 
 def _engine_streaming_every(engine: ChatEngine, interval_ms: int) -> ChatEngine:

@@ -139,6 +139,11 @@ class GenerationWorker:
         self._jobs.put(None)
         self._thread.join()
 
+    def drop_static_cache(self) -> None:
+        """Free the static cache's buffer (the engine went back to the dynamic cache)."""
+        self._static = self._static_buffer = None
+        self._static_len = 0
+
     def forget_kv(self) -> None:
         """Drop every KV cache kept for reuse (frees their GPU memory)."""
         self._dynamic.clear()

@@ -70,7 +70,8 @@ def model_panel(ctx: PageContext, backend: ChatBackend) -> None:
     if queue is not None:
         st.caption(queue_caption(ctx, queue))
     if st.button(ctx.t("clear_gpu"), key="clear_gpu", icon=":material/cleaning_services:"):
-        before, after = gpu.clear_cache()
+        release = getattr(backend, "release_memory", gpu.clear_cache)  # the engine also drops KV kept for reuse
+        before, after = release()
         if not before:
             st.info(ctx.t("clear_gpu_cpu"))
         for b, a in zip(before, after, strict=True):
