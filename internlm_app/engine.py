@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import gc
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -102,6 +104,7 @@ class ChatEngine:
         self._batch: BatchDecoder | None = None
         self._batch_lock = threading.Lock()
         self._worker_reply: _Reply | None = None  # the reply the worker decodes now
+        _close_at_exit(self)
 
     @classmethod
     def load(cls, settings: Settings, progress: Progress | None = None) -> ChatEngine:
@@ -163,10 +166,18 @@ class ChatEngine:
             batch.close()
 
     def close(self) -> None:
-        """Stop the worker and the batch's threads (tests and benchmarks; a server keeps its engine to the end)."""
+        """Stop the worker and the batch's threads; a reply still running ends at its next token. Idempotent.
+
+        Runs at interpreter exit for every engine: a daemon thread that is inside torch's C++ code while the
+        interpreter finalizes aborts the process ("terminate called without an active exception", exit code 134).
+        """
+        with self._batch_lock:
+            running, batch, self._batch = self._worker_reply, self._batch, None
+        if running is not None:
+            running.end()
         self.worker.close()
-        if self._batch is not None:
-            self._batch.close()
+        if batch is not None:
+            batch.close()
 
     def release_memory(self) -> tuple[list[gpu.DeviceMemory], list[gpu.DeviceMemory]]:
         """Drop the KV caches kept for reuse across turns and release cached CUDA blocks; GPU memory before, after.
@@ -466,6 +477,20 @@ class ChatEngine:
         for chunk in self.stream_reply(history_to_messages(query, history, system), params):
             response += chunk
             yield response, [*(history or []), (query, response)]
+
+
+_ENGINES: weakref.WeakSet[ChatEngine] = weakref.WeakSet()
+
+
+def _close_at_exit(engine: ChatEngine) -> None:
+    if not _ENGINES:
+        atexit.register(_close_engines)  # once per process (registering again is harmless: close is idempotent)
+    _ENGINES.add(engine)
+
+
+def _close_engines() -> None:
+    for engine in list(_ENGINES):
+        engine.close()
 
 
 def _freeze_long_lived_objects() -> None:

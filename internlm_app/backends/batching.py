@@ -135,11 +135,11 @@ class BatchDecoder:
             self._manager.cancel_request(request_id)
 
     def close(self) -> None:
-        """Stop the manager's thread and the dispatcher (tests and benchmarks; a server keeps them)."""
+        """Stop the manager's thread and the dispatcher; replies still in the batch end with an error. Idempotent."""
         self._closed.set()
         self._dispatcher.join()
         if self._manager is not None and self._manager.is_running():
-            self._manager.stop(block=True)
+            self._manager.stop(block=True, hard_stop=True)
         with self._lock:
             self._fail_all_locked("the batch decoder was closed")
 
@@ -152,6 +152,8 @@ class BatchDecoder:
         starter.join()
 
     def _start_manager(self) -> None:
+        # Its INFO lines (cache sizes, the random seed it draws) would go to stderr on every start, CLI included.
+        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
         if self._manager is None:
             self._manager = self.model.init_continuous_batching(
                 generation_config=self._config, continuous_batching_config=self._cb_config

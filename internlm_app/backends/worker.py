@@ -135,9 +135,10 @@ class GenerationWorker:
         self._jobs.put(job)
 
     def close(self) -> None:
-        """Stop the thread after the jobs already queued."""
-        self._jobs.put(None)
-        self._thread.join()
+        """Stop the thread after the jobs already queued (idempotent)."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
 
     def drop_static_cache(self) -> None:
         """Free the static cache's buffer (the engine went back to the dynamic cache)."""
