@@ -104,6 +104,7 @@ class ChatEngine:
         self._batch: BatchDecoder | None = None
         self._batch_lock = threading.Lock()
         self._worker_reply: _Reply | None = None  # the reply the worker decodes now
+        self._closed = False
         _close_at_exit(self)
 
     @classmethod
@@ -152,7 +153,7 @@ class ChatEngine:
             log.info("starting the continuous batch (%s)", self.plan.batch_reason)
             try:
                 self._reply_on("batch", hi, params)
-            except (GenerationError, RuntimeError, ValueError) as exc:
+            except Exception as exc:
                 # One reply at a time still works: go on without the batch and say why.
                 log.warning("the continuous batch failed to start (%s); decoding one reply at a time", exc)
                 self._stop_batching(f"off: it failed to start ({exc}); INTERNLM_MAX_BATCH_SIZE=1 skips it")
@@ -172,6 +173,7 @@ class ChatEngine:
         interpreter finalizes aborts the process ("terminate called without an active exception", exit code 134).
         """
         with self._batch_lock:
+            self._closed = True
             running, batch, self._batch = self._worker_reply, self._batch, None
         if running is not None:
             running.end()
@@ -196,6 +198,8 @@ class ChatEngine:
         if not self.plan.batching:
             return None
         with self._batch_lock:
+            if self._closed:
+                raise GenerationError("the engine was closed")
             if self._batch is None:
                 self._batch = BatchDecoder(
                     self.model,
@@ -296,6 +300,9 @@ class ChatEngine:
     ) -> Iterator[str]:
         stats = events.stats
         stats.prompt_tokens, stats.dropped_messages = len(prepared.ids), prepared.dropped_messages
+        if self._closed:
+            stats.finish_reason, stats.error = "error", "the engine was closed"
+            raise GenerationError(stats.error)
         queued = time.perf_counter()
         try:
             acquired = self.queue.acquire(on_wait=events.on_queue, cancel=cancel)
@@ -322,8 +329,9 @@ class ChatEngine:
             started = time.perf_counter()
             reply = self._start(path, prepared, params, stop, cancel)
             stream, end = reply.stream, reply.end
-        except BaseException:
+        except BaseException as exc:
             self.queue.release()
+            stats.finish_reason, stats.error = "error", _describe(exc)
             raise
         decoder = self.tokenizer.stream_decoder()
         interval = self.settings.stream_interval_ms / 1000
@@ -351,7 +359,8 @@ class ChatEngine:
                     next_at = time.perf_counter() + interval
                     yield text
         finally:
-            stop.set()  # a consumer that went away (closed iterator) stops generation too
+            stopped_here = not done  # the consumer went away (closed iterator) before the end: it stops generation
+            stop.set()
             while not stream.finished.wait(_CANCEL_POLL_SECONDS):  # the worker lets go at its next token
                 end()  # (again, should the reply have moved to the batch meanwhile)
             ended = time.perf_counter()
@@ -360,7 +369,7 @@ class ChatEngine:
             stats.cached_tokens = stream.cached_tokens
             if first_at is not None and count > 1 and ended > first_at:
                 stats.tokens_per_second = (count - 1) / (ended - first_at)
-            stats.finish_reason = self._finish_reason(last_token, count, params, stop, cancel, stream.failure)
+            stats.finish_reason = self._finish_reason(last_token, count, params, stopped_here, cancel, stream.failure)
         if stream.failure is not None:
             stats.error = _describe(stream.failure)
             raise GenerationError(stats.error) from stream.failure
@@ -375,13 +384,10 @@ class ChatEngine:
         reply = _Reply(stream, stop, batchable=self._batchable(prepared, params))
 
         def hand_off(ids: list[int], generated: int) -> bool:  # in the worker's thread, once preempted
+            # Raises if the batch cannot take it: the reply then ends with that error, never silently cut short.
             rest = params.model_copy(update={"max_new_tokens": params.max_new_tokens - generated})
-            try:
-                reply.batch = self.batch_decoder()
-                reply.request_id = reply.batch.submit(ids, rest, stream, stop, cancel)
-            except Exception as exc:  # the reply then ends here, with what it has
-                log.error("moving a reply into the batch failed: %s", exc)
-                return False
+            reply.batch = self.batch_decoder()
+            reply.request_id = reply.batch.submit(ids, rest, stream, stop, cancel)
             reply.batched = True
             return True
 
@@ -390,12 +396,18 @@ class ChatEngine:
                 self._worker_reply = None
             self._worker_line.release()
 
-        reply.job = GenerationJob(
-            prepared.ids, self.generation_config(params), stream, stop, cancel, hand_off=hand_off, on_done=worker_done
-        )
-        with self._batch_lock:
-            self._worker_reply = reply
         try:
+            reply.job = GenerationJob(
+                prepared.ids,
+                self.generation_config(params),
+                stream,
+                stop,
+                cancel,
+                hand_off=hand_off,
+                on_done=worker_done,
+            )
+            with self._batch_lock:
+                self._worker_reply = reply
             self.worker.submit(reply.job)
         except BaseException:
             worker_done()
@@ -412,14 +424,14 @@ class ChatEngine:
                 if cancel is not None and cancel.is_set():
                     end()
 
-    def _finish_reason(self, last_token, count, params, stop, cancel, failure) -> str:
+    def _finish_reason(self, last_token, count, params, stopped_here: bool, cancel, failure) -> str:
         if failure is not None:
             return "error"
         if last_token in self.tokenizer.stop_ids:
             return "stop"
         if count >= params.max_new_tokens:
             return "length"
-        if stop.is_set() or (cancel is not None and cancel.is_set()):
+        if stopped_here or (cancel is not None and cancel.is_set()):
             return "cancelled"
         return "stop"
 

@@ -252,3 +252,42 @@ def test_the_worker_never_sees_the_batchs_config_write(engine, solo):
     assert running.texts[0] == solo["penalized"]
     assert [running.texts[i + 1] for i in range(3)] == [solo[p] for p in BACKGROUND]
     assert getattr(engine.model.config, "is_causal", None) is None
+
+
+class _RefusingManager:
+    """The batch's manager, except that it refuses new requests (as when its input queue stays full)."""
+
+    def __init__(self, manager):
+        self._manager = manager
+
+    def __getattr__(self, name):
+        return getattr(self._manager, name)
+
+    def add_request(self, *args, **kwargs):
+        raise TimeoutError("the request queue is full")
+
+
+def test_a_batch_that_refuses_a_reply_ends_it_with_an_error_and_leaks_nothing(engine, solo, monkeypatch):
+    batch = engine.batch_decoder()
+    monkeypatch.setattr(batch, "_manager", _RefusingManager(batch._manager))
+    # The first reply starts on the worker; the second preempts it, and both go to a batch that refuses them.
+    running = Running(engine, ["abc", "hi"], SamplingParams.greedy_params(SOLO_TOKENS)).join()
+    monkeypatch.undo()
+    for i in range(2):
+        assert isinstance(running.errors.get(i), GenerationError) and "could not take" in str(running.errors[i])
+        assert running.stats[i].finish_reason == "error"  # never a reply silently cut short
+    assert engine.queue.active == 0 and batch.active == 0
+    text, stats = engine.reply(_user("abc"), SamplingParams.greedy_params(SOLO_TOKENS))
+    assert text == solo["abc"] and not stats.batched  # a reply alone still goes to the worker
+
+
+def test_a_closed_engine_refuses_replies_and_starts_no_threads(engine):
+    subject = ChatEngine(engine.model, engine.tokenizer, engine.info, engine.settings)
+    subject.reply(_user("hello"), SamplingParams.greedy_params(8))
+    subject.close()
+    threads = threading.active_count()
+    with pytest.raises(GenerationError, match="closed"):
+        list(subject.stream_reply(_user("hello"), SamplingParams.greedy_params(8)))
+    with pytest.raises(GenerationError, match="closed"):
+        subject.batch_decoder()
+    assert threading.active_count() == threads and not subject.worker.alive

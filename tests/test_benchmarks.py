@@ -17,6 +17,9 @@ RUNS = {
     "per_token_overhead": ["--reps", "1"],
     "ui_updates": ["--rates", "1000,max", "--seconds", "0.2", "--engine-tokens", "16"],
     "sse_delivery": ["--tokens", "16", "--reps", "1", "--health-samples", "8", "--hidden", "128", "--layers", "1"],
+    "concurrency_gain": ["--tokens", "16", "--reps", "1"],
+    "gpu_serve": [],
+    "gpu_serve --cpu-smoke": ["--cpu-smoke", "--tokens", "8", "--reps", "1", "--streams", "1,2,8"],
     "gpu_decode": [],
     "gpu_fp16": [],
     "gpu_decode --cpu-smoke": ["--cpu-smoke", "--prompt-lengths", "8", "--new-tokens", "4", "--reps", "1"],
@@ -38,5 +41,5 @@ def test_benchmark_runs_and_prints_its_headline(run):
     last = result.stdout.strip().splitlines()[-1]
     value = r"skipped|\d+(\.\d+)?" if name.startswith("gpu_") else r"\d+(\.\d+)?"
     assert re.fullmatch(rf"{name}=({value})", last), result.stdout[-2000:]
-    if run in ("gpu_decode", "gpu_fp16") and last.endswith("skipped"):
+    if run in ("gpu_decode", "gpu_fp16", "gpu_serve") and last.endswith("skipped"):
         assert "skipped: no CUDA" in result.stdout

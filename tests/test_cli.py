@@ -60,6 +60,7 @@ def test_doctor_reports_versions_and_problems(tmp_path):
     result = _run(["doctor", "--model-path", str(FIXTURE_DIR)], tmp_path)
     assert "transformers" in result.stdout and "disk free" in result.stdout
     assert "present=True" in result.stdout
+    assert "decoding: one reply: dynamic KV cache (on the CPU" in result.stdout  # which path and why, before loading
     assert ("problem: no CUDA GPU" in result.stdout) == (result.returncode == 1)
 
 

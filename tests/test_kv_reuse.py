@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from internlm_app.backends.decode_plan import choose_single_path
-from internlm_app.chat_types import ReplyEvents
+from internlm_app.chat_types import GenerationError, ReplyEvents
 from internlm_app.engine import ChatEngine
 from internlm_app.sampling import SamplingParams
 
@@ -148,3 +148,29 @@ def test_compiled_decode_is_the_cuda_default_when_the_cache_fits():
     assert choose_single_path(cuda=True, setting="auto", quantized=True, window=64, per_token=1, usable=GIB)[0] == (
         "dynamic"
     )
+
+
+def test_the_static_cache_recovers_after_a_failure_and_after_memory_is_released(engine, cold):
+    from tests.faults import FailOnForward
+
+    static = _engine(engine)
+    static.static_cache = True
+    messages = [SYSTEM, {"role": "user", "content": "hello"}]
+    expected = cold.reply(messages, GREEDY)[0]
+    try:
+        assert static.reply(messages, GREEDY)[0] == expected
+        static.release_memory()  # "clear GPU cache": the kept buffer is reset before its next use
+        assert static.reply(messages, GREEDY)[0] == expected
+        handle = engine.model.register_forward_hook(FailOnForward(3))
+        try:
+            with pytest.raises(GenerationError):
+                static.reply(messages, GREEDY)
+        finally:
+            handle.remove()
+        for _ in range(2):  # after a failure too, every later reply works
+            text, stats = static.reply(messages, GREEDY)
+            assert text == expected and stats.finish_reason in {"stop", "length"}
+        edited = [SYSTEM, {"role": "user", "content": "hello there"}]  # a part of the kept chat: cropped, not reset
+        assert static.reply(edited, GREEDY)[0] == cold.reply(edited, GREEDY)[0]
+    finally:
+        static.close()

@@ -5,8 +5,9 @@ schedules every running reply into each forward pass, so a reply that arrives wh
 the next step. Its paged cache shares complete pages between prompts with the same prefix (the turns a chat already
 had). One dispatcher thread reads the manager's outputs and hands each reply its new tokens.
 
-Sampling is per request (temperature, top-p, top-k); greedy is top-k 1. A repetition penalty has no per-request form
-in the batch, so `unsupported()` names it and the engine decodes such a reply on the one-reply path instead.
+Sampling is per request (temperature, top-p, top-k); greedy is top-k 1, so an exact tie for the highest logit is
+broken at random here (`generate` takes the lowest id). A repetition penalty has no per-request form in the batch, so
+`unsupported()` names it and the engine decodes such a reply on the one-reply path instead.
 """
 
 from __future__ import annotations
@@ -118,13 +119,26 @@ class BatchDecoder:
             sampling = {"temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": int(top_k)}
         request_id = f"reply-{next(self._ids)}"
         with self._lock:
+            if self._closed.is_set():
+                raise GenerationError("the batch decoder was closed")
             if self._manager is None or not self._manager.is_running():
                 self._fail_all_locked("the batch decoder stopped")
                 self._call_in_daemon_thread(self._start_manager)
+            if self._manager is None or not self._manager.is_running():
+                raise GenerationError("the continuous batch could not start (see the server log)")
             self._requests[request_id] = _Request(stream, stop, cancel)
-        accepted = self._manager.add_request(
-            list(prompt_ids), request_id=request_id, max_new_tokens=params.max_new_tokens, streaming=True, **sampling
-        )
+        try:
+            accepted = self._manager.add_request(
+                list(prompt_ids),
+                request_id=request_id,
+                max_new_tokens=params.max_new_tokens,
+                streaming=True,
+                **sampling,
+            )
+        except Exception as exc:
+            with self._lock:  # never left registered: its stream is the caller's to end
+                self._requests.pop(request_id, None)
+            raise GenerationError(f"the continuous batch could not take the reply: {exc}") from exc
         if accepted is None:  # the manager refused it (stopping): end the reply with an error, never leave it waiting
             self._end(request_id, GenerationError("the batch decoder is not accepting replies; try again"))
         return request_id
@@ -154,12 +168,15 @@ class BatchDecoder:
     def _start_manager(self) -> None:
         # Its INFO lines (cache sizes, the random seed it draws) would go to stderr on every start, CLI included.
         logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
-        if self._manager is None:
-            self._manager = self.model.init_continuous_batching(
-                generation_config=self._config, continuous_batching_config=self._cb_config
-            )
-        with torch.inference_mode():
-            self._manager.start()  # the generation loop runs in the caller's inference mode
+        try:
+            if self._manager is None:
+                self._manager = self.model.init_continuous_batching(
+                    generation_config=self._config, continuous_batching_config=self._cb_config
+                )
+            with torch.inference_mode():
+                self._manager.start()  # the generation loop runs in the caller's inference mode
+        except Exception:  # submit() sees a manager that does not run and says so
+            log.exception("starting the continuous batch failed")
 
     def _end(self, request_id: str, failure: BaseException | None) -> bool:
         with self._lock:

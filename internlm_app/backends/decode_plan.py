@@ -150,14 +150,15 @@ def plan_decoding(model: torch.nn.Module, settings: Settings, context_window: in
         usable=usable,
     )
     reuse_tokens = settings.kv_reuse_tokens
-    # The static cache itself holds the chat it reuses; the dynamic path keeps up to reuse_tokens of KV beside it.
-    kept_bytes = context_window * per_token if single == "static" else reuse_tokens * per_token
+    # The static cache is the worker's reply's KV and the chat it keeps; on the dynamic path the worker's reply may
+    # grow to the window, and up to reuse_tokens of KV are kept beside it.
+    kept_bytes = context_window * per_token + (reuse_tokens * per_token if single == "dynamic" else 0)
     left = usable - kept_bytes
 
     # Concurrent replies: a continuous batch over a paged KV cache, sized from what is left.
-    cache_tokens = int(max(0, left) * settings.kv_cache_memory_share) // per_token // page_size * page_size
-    if not cuda:
-        cache_tokens = min(cache_tokens, slots * context_window)  # enough for every slot's whole window
+    cache_tokens = int(max(0, left) * settings.kv_cache_memory_share) // per_token
+    # Never more than every slot's whole window: a big GPU would otherwise hand the batch most of its memory.
+    cache_tokens = min(cache_tokens, slots * context_window) // page_size * page_size
     reason = ""
     if slots == 1:
         reason = "off (INTERNLM_MAX_BATCH_SIZE=1)"

@@ -20,12 +20,13 @@ class TokenStream:
         self._items: SimpleQueue = SimpleQueue()
         self._lock = threading.Lock()
         self._on_finish = on_finish
-        self.finished = threading.Event()
+        self._ended = False
+        self.finished = threading.Event()  # set after on_finish ran: whoever waits for it finds the slot free
         self.failure: BaseException | None = None
         self.cached_tokens = 0  # prompt tokens whose KV cache was reused rather than prefilled
 
     def put(self, token_ids: Iterable[int]) -> None:
-        if self.finished.is_set():
+        if self._ended:
             return
         for token in token_ids:
             self._items.put(token)
@@ -33,13 +34,16 @@ class TokenStream:
     def finish(self, failure: BaseException | None = None) -> bool:
         """End the stream (with a failure, if any); True for the call that ended it."""
         with self._lock:
-            if self.finished.is_set():
+            if self._ended:
                 return False
+            self._ended = True
             self.failure = failure
             self._items.put(END)
+        try:
+            if self._on_finish is not None:
+                self._on_finish()
+        finally:
             self.finished.set()
-        if self._on_finish is not None:
-            self._on_finish()
         return True
 
     def get(self, timeout: float | None = None) -> object:

@@ -80,7 +80,8 @@ class GenerationJob:
 
     Setting `preempt` stops generate at the next token like `stop`, but the reply is not over: the worker calls
     `hand_off(prompt and reply ids so far, tokens generated)`, which continues it elsewhere (the batch) on the same
-    stream and returns True, or returns False and the reply ends here. `on_done` runs once the worker has let go.
+    stream and returns True; if it raises, the reply ends here with that error. `on_done` runs once the worker has
+    let go.
     """
 
     prompt_ids: list[int]
@@ -174,8 +175,8 @@ class GenerationWorker:
         self._lock.acquire()  # held for each decode step, handed over between steps
         try:
             store = self._prefix_cache()
-            cache, job.stream.cached_tokens = store.lend(job.prompt_ids)
-            with torch.inference_mode():
+            with torch.inference_mode():  # the cache's tensors are inference tensors: crop and reset them here too
+                cache, job.stream.cached_tokens = store.lend(job.prompt_ids)
                 input_ids = torch.tensor([job.prompt_ids], device=self.model.device)
                 output = self.model.generate(
                     input_ids=input_ids,
