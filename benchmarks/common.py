@@ -139,6 +139,26 @@ def interleaved(runs: dict[str, Callable[[], float]], reps: int, warmup: int = 1
     return results
 
 
+def run_together(one: Callable[[int], None], count: int) -> float:
+    """Call `one(i)` for i in 0..count-1, each in its own thread, all released together; the wall time in seconds."""
+    import threading
+
+    barrier = threading.Barrier(count + 1)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        one(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

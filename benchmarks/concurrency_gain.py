@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import copy
 import statistics
-import threading
-import time
 from pathlib import Path
 
-from common import headline, load_engine, parser, set_threads, verdict, workdir
+from common import headline, load_engine, parser, run_together, set_threads, verdict, workdir
 
 from internlm_app.chat_types import ReplyEvents
 from internlm_app.engine import ChatEngine
@@ -39,23 +37,14 @@ def run_streams(engine: ChatEngine, streams: int, tokens: int) -> dict[str, floa
     """`streams` replies at once; aggregate tokens/s, median per-stream tokens/s and median time to first token."""
     params = SamplingParams.greedy_params(tokens)
     stats: list = [None] * streams
-    barrier = threading.Barrier(streams + 1)
 
     def one(i: int) -> None:
         events = ReplyEvents()
-        barrier.wait()
         for _ in engine.stream_reply([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], params, events=events):
             pass
         stats[i] = events.stats
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
+    wall = run_together(one, streams)
     if any(s is None or s.completion_tokens != tokens for s in stats):
         raise RuntimeError(f"a stream did not make {tokens} tokens: {stats}")
     return {

@@ -82,6 +82,20 @@ BANDWIDTH_GBS = [
 ]
 
 
+def gpu_or_smoke(args, benchmark: str) -> tuple[torch.device, dict, torch.dtype, str, float] | None:
+    """Device, shape, dtype, device name and bandwidth (GB/s) for a GPU run, or the tiny CPU smoke run; None (after
+    printing the `skipped` headline) where there is no CUDA and no --cpu-smoke."""
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print(f"{benchmark}: skipped: no CUDA (torch.cuda.is_available() is False); run it on a GPU machine")
+        headline(benchmark, "skipped")
+        return None
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    shape, dtype = (TINY, torch.float32) if args.cpu_smoke else (INTERNLM2_7B, torch.float16)
+    name = "CPU (smoke run, tiny shape)" if args.cpu_smoke else torch.cuda.get_device_name(device)
+    bandwidth = args.bandwidth_gbs or (None if args.cpu_smoke else bandwidth_for(name)) or 100.0
+    return device, shape, dtype, name, bandwidth
+
+
 def bandwidth_for(name: str) -> float | None:
     return next((gbs for key, gbs in BANDWIDTH_GBS if key.lower() in name.lower()), None)
 
@@ -211,14 +225,10 @@ def main() -> None:
     args_parser.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU: checks the code only")
     args = args_parser.parse_args()
     set_threads(args.threads)
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        print("gpu_decode: skipped: no CUDA (torch.cuda.is_available() is False); run it on a GPU machine")
-        headline("gpu_decode", "skipped")
+    setup = gpu_or_smoke(args, "gpu_decode")
+    if setup is None:
         return
-    device = torch.device("cpu" if args.cpu_smoke else "cuda")
-    shape, dtype = (TINY, torch.float32) if args.cpu_smoke else (INTERNLM2_7B, torch.float16)
-    name = "CPU (smoke run, tiny shape)" if args.cpu_smoke else torch.cuda.get_device_name(device)
-    bandwidth = args.bandwidth_gbs or (None if args.cpu_smoke else bandwidth_for(name)) or 100.0
+    device, shape, dtype, name, bandwidth = setup
     source = "--bandwidth-gbs" if args.bandwidth_gbs else ("table" if bandwidth_for(name) else "placeholder 100")
     started = time.perf_counter()
     model = build_model(shape, device, dtype)

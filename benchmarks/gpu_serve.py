@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import copy
 import statistics
-import threading
 import time
 
 import torch
-from common import FIXTURE_DIR, headline, parser, set_threads
-from gpu_decode import INTERNLM2_7B, TINY, bandwidth_for, build_model, generate_seconds, sync, weight_bytes_per_token
+from common import FIXTURE_DIR, headline, parser, run_together, set_threads
+from gpu_decode import build_model, generate_seconds, gpu_or_smoke, sync, weight_bytes_per_token
 from transformers import GenerationConfig
 
 from internlm_app.chat_types import ReplyEvents
@@ -59,20 +58,11 @@ def stream_once(engine: ChatEngine, messages: list[dict], tokens: int) -> object
 def concurrent(engine: ChatEngine, streams: int, tokens: int, round_: int) -> dict[str, float]:
     """`streams` replies started together; aggregate and per-stream tokens/s, time to first token incl. queue."""
     stats: list = [None] * streams
-    barrier = threading.Barrier(streams + 1)
 
     def one(i: int) -> None:
-        barrier.wait()
         stats[i] = stream_once(engine, [{"role": "user", "content": user_text(round_ * 97 + i, 40)}], tokens)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
+    wall = run_together(one, streams)
     if any(s is None for s in stats):
         raise RuntimeError("a stream failed")
     return {
@@ -113,14 +103,10 @@ def main() -> None:
     args_parser.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU: checks the code only")
     args = args_parser.parse_args()
     set_threads(args.threads)
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        print("gpu_serve: skipped: no CUDA (torch.cuda.is_available() is False); run it on a GPU machine")
-        headline("gpu_serve", "skipped")
+    setup = gpu_or_smoke(args, "gpu_serve")
+    if setup is None:
         return
-    device = torch.device("cpu" if args.cpu_smoke else "cuda")
-    shape, dtype = (TINY, torch.float32) if args.cpu_smoke else (INTERNLM2_7B, torch.float16)
-    name = "CPU (smoke run, tiny shape)" if args.cpu_smoke else torch.cuda.get_device_name(device)
-    bandwidth = args.bandwidth_gbs or (None if args.cpu_smoke else bandwidth_for(name)) or 100.0
+    device, shape, dtype, name, bandwidth = setup
     counts = [int(x) for x in args.streams.split(",")]
     started = time.perf_counter()
     model = build_model(shape, device, dtype)

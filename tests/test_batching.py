@@ -139,26 +139,23 @@ def test_cancelling_one_of_four_leaves_the_others_unchanged(engine, solo):
     assert engine.queue.active == 0 and engine.batch_decoder().active == 0
 
 
-def _in_thread(condition, fault: FailOnForward):
-    """A forward hook that applies `fault` only to forward passes in threads that meet `condition`."""
+def _worker_and_batch_with_a_fault(engine: ChatEngine, *, on_worker: bool, at: int) -> Running:
+    """A penalized reply on the worker and two greedy ones in the batch; forward pass `at` of one side fails."""
+    fault = FailOnForward(at)
 
     def hook(module, args, output):
-        if condition(threading.current_thread().name == "internlm-generate"):
+        if (threading.current_thread().name == "internlm-generate") == on_worker:
             fault(module, args, output)
 
-    return hook
+    handle = engine.model.register_forward_hook(hook)
+    try:
+        return Running(engine, ["hello", *BACKGROUND[:2]], WORKER_AND_BATCH).join()
+    finally:
+        handle.remove()
 
 
 def test_a_failure_in_the_worker_ends_that_reply_and_the_batch_goes_on(engine, solo):
-    # The penalized reply stays on the worker; the fault hits only that thread's forward passes.
-    fault = FailOnForward(20)
-    handle = engine.model.register_forward_hook(_in_thread(lambda on_worker: on_worker, fault))
-    try:
-        running = Running(
-            engine, ["hello", *BACKGROUND[:2]], [PENALIZED, *[SamplingParams.greedy_params(SOLO_TOKENS)] * 2]
-        ).join()
-    finally:
-        handle.remove()
+    running = _worker_and_batch_with_a_fault(engine, on_worker=True, at=20)
     assert isinstance(running.errors.get(0), GenerationError) and not running.stats[0].batched
     assert running.stats[0].finish_reason == "error" and "out of memory" in running.stats[0].error
     assert 1 not in running.errors and 2 not in running.errors
@@ -168,14 +165,7 @@ def test_a_failure_in_the_worker_ends_that_reply_and_the_batch_goes_on(engine, s
 
 
 def test_a_failed_batch_step_ends_its_replies_with_an_error_and_the_next_ones_work(engine, solo):
-    fault = FailOnForward(5)
-    handle = engine.model.register_forward_hook(_in_thread(lambda on_worker: not on_worker, fault))
-    try:
-        running = Running(
-            engine, ["hello", *BACKGROUND[:2]], [PENALIZED, *[SamplingParams.greedy_params(SOLO_TOKENS)] * 2]
-        ).join()
-    finally:
-        handle.remove()
+    running = _worker_and_batch_with_a_fault(engine, on_worker=False, at=5)
     assert 0 not in running.errors and running.texts[0] == solo["penalized"]  # the worker's reply went on
     for i in (1, 2):
         assert isinstance(running.errors.get(i), GenerationError) and "out of memory" in str(running.errors[i])
