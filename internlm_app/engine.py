@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import gc
 import logging
 import threading
@@ -18,14 +17,15 @@ from transformers import GenerationConfig
 from . import gpu
 from .backends.batching import BatchDecoder
 from .backends.decode_plan import DecodePlan, plan_decoding
+from .backends.scheduler import ReplyScheduler
 from .backends.token_stream import END, Empty, TokenStream
-from .backends.worker import GenerationJob, GenerationWorker
+from .backends.worker import GenerationWorker
 from .chat_types import (
     ContextTooLongError,
+    EngineError,
     GenerationError,
     InvalidRequestError,
     Message,
-    QueueFullError,
     ReplyEvents,
     ReplyStats,
     history_to_messages,
@@ -51,32 +51,11 @@ class PreparedPrompt:
     max_new_tokens: int
 
 
-@dataclass
-class _Reply:
-    """Where one reply decodes: the worker (its job), the batch (its request id), or the worker and then the batch."""
-
-    stream: TokenStream
-    stop: threading.Event
-    batch: BatchDecoder | None = None
-    batchable: bool = False
-    batched: bool = False
-    job: GenerationJob | None = None
-    request_id: str | None = None
-
-    def end(self) -> None:
-        """Stop it at its next token (safe to call again)."""
-        self.stop.set()
-        if self.request_id is not None:
-            self.batch.cancel(self.request_id)
-
-
 class ChatEngine:
     """Streams replies from one model: one reply alone on the generation worker, concurrent ones in a batch.
 
-    At most `plan.batch_slots` replies generate at once; later ones wait in a first-come-first-served line (`queue`).
-    A reply that starts while nothing runs goes to the worker (`generate`, static cache + compiled step on CUDA, KV
-    reuse across turns); one that starts while another runs joins the continuous batch, as does every reply while the
-    batch is busy. Replies the batch cannot sample (a repetition penalty) wait for the worker.
+    Admission (at most `plan.batch_slots` at once, the rest in line) and where each reply decodes are the
+    scheduler's (`backends/scheduler.py`); this class prepares prompts, streams text and keeps the stats.
     """
 
     def __init__(
@@ -91,21 +70,44 @@ class ChatEngine:
         self.tokenizer = tokenizer
         self.info = info
         self.settings = settings
-        self.plan = plan or plan_decoding(model, settings, info.context_window)
-        self.static_cache = self.plan.single_path == "static"
-        self.queue = GpuQueue(max_waiting=settings.queue_limit, slots=self.plan.batch_slots)
-        self._worker_line = GpuQueue()  # the worker decodes one reply at a time
-        self.worker = GenerationWorker(
+        pad = model.generation_config.pad_token_id
+        self._pad_token_id = pad if pad is not None else tokenizer.stop_ids[0]
+        self.scheduler = ReplyScheduler(
             model,
-            static_window=lambda: self.context_window if self.static_cache else None,
-            kv_reuse_tokens=self.plan.kv_reuse_tokens,
+            plan=plan or plan_decoding(model, settings, info.context_window),
+            stop_ids=list(tokenizer.stop_ids),
+            pad_token_id=self._pad_token_id,
+            context_window=info.context_window,
+            queue_limit=settings.queue_limit,
             empty_cache_after_reply=settings.empty_cache_after_reply,
+            generation_config=self.generation_config,
         )
-        self._batch: BatchDecoder | None = None
-        self._batch_lock = threading.Lock()
-        self._worker_reply: _Reply | None = None  # the reply the worker decodes now
-        self._closed = False
         _close_at_exit(self)
+
+    # What callers and tests read: the plan, the line, the worker, whether the static cache is on.
+    @property
+    def plan(self) -> DecodePlan:
+        return self.scheduler.plan
+
+    @property
+    def queue(self) -> GpuQueue:
+        return self.scheduler.queue
+
+    @property
+    def worker(self) -> GenerationWorker:
+        return self.scheduler.worker
+
+    @property
+    def static_cache(self) -> bool:
+        return self.scheduler.static_cache
+
+    @static_cache.setter
+    def static_cache(self, on: bool) -> None:
+        self.scheduler.static_cache = on
+
+    def batch_decoder(self) -> BatchDecoder | None:
+        """The continuous batch, started on first use (`load` starts it while loading); None when off."""
+        return self.scheduler.batch_decoder()
 
     @classmethod
     def load(cls, settings: Settings, progress: Progress | None = None) -> ChatEngine:
@@ -141,11 +143,7 @@ class ChatEngine:
                 raise ModelLoadError(f"the warm-up reply failed: {exc}. {hint}") from exc
             # Chosen by auto, not asked for: fall back to the dynamic cache and say why, rather than not start.
             log.warning("the compiled static cache failed its warm-up (%s); decoding on the dynamic cache", exc)
-            self.static_cache = False
-            self.worker.drop_static_cache()
-            self.plan = dataclasses.replace(
-                self.plan, single_path="dynamic", single_reason=f"the compiled static cache failed its warm-up: {exc}"
-            )
+            self.scheduler.stop_static_cache(f"the compiled static cache failed its warm-up: {exc}")
             self.warm_up()
             return
         log.info("warm-up reply done in %.1fs", time.perf_counter() - started)
@@ -156,15 +154,7 @@ class ChatEngine:
             except Exception as exc:
                 # One reply at a time still works: go on without the batch and say why.
                 log.warning("the continuous batch failed to start (%s); decoding one reply at a time", exc)
-                self._stop_batching(f"off: it failed to start ({exc}); INTERNLM_MAX_BATCH_SIZE=1 skips it")
-
-    def _stop_batching(self, reason: str) -> None:
-        with self._batch_lock:
-            batch, self._batch = self._batch, None
-            self.plan = dataclasses.replace(self.plan, batch_slots=1, batch_cache_tokens=0, batch_reason=reason)
-            self.queue = GpuQueue(max_waiting=self.settings.queue_limit, slots=1)
-        if batch is not None:
-            batch.close()
+                self.scheduler.stop_batching(f"off: it failed to start ({exc}); INTERNLM_MAX_BATCH_SIZE=1 skips it")
 
     def close(self) -> None:
         """Stop the worker and the batch's threads; a reply still running ends at its next token. Idempotent.
@@ -172,14 +162,7 @@ class ChatEngine:
         Runs at interpreter exit for every engine: a daemon thread that is inside torch's C++ code while the
         interpreter finalizes aborts the process ("terminate called without an active exception", exit code 134).
         """
-        with self._batch_lock:
-            self._closed = True
-            running, batch, self._batch = self._worker_reply, self._batch, None
-        if running is not None:
-            running.end()
-        self.worker.close()
-        if batch is not None:
-            batch.close()
+        self.scheduler.close()
 
     def release_memory(self) -> tuple[list[gpu.DeviceMemory], list[gpu.DeviceMemory]]:
         """Drop the KV caches kept for reuse across turns and release cached CUDA blocks; GPU memory before, after.
@@ -192,24 +175,6 @@ class ChatEngine:
     @property
     def context_window(self) -> int:
         return self.info.context_window
-
-    def batch_decoder(self) -> BatchDecoder | None:
-        """The continuous batch, started on first use (ChatEngine.load starts it while loading); None when off."""
-        if not self.plan.batching:
-            return None
-        with self._batch_lock:
-            if self._closed:
-                raise GenerationError("the engine was closed")
-            if self._batch is None:
-                self._batch = BatchDecoder(
-                    self.model,
-                    stop_ids=list(self.tokenizer.stop_ids),
-                    pad_token_id=self._pad_token_id(),
-                    slots=self.plan.batch_slots,
-                    cache_tokens=self.plan.batch_cache_tokens,
-                    page_size=self.plan.page_size,
-                )
-            return self._batch
 
     def prepare(self, messages: list[Message], max_new_tokens: int, max_length: int | None = None) -> PreparedPrompt:
         """Validate messages and build prompt ids, leaving out the oldest turns that do not fit.
@@ -266,30 +231,6 @@ class ChatEngine:
         text = "".join(self._stream(prepared, params, None, events, path=path))
         return text, events.stats
 
-    def _choose_path(self, prepared: PreparedPrompt, params: SamplingParams) -> tuple[str, bool]:
-        """The worker when nothing else runs (fastest alone, reuses the chat's KV); the batch otherwise.
-
-        A reply that joins moves the worker's reply into the batch too, so that one forward pass decodes both
-        (two paths side by side would read every weight twice per round). Returns the path and whether this call
-        already took the worker's line.
-        """
-        if not self._batchable(prepared, params):
-            return "worker", False
-        if (self._batch is None or self._batch.active == 0) and self._worker_line.try_acquire():
-            return "worker", True
-        with self._batch_lock:
-            running = self._worker_reply
-        if running is not None and running.batchable:
-            running.job.preempt.set()  # the worker stops at its next token and hands the reply to the batch
-        return "batch", False
-
-    def _batchable(self, prepared: PreparedPrompt, params: SamplingParams) -> bool:
-        """Whether the batch can decode this reply: its sampling, and its length within the paged cache."""
-        needed = len(prepared.ids) + params.max_new_tokens
-        return (
-            self.plan.batching and BatchDecoder.unsupported(params) is None and needed <= self.plan.batch_cache_tokens
-        )
-
     def _stream(
         self,
         prepared: PreparedPrompt,
@@ -300,39 +241,18 @@ class ChatEngine:
     ) -> Iterator[str]:
         stats = events.stats
         stats.prompt_tokens, stats.dropped_messages = len(prepared.ids), prepared.dropped_messages
-        if self._closed:
-            stats.finish_reason, stats.error = "error", "the engine was closed"
-            raise GenerationError(stats.error)
         queued = time.perf_counter()
         try:
-            acquired = self.queue.acquire(on_wait=events.on_queue, cancel=cancel)
-        except QueueFullError as exc:
-            stats.finish_reason, stats.error = "error", str(exc)
-            raise
-        if not acquired:
-            stats.queue_seconds = time.perf_counter() - queued
-            stats.finish_reason = "cancelled"
-            return
-        stop = threading.Event()
-        try:
-            path, holding = (path, False) if path else self._choose_path(prepared, params)
-            if (
-                path == "worker"
-                and not holding
-                and not self._worker_line.acquire(on_wait=events.on_queue, cancel=cancel)
-            ):
-                self.queue.release()
-                stats.queue_seconds = time.perf_counter() - queued
-                stats.finish_reason = "cancelled"
-                return
-            stats.queue_seconds = time.perf_counter() - queued
-            started = time.perf_counter()
-            reply = self._start(path, prepared, params, stop, cancel)
-            stream, end = reply.stream, reply.end
+            reply = self.scheduler.start(prepared.ids, params, cancel, events.on_queue, path)
         except BaseException as exc:
-            self.queue.release()
             stats.finish_reason, stats.error = "error", _describe(exc)
             raise
+        stats.queue_seconds = time.perf_counter() - queued
+        if reply is None:  # cancelled while waiting
+            stats.finish_reason = "cancelled"
+            return
+        started = time.perf_counter()
+        stream, end, stop = reply.stream, reply.end, reply.stop
         decoder = self.tokenizer.stream_decoder()
         interval = self.settings.stream_interval_ms / 1000
         count, first_at, last_token, next_at, done = 0, None, None, 0.0, False
@@ -374,46 +294,6 @@ class ChatEngine:
             stats.error = _describe(stream.failure)
             raise GenerationError(stats.error) from stream.failure
 
-    def _start(self, path, prepared, params, stop, cancel) -> _Reply:
-        """Start decoding on a path; the reply's handle has its token stream and a call that stops it."""
-        stream = TokenStream(on_finish=self.queue.release)
-        if path == "batch":
-            reply = _Reply(stream, stop, batch=self.batch_decoder(), batched=True)
-            reply.request_id = reply.batch.submit(prepared.ids, params, stream, stop, cancel)
-            return reply
-        reply = _Reply(stream, stop, batchable=self._batchable(prepared, params))
-
-        def hand_off(ids: list[int], generated: int) -> bool:  # in the worker's thread, once preempted
-            # Raises if the batch cannot take it: the reply then ends with that error, never silently cut short.
-            rest = params.model_copy(update={"max_new_tokens": params.max_new_tokens - generated})
-            reply.batch = self.batch_decoder()
-            reply.request_id = reply.batch.submit(ids, rest, stream, stop, cancel)
-            reply.batched = True
-            return True
-
-        def worker_done() -> None:
-            with self._batch_lock:
-                self._worker_reply = None
-            self._worker_line.release()
-
-        try:
-            reply.job = GenerationJob(
-                prepared.ids,
-                self.generation_config(params),
-                stream,
-                stop,
-                cancel,
-                hand_off=hand_off,
-                on_done=worker_done,
-            )
-            with self._batch_lock:
-                self._worker_reply = reply
-            self.worker.submit(reply.job)
-        except BaseException:
-            worker_done()
-            raise
-        return reply
-
     @staticmethod
     def _next_token(stream: TokenStream, cancel: threading.Event | None, end) -> object:
         """The next token or END; a cancel set meanwhile stops the reply even when no token comes."""
@@ -435,10 +315,6 @@ class ChatEngine:
             return "cancelled"
         return "stop"
 
-    def _pad_token_id(self) -> int:
-        pad = self.model.generation_config.pad_token_id
-        return pad if pad is not None else self.tokenizer.stop_ids[0]
-
     def generation_config(self, params: SamplingParams) -> GenerationConfig:
         """transformers GenerationConfig for one reply on the worker; temperature 0 means greedy."""
         base = self.model.generation_config
@@ -451,7 +327,7 @@ class ChatEngine:
             max_new_tokens=params.max_new_tokens,
             repetition_penalty=params.repetition_penalty,
             eos_token_id=list(self.tokenizer.stop_ids),
-            pad_token_id=self._pad_token_id(),
+            pad_token_id=self._pad_token_id,
             bos_token_id=base.bos_token_id,
             **sampling,
         )
@@ -518,8 +394,8 @@ def _freeze_long_lived_objects() -> None:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, GenerationError):
-        return str(exc)  # the batch's errors are worded already
+    if isinstance(exc, EngineError):
+        return str(exc)  # worded for people already (the batch's errors, a full queue, a closed engine)
     if isinstance(exc, torch.OutOfMemoryError):
         return f"GPU out of memory: {exc}. The cache was cleared; try fewer max new tokens or a shorter conversation."
     return f"{type(exc).__name__}: {exc}"

@@ -303,14 +303,17 @@ def test_gpu_queue_is_first_come_first_served():
 
 
 def test_queue_limit_and_cancel_while_waiting(engine, serial_engine):
-    limited = _engine_with(engine)
-    limited.queue = GpuQueue(max_waiting=0)
+    settings = engine.settings.model_copy(update={"queue_limit": 0, "max_batch_size": 1})
+    limited = ChatEngine(engine.model, engine.tokenizer, engine.info, settings)  # nobody may wait
     assert limited.queue.acquire()
     try:
+        events = ReplyEvents()
         with pytest.raises(QueueFullError):
-            list(limited.stream_reply([{"role": "user", "content": "hi"}], LONG))
+            list(limited.stream_reply([{"role": "user", "content": "hi"}], LONG, events=events))
+        assert events.stats.finish_reason == "error" and "busy" in events.stats.error
     finally:
         limited.queue.release()
+        limited.close()
     assert serial_engine.queue.acquire()
     cancel, events = threading.Event(), ReplyEvents()
     stream = serial_engine.stream_reply([{"role": "user", "content": "hi"}], LONG, cancel=cancel, events=events)

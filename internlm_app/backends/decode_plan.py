@@ -9,7 +9,7 @@ and `doctor`. KV cache size per token (the source of every memory figure here) i
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -48,9 +48,19 @@ class DecodePlan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def without_batching(self, reason: str) -> DecodePlan:
+        return replace(self, batch_slots=1, batch_cache_tokens=0, batch_reason=reason)
+
+    def with_dynamic_cache(self, reason: str) -> DecodePlan:
+        return replace(self, single_path="dynamic", single_reason=reason)
+
     def summary(self) -> str:
         """One line per decision, for the log, `doctor` and the Status page."""
         return f"one reply: {self.single_path} KV cache ({self.single_reason}); batching: {self.batch_reason}"
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
 
 
 def kv_bytes_per_token(model: torch.nn.Module) -> int:
@@ -169,13 +179,13 @@ def plan_decoding(model: torch.nn.Module, settings: Settings, context_window: in
     elif not _single_device(model):
         reason = "off: the model is split over several devices"
     elif cache_tokens < 2 * page_size:
-        reason = f"off: only {max(0, left) / GIB:.2f} GiB left for its KV cache"
+        reason = f"off: only {_size(max(0, left))} left for its KV cache"
     if reason:
         slots, cache_tokens = 1, 0
     else:
         reason = (
             f"up to {slots} replies at once over a paged KV cache of {cache_tokens} tokens "
-            f"({cache_tokens * per_token / GIB:.2f} GiB)"
+            f"({_size(cache_tokens * per_token)})"
         )
     plan = DecodePlan(single, single_reason, slots, reason, per_token, cache_tokens, page_size, reuse_tokens)
     log.info("decode plan: %s", plan.summary())

@@ -105,6 +105,7 @@ LABELS: dict[str, tuple[str, str]] = {
         "引擎：{active}/{slots} 个回复生成中，{waiting} 个请求等待中",
         "Engine: {active} of {slots} replies generating, {waiting} waiting",
     ),
+    "status_decoding": ("解码方式", "Decoding"),
     "decode_single": ("单个回复的解码", "One reply alone"),
     "decode_batch": ("并发回复（连续批处理）", "Concurrent replies (continuous batching)"),
     "decode_reuse": ("跨轮复用的 KV 缓存", "KV cache kept across turns"),

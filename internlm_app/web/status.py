@@ -28,6 +28,7 @@ def model_section(ctx: PageContext, loader: BackendLoader) -> None:
     st.table({ctx.t("status_field"): list(facts), ctx.t("status_value"): [str(v) for v in facts.values()]})
     plan = getattr(backend, "plan", None)
     if plan is not None:
+        st.subheader(ctx.t("status_decoding"))
         st.table(decoding_rows(ctx, plan, backend.worker.kept_tokens))
     queue = getattr(backend, "queue", None)
     if queue is not None:

@@ -1,0 +1,202 @@
+"""Where each reply decodes: alone on the worker, or together in the continuous batch; who waits, and for what.
+
+At most `plan.batch_slots` replies generate at once; later ones wait in a first-come-first-served line (`queue`)
+that reports their place. A reply that starts while nothing runs goes to the worker (`generate`: a compiled static
+cache on CUDA, KV reuse across turns). One that starts while another runs joins the batch, and the worker's reply
+moves in with it: the worker stops at its next token and the batch continues from prompt + reply so far, so one
+forward pass decodes them all (two paths side by side would read every weight twice per round). A reply the batch
+cannot sample (a repetition penalty) or that would not fit its paged cache waits for the worker instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from ..chat_types import GenerationError
+from ..gpu_queue import GpuQueue
+from ..sampling import SamplingParams
+from .batching import BatchDecoder
+from .decode_plan import DecodePlan
+from .token_stream import TokenStream
+from .worker import GenerationJob, GenerationWorker
+
+
+@dataclass
+class Reply:
+    """One reply being decoded: its token stream, and where it runs (the worker's job, then maybe a batch request)."""
+
+    stream: TokenStream
+    stop: threading.Event
+    batch: BatchDecoder | None = None
+    batchable: bool = False
+    batched: bool = False
+    job: GenerationJob | None = None
+    request_id: str | None = None
+
+    def end(self) -> None:
+        """Stop it at its next token (safe to call again, also after it moved into the batch)."""
+        self.stop.set()
+        if self.request_id is not None:
+            self.batch.cancel(self.request_id)
+
+
+class ReplyScheduler:
+    """Admits replies (FIFO, up to the batch size) and starts each on the worker or in the batch. Thread-safe."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        plan: DecodePlan,
+        stop_ids: list[int],
+        pad_token_id: int,
+        context_window: int,
+        queue_limit: int,
+        empty_cache_after_reply: bool,
+        generation_config: Callable[[SamplingParams], GenerationConfig],
+    ):
+        self.model = model
+        self.plan = plan
+        self.static_cache = plan.single_path == "static"  # read by the worker at each reply
+        self._stop_ids, self._pad_token_id = stop_ids, pad_token_id
+        self._queue_limit = queue_limit
+        self._generation_config = generation_config
+        self.queue = GpuQueue(max_waiting=queue_limit, slots=plan.batch_slots)
+        self._worker_line = GpuQueue()  # the worker decodes one reply at a time
+        self.worker = GenerationWorker(
+            model,
+            static_window=lambda: context_window if self.static_cache else None,
+            kv_reuse_tokens=plan.kv_reuse_tokens,
+            empty_cache_after_reply=empty_cache_after_reply,
+        )
+        self._batch: BatchDecoder | None = None
+        self._lock = threading.Lock()
+        self._worker_reply: Reply | None = None  # the reply the worker decodes now
+        self.closed = False
+
+    def batch_decoder(self) -> BatchDecoder | None:
+        """The continuous batch, started on first use (the engine starts it while loading); None when off."""
+        if not self.plan.batching:
+            return None
+        with self._lock:
+            if self.closed:
+                raise GenerationError("the engine was closed")
+            if self._batch is None:
+                self._batch = BatchDecoder(
+                    self.model,
+                    stop_ids=self._stop_ids,
+                    pad_token_id=self._pad_token_id,
+                    slots=self.plan.batch_slots,
+                    cache_tokens=self.plan.batch_cache_tokens,
+                    page_size=self.plan.page_size,
+                )
+            return self._batch
+
+    def start(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        cancel: threading.Event | None,
+        on_wait: Callable[[int], None] | None,
+        path: str | None = None,
+    ) -> Reply | None:
+        """Wait for a slot (and for the worker if it must be the worker), then start the reply; None if cancelled
+        while waiting. Raises QueueFullError when too many wait, GenerationError when the engine is closed.
+
+        `path` forces "worker" or "batch" (the warm-up uses it); by default the scheduler chooses.
+        """
+        if self.closed:
+            raise GenerationError("the engine was closed")
+        if not self.queue.acquire(on_wait=on_wait, cancel=cancel):
+            return None
+        try:
+            path, holding = (path, False) if path else self._choose_path(prompt_ids, params)
+            if path == "worker" and not holding and not self._worker_line.acquire(on_wait=on_wait, cancel=cancel):
+                self.queue.release()
+                return None
+            return self._start(path, prompt_ids, params, threading.Event(), cancel)
+        except BaseException:
+            self.queue.release()
+            raise
+
+    def _choose_path(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, bool]:
+        """The worker when nothing else runs; the batch otherwise. Also says whether it took the worker's line."""
+        if not self._batchable(prompt_ids, params):
+            return "worker", False
+        if (self._batch is None or self._batch.active == 0) and self._worker_line.try_acquire():
+            return "worker", True
+        with self._lock:
+            running = self._worker_reply
+        if running is not None and running.batchable:
+            running.job.preempt.set()  # the worker stops at its next token and hands the reply to the batch
+        return "batch", False
+
+    def _batchable(self, prompt_ids: list[int], params: SamplingParams) -> bool:
+        """Whether the batch can decode this reply: its sampling, and its length within the paged cache."""
+        needed = len(prompt_ids) + params.max_new_tokens
+        return (
+            self.plan.batching and BatchDecoder.unsupported(params) is None and needed <= self.plan.batch_cache_tokens
+        )
+
+    def _start(self, path, prompt_ids, params, stop, cancel) -> Reply:
+        stream = TokenStream(on_finish=self.queue.release)
+        if path == "batch":
+            reply = Reply(stream, stop, batch=self.batch_decoder(), batched=True)
+            reply.request_id = reply.batch.submit(prompt_ids, params, stream, stop, cancel)
+            return reply
+        reply = Reply(stream, stop, batchable=self._batchable(prompt_ids, params))
+
+        def hand_off(ids: list[int], generated: int) -> bool:  # in the worker's thread, once preempted
+            # Raises if the batch cannot take it: the reply then ends with that error, never silently cut short.
+            rest = params.model_copy(update={"max_new_tokens": params.max_new_tokens - generated})
+            reply.batch = self.batch_decoder()
+            reply.request_id = reply.batch.submit(ids, rest, stream, stop, cancel)
+            reply.batched = True
+            return True
+
+        def worker_done() -> None:
+            with self._lock:
+                self._worker_reply = None
+            self._worker_line.release()
+
+        try:
+            config = self._generation_config(params)
+            reply.job = GenerationJob(prompt_ids, config, stream, stop, cancel, hand_off=hand_off, on_done=worker_done)
+            with self._lock:
+                self._worker_reply = reply
+            self.worker.submit(reply.job)
+        except BaseException:
+            worker_done()
+            raise
+        return reply
+
+    def stop_batching(self, reason: str) -> None:
+        """Decode one reply at a time from now on (the batch failed to start); `reason` goes into the plan."""
+        with self._lock:
+            batch, self._batch = self._batch, None
+            self.plan = self.plan.without_batching(reason)
+            self.queue = GpuQueue(max_waiting=self._queue_limit, slots=1)
+        if batch is not None:
+            batch.close()
+
+    def stop_static_cache(self, reason: str) -> None:
+        """Decode on the dynamic cache from now on (the compiled static cache failed); `reason` goes into the plan."""
+        self.static_cache = False
+        self.worker.drop_static_cache()
+        self.plan = self.plan.with_dynamic_cache(reason)
+
+    def close(self) -> None:
+        """Stop the worker and the batch's threads; a reply still running ends at its next token. Idempotent."""
+        with self._lock:
+            self.closed = True
+            running, batch, self._batch = self._worker_reply, self._batch, None
+        if running is not None:
+            running.end()
+        self.worker.close()
+        if batch is not None:
+            batch.close()
