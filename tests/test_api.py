@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import re
 
 import pytest
@@ -169,6 +170,35 @@ def test_stop_filter_holds_back_a_split_stop_string():
     assert stops.hit and stops.flush() == ""
     plain = StopFilter(["xyz"])
     assert plain.push("abx") + plain.push("y") + plain.flush() == "abxy" and not plain.hit
+
+
+def _cut_at_first_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The reference: read the text a character at a time; stop where a stop string first ends, cut at its start."""
+    for end in range(1, len(text) + 1):
+        starts = [end - len(stop) for stop in stops if text[:end].endswith(stop)]
+        if starts:
+            return text[: min(starts)], True
+    return text, False
+
+
+def test_stop_filter_matches_the_reference_whatever_the_chunks():
+    rng = random.Random(0)
+    for _ in range(2000):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 6))))
+        chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        stop_filter = StopFilter(stops)
+        out = "".join(stop_filter.push(chunk) for chunk in chunks) + stop_filter.flush()
+        assert (out, stop_filter.hit) == _cut_at_first_stop(text, stops), (stops, chunks)
+
+
+def test_stop_strings_are_bounded_in_number_and_length(client):
+    for stop in (["a"] * 5, ["x" * 1001], "y" * 100_000):
+        response = client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "stop": stop})
+        assert response.status_code == 422 and response.json()["error"]["param"] == "stop"
+    body = _chat(client, [{"role": "user", "content": "hi"}], stop=["z" * 1000] * 4, max_tokens=4)
+    assert body["choices"][0]["finish_reason"] == "length"
 
 
 def test_models_and_health(client):

@@ -11,6 +11,7 @@ from ..sampling import SamplingParams, sampling_field
 from ..settings import Settings
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 1000  # per stop string; a stop is matched incrementally, but its prefix is held back while streaming
 
 
 class SamplingOverrides(BaseModel):
@@ -83,7 +84,9 @@ class ChatCompletionRequest(SamplingOverrides):
     max_completion_tokens: int | None = sampling_field("max_new_tokens", default=None)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP_STRINGS} strings that end the reply.")
+    stop: str | list[str] | None = Field(
+        None, description=f"Up to {MAX_STOP_STRINGS} strings of up to {MAX_STOP_CHARS} characters that end the reply."
+    )
     n: int = Field(1, ge=1, le=1, description="Only one choice is supported.")
 
     model_config = ConfigDict(
@@ -99,6 +102,8 @@ class ChatCompletionRequest(SamplingOverrides):
         stops = [value] if isinstance(value, str) else value
         if stops is not None and (len(stops) > MAX_STOP_STRINGS or not all(stops)):
             raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
+        if stops is not None and any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise ValueError(f"each stop string has at most {MAX_STOP_CHARS} characters")
         return stops or None
 
     def chat_messages(self, default_system: str) -> list[Message]:
