@@ -27,6 +27,16 @@ def history_to_messages(query: str, history: list[tuple[str, str]] | None, syste
     return messages + [{"role": "user", "content": query}]
 
 
+def not_unicode(text: str) -> str | None:
+    """Why `text` is not Unicode text the tokenizer can take (a lone surrogate such as "\\udfff", which JSON and
+    Python strings allow), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{exc.reason} at character {exc.start}"
+    return None
+
+
 @dataclass
 class ReplyStats:
     """What one reply cost and why it ended."""

@@ -29,6 +29,7 @@ from .chat_types import (
     ReplyEvents,
     ReplyStats,
     history_to_messages,
+    not_unicode,
 )
 from .convert import Progress
 from .gpu_queue import GpuQueue
@@ -185,6 +186,7 @@ class ChatEngine:
         window = self.context_window if max_length is None else min(max_length, self.context_window)
         if not messages or messages[-1].get("role") != "user":
             raise InvalidRequestError("the conversation must end with a user message")
+        _check_unicode(messages)
         system = messages[:1] if messages[0].get("role") == "system" else []
         history, new = list(messages[len(system) : -1]), messages[-1:]
         dropped = 0
@@ -391,6 +393,14 @@ def _freeze_long_lived_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def _check_unicode(messages: list[Message]) -> None:
+    """Refuse text the tokenizer cannot take; raises InvalidRequestError naming the message."""
+    for index, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, str) and (why := not_unicode(content)):
+            raise InvalidRequestError(f"message {index + 1} ({message.get('role')}) is not valid Unicode text: {why}")
 
 
 def _describe(exc: BaseException) -> str:

@@ -193,7 +193,7 @@ class RemoteBackend:
         request = {
             "model": self.settings.openai_model,
             "messages": messages,
-            "temperature": params.temperature,
+            "temperature": 0.0 if params.greedy else params.temperature,
             "top_p": 1.0 if params.greedy else params.top_p,
             "max_tokens": params.max_new_tokens,
             "stream": True,

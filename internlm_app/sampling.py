@@ -27,6 +27,7 @@ BOUNDS: dict[str, Bound] = {
     "max_new_tokens": Bound(1024, 1, 8192, 1, "Most tokens generated for one reply."),
 }
 INT_PARAMS = frozenset({"top_k", "max_new_tokens"})
+GREEDY_BELOW = 1e-5  # a temperature under this samples greedily: 1e-45 made the probabilities inf/nan
 
 
 def sampling_field(name: str, *, default: object = ...) -> object:
@@ -54,7 +55,8 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or one so small that logits ÷ temperature would overflow (vLLM's _SAMPLING_EPS, 1e-5)."""
+        return self.temperature < GREEDY_BELOW
 
     @classmethod
     def greedy_params(cls, max_new_tokens: int) -> SamplingParams:

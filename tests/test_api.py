@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from internlm_app.api import create_app
 from internlm_app.api.routes_openai import StopFilter
+from internlm_app.chat_types import InvalidRequestError
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
 from tests.faults import FailOnForward
 from tests.test_api_support import (
@@ -199,6 +200,36 @@ def test_stop_strings_are_bounded_in_number_and_length(client):
         assert response.status_code == 422 and response.json()["error"]["param"] == "stop"
     body = _chat(client, [{"role": "user", "content": "hi"}], stop=["z" * 1000] * 4, max_tokens=4)
     assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_text_that_is_not_unicode_is_a_4xx_naming_the_field(client):
+    lone = "\\udfff"  # a lone surrogate: valid JSON, not Unicode text
+    bodies = {
+        CHAT: (f'{{"messages": [{{"role": "user", "content": "ok"}}, {{"role": "user", "content": "bad {lone}"}}]}}'),
+        "/": f'{{"prompt": "hi", "history": [["ok", "{lone}"]]}}',
+    }
+    for path, body in bodies.items():
+        response = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 422, response.text
+        text = response.text
+        assert "not valid Unicode text" in text and ("messages.1.content" in text or "history" in text)
+    body = f'{{"messages": [{{"role": "user", "content": "hi"}}], "stop": "{lone}"}}'
+    stop = client.post(CHAT, content=body, headers={"content-type": "application/json"})
+    assert stop.status_code == 422 and stop.json()["error"]["param"] == "stop"
+    assert client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).status_code == 200
+
+
+def test_the_engine_refuses_text_that_is_not_unicode_naming_the_message(engine):
+    with pytest.raises(InvalidRequestError, match="message 2 \\(user\\) is not valid Unicode"):
+        engine.prepare([{"role": "system", "content": "s"}, {"role": "user", "content": "bad \udfff"}], 8)
+
+
+def test_a_vanishing_temperature_is_greedy(client, engine):
+    expected = greedy_reply(engine, with_default_system("hello"), 8)[0]
+    body = _chat(client, [{"role": "user", "content": "hello"}], temperature=1e-45, max_tokens=8)
+    assert body["choices"][0]["message"]["content"] == expected
+    classic = client.post("/", json={"prompt": "hello", "temperature": 1e-45, "max_new_tokens": 8}).json()
+    assert classic["status"] == 200 and classic["response"] == expected
 
 
 def test_models_and_health(client):

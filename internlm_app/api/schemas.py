@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from ..chat_types import Message, history_to_messages
+from ..chat_types import Message, history_to_messages, not_unicode
 from ..sampling import SamplingParams, sampling_field
 from ..settings import Settings
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 1000  # per stop string; a stop is matched incrementally, but its prefix is held back while streaming
+
+
+def _unicode(text: str) -> str:
+    if why := not_unicode(text):
+        raise ValueError(f"not valid Unicode text: {why}")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # every string a request carries to the tokenizer
 
 
 class SamplingOverrides(BaseModel):
@@ -35,11 +44,11 @@ class SamplingOverrides(BaseModel):
 class ClassicRequest(SamplingOverrides):
     """Body of `POST /`, as sent by the InternLM FastAPI tutorial's clients."""
 
-    prompt: str = Field(min_length=1, description="The user's message.")
-    history: list[tuple[str, str]] | None = Field(
+    prompt: Text = Field(min_length=1, description="The user's message.")
+    history: list[tuple[Text, Text]] | None = Field(
         None, description="Earlier turns as [user, assistant] pairs, oldest first."
     )
-    system: str | None = Field(None, description="System prompt; omitted means the default one, '' means none.")
+    system: Text | None = Field(None, description="System prompt; omitted means the default one, '' means none.")
     max_new_tokens: int | None = sampling_field("max_new_tokens", default=None)
 
     model_config = ConfigDict(
@@ -56,7 +65,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | None = None
+    content: Text | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -104,6 +113,8 @@ class ChatCompletionRequest(SamplingOverrides):
             raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
         if stops is not None and any(len(stop) > MAX_STOP_CHARS for stop in stops):
             raise ValueError(f"each stop string has at most {MAX_STOP_CHARS} characters")
+        if stops is not None and any(not_unicode(stop) for stop in stops):
+            raise ValueError("stop strings must be valid Unicode text")
         return stops or None
 
     def chat_messages(self, default_system: str) -> list[Message]:
