@@ -54,7 +54,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .chat_types import EngineError, Message, ReplyEvents
+    from .chat_types import EngineError, InvalidRequestError, Message, ReplyEvents
 
     settings = settings_from_args(args)
     backend = _load_backend(settings)
@@ -82,6 +82,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
             for chunk in backend.stream_reply(messages, params, events=events):
                 reply.append(chunk)
                 print(chunk, end="", flush=True)
+        except InvalidRequestError as exc:  # this line cannot be sent (e.g. bytes that are not UTF-8): say so, go on
+            messages.pop()
+            print(f"error: {exc}", file=sys.stderr)
+            continue
         except EngineError as exc:
             print(f"\nerror: {exc}", file=sys.stderr)
         except KeyboardInterrupt:

@@ -276,7 +276,9 @@ def test_each_app_has_its_own_registry(engine, tmp_path):
 def test_api_keys_guard_everything_but_health(engine, tmp_path):
     app = create_app(api_settings(tmp_path, api_keys=[API_KEY, "second-key"]), backend=engine)
     with TestClient(app) as client:
-        assert client.get("/health").status_code == 200
+        assert client.get("/health").json() == {"status": "ok", "model_loaded": True}  # liveness, nothing more
+        full = client.get("/health", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+        assert full["model"] == "internlm2-tiny" and "gpu_memory" in full and "queue" in full
         for method, path in [("GET", "/"), ("POST", "/"), ("GET", "/metrics"), ("GET", "/v1/models"), ("POST", CHAT)]:
             response = client.request(method, path, json={"prompt": "hi"})
             assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"

@@ -14,7 +14,7 @@ from tests.conftest import FIXTURE_DIR
 ROOT = FIXTURE_DIR.parents[2]
 
 
-def _run(args: list[str], tmp_path, stdin: str = "", **env) -> subprocess.CompletedProcess:
+def _run(args: list[str], tmp_path, stdin: str | bytes = "", **env) -> subprocess.CompletedProcess:
     environ = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -26,7 +26,7 @@ def _run(args: list[str], tmp_path, stdin: str = "", **env) -> subprocess.Comple
         [sys.executable, "-m", "internlm_app", *args],
         input=stdin,
         capture_output=True,
-        text=True,
+        text=isinstance(stdin, str),
         timeout=240,
         env=environ,
         cwd=tmp_path,
@@ -48,6 +48,18 @@ def test_piped_chat_prints_only_the_replies(engine, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected
     assert "converting checkpoint" in result.stderr  # progress goes to stderr, never into the replies
+
+
+def test_a_line_that_is_not_utf8_is_an_error_and_the_next_line_is_answered(engine, tmp_path):
+    from internlm_app.sampling import SamplingParams
+
+    expected, _ = engine.reply([{"role": "user", "content": "hello"}], SamplingParams.greedy_params(20))
+    args = ["chat", "--model-path", str(FIXTURE_DIR), "--temperature", "0", "--max-new-tokens", "20", "--system", ""]
+    result = _run(args, tmp_path, stdin=b"\xff\xfe\nhello\n")
+    stderr = result.stderr.decode()
+    assert result.returncode == 0 and "Traceback" not in stderr, stderr
+    assert "error: message 1 (user) is not valid Unicode text" in stderr
+    assert result.stdout.decode() == expected + "\n"  # the bad line is not sent again with the next one
 
 
 def test_convert_command(tmp_path):

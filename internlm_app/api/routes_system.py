@@ -1,4 +1,4 @@
-"""Operations endpoints: `GET /health` (open even with API keys) and Prometheus `GET /metrics`."""
+"""Operations endpoints: `GET /health` (open even with API keys: liveness only without one) and `GET /metrics`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from .. import gpu
+from .auth import key_matches
 
 router = APIRouter(tags=["operations"])
 
@@ -19,6 +20,9 @@ async def health(request: Request) -> dict:
     backend = getattr(state, "backend", None)
     if backend is None:
         return {"status": "loading", "model_loaded": False}
+    keys = [key.get_secret_value().encode() for key in state.settings.api_keys]
+    if keys and not key_matches(request.headers.get("authorization"), keys):
+        return {"status": "ok", "model_loaded": True}  # liveness for anyone; the model, GPU and queue for key holders
     info, queue = backend.info, getattr(backend, "queue", None)
     waiting = None
     if queue is not None:
