@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import signal
@@ -223,3 +224,22 @@ def test_python_m_internlm_app_api_serves(fixture_dir, tmp_path):
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
     assert re.search(r"POST / 200 \d+ms prompt_tokens=\d+ completion_tokens=\d+", log_path.read_text())
+
+
+def test_a_short_or_stalled_body_is_a_4xx_without_a_traceback(engine, tmp_path, caplog, monkeypatch):
+    from internlm_app.api import middleware
+
+    monkeypatch.setattr(middleware, "BODY_READ_SECONDS", 0.5)
+    caplog.set_level(logging.INFO, logger="internlm_app.api")
+    settings = api_settings(tmp_path)
+    with running_server(create_app(settings, backend=engine)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        head = f"POST {CHAT} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        with socket.create_connection((host, int(port)), timeout=30) as sock:  # stalls after 10 of 100 bytes
+            sock.sendall(head.encode() + b'{"message')
+            assert b" 408 " in read_until(sock, b"\r\n\r\n").split(b"\r\n")[0] + b" "
+        with socket.create_connection((host, int(port)), timeout=30) as sock:  # goes away after 10 of 100 bytes
+            sock.sendall(head.encode() + b'{"message')
+        assert wait_until(lambda: "POST /v1/chat/completions 400" in caplog.text, timeout=30), caplog.text
+    assert "POST /v1/chat/completions 408" in caplog.text
+    assert "Traceback" not in caplog.text and " 500 " not in caplog.text

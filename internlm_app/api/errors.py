@@ -20,6 +20,7 @@ _CODES = {
     401: "invalid_api_key",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "request_too_large",
     422: "invalid_request",
     500: "internal_error",

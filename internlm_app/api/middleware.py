@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+import anyio
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -16,12 +17,18 @@ log = logging.getLogger("internlm_app.api")
 MAX_BODY_BYTES = 1 << 20
 
 
-class BodyLimitMiddleware:
-    """Refuses request bodies over `max_bytes` with 413, by Content-Length or while the body arrives."""
+BODY_READ_SECONDS = 30.0  # the longest wait for the next part of a request body
 
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES):
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over `max_bytes` with 413 (by Content-Length or while the body arrives), a body that
+    stalls for `read_seconds` with 408, and one that ends before its Content-Length (the client went away) with 400;
+    never a 500 with a traceback. Once the body is complete, messages pass through untouched (disconnect checks)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES, read_seconds: float | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.read_seconds = BODY_READ_SECONDS if read_seconds is None else read_seconds
 
     def _too_large(self) -> str:
         return f"the request body is larger than {self.max_bytes} bytes"
@@ -34,14 +41,23 @@ class BodyLimitMiddleware:
         if length.isdigit() and int(length) > self.max_bytes:
             await error_response(scope["path"], 413, self._too_large())(scope, receive, send)
             return
-        received = 0
+        received, complete = 0, False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:
+                return await receive()
+            try:
+                with anyio.fail_after(self.read_seconds):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(408, f"the request body stalled for {self.read_seconds:g} s") from None
+            if message["type"] == "http.disconnect":
+                raise HTTPException(400, "the request body ended before its Content-Length") from None
             received += len(message.get("body", b""))
             if received > self.max_bytes:
                 raise HTTPException(413, self._too_large())  # FastAPI re-raises it while reading the body
+            complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)

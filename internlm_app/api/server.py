@@ -15,6 +15,8 @@ from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
+MAX_CONNECTIONS = 512  # connections and requests in flight at once (request bodies also stall out after 30 s)
+
 
 def serve(settings: Settings | None = None) -> None:
     """Serve the API on settings.host:settings.port until interrupted (`python -m internlm_app api`)."""
@@ -27,7 +29,14 @@ def serve(settings: Settings | None = None) -> None:
         log.warning("the API listens on %s without API keys: set INTERNLM_API_KEYS to require one", settings.host)
     app = create_app(settings)
     uvicorn.run(
-        app, host=settings.host, port=settings.port, access_log=False, log_config=None, timeout_graceful_shutdown=10
+        app,
+        host=settings.host,
+        port=settings.port,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=10,
+        timeout_keep_alive=5,  # an idle kept-alive connection closes after 5 s
+        limit_concurrency=MAX_CONNECTIONS,  # beyond it uvicorn answers 503 at once: slow clients cannot pile up
     )
 
 
