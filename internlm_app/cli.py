@@ -168,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from .chat_types import EngineError
+    from .convert import ConversionError
     from .loader import ModelLoadError
     from .model_source import ModelSourceError
 
     try:
         return args.func(args)
-    except (ModelLoadError, ModelSourceError, EngineError, ValueError) as exc:
+    except (ModelLoadError, ModelSourceError, ConversionError, EngineError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

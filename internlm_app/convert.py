@@ -5,13 +5,14 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import pickle
 import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,12 @@ def _source_shards(src: Path) -> list[Path]:
         index = src / index_name
         if index.is_file():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [f for f in files if not (src / f).is_file()]
+            if missing:
+                raise ConversionError(
+                    f"{index} names weight files that are not in {src}: {', '.join(missing[:3])}"
+                    f"{' ...' if len(missing) > 3 else ''}; download the model again (python -m internlm_app download)"
+                )
             return [src / f for f in files]
     for pattern in ("*.safetensors", "pytorch_model*.bin"):
         found = sorted(src.glob(pattern))
@@ -161,7 +168,37 @@ def convert_checkpoint(src: Path, dst: Path, progress: Progress | None = None) -
         raise ConversionError(f"{src} has no InternLM2 config.json (model_type 'internlm2')")
     cfg = json.loads((src / "config.json").read_text())
     shards = _source_shards(src)
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"{dst} exists and is not a directory: remove it or choose another output directory")
     tmp = dst.with_name(dst.name + ".partial")
+    try:
+        return _convert_into(src, dst, tmp, cfg, shards, progress)
+    except ConversionError:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left to look like a conversion
+        raise
+    except OSError as exc:  # a full disk, a read-only directory ...
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConversionError(
+            f"could not write the conversion to {dst}: {exc.strerror or exc}. It needs about the checkpoint's size in "
+            "free space there (INTERNLM_CONVERTED_DIR or INTERNLM_CACHE_DIR choose where)."
+        ) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _read_shard_checked(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The shard's tensors; a file that cannot be read as weights is a ConversionError that says what to do."""
+    try:
+        yield from _read_shard(shard)
+    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, OSError) as exc:
+        raise ConversionError(
+            f"the weights file {shard} is incomplete or corrupt ({exc}); download the model again "
+            "(python -m internlm_app download) or point INTERNLM_MODEL_PATH at a good copy"
+        ) from exc
+
+
+def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path], progress: Progress | None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     weight_map: dict[str, str] = {}
@@ -170,7 +207,7 @@ def convert_checkpoint(src: Path, dst: Path, progress: Progress | None = None) -
         if progress:
             progress(i - 1, len(shards), shard.name)
         out: dict[str, torch.Tensor] = {}
-        for name, tensor in _read_shard(shard):
+        for name, tensor in _read_shard_checked(shard):
             for new_name, new_tensor in convert_tensor(name, tensor, cfg):
                 out[new_name] = new_tensor
         out_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"

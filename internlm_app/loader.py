@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from . import gpu
 from .convert import Progress
@@ -147,8 +148,11 @@ def load_model(
         raise ModelLoadError(
             f"out of GPU memory while loading ({exc}). Try INTERNLM_QUANTIZATION=8bit or 4bit, or free the GPU."
         ) from exc
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load the model from {model_dir}: {exc}") from exc
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ModelLoadError(
+            f"could not load the model from {model_dir}: {exc}. If a weights file is incomplete or corrupt, download "
+            "the model again (python -m internlm_app download)."
+        ) from exc
     model.eval()
     tokenizer = load_tokenizer(model_dir)
     info = ModelInfo(

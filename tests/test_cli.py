@@ -62,6 +62,23 @@ def test_a_line_that_is_not_utf8_is_an_error_and_the_next_line_is_answered(engin
     assert result.stdout.decode() == expected + "\n"  # the bad line is not sent again with the next one
 
 
+def test_a_corrupt_checkpoint_is_one_error_line_not_a_traceback(tmp_path):
+    import shutil
+
+    src = tmp_path / "copy"
+    shutil.copytree(FIXTURE_DIR, src)
+    with open(src / "model.safetensors", "r+b") as f:
+        f.truncate(4096)
+    result = _run(["chat", "--model-path", str(src)], tmp_path, stdin="hi\n")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "model.safetensors is incomplete or corrupt" in result.stderr
+    (tmp_path / "a-file").write_text("")
+    result = _run(["convert", str(FIXTURE_DIR), str(tmp_path / "a-file")], tmp_path)
+    assert (
+        result.returncode == 2 and "exists and is not a directory" in result.stderr and "Traceback" not in result.stderr
+    )
+
+
 def test_convert_command(tmp_path):
     result = _run(["convert", str(FIXTURE_DIR), str(tmp_path / "out")], tmp_path)
     assert result.returncode == 0, result.stderr

@@ -133,3 +133,36 @@ def test_two_processes_starting_together_convert_once(tmp_path):
     (converted,) = outputs
     assert is_converted(Path(converted), FIXTURE_DIR)
     assert _all_tensors(Path(converted)).keys() == _all_tensors(resolve_model_dir(tiny_settings(tmp_path))).keys()
+
+
+def _copy_of_fixture(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURE_DIR, src)
+    return src
+
+
+def test_a_truncated_weights_file_is_one_clear_error_and_leaves_nothing_behind(tmp_path):
+    src = _copy_of_fixture(tmp_path)
+    with open(src / "model.safetensors", "r+b") as f:
+        f.truncate(4096)
+    dst = tmp_path / "out"
+    with pytest.raises(ConversionError, match="model.safetensors is incomplete or corrupt.*download the model again"):
+        convert_checkpoint(src, dst)
+    assert not dst.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_an_index_naming_an_absent_shard_is_one_clear_error(tmp_path):
+    src = _copy_of_fixture(tmp_path)
+    shard = "model-00002-of-00002.safetensors"
+    (src / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "model.safetensors", "output.weight": shard}})
+    )
+    with pytest.raises(ConversionError, match=f"not in {src}: {shard}"):
+        convert_checkpoint(src, tmp_path / "out")
+
+
+def test_an_output_path_that_is_a_file_is_one_clear_error(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ConversionError, match="exists and is not a directory"):
+        convert_checkpoint(FIXTURE_DIR, tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "a file" and not (tmp_path / "taken.partial").exists()

@@ -49,3 +49,13 @@ def test_quantization_needs_cuda(tmp_path):
 def test_max_length_setting_caps_the_window(tmp_path):
     _, _, info = load_model(tiny_settings(tmp_path, max_length=128))
     assert info.context_window == 128
+
+
+def test_a_corrupt_native_checkpoint_is_a_load_error_that_says_what_to_do(tmp_path, converted_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(converted_dir, broken)
+    for shard in broken.glob("*.safetensors"):
+        with open(shard, "r+b") as f:
+            f.truncate(4096)
+    with pytest.raises(ModelLoadError, match="download the model again"):
+        load_model(tiny_settings(tmp_path, model_path=broken))
