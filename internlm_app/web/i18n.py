@@ -67,6 +67,7 @@ LABELS: dict[str, tuple[str, str]] = {
     ),
     "stat_tokens": ("{n} tokens", "{n} tokens"),
     "stat_ttft": ("首字 {s:.2f} 秒", "first token {s:.2f} s"),
+    "stat_cached": ("复用缓存 {n} tokens", "{n} tokens from the KV cache"),
     "stat_speed": ("{v:.1f} tokens/秒", "{v:.1f} tokens/s"),
     "stat_finish": ("结束：{reason}", "ended: {reason}"),
     "finish_stop": ("完成", "done"),

@@ -26,7 +26,7 @@ def to_markdown(text: str) -> str:
 
 
 def stats_caption(stats: dict | None, status: str, t: Translate) -> str:
-    """One line under a reply: tokens, time to first token, tokens/s and why it ended."""
+    """One line under a reply: tokens, time to first token, prompt tokens from the KV cache, tokens/s, why it ended."""
     stats = stats or {}
     parts = []
     if status == "stopped":
@@ -35,6 +35,8 @@ def stats_caption(stats: dict | None, status: str, t: Translate) -> str:
         parts.append(t("stat_tokens", n=stats["completion_tokens"]))
     if stats.get("time_to_first_token") is not None:
         parts.append(t("stat_ttft", s=stats["time_to_first_token"]))
+    if stats.get("cached_tokens"):  # the earlier turns' KV cache, reused rather than read again
+        parts.append(t("stat_cached", n=stats["cached_tokens"]))
     if stats.get("tokens_per_second") is not None:
         parts.append(t("stat_speed", v=stats["tokens_per_second"]))
     if stats.get("finish_reason"):
