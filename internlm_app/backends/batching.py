@@ -196,9 +196,9 @@ class BatchDecoder:
             manager = self._manager
             output = manager.get_result(timeout=_POLL_SECONDS) if manager is not None else None
             if output is None:
-                if manager is not None and not manager.is_running():
+                if manager is None or not manager.is_running():
                     with self._lock:
-                        if self._requests and not manager.is_running():
+                        if self._requests and (self._manager is None or not self._manager.is_running()):
                             self._fail_all_locked("the batch decoder stopped")
                     self._closed.wait(_POLL_SECONDS)  # get_result does not wait once the manager has stopped
                 continue
