@@ -64,6 +64,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     system = settings.system_prompt if args.system is None else args.system
     messages: list[Message] = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
+    # Bytes that are not UTF-8 become lone surrogates, which the engine refuses for that line only; under a strict
+    # locale (en_US.UTF-8) readline() would raise instead and end the chat.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         if interactive:
             print(">>> ", end="", file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
@@ -176,11 +177,17 @@ def convert_checkpoint(src: Path, dst: Path, progress: Progress | None = None) -
     except ConversionError:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left to look like a conversion
         raise
-    except OSError as exc:  # a full disk, a read-only directory ...
+    except OSError as exc:  # a full disk, a read-only directory, a file where a directory should be ...
         shutil.rmtree(tmp, ignore_errors=True)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        hint = (
+            "It needs about the checkpoint's size in free space there"
+            if full
+            else f"Check {exc.filename or dst} and what is in the way"
+        )
         raise ConversionError(
-            f"could not write the conversion to {dst}: {exc.strerror or exc}. It needs about the checkpoint's size in "
-            "free space there (INTERNLM_CONVERTED_DIR or INTERNLM_CACHE_DIR choose where)."
+            f"could not write the conversion to {dst}: {exc.strerror or exc}. {hint} (INTERNLM_CONVERTED_DIR or "
+            "INTERNLM_CACHE_DIR choose where)."
         ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -199,6 +206,8 @@ def _read_shard_checked(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path], progress: Progress | None) -> Path:
+    if tmp.is_file() or tmp.is_symlink():
+        tmp.unlink()  # a leftover of ours, whatever it is: the directory is made afresh
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     weight_map: dict[str, str] = {}

@@ -247,6 +247,7 @@ class ChatEngine:
         try:
             reply = self.scheduler.start(prepared.ids, params, cancel, events.on_queue, path)
         except BaseException as exc:
+            stats.queue_seconds = time.perf_counter() - queued
             stats.finish_reason, stats.error = "error", _describe(exc)
             raise
         stats.queue_seconds = time.perf_counter() - queued

@@ -7,7 +7,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from .convert import Progress, convert_checkpoint, is_converted, is_internlm2_checkpoint
+from .convert import ConversionError, Progress, convert_checkpoint, is_converted, is_internlm2_checkpoint
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,16 @@ def resolve_model_dir(settings: Settings, progress: Progress | None = None) -> P
     if is_converted(dst, src):
         log.info("using converted checkpoint %s", dst)
         return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(dst.parent / f"{dst.name}.lock", "w")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise ConversionError(
+            f"cannot write the converted checkpoint under {dst.parent}: {exc.strerror or exc}. Point "
+            "INTERNLM_CONVERTED_DIR (or INTERNLM_CACHE_DIR) at a writable directory."
+        ) from exc
     # The web app and the API may start together: one converts, the other waits and then reuses the result.
-    with open(dst.parent / f"{dst.name}.lock", "w") as lock:
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if is_converted(dst, src):
             return dst

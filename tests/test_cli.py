@@ -55,7 +55,7 @@ def test_a_line_that_is_not_utf8_is_an_error_and_the_next_line_is_answered(engin
 
     expected, _ = engine.reply([{"role": "user", "content": "hello"}], SamplingParams.greedy_params(20))
     args = ["chat", "--model-path", str(FIXTURE_DIR), "--temperature", "0", "--max-new-tokens", "20", "--system", ""]
-    result = _run(args, tmp_path, stdin=b"\xff\xfe\nhello\n")
+    result = _run(args, tmp_path, stdin=b"\xff\xfe\nhello\n", PYTHONIOENCODING="utf-8:strict")  # as en_US.UTF-8
     stderr = result.stderr.decode()
     assert result.returncode == 0 and "Traceback" not in stderr, stderr
     assert "error: message 1 (user) is not valid Unicode text" in stderr

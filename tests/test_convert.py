@@ -166,3 +166,15 @@ def test_an_output_path_that_is_a_file_is_one_clear_error(tmp_path):
     with pytest.raises(ConversionError, match="exists and is not a directory"):
         convert_checkpoint(FIXTURE_DIR, tmp_path / "taken")
     assert (tmp_path / "taken").read_text() == "a file" and not (tmp_path / "taken.partial").exists()
+
+
+def test_a_conversion_place_that_cannot_be_written_is_one_clear_error(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    settings = tiny_settings(tmp_path, converted_dir=tmp_path / "a-file" / "sub" / "out")
+    with pytest.raises(ConversionError, match="INTERNLM_CONVERTED_DIR"):
+        resolve_model_dir(settings)
+
+
+def test_a_leftover_partial_that_is_a_file_does_not_stop_a_conversion(tmp_path):
+    (tmp_path / "out.partial").write_text("left over")
+    assert is_converted(convert_checkpoint(FIXTURE_DIR, tmp_path / "out"))

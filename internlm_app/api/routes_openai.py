@@ -39,8 +39,8 @@ class StopFilter:
     """Cuts the reply at the first stop string; while streaming, holds back text that may be the start of one.
 
     Each stop string has a Knuth-Morris-Pratt automaton fed only the new text, so a chunk costs O(its length × the
-    number of stops) whatever the stops' lengths (a chunk is checked on the server's event loop). At the first
-    character where a stop string completes, the reply is cut at its start (the earliest start, should several
+    number of stops), amortised, whatever the stops' lengths (a chunk is checked on the server's event loop). At the
+    first character where a stop string completes, the reply is cut at its start (the earliest start, should several
     complete there).
     """
 
