@@ -172,6 +172,32 @@ def test_password_gate_renders_nothing_before_login(app_env, monkeypatch, app_ca
     assert at.chat_input(key="prompt") and at.slider(key="temperature")
 
 
+def test_wrong_passwords_are_limited_for_the_whole_process(app_env, monkeypatch, app_cache):
+    set_app_env(monkeypatch, app_env, app_cache, INTERNLM_WEB_PASSWORD="throttled-s3cret")
+    first = run_page()
+    for _ in range(5):
+        first.text_input(key="password").set_value("wrong")
+        first.button(key="login").click().run()
+        assert "Wrong password" in texts(first.error)
+    second = run_page()  # another tab: no fresh tries
+    second.text_input(key="password").set_value("throttled-s3cret")
+    second.button(key="login").click().run()
+    assert "Too many wrong passwords" in texts(second.error) and not second.chat_input  # even the right one waits
+
+
+def test_the_login_throttle_lets_tries_through_again_after_its_window():
+    from internlm_app.web import auth
+
+    now = [100.0]
+    throttle = auth.LoginThrottle(limit=2, window=60.0, clock=lambda: now[0])
+    throttle.failed(), throttle.failed()
+    assert throttle.wait_seconds() == 60.0
+    now[0] += 30
+    assert throttle.wait_seconds() == 30.0
+    now[0] += 30
+    assert throttle.wait_seconds() == 0.0
+
+
 def test_python_app_py_prints_the_streamlit_command():
     result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "streamlit run app.py" in result.stderr

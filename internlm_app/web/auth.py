@@ -2,15 +2,53 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import threading
 import time
+from collections import deque
 
 import streamlit as st
 
 from ..settings import Settings
 
 AUTH_KEY = "_web_authenticated"
-FAILURE_DELAY_SECONDS = 0.5  # slows down password guessing
+FAILURE_DELAY_SECONDS = 0.5  # slows down password guessing within one session
+FAILURE_LIMIT, FAILURE_WINDOW_SECONDS = 5, 60.0  # wrong passwords the whole process takes per window, from anyone
+
+
+class LoginThrottle:
+    """Wrong passwords across every session of the process: after `limit` of them within `window` seconds, nobody
+    may try again until the oldest leaves the window. A new session or tab gets no fresh tries, so guessing runs at
+    `limit` per `window` at most; the price is that someone guessing also delays a real login. Thread-safe."""
+
+    def __init__(self, limit: int = FAILURE_LIMIT, window: float = FAILURE_WINDOW_SECONDS, clock=time.monotonic):
+        self.limit, self.window, self._clock = limit, window, clock
+        self._failures: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def wait_seconds(self) -> float:
+        """0 when a try is allowed now, else how long until one is."""
+        with self._lock:
+            now = self._clock()
+            while self._failures and self._failures[0] <= now - self.window:
+                self._failures.popleft()
+            return 0.0 if len(self._failures) < self.limit else self._failures[0] + self.window - now
+
+    def failed(self) -> None:
+        with self._lock:
+            self._failures.append(self._clock())
+
+
+@st.cache_resource(show_spinner=False)
+def _throttle(password_digest: str) -> LoginThrottle:
+    return LoginThrottle()
+
+
+def login_throttle(settings: Settings) -> LoginThrottle:
+    """The process-wide throttle for the configured password (a new password starts afresh)."""
+    secret = settings.web_password.get_secret_value() if settings.web_password else ""
+    return _throttle(hashlib.sha256(secret.encode("utf-8")).hexdigest())
 
 
 def password_matches(given: str, expected: str) -> bool:
@@ -25,10 +63,15 @@ def login_gate(settings: Settings) -> bool:
     st.title("InternLM2 Chat")
     given = st.text_input("密码 / Password", type="password", key="password")
     if st.button("登录 / Log in", key="login", type="primary"):
+        throttle = login_throttle(settings)
+        if (wait := throttle.wait_seconds()) > 0:  # not even checked: a right guess would not show either
+            st.error(f"密码错误次数过多，请 {wait:.0f} 秒后再试 / Too many wrong passwords: try again in {wait:.0f} s")
+            return False
         if password_matches(given or "", settings.web_password.get_secret_value()):
             st.session_state[AUTH_KEY] = True
             del st.session_state["password"]
             st.rerun()
+        throttle.failed()
         time.sleep(FAILURE_DELAY_SECONDS)
         st.error("密码错误 / Wrong password")
     return False
