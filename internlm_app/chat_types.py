@@ -4,19 +4,31 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Protocol, TypedDict, get_args
+from typing import Literal, NotRequired, Protocol, TypedDict, get_args
 
 from .sampling import SamplingParams
 
-Role = Literal["system", "user", "assistant"]
+# "environment" is InternLM2's role for what a tool returns (chat/chat_format.md); OpenAI's "tool" maps to it.
+Role = Literal["system", "user", "assistant", "environment"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 ROLES: tuple[str, ...] = get_args(Role)
 TURN_ROLES = ("user", "assistant")  # roles of stored conversation messages (the system prompt is a conversation field)
 
 
+class ToolCall(TypedDict):
+    """A function call the assistant made: its name and its arguments as JSON text (OpenAI's shape, flattened)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 class Message(TypedDict):
     role: Role
     content: str
+    # InternLM2's `name=<|plugin|>` / `name=<|interpreter|>` on a system or environment turn: "plugin" or "interpreter".
+    name: NotRequired[str]
+    tool_calls: NotRequired[list[ToolCall]]  # an assistant turn's calls, rendered after its content
 
 
 def history_to_messages(query: str, history: list[tuple[str, str]] | None, system: str | None) -> list[Message]:
@@ -64,9 +76,14 @@ class EngineError(Exception):
 
 
 class InvalidRequestError(EngineError):
-    """The messages or parameters cannot be used (bad role, empty conversation ...)."""
+    """The messages or parameters cannot be used (bad role, empty conversation ...); `param` names the request field
+    at fault when one is (the API's error body carries it)."""
 
     status = 400
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ContextTooLongError(InvalidRequestError):
@@ -98,6 +115,57 @@ class ReplyEvents:
 
     on_queue: Callable[[int], None] | None = None  # called with the place in line (1 = next) while waiting
     stats: ReplyStats = field(default_factory=ReplyStats)
+
+
+@dataclass(frozen=True)
+class ReplyOptions:
+    """What one reply asks for beyond sampling (the OpenAI API's extras); the defaults change nothing.
+
+    Any of seed, logprobs, penalties or a grammar decodes the reply on the one-reply worker with the engine's own
+    sampler (`backends/sampler.py`): the continuous batch samples only by temperature / top-p / top-k.
+    """
+
+    seed: int | None = None  # sampling draws from a generator seeded with this: same request alone -> same text
+    logprobs: int | None = None  # None: off; k: each token's log-probability and its k most likely alternatives
+    presence_penalty: float = 0.0  # OpenAI's formula: logit[j] -= presence * (count[j] > 0) + frequency * count[j]
+    frequency_penalty: float = 0.0
+    json_schema: dict | bool | None = None  # True: any JSON value (json_object); a dict: JSON valid against it
+    tools: bool = False  # tools were offered: <|action_start|> begins a call instead of ending the reply
+    force_tool_call: bool = False  # the reply is a tool call: the prompt ends in <|action_start|><|plugin|>\n
+    keep_history: bool = False  # cap the reply to the room left rather than drop turns; drop only what cannot fit
+    raw_prompt: bool = False  # the one message's content is the whole prompt, special tokens included (completions)
+
+    @property
+    def needs_sampler(self) -> bool:
+        return (
+            self.seed is not None
+            or self.logprobs is not None
+            or bool(self.presence_penalty or self.frequency_penalty)
+            or self.json_schema is not None
+        )
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token: its text, UTF-8 bytes, log-probability (natural log, of the model's distribution before
+    temperature / top-p / top-k), and the most likely alternatives at that position as (text, bytes, logprob)."""
+
+    token_id: int
+    token: str
+    bytes: bytes
+    logprob: float
+    top: list[tuple[str, bytes, float]] = field(default_factory=list)
+
+
+@dataclass
+class ReplyChunk:
+    """A piece of a streamed reply: text and the ids it came from, their logprobs when asked for, or one control
+    token the reply carries as structure (`control`, e.g. "<|action_start|>", with no text)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    control: str | None = None
 
 
 class ChatBackend(Protocol):

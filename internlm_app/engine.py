@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import logging
 import threading
@@ -17,6 +18,7 @@ from transformers import GenerationConfig
 from . import gpu
 from .backends.batching import BatchDecoder
 from .backends.decode_plan import DecodePlan, plan_decoding
+from .backends.sampler import TokenSampler
 from .backends.scheduler import ReplyScheduler
 from .backends.token_stream import END, Empty, TokenStream
 from .backends.worker import GenerationWorker
@@ -26,13 +28,16 @@ from .chat_types import (
     GenerationError,
     InvalidRequestError,
     Message,
+    ReplyChunk,
     ReplyEvents,
+    ReplyOptions,
     ReplyStats,
     history_to_messages,
     not_unicode,
 )
 from .convert import Progress
 from .gpu_queue import GpuQueue
+from .grammar import GrammarCompiler
 from .loader import ModelInfo, ModelLoadError, load_model
 from .sampling import SamplingParams
 from .settings import DEFAULT_SYSTEM_PROMPT, Settings
@@ -43,6 +48,9 @@ log = logging.getLogger(__name__)
 _CANCEL_POLL_SECONDS = 0.25  # how often a consumer waiting for a token checks its cancel event
 
 
+NO_OPTIONS = ReplyOptions()
+
+
 @dataclass
 class PreparedPrompt:
     """Prompt ids that fit the context budget, how many history messages were left out, the reply's token cap."""
@@ -50,6 +58,15 @@ class PreparedPrompt:
     ids: list[int]
     dropped_messages: int
     max_new_tokens: int
+
+
+@dataclass
+class _ReplyPlan:
+    """How one reply decodes: the ids that end it, the tool tokens it carries as control chunks, its sampler."""
+
+    stop_ids: list[int]
+    controls: dict[int, str]
+    sampler: TokenSampler | None = None
 
 
 class ChatEngine:
@@ -73,10 +90,17 @@ class ChatEngine:
         self.settings = settings
         pad = model.generation_config.pad_token_id
         self._pad_token_id = pad if pad is not None else tokenizer.stop_ids[0]
+        # A reply ends at an end-of-turn id, at a turn header (the model opened the next turn without closing its
+        # own), and, when no tools were offered, at <|action_start|>; with tools, at <|action_end|> after its call.
+        base = [*tokenizer.stop_ids, *(i for i in tokenizer.header_ids if i not in tokenizer.stop_ids)]
+        tools = tokenizer.tool_ids
+        self._stop_ids = base + [tools["<|action_start|>"]] if "<|action_start|>" in tools else base
+        self._tool_stop_ids = base + [tools["<|action_end|>"]] if "<|action_end|>" in tools else base
+        self._grammars = GrammarCompiler(tokenizer, int(model.config.vocab_size))
         self.scheduler = ReplyScheduler(
             model,
             plan=plan or plan_decoding(model, settings, info.context_window),
-            stop_ids=list(tokenizer.stop_ids),
+            stop_ids=list(self._stop_ids),
             pad_token_id=self._pad_token_id,
             context_window=info.context_window,
             queue_limit=settings.queue_limit,
@@ -177,35 +201,64 @@ class ChatEngine:
     def context_window(self) -> int:
         return self.info.context_window
 
-    def prepare(self, messages: list[Message], max_new_tokens: int, max_length: int | None = None) -> PreparedPrompt:
-        """Validate messages and build prompt ids, leaving out the oldest turns that do not fit.
+    def prepare(
+        self,
+        messages: list[Message],
+        max_new_tokens: int,
+        max_length: int | None = None,
+        options: ReplyOptions = NO_OPTIONS,
+    ) -> PreparedPrompt:
+        """Validate messages and build prompt ids that fit the context budget.
 
-        `max_length` narrows the context budget for this request (never beyond the model's window). When no history
-        is left to drop, the reply is capped to the room left; only a prompt that leaves no room at all is an error.
+        The leading system messages are always kept. By default (the web app) the oldest turns are left out while
+        prompt + `max_new_tokens` exceeds the budget; with `options.keep_history` (the API) turns are left out only
+        when the prompt itself does not fit, and otherwise the reply is capped to the room left. With no history left
+        to drop, the reply is capped too; only a prompt that leaves no room at all is an error (ContextTooLongError).
+        `max_length` narrows the budget for this request (never beyond the model's window).
         """
         window = self.context_window if max_length is None else min(max_length, self.context_window)
-        if not messages or messages[-1].get("role") != "user":
-            raise InvalidRequestError("the conversation must end with a user message")
         _check_unicode(messages)
-        system = messages[:1] if messages[0].get("role") == "system" else []
-        history, new = list(messages[len(system) : -1]), messages[-1:]
+        if options.raw_prompt:
+            ids = self.tokenizer.encode(messages[0]["content"] if messages else "")
+            if len(ids) >= window:
+                raise ContextTooLongError(len(ids) + 1, window)
+            return PreparedPrompt(ids, 0, min(max_new_tokens, window - len(ids)))
+        if not messages or messages[-1].get("role") not in ("user", "environment", "assistant"):
+            raise InvalidRequestError("the conversation must end with a user message, a tool result or a prefill")
+        continue_final = messages[-1]["role"] == "assistant"
+        if continue_final and messages[-1].get("tool_calls"):
+            raise InvalidRequestError("the last message has tool calls: send their results before asking again")
+        lead = 0
+        while lead < len(messages) - 1 and messages[lead].get("role") == "system":
+            lead += 1
+        users = [i for i in range(lead, len(messages)) if messages[i].get("role") == "user"]
+        start = users[-1] if users else len(messages) - 1  # the newest user message and what answers it so far
+        system, history, new = messages[:lead], list(messages[lead:start]), messages[start:]
+        suffix = self._tool_call_prefix() if options.force_tool_call else []
         dropped = 0
         while True:
-            ids = self.tokenizer.build_prompt_ids(system + history + new)
-            needed = len(ids) + max_new_tokens
-            if needed <= window:
+            ids = self.tokenizer.build_prompt_ids(system + history + new, continue_final=continue_final) + suffix
+            room = window - len(ids)
+            if room >= max_new_tokens:
                 return PreparedPrompt(ids, dropped, max_new_tokens)
+            if room > 0 and (options.keep_history or not history):
+                return PreparedPrompt(ids, dropped, room)
             if not history:
-                if len(ids) < window:
-                    return PreparedPrompt(ids, dropped, window - len(ids))
                 raise ContextTooLongError(len(ids) + 1, window)
+            excess = len(ids) + (1 if options.keep_history else max_new_tokens) - window
             cut, freed = 0, 0
-            while cut < len(history) and freed < needed - window:
+            while cut < len(history) and freed < excess:
                 freed += self.tokenizer.count_message_tokens(history[cut])
                 cut += 1
             while cut < len(history) and history[cut]["role"] != "user":  # keep whole user/assistant turns
                 cut += 1
             history, dropped = history[cut:], dropped + cut
+
+    def _tool_call_prefix(self) -> list[int]:
+        tools = self.tokenizer.tool_ids
+        if not {"<|action_start|>", "<|plugin|>"} <= tools.keys():
+            raise InvalidRequestError("this model's vocabulary has no tool tokens: it cannot call tools")
+        return [tools["<|action_start|>"], tools["<|plugin|>"], *self.tokenizer.encode_plain("\n")]
 
     def stream_reply(
         self,
@@ -221,17 +274,65 @@ class ChatEngine:
         Bad input raises here, before anything runs. Setting `cancel`, or closing the iterator, stops generation
         within one token. A failed generation raises GenerationError from the iterator.
         """
-        prepared = self.prepare(messages, params.max_new_tokens, max_length)
+        chunks = self.stream_chunks(messages, params, cancel=cancel, events=events, max_length=max_length)
+        return _texts(chunks)
+
+    def stream_chunks(
+        self,
+        messages: list[Message],
+        params: SamplingParams,
+        options: ReplyOptions = NO_OPTIONS,
+        *,
+        cancel: threading.Event | None = None,
+        events: ReplyEvents | None = None,
+        max_length: int | None = None,
+    ) -> Iterator[ReplyChunk]:
+        """Like `stream_reply`, as ReplyChunks: text with its token ids, logprobs when asked for, and (with tools)
+        the tool tokens as control chunks. Raises InvalidRequestError here for options the model cannot honour."""
+        prepared = self.prepare(messages, params.max_new_tokens, max_length, options)
         if prepared.max_new_tokens != params.max_new_tokens:
             params = params.model_copy(update={"max_new_tokens": prepared.max_new_tokens})
-        return self._stream(prepared, params, cancel, events or ReplyEvents())
+        plan = self._reply_plan(params, options)
+        return self._stream(prepared, params, cancel, events or ReplyEvents(), plan=plan)
+
+    def _reply_plan(self, params: SamplingParams, options: ReplyOptions) -> _ReplyPlan:
+        tools = options.tools or options.force_tool_call
+        if tools and "<|action_end|>" not in self.tokenizer.tool_ids:
+            raise InvalidRequestError("tools: this model's vocabulary has no tool tokens, so it cannot call tools")
+        stop_ids = self._tool_stop_ids if tools else self._stop_ids
+        controls = {i: name for name, i in self.tokenizer.tool_ids.items()} if tools else {}
+        if not options.needs_sampler:
+            return _ReplyPlan(stop_ids, controls)
+        compiled = None
+        if options.json_schema is not None:
+            param = "tool_choice" if options.force_tool_call else "response_format"
+            ends = [self.tokenizer.tool_ids["<|action_end|>"]] if options.force_tool_call else self.tokenizer.stop_ids
+            compiled = self._grammars.compile(options.json_schema, list(ends), param)
+        sampler = TokenSampler(
+            params,
+            seed=options.seed,
+            logprobs=options.logprobs,
+            presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty,
+            compiled_grammar=compiled,
+            describe=self.describe_token,
+        )
+        return _ReplyPlan(stop_ids, controls, sampler)
+
+    def describe_token(self, token_id: int) -> tuple[str, bytes]:
+        """One id's text and UTF-8 bytes, as logprobs show it (a special token by its name, with no bytes)."""
+        token_bytes = getattr(self.tokenizer, "token_bytes", None)
+        data = token_bytes(token_id) if token_bytes else self.tokenizer.decode([token_id]).encode()
+        if data:
+            return data.decode("utf-8", errors="replace"), data
+        return self.tokenizer.decode([token_id], skip_special_tokens=False).strip(), b""
 
     def _reply_on(self, path: str, messages: list[Message], params: SamplingParams) -> tuple[str, ReplyStats]:
         """A whole reply on one path ("worker" or "batch"), whatever else runs (the warm-up and tests use it)."""
         events = ReplyEvents()
         prepared = self.prepare(messages, params.max_new_tokens)
-        text = "".join(self._stream(prepared, params, None, events, path=path))
-        return text, events.stats
+        chunks = self._stream(prepared, params, None, events, plan=self._reply_plan(params, NO_OPTIONS), path=path)
+        return "".join(chunk.text for chunk in chunks), events.stats
 
     def _stream(
         self,
@@ -239,13 +340,18 @@ class ChatEngine:
         params: SamplingParams,
         cancel: threading.Event | None,
         events: ReplyEvents,
+        *,
+        plan: _ReplyPlan,
         path: str | None = None,
-    ) -> Iterator[str]:
+    ) -> Iterator[ReplyChunk]:
         stats = events.stats
         stats.prompt_tokens, stats.dropped_messages = len(prepared.ids), prepared.dropped_messages
         queued = time.perf_counter()
+        own_stops = None if plan.stop_ids == self._stop_ids else plan.stop_ids
         try:
-            reply = self.scheduler.start(prepared.ids, params, cancel, events.on_queue, path)
+            reply = self.scheduler.start(
+                prepared.ids, params, cancel, events.on_queue, path, logits_processor=plan.sampler, stop_ids=own_stops
+            )
         except BaseException as exc:
             stats.queue_seconds = time.perf_counter() - queued
             stats.finish_reason, stats.error = "error", _describe(exc)
@@ -258,6 +364,9 @@ class ChatEngine:
         stream, end, stop = reply.stream, reply.end, reply.stop
         decoder = self.tokenizer.stream_decoder()
         interval = self.settings.stream_interval_ms / 1000
+        stops, controls, sampler = frozenset(plan.stop_ids), plan.controls, plan.sampler
+        records = sampler is not None and sampler.logprobs is not None
+        piece = ReplyChunk(logprobs=[] if records else None)  # text (and ids) not sent yet
         count, first_at, last_token, next_at, done = 0, None, None, 0.0, False
         try:
             while not done:
@@ -265,22 +374,36 @@ class ChatEngine:
                     # Tokens that come meanwhile go out together (one wake-up, not one per token); the end of the
                     # reply, an error or a cancel ends the wait at once.
                     stream.finished.wait(wait)
-                text, token = "", self._next_token(stream, cancel, end)
+                out: list[ReplyChunk] = []
+                token = self._next_token(stream, cancel, end)
                 while token is not END:
                     count, last_token = count + 1, token
                     if first_at is None:
                         first_at = time.perf_counter()
                         stats.time_to_first_token = first_at - started
-                    text += decoder.push(token)
+                    record = sampler.pop_record() if records else None
+                    if token in controls:  # a tool token: its own chunk, between the text before and after it
+                        if piece.token_ids:
+                            out.append(piece)
+                            piece = ReplyChunk(logprobs=[] if records else None)
+                        out.append(ReplyChunk(token_ids=[token], control=controls[token]))
+                    elif token not in stops:
+                        piece.text += decoder.push(token)
+                        piece.token_ids.append(token)
+                        if record is not None:
+                            piece.logprobs.append(record)
                     if not interval or stream.empty():  # interval 0: a chunk per token, even when some queued up
                         break
                     token = stream.get()
                 done = token is END
                 if done:
-                    text += decoder.flush()
-                if text:
+                    piece.text += decoder.flush()
+                if piece.text or (done and piece.token_ids):  # ids of half a character wait for the rest
+                    out.append(piece)
+                    piece = ReplyChunk(logprobs=[] if records else None)
+                if out:
                     next_at = time.perf_counter() + interval
-                    yield text
+                    yield from out
         finally:
             stopped_here = not done  # the consumer went away (closed iterator) before the end: it stops generation
             stop.set()
@@ -292,7 +415,8 @@ class ChatEngine:
             stats.cached_tokens = stream.cached_tokens
             if first_at is not None and count > 1 and ended > first_at:
                 stats.tokens_per_second = (count - 1) / (ended - first_at)
-            stats.finish_reason = self._finish_reason(last_token, count, params, stopped_here, cancel, stream.failure)
+            finish = self._finish_reason(last_token in stops, count, params, stopped_here, cancel, stream.failure)
+            stats.finish_reason = finish
         if stream.failure is not None:
             stats.error = _describe(stream.failure)
             raise GenerationError(stats.error) from stream.failure
@@ -307,10 +431,11 @@ class ChatEngine:
                 if cancel is not None and cancel.is_set():
                     end()
 
-    def _finish_reason(self, last_token, count, params, stopped_here: bool, cancel, failure) -> str:
+    @staticmethod
+    def _finish_reason(stopped_by_token: bool, count, params, stopped_here: bool, cancel, failure) -> str:
         if failure is not None:
             return "error"
-        if last_token in self.tokenizer.stop_ids:
+        if stopped_by_token:
             return "stop"
         if count >= params.max_new_tokens:
             return "length"
@@ -318,18 +443,21 @@ class ChatEngine:
             return "cancelled"
         return "stop"
 
-    def generation_config(self, params: SamplingParams) -> GenerationConfig:
-        """transformers GenerationConfig for one reply on the worker; temperature 0 means greedy."""
+    def generation_config(
+        self, params: SamplingParams, stop_ids: list[int] | None = None, own_sampler: bool = False
+    ) -> GenerationConfig:
+        """transformers GenerationConfig for one reply on the worker; temperature 0 means greedy. With the engine's
+        own sampler generate only takes the token it chose (greedy over its output), penalties included."""
         base = self.model.generation_config
         sampling = (
             {"do_sample": False}
-            if params.greedy
+            if params.greedy or own_sampler
             else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
         )
         return GenerationConfig(
             max_new_tokens=params.max_new_tokens,
-            repetition_penalty=params.repetition_penalty,
-            eos_token_id=list(self.tokenizer.stop_ids),
+            repetition_penalty=1.0 if own_sampler else params.repetition_penalty,
+            eos_token_id=list(stop_ids or self._stop_ids),
             pad_token_id=self._pad_token_id,
             bos_token_id=base.bos_token_id,
             **sampling,
@@ -368,6 +496,14 @@ class ChatEngine:
         for chunk in self.stream_reply(history_to_messages(query, history, system), params):
             response += chunk
             yield response, [*(history or []), (query, response)]
+
+
+def _texts(chunks: Iterator[ReplyChunk]) -> Iterator[str]:
+    """The chunks' text; closing this closes them (which stops generation)."""
+    with contextlib.closing(chunks):
+        for chunk in chunks:
+            if chunk.text:
+                yield chunk.text
 
 
 _ENGINES: weakref.WeakSet[ChatEngine] = weakref.WeakSet()

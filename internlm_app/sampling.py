@@ -59,5 +59,12 @@ class SamplingParams(BaseModel):
         return self.temperature < GREEDY_BELOW
 
     @classmethod
+    def unbounded_length(cls, max_new_tokens: int, **values: float) -> SamplingParams:
+        """Params whose max_new_tokens may exceed the slider's bound: the API caps a reply to the room the context
+        window leaves instead (agent clients send 32k-64k). Every other field is validated as usual."""
+        bounded = min(max_new_tokens, int(BOUNDS["max_new_tokens"].high))
+        return cls(max_new_tokens=bounded, **values).model_copy(update={"max_new_tokens": max_new_tokens})
+
+    @classmethod
     def greedy_params(cls, max_new_tokens: int) -> SamplingParams:
         return cls(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=max_new_tokens)

@@ -24,6 +24,10 @@ _CLEAN_UP += ((" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 _INTERNLM2_CLASSES = ("InternLM2Tokenizer", "InternLM2TokenizerFast")
 # End-of-turn tokens of common HF chat models, used as stop ids when the tokenizer has them.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+# Turn-header tokens: a model that opens a new turn has ended its own, so each of these ends a reply too.
+_TURN_HEADER_TOKENS = ("<|im_start|>", "<|start_header_id|>", "<start_of_turn>")
+# InternLM2's tool tokens (chat/chat_format.md): structure only where the server puts them or the model emits them.
+TOOL_TOKENS = ("<|action_start|>", "<|action_end|>", "<|plugin|>", "<|interpreter|>")
 
 
 class StreamDecoder(Protocol):
@@ -40,8 +44,14 @@ class ChatTokenizer(Protocol):
     bos_id: int | None
     stop_ids: list[int]
     special_ids: frozenset[int]
+    header_ids: list[int]  # turn-header ids: generating one ends the reply
+    tool_ids: dict[str, int]  # TOOL_TOKENS the vocabulary has (empty: no InternLM2 tool calling)
 
-    def build_prompt_ids(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]: ...
+    def build_prompt_ids(
+        self, messages: list[Message], add_generation_prompt: bool = True, continue_final: bool = False
+    ) -> list[int]: ...
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
 
     def count_message_tokens(self, message: Message) -> int: ...
 
@@ -110,6 +120,8 @@ class InternLM2Tokenizer:
         special |= {i for i in (self.bos_id, self.eos_id, self._sp.unk_id()) if i is not None and i >= 0}
         self.special_ids = frozenset(special)
         self.stop_ids = _unique([self.eos_id, self.im_end_id, *extra_stop_ids])
+        self.header_ids = [self.im_start_id]
+        self.tool_ids = {name: self.added_tokens[name] for name in TOOL_TOKENS if name in self.added_tokens}
         self._special_text = {i: added_tokens[i][0] if i in added_tokens else self._sp.id_to_piece(i) for i in special}
         names = sorted(self.added_tokens, key=len, reverse=True)
         self._split_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
@@ -173,9 +185,19 @@ class InternLM2Tokenizer:
     def _as_bytes(self, token_id: int) -> list[int]:
         return [self._sp.piece_to_id(f"<0x{b:02X}>") for b in self._sp.id_to_piece(token_id).encode()]
 
-    def build_prompt_ids(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+    def build_prompt_ids(
+        self, messages: list[Message], add_generation_prompt: bool = True, continue_final: bool = False
+    ) -> list[int]:
         """The InternLM2 chat prompt for `messages` (see prompt.build_prompt_ids)."""
-        return build_prompt_ids(self, messages, add_generation_prompt)
+        return build_prompt_ids(self, messages, add_generation_prompt, continue_final)
+
+    def vocab_pieces(self) -> list[str]:
+        """Each id's sentencepiece piece ("▁the", "<0x0A>"), "" for special and control ids (never text)."""
+        sp = self._sp
+        return [
+            "" if i in self.special_ids or sp.is_control(i) or sp.is_unknown(i) else sp.id_to_piece(i)
+            for i in range(sp.get_piece_size())
+        ]
 
     def count_message_tokens(self, message: Message) -> int:
         """Tokens this message adds to a prompt (its whole turn, markers included)."""
@@ -266,6 +288,8 @@ class HFChatTokenizer:
         encoder = hf_tokenizer.added_tokens_encoder
         turn_ends = [encoder[t] for t in _END_OF_TURN_TOKENS if t in encoder]
         self.stop_ids = _unique([hf_tokenizer.eos_token_id, *extra_stop_ids, *turn_ends])
+        self.header_ids = [encoder[t] for t in _TURN_HEADER_TOKENS if t in encoder]
+        self.tool_ids: dict[str, int] = {}  # tool calling is InternLM2's format only
         self._overhead: int | None = None
 
     @classmethod
@@ -282,15 +306,24 @@ class HFChatTokenizer:
         """Encode text without matching any added or special token; no BOS."""
         return self.hf.encode(text, add_special_tokens=False, split_special_tokens=True)
 
-    def build_prompt_ids(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Raw text as the tokenizer reads it, special-token text included (a completion's prompt)."""
+        return self.hf.encode(text, add_special_tokens=add_bos)
+
+    def build_prompt_ids(
+        self, messages: list[Message], add_generation_prompt: bool = True, continue_final: bool = False
+    ) -> list[int]:
         """apply_chat_template with sanitize_control_tokens, so control-token text in messages stays plain text."""
         from jinja2 import TemplateError
 
         validate_messages(messages)
+        if any(m["role"] == "environment" or m.get("tool_calls") or m.get("name") for m in messages):
+            raise InvalidRequestError("tool calls and tool results need an InternLM2 model (its chat format)")
         try:
             ids = self.hf.apply_chat_template(
                 [{"role": m["role"], "content": m["content"]} for m in messages],
-                add_generation_prompt=add_generation_prompt,
+                add_generation_prompt=add_generation_prompt and not continue_final,
+                continue_final_message=continue_final,
                 tokenize=True,
                 return_dict=False,
                 sanitize_control_tokens=True,

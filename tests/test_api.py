@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from internlm_app.api import create_app
-from internlm_app.api.routes_openai import StopFilter
 from internlm_app.chat_types import InvalidRequestError
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
+from internlm_app.stop_strings import StopFilter
 from tests.faults import FailOnForward
 from tests.test_api_support import (
     API_KEY,
@@ -100,7 +100,9 @@ def test_openai_greedy_equals_engine(client, engine, prompt):
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.completion_tokens,
         "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": body["usage"]["prompt_tokens_details"]["cached_tokens"]},
     }
+    assert 0 <= body["usage"]["prompt_tokens_details"]["cached_tokens"] < stats.prompt_tokens
 
 
 def test_openai_system_handling(client, engine):
@@ -197,7 +199,7 @@ def test_stop_filter_matches_the_reference_whatever_the_chunks():
 def test_stop_strings_are_bounded_in_number_and_length(client):
     for stop in (["a"] * 5, ["x" * 1001], "y" * 100_000):
         response = client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "stop": stop})
-        assert response.status_code == 422 and response.json()["error"]["param"] == "stop"
+        assert response.status_code == 400 and response.json()["error"]["param"] == "stop"
     body = _chat(client, [{"role": "user", "content": "hi"}], stop=["z" * 1000] * 4, max_tokens=4)
     assert body["choices"][0]["finish_reason"] == "length"
 
@@ -210,12 +212,12 @@ def test_text_that_is_not_unicode_is_a_4xx_naming_the_field(client):
     }
     for path, body in bodies.items():
         response = client.post(path, content=body, headers={"content-type": "application/json"})
-        assert response.status_code == 422, response.text
+        assert response.status_code == (400 if path == CHAT else 422), response.text
         text = response.text
         assert "not valid Unicode text" in text and ("messages.1.content" in text or "history" in text)
     body = f'{{"messages": [{{"role": "user", "content": "hi"}}], "stop": "{lone}"}}'
     stop = client.post(CHAT, content=body, headers={"content-type": "application/json"})
-    assert stop.status_code == 422 and stop.json()["error"]["param"] == "stop"
+    assert stop.status_code == 400 and stop.json()["error"]["param"] == "stop"
     assert client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).status_code == 200
 
 

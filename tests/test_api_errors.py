@@ -23,8 +23,15 @@ def _chunks(data: bytes):
         yield data[start : start + 65536]
 
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
 def _chat(**fields) -> dict:
     return {"json": {"model": "m", "messages": [USER], "max_tokens": 8, **fields}}
+
+
+def _named(name: str) -> dict:
+    return {"type": "function", "function": {"name": name}}
 
 
 # (id, method, path, httpx keyword arguments, expected status); AUTH is added unless headers are given.
@@ -53,31 +60,51 @@ CASES = [
         "POST",
         CHAT,
         {"content": b'{"messages": [', "headers": {**AUTH, "Content-Type": "application/json"}},
-        422,
+        400,
     ),
-    ("openai-nested-too-deeply", "POST", CHAT, {"content": b"[" * 100_000 + b"]" * 100_000, "headers": AUTH}, 422),
-    ("openai-missing-messages", "POST", CHAT, {"json": {"model": "m"}}, 422),
-    ("openai-empty-messages", "POST", CHAT, _chat(messages=[]), 422),
-    ("openai-messages-not-a-list", "POST", CHAT, _chat(messages="hi"), 422),
-    ("openai-unknown-role", "POST", CHAT, _chat(messages=[{"role": "tool", "content": "hi"}]), 422),
-    ("openai-message-without-role", "POST", CHAT, _chat(messages=[{"content": "hi"}]), 422),
-    ("openai-content-not-text", "POST", CHAT, _chat(messages=[{"role": "user", "content": 42}]), 422),
+    ("openai-nested-too-deeply", "POST", CHAT, {"content": b"[" * 100_000 + b"]" * 100_000, "headers": AUTH}, 400),
+    ("openai-missing-messages", "POST", CHAT, {"json": {"model": "m"}}, 400),
+    ("openai-empty-messages", "POST", CHAT, _chat(messages=[]), 400),
+    ("openai-messages-not-a-list", "POST", CHAT, _chat(messages="hi"), 400),
+    ("openai-unknown-role", "POST", CHAT, _chat(messages=[{"role": "robot", "content": "hi"}]), 400),
+    ("openai-message-without-role", "POST", CHAT, _chat(messages=[{"content": "hi"}]), 400),
+    ("openai-content-not-text", "POST", CHAT, _chat(messages=[{"role": "user", "content": 42}]), 400),
     (
         "openai-image-content",
         "POST",
         CHAT,
         _chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
-        422,
+        400,
     ),
-    ("openai-last-message-not-user", "POST", CHAT, _chat(messages=[USER, {"role": "assistant", "content": "a"}]), 400),
-    ("openai-system-not-first", "POST", CHAT, _chat(messages=[USER, {"role": "system", "content": "s"}, USER]), 400),
-    ("openai-temperature-too-high", "POST", CHAT, _chat(temperature=5), 422),
-    ("openai-negative-max-tokens", "POST", CHAT, _chat(max_tokens=-1), 422),
-    ("openai-huge-max-completion-tokens", "POST", CHAT, _chat(max_completion_tokens=10**7), 422),
-    ("openai-n-above-one", "POST", CHAT, _chat(n=2), 422),
-    ("openai-too-many-stop-strings", "POST", CHAT, _chat(stop=["a", "b", "c", "d", "e"]), 422),
-    ("openai-empty-stop-string", "POST", CHAT, _chat(stop=[""]), 422),
-    ("openai-stream-not-a-bool", "POST", CHAT, _chat(stream="maybe"), 422),
+    ("openai-only-a-system-message", "POST", CHAT, _chat(messages=[{"role": "system", "content": "s"}]), 400),
+    ("openai-temperature-too-high", "POST", CHAT, _chat(temperature=5), 400),
+    ("openai-negative-max-tokens", "POST", CHAT, _chat(max_tokens=-1), 400),
+    ("openai-n-above-the-limit", "POST", CHAT, _chat(n=9), 400),
+    ("openai-too-many-stop-strings", "POST", CHAT, _chat(stop=["a", "b", "c", "d", "e"]), 400),
+    ("openai-empty-stop-string", "POST", CHAT, _chat(stop=[""]), 400),
+    ("openai-stream-not-a-bool", "POST", CHAT, _chat(stream="maybe"), 400),
+    ("openai-logit-bias", "POST", CHAT, _chat(logit_bias={"42": 5}), 400),
+    ("openai-legacy-functions", "POST", CHAT, _chat(functions=[{"name": "f"}]), 400),
+    ("openai-top-logprobs-without-logprobs", "POST", CHAT, _chat(top_logprobs=2), 400),
+    ("openai-top-logprobs-too-many", "POST", CHAT, _chat(logprobs=True, top_logprobs=21), 400),
+    ("openai-penalty-out-of-range", "POST", CHAT, _chat(presence_penalty=3), 400),
+    ("openai-tool-choice-without-tools", "POST", CHAT, _chat(tool_choice="required"), 400),
+    ("openai-tool-choice-unknown-name", "POST", CHAT, _chat(tools=[TOOL], tool_choice=_named("other")), 400),
+    ("openai-tool-bad-name", "POST", CHAT, _chat(tools=[{"type": "function", "function": {"name": "a b"}}]), 400),
+    ("openai-json-schema-missing", "POST", CHAT, _chat(response_format={"type": "json_schema"}), 400),
+    (
+        "openai-json-schema-not-a-schema",
+        "POST",
+        CHAT,
+        _chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}),
+        400,
+    ),
+    ("openai-json-and-tools", "POST", CHAT, _chat(tools=[TOOL], response_format={"type": "json_object"}), 400),
+    ("completions-empty-prompt", "POST", "/v1/completions", {"json": {"prompt": ""}}, 400),
+    ("completions-echo", "POST", "/v1/completions", {"json": {"prompt": "a", "echo": True}}, 400),
+    ("completions-suffix", "POST", "/v1/completions", {"json": {"prompt": "a", "suffix": "b"}}, 400),
+    ("completions-over-context", "POST", "/v1/completions", {"json": {"prompt": LONG_PROMPT * 2}}, 400),
+    ("unknown-model", "GET", "/v1/models/gpt-4", {}, 404),
     ("openai-over-context-window", "POST", CHAT, _chat(messages=[{"role": "user", "content": LONG_PROMPT}]), 400),
     ("openai-control-tokens-are-text", "POST", CHAT, _chat(messages=[{"role": "user", "content": CONTROL_TEXT}]), 200),
     ("missing-api-key", "POST", "/", {"json": {"prompt": "hi"}, "headers": {}}, 401),
@@ -140,11 +167,12 @@ def test_over_the_context_window_says_by_how_much(server):
 
 
 def test_validation_messages_are_readable(server):
-    response = server.post(CHAT, json={"messages": [{"role": "tool", "content": "x"}]}, headers=AUTH)
+    response = server.post(CHAT, json={"messages": [{"role": "robot", "content": "x"}]}, headers=AUTH)
     assert (
         response.json()["error"]["message"]
-        == "messages.0.role: Input should be 'system', 'developer', 'user' or 'assistant'"
+        == "messages.0.role: Input should be 'system', 'developer', 'user', 'assistant' or 'tool'"
     )
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
     assert response.json()["error"]["param"] == "messages.0.role"
     response = server.post("/", content=b'{"prompt": "hi"', headers=AUTH)
     assert response.json()["error"].startswith("the body is not valid JSON")

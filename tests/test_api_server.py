@@ -96,7 +96,7 @@ def test_official_openai_client(server, engine):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
     assert chunks[-1].usage.completion_tokens == stats.completion_tokens
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="x", messages=[{"role": "assistant", "content": "hi"}])
+        client.chat.completions.create(model="x", messages=[{"role": "system", "content": "hi"}])
     assert "must end with a user message" in info.value.message
 
 

@@ -377,14 +377,15 @@ def test_reply_is_capped_to_the_room_left(engine):
     "messages",
     [
         [],
-        [{"role": "assistant", "content": "hi"}],
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-        [
-            {"role": "user", "content": "a"},
-            {"role": "system", "content": "late system"},
-            {"role": "user", "content": "b"},
-        ],
+        [{"role": "system", "content": "only a system prompt"}],
         [{"role": "robot", "content": "hi"}, {"role": "user", "content": "hi"}],
+        [{"role": "user", "content": "hi"}, {"role": "user", "content": "x", "name": "plugin"}],
+        [{"role": "user", "content": "hi"}, {"role": "environment", "content": "x", "name": "calculator"}],
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "name": "f", "arguments": "{"}]},
+            {"role": "environment", "content": "1", "name": "plugin"},
+        ],
     ],
 )
 def test_bad_messages_are_rejected_before_generation(engine, messages):

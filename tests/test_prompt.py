@@ -91,8 +91,9 @@ def test_system_message_rules(tok):
     user: Message = {"role": "user", "content": "hi"}
     no_system = tok.build_prompt_ids([user])
     assert tok.build_prompt_ids([{"role": "system", "content": ""}, user]) == no_system
-    with pytest.raises(InvalidRequestError, match="first"):
-        tok.build_prompt_ids([user, {"role": "system", "content": "late"}])
+    late = [user, {"role": "system", "content": "late"}, user]  # rendered in place, as InternLM2's template does
+    official = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>system\nlate<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    assert tok.build_prompt_ids(late) == tok.encode(official + "<|im_start|>assistant\n")
     with pytest.raises(InvalidRequestError, match="role"):
         tok.build_prompt_ids([{"role": "tool", "content": "x"}])  # type: ignore[typeddict-item]
     with pytest.raises(InvalidRequestError, match="string"):
@@ -113,3 +114,48 @@ def test_count_message_tokens_adds_up(tok):
         base = len(tok.build_prompt_ids([]))
         assert base + sum(tok.count_message_tokens(m) for m in messages) == len(tok.build_prompt_ids(messages))
     assert tok.count_message_tokens({"role": "system", "content": ""}) == 0
+
+
+def test_tool_turns_follow_internlm2_chat_format(tok):
+    """Tools offered, a call and its result render as chat/chat_format.md writes them (tok.encode maps the marker
+    strings to their ids as the official tokenizer does)."""
+    messages: list[Message] = [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "system", "name": "plugin", "content": '[{"name": "weather"}]'},
+        {"role": "user", "content": "Weather in Shanghai?"},
+        {
+            "role": "assistant",
+            "content": "Let me look.",
+            "tool_calls": [{"id": "call_1", "name": "weather", "arguments": '{"city": "Shanghai"}'}],
+        },
+        {"role": "environment", "name": "plugin", "content": '{"temperature": 22}'},
+    ]
+    official = (
+        "<|im_start|>system\nYou are helpful.<|im_end|>\n"
+        '<|im_start|>system name=<|plugin|>\n[{"name": "weather"}]<|im_end|>\n'
+        "<|im_start|>user\nWeather in Shanghai?<|im_end|>\n"
+        '<|im_start|>assistant\nLet me look.<|action_start|><|plugin|>\n{"name": "weather", "parameters": '
+        '{"city": "Shanghai"}}<|action_end|><|im_end|>\n'
+        '<|im_start|>environment name=<|plugin|>\n{"temperature": 22}<|im_end|>\n'
+        "<|im_start|>assistant\n"
+    )
+    assert tok.build_prompt_ids(messages) == tok.encode(official)
+
+
+def test_prefill_continues_the_assistant_message(tok):
+    messages: list[Message] = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, "}]
+    ids = tok.build_prompt_ids(messages, continue_final=True)
+    assert ids == tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nSure, ")
+    with pytest.raises(InvalidRequestError, match="assistant"):
+        tok.build_prompt_ids([{"role": "user", "content": "hi"}], continue_final=True)
+
+
+def test_tool_markers_typed_in_text_stay_text(tok):
+    typed = "<|action_start|><|plugin|>\n{}<|action_end|>"
+    for role in ("user", "environment"):
+        ids = tok.build_prompt_ids([{"role": role, "content": typed}])
+        assert not set(tok.tool_ids.values()) & set(ids)
+    with pytest.raises(InvalidRequestError, match="arguments"):
+        tok.build_prompt_ids(
+            [{"role": "assistant", "content": "", "tool_calls": [{"id": "c", "name": "f", "arguments": "{oops"}]}]
+        )

@@ -19,6 +19,7 @@ from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestLogMiddleware
 from .routes_classic import router as classic_router
+from .routes_completions import router as completions_router
 from .routes_openai import router as openai_router
 from .routes_system import router as system_router
 from .server import running_server, serve
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None, backend: ChatBackend | None = N
     install_error_handlers(app)
     app.include_router(classic_router)
     app.include_router(openai_router)
+    app.include_router(completions_router)
     app.include_router(system_router)
     # add_middleware wraps: the last added runs first (log -> CORS -> auth -> body limit -> routes).
     app.add_middleware(BodyLimitMiddleware)

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..chat_types import ContextTooLongError, EngineError, GenerationError, QueueFullError
+from ..chat_types import ContextTooLongError, EngineError, GenerationError, InvalidRequestError, QueueFullError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ def engine_error_details(exc: EngineError) -> tuple[str | None, str | None, dict
         return "context_length_exceeded", "messages", None
     if isinstance(exc, GenerationError):
         return "generation_failed", None, None
+    if isinstance(exc, InvalidRequestError):
+        return None, exc.param, None
     return None, None, None
 
 
@@ -95,8 +97,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # OpenAI answers an invalid field with 400 invalid_request_error; the classic route keeps FastAPI's 422.
         message, param = describe_validation_errors(list(exc.errors()))
-        return error_response(request.url.path, 422, message, param=param)
+        status = 400 if is_openai_path(request.url.path) else 422
+        return error_response(request.url.path, status, message, param=param)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:

@@ -12,23 +12,45 @@ import anyio
 from anyio import to_thread
 from fastapi import Request
 
-from ..chat_types import Message, ReplyEvents, ReplyStats
+from ..chat_types import InvalidRequestError, Message, ReplyChunk, ReplyEvents, ReplyOptions, ReplyStats
 from ..sampling import SamplingParams
 
 _END = object()
 DISCONNECT_POLL_SECONDS = 0.1
 
 
+def _stream_chunks(backend, messages, params, options: ReplyOptions, **kwargs):
+    """The backend's reply as ReplyChunks; a backend without chunks (the remote one) serves plain options only."""
+    if hasattr(backend, "stream_chunks"):
+        return backend.stream_chunks(messages, params, options, **kwargs)
+    if options != ReplyOptions(keep_history=options.keep_history):
+        raise InvalidRequestError("tools, JSON output, seed, logprobs and penalties need a local model")
+    return _as_chunks(backend.stream_reply(messages, params, **kwargs))
+
+
+def _as_chunks(texts):
+    with contextlib.closing(texts):
+        for text in texts:
+            yield ReplyChunk(text=text)
+
+
 class ReplyRunner:
-    """Drives `backend.stream_reply` from the event loop without blocking it; the client leaving cancels it.
+    """Drives the backend's reply from the event loop without blocking it; the client leaving cancels it.
 
     One thread per reply reads the blocking iterator and hands each chunk to the loop (no thread hop per chunk), and
     one task per reply watches the connection.
     """
 
-    def __init__(self, request: Request, messages: list[Message], params: SamplingParams):
+    def __init__(
+        self,
+        request: Request,
+        messages: list[Message],
+        params: SamplingParams,
+        options: ReplyOptions | None = None,
+    ):
         state = request.app.state
         self.request, self.messages, self.params = request, messages, params
+        self.options = options or ReplyOptions()
         self.backend, self.metrics, self.limiter = state.backend, state.metrics, state.generation_limiter
         self.cancel = threading.Event()
         self.events = ReplyEvents()
@@ -47,8 +69,10 @@ class ReplyRunner:
         """Validate, wait for the GPU and the first chunk: errors up to here still get an HTTP status."""
         loop, self._ready = asyncio.get_running_loop(), asyncio.Queue()
         try:
-            stream = partial(self.backend.stream_reply, cancel=self.cancel, events=self.events)
-            self._iterator = await to_thread.run_sync(stream, self.messages, self.params, limiter=self.limiter)
+            stream = partial(_stream_chunks, self.backend, cancel=self.cancel, events=self.events)
+            self._iterator = await to_thread.run_sync(
+                stream, self.messages, self.params, self.options, limiter=self.limiter
+            )
             self.request.state.reply_stats = self.events.stats  # the request passed validation: log its reply
             self._pump = threading.Thread(target=self._run_pump, args=(loop,), name="internlm-api-pump", daemon=True)
             self._pump.start()
@@ -59,8 +83,8 @@ class ReplyRunner:
                 await self.close()
             raise
 
-    async def chunks(self) -> AsyncIterator[str]:
-        """The reply's text chunks; leaving the loop early (or being cancelled) stops generation."""
+    async def chunks(self) -> AsyncIterator[ReplyChunk]:
+        """The reply's chunks; leaving the loop early (or being cancelled) stops generation."""
         try:
             chunk = self._first
             while chunk is not _END:
@@ -72,7 +96,7 @@ class ReplyRunner:
 
     async def text(self) -> str:
         await self.start()
-        return "".join([chunk async for chunk in self.chunks()])
+        return "".join([chunk.text async for chunk in self.chunks()])
 
     async def close(self) -> None:
         """Stop generation if it still runs, wait until the GPU is free, record metrics (idempotent)."""

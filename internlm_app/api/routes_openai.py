@@ -1,180 +1,172 @@
-"""OpenAI-compatible routes: `POST /v1/chat/completions` (plain and server-sent events) and `GET /v1/models`."""
+"""OpenAI-compatible chat routes: `POST /v1/chat/completions` (plain and server-sent events), `GET /v1/models[/id]`.
+
+Bodies are the `openai` package's own types (ChatCompletion, ChatCompletionChunk), validated before they are sent.
+"""
 
 from __future__ import annotations
 
-import json
-import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from ..chat_types import EngineError, ReplyStats
-from .errors import engine_error_details, openai_error
+from ..chat_types import ToolCall
+from .choices import ChoiceBuilder, Delta, logprob_entry
+from .errors import error_response
+from .openai_common import (
+    ResponseIds,
+    close_all,
+    dropped_headers,
+    dropped_messages,
+    event_stream,
+    seeds,
+    start_runners,
+    usage,
+)
+from .openai_requests import ChatCompletionRequest
 from .replies import ReplyRunner
-from .schemas import ChatCompletionRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+def _tool_calls(call: ToolCall, *, streamed: bool) -> list[dict]:
+    entry = {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}
+    return [{"index": 0, **entry}] if streamed else [entry]
 
 
-def _prefix_function(pattern: str) -> list[int]:
-    """Knuth-Morris-Pratt failure table: for each prefix, the length of its longest proper prefix that is a suffix."""
-    table, k = [0] * len(pattern), 0
-    for i in range(1, len(pattern)):
-        while k and pattern[i] != pattern[k]:
-            k = table[k - 1]
-        if pattern[i] == pattern[k]:
-            k += 1
-        table[i] = k
-    return table
+def _logprobs(delta: Delta, wanted: bool) -> dict | None:
+    return {"content": [logprob_entry(r) for r in delta.logprobs], "refusal": None} if wanted else None
 
 
-class StopFilter:
-    """Cuts the reply at the first stop string; while streaming, holds back text that may be the start of one.
-
-    Each stop string has a Knuth-Morris-Pratt automaton fed only the new text, so a chunk costs O(its length × the
-    number of stops), amortised, whatever the stops' lengths (a chunk is checked on the server's event loop). At the
-    first character where a stop string completes, the reply is cut at its start (the earliest start, should several
-    complete there).
-    """
-
-    def __init__(self, stops: list[str] | None):
-        self.stops = stops or []
-        self._tables = [_prefix_function(stop) for stop in self.stops]
-        self._matched = [0] * len(self.stops)  # per stop: how many of its first characters end the text so far
-        self.pending = ""
-        self.hit = False
-
-    def push(self, text: str) -> str:
-        if not self.stops:
-            return text
-        if self.hit:
-            return ""
-        base = len(self.pending)
-        self.pending += text
-        for offset, char in enumerate(text):
-            cut = None
-            for i, stop in enumerate(self.stops):
-                matched, table = self._matched[i], self._tables[i]
-                while matched and stop[matched] != char:
-                    matched = table[matched - 1]
-                if stop[matched] == char:
-                    matched += 1
-                if matched == len(stop):
-                    start = base + offset + 1 - len(stop)
-                    cut = start if cut is None else min(cut, start)
-                    matched = table[matched - 1]
-                self._matched[i] = matched
-            if cut is not None:
-                self.hit = True
-                text, self.pending = self.pending[:cut], ""
-                return text
-        keep = len(self.pending) - max(self._matched)  # a stop may still complete over the text held back
-        text, self.pending = self.pending[:keep], self.pending[keep:]
-        return text
-
-    def flush(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
+def _builder(body: ChatCompletionRequest) -> ChoiceBuilder:
+    return ChoiceBuilder(body.stop, forced_call=body.forced_tool is not None)
 
 
-@dataclass
-class _Completion:
-    """Ids and shapes of one chat completion's response objects."""
-
-    model: str
-    include_usage: bool = False
-    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    def _base(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def response(self, text: str, finish_reason: str, stats: ReplyStats) -> dict:
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._base("chat.completion"), "choices": [choice], "usage": _usage(stats)}
-
-    def chunk(self, delta: dict, finish_reason: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        data = {**self._base("chat.completion.chunk"), "choices": [choice]}
-        return sse_event({**data, "usage": None} if self.include_usage else data)
-
-    def usage_chunk(self, stats: ReplyStats) -> str:
-        return sse_event({**self._base("chat.completion.chunk"), "choices": [], "usage": _usage(stats)})
-
-
-def sse_event(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def _usage(stats: ReplyStats) -> dict:
-    total = stats.prompt_tokens + stats.completion_tokens
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens, "total_tokens": total}
-
-
-def _finish_reason(runner: ReplyRunner) -> str:
-    return "length" if (runner.finish_reason or runner.stats.finish_reason) == "length" else "stop"
-
-
-async def _reply_text(runner: ReplyRunner, stops: StopFilter) -> AsyncIterator[str]:
-    """The runner's chunks cut at the first stop string, which also ends generation."""
+async def _whole_choice(index: int, runner: ReplyRunner, body: ChatCompletionRequest) -> dict:
+    builder, total = _builder(body), Delta()
     async with aclosing(runner.chunks()) as chunks:
         async for chunk in chunks:
-            if text := stops.push(chunk):
-                yield text
-            if stops.hit:
+            delta = builder.push(chunk)
+            total.content += delta.content
+            total.logprobs += delta.logprobs
+            if builder.ended:
                 runner.finish_reason = "stop"
-                return
-    if tail := stops.flush():
-        yield tail
+                break
+    rest, finish = builder.finish(runner.finish_reason or runner.stats.finish_reason)
+    total.content += rest.content
+    message: dict = {"role": "assistant", "content": total.content or None}
+    if builder.tool_call is not None:
+        message["tool_calls"] = _tool_calls(builder.tool_call, streamed=False)
+    else:
+        message["content"] = total.content
+    return {"index": index, "message": message, "logprobs": _logprobs(total, body.logprobs), "finish_reason": finish}
 
 
-async def _events(runner: ReplyRunner, stops: StopFilter, completion: _Completion) -> AsyncIterator[str]:
-    yield completion.chunk({"role": "assistant", "content": ""})
-    try:
-        async with aclosing(_reply_text(runner, stops)) as texts:
-            async for text in texts:
-                yield completion.chunk({"content": text})
-    except EngineError as exc:  # e.g. out of memory after the first token: the status line is already sent
-        code, param, _ = engine_error_details(exc)
-        yield sse_event(openai_error(exc.status, str(exc), code, param))
-        yield sse_event("[DONE]")
-        return
-    yield completion.chunk({}, _finish_reason(runner))
-    if completion.include_usage:
-        yield completion.usage_chunk(runner.stats)
-    yield sse_event("[DONE]")
+def _chunk(ids: ResponseIds, choices: list[dict], body: ChatCompletionRequest, **extra) -> dict:
+    data = {
+        "id": ids.id,
+        "object": "chat.completion.chunk",
+        "created": ids.created,
+        "model": ids.model,
+        "choices": choices,
+        **extra,
+    }
+    if body.include_usage and "usage" not in data:
+        data["usage"] = None
+    return ChatCompletionChunk.model_validate(data).model_dump(mode="json", exclude_unset=True)
+
+
+async def _choice_events(
+    index: int, runner: ReplyRunner, body: ChatCompletionRequest, ids: ResponseIds
+) -> AsyncIterator[dict]:
+    def event(delta: Delta, finish: str | None = None) -> dict:
+        fields: dict = {}
+        if delta.content:
+            fields["content"] = delta.content
+        if delta.tool_call is not None:
+            fields["tool_calls"] = _tool_calls(delta.tool_call, streamed=True)
+        choice = {"index": index, "delta": fields, "logprobs": _logprobs(delta, body.logprobs), "finish_reason": finish}
+        return _chunk(ids, [choice], body)
+
+    builder = _builder(body)
+    yield _chunk(ids, [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], body)
+    async with aclosing(runner.chunks()) as chunks:
+        async for chunk in chunks:
+            if delta := builder.push(chunk):
+                yield event(delta)
+            if builder.ended:
+                runner.finish_reason = "stop"
+                break
+    rest, finish = builder.finish(runner.finish_reason or runner.stats.finish_reason)
+    yield event(rest, finish)
 
 
 @router.post("/chat/completions", summary="Chat completion (OpenAI-compatible)")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    """Reply to the messages, as one JSON object or as server-sent events ending in `data: [DONE]`."""
+    """Reply to the messages, as one JSON object or as server-sent events ending in `data: [DONE]`.
+
+    With `tools`, a reply may be a call in InternLM2's format, returned as `tool_calls`; `tool_choice` required or
+    named constrains decoding to a valid call, and `response_format` to JSON (valid against its schema).
+    """
     settings, backend = request.app.state.settings, request.app.state.backend
+    body.refuse_unsupported()
     params = body.sampling(settings, body.max_new_tokens)
-    runner = ReplyRunner(request, body.chat_messages(settings.system_prompt), params)
-    completion = _Completion(model=backend.info.name, include_usage=body.include_usage)
-    stops = StopFilter(body.stop)
-    await runner.start()  # queue-full, context and early generation errors still get their HTTP status
+    messages = body.chat_messages(settings.system_prompt)
+    seed_of = seeds(body.seed)
+    runners = await start_runners(request, [messages] * body.n, params, lambda i: body.reply_options(seed_of(i)))
+    ids = ResponseIds("chatcmpl", backend.info.name)
+    dropped = dropped_messages(runners)
+    extra = {"dropped_messages": dropped} if dropped else {}
     if body.stream:
-        events = _events(runner, stops, completion)
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers=SSE_HEADERS, background=BackgroundTask(runner.close)
-        )
-    async with aclosing(_reply_text(runner, stops)) as texts:
-        text = "".join([t async for t in texts])
-    return completion.response(text, _finish_reason(runner), runner.stats)
+
+        async def events() -> AsyncIterator[dict]:
+            for index, runner in enumerate(runners):
+                async for event in _choice_events(index, runner, body, ids):
+                    yield event
+            if body.include_usage:
+                yield _chunk(ids, [], body, usage=usage(runners, shared_prompt=True), **extra)
+
+        return event_stream(runners, events())
+    try:
+        choices = [await _whole_choice(i, runner, body) for i, runner in enumerate(runners)]
+    finally:
+        await close_all(runners)
+    response = ChatCompletion.model_validate(
+        {
+            "id": ids.id,
+            "object": "chat.completion",
+            "created": ids.created,
+            "model": ids.model,
+            "choices": choices,
+            "usage": usage(runners, shared_prompt=True),
+            **extra,
+        }
+    )
+    return JSONResponse(response.model_dump(mode="json", exclude_unset=True), headers=dropped_headers(runners))
+
+
+def _model_card(request: Request) -> dict:
+    info = request.app.state.backend.info
+    created = int(request.app.state.started_at)
+    return {"id": info.name, "object": "model", "created": created, "owned_by": "internlm"}
 
 
 @router.get("/models", summary="The served model")
 async def list_models(request: Request) -> dict:
-    info = request.app.state.backend.info
-    created = int(request.app.state.started_at)
-    model = {"id": info.name, "object": "model", "created": created, "owned_by": "internlm"}
-    return {"object": "list", "data": [model]}
+    return {"object": "list", "data": [_model_card(request)]}
+
+
+@router.get("/models/{model_id:path}", summary="One model")
+async def get_model(model_id: str, request: Request):
+    card = _model_card(request)
+    if model_id != card["id"]:
+        return error_response(
+            request.url.path,
+            404,
+            f"the model {model_id!r} does not exist; this server serves {card['id']!r}",
+            code="model_not_found",
+            param="model",
+        )
+    return card

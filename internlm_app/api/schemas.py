@@ -1,10 +1,10 @@
-"""Request bodies of the classic and the OpenAI-compatible routes; sampling bounds come from internlm_app.sampling."""
+"""Request body of the classic route and the checks the OpenAI bodies share; bounds come from internlm_app.sampling."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..chat_types import Message, history_to_messages, not_unicode
 from ..sampling import SamplingParams, sampling_field
@@ -21,6 +21,18 @@ def _unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_unicode)]  # every string a request carries to the tokenizer
+
+
+def check_stops(value: str | list[str] | None) -> list[str] | None:
+    """Stop strings as a list, bounded: at most MAX_STOP_STRINGS non-empty ones of MAX_STOP_CHARS characters."""
+    stops = [value] if isinstance(value, str) else value
+    if stops is not None and (len(stops) > MAX_STOP_STRINGS or not all(stops)):
+        raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
+    if stops is not None and any(len(stop) > MAX_STOP_CHARS for stop in stops):
+        raise ValueError(f"each stop string has at most {MAX_STOP_CHARS} characters")
+    if stops is not None and any(not_unicode(stop) for stop in stops):
+        raise ValueError("stop strings must be valid Unicode text")
+    return stops or None
 
 
 class SamplingOverrides(BaseModel):
@@ -57,79 +69,3 @@ class ClassicRequest(SamplingOverrides):
 
     def messages(self, default_system: str) -> list[Message]:
         return history_to_messages(self.prompt, self.history, default_system if self.system is None else self.system)
-
-
-class ChatMessage(BaseModel):
-    """One message of an OpenAI chat request; content may be a string or a list of text parts."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | None = None
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _join_text_parts(cls, value: object) -> object:
-        if not isinstance(value, list):
-            return value
-        texts = []
-        for part in value:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
-            texts.append(part["text"])
-        return "".join(texts)
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(SamplingOverrides):
-    """Body of `POST /v1/chat/completions` (the fields this server uses; others are ignored)."""
-
-    model: str | None = Field(None, description="Ignored: this server serves one model.")
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = sampling_field("max_new_tokens", default=None)
-    max_completion_tokens: int | None = sampling_field("max_new_tokens", default=None)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(
-        None, description=f"Up to {MAX_STOP_STRINGS} strings of up to {MAX_STOP_CHARS} characters that end the reply."
-    )
-    n: int = Field(1, ge=1, le=1, description="Only one choice is supported.")
-
-    model_config = ConfigDict(
-        extra="ignore",
-        json_schema_extra={
-            "examples": [{"model": "internlm2-chat-7b", "messages": [{"role": "user", "content": "hi"}]}]
-        },
-    )
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> list[str] | None:
-        stops = [value] if isinstance(value, str) else value
-        if stops is not None and (len(stops) > MAX_STOP_STRINGS or not all(stops)):
-            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
-        if stops is not None and any(len(stop) > MAX_STOP_CHARS for stop in stops):
-            raise ValueError(f"each stop string has at most {MAX_STOP_CHARS} characters")
-        if stops is not None and any(not_unicode(stop) for stop in stops):
-            raise ValueError("stop strings must be valid Unicode text")
-        return stops or None
-
-    def chat_messages(self, default_system: str) -> list[Message]:
-        """Messages for the engine: the default system prompt when none is given ('' keeps no system turn)."""
-        messages: list[Message] = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.content or ""} for m in self.messages
-        ]
-        if messages[0]["role"] != "system" and default_system:
-            messages.insert(0, {"role": "system", "content": default_system})
-        return messages
-
-    @property
-    def max_new_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)

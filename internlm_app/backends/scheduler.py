@@ -5,7 +5,8 @@ that reports their place. A reply that starts while nothing runs goes to the wor
 cache on CUDA, KV reuse across turns). One that starts while another runs joins the batch, and the worker's reply
 moves in with it: the worker stops at its next token and the batch continues from prompt + reply so far, so one
 forward pass decodes them all (two paths side by side would read every weight twice per round). A reply the batch
-cannot sample (a repetition penalty) or that would not fit its paged cache waits for the worker instead.
+cannot sample (a repetition penalty, the engine's own sampler, stop ids of its own) or that would not fit its paged
+cache waits for the worker instead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor
 
 from ..chat_types import GenerationError
 from ..gpu_queue import GpuQueue
@@ -58,7 +59,7 @@ class ReplyScheduler:
         context_window: int,
         queue_limit: int,
         empty_cache_after_reply: bool,
-        generation_config: Callable[[SamplingParams], GenerationConfig],
+        generation_config: Callable[[SamplingParams, list[int] | None, bool], GenerationConfig],
     ):
         self.model = model
         self.plan = plan
@@ -104,22 +105,30 @@ class ReplyScheduler:
         cancel: threading.Event | None,
         on_wait: Callable[[int], None] | None,
         path: str | None = None,
+        *,
+        logits_processor: LogitsProcessor | None = None,
+        stop_ids: list[int] | None = None,
     ) -> Reply | None:
         """Wait for a slot (and for the worker if it must be the worker), then start the reply; None if cancelled
         while waiting. Raises QueueFullError when too many wait, GenerationError when the engine is closed.
 
-        `path` forces "worker" or "batch" (the warm-up uses it); by default the scheduler chooses.
+        `path` forces "worker" or "batch" (the warm-up uses it); by default the scheduler chooses. A reply with a
+        `logits_processor` (the engine's sampler) or `stop_ids` other than the model's decodes on the worker.
         """
         if self.closed:
             raise GenerationError("the engine was closed")
         if not self.queue.acquire(on_wait=on_wait, cancel=cancel):
             return None
+        own = logits_processor is not None or (stop_ids is not None and stop_ids != self._stop_ids)
         try:
-            path, holding = (path, False) if path else self._choose_path(prompt_ids, params)
+            if path or own:
+                path, holding = path or "worker", False
+            else:
+                path, holding = self._choose_path(prompt_ids, params)
             if path == "worker" and not holding and not self._worker_line.acquire(on_wait=on_wait, cancel=cancel):
                 self.queue.release()
                 return None
-            return self._start(path, prompt_ids, params, threading.Event(), cancel)
+            return self._start(path, prompt_ids, params, threading.Event(), cancel, logits_processor, stop_ids)
         except BaseException:
             self.queue.release()
             raise
@@ -143,13 +152,14 @@ class ReplyScheduler:
             self.plan.batching and BatchDecoder.unsupported(params) is None and needed <= self.plan.batch_cache_tokens
         )
 
-    def _start(self, path, prompt_ids, params, stop, cancel) -> Reply:
+    def _start(self, path, prompt_ids, params, stop, cancel, logits_processor=None, stop_ids=None) -> Reply:
         stream = TokenStream(on_finish=self.queue.release)
         if path == "batch":
             reply = Reply(stream, stop, batch=self.batch_decoder(), batched=True)
             reply.request_id = reply.batch.submit(prompt_ids, params, stream, stop, cancel)
             return reply
-        reply = Reply(stream, stop, batchable=self._batchable(prompt_ids, params))
+        own = logits_processor is not None or stop_ids is not None
+        reply = Reply(stream, stop, batchable=not own and self._batchable(prompt_ids, params))
 
         def hand_off(ids: list[int], generated: int) -> bool:  # in the worker's thread, once preempted
             # Raises if the batch cannot take it: the reply then ends with that error, never silently cut short.
@@ -165,8 +175,17 @@ class ReplyScheduler:
             self._worker_line.release()
 
         try:
-            config = self._generation_config(params)
-            reply.job = GenerationJob(prompt_ids, config, stream, stop, cancel, hand_off=hand_off, on_done=worker_done)
+            config = self._generation_config(params, stop_ids, logits_processor is not None)
+            reply.job = GenerationJob(
+                prompt_ids,
+                config,
+                stream,
+                stop,
+                cancel,
+                hand_off=hand_off,
+                on_done=worker_done,
+                logits_processor=logits_processor,
+            )
             with self._lock:
                 self._worker_reply = reply
             self.worker.submit(reply.job)

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from queue import SimpleQueue
 
 import torch
-from transformers import DynamicCache, GenerationConfig, StaticCache, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StaticCache,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from .. import gpu
@@ -92,6 +100,7 @@ class GenerationJob:
     preempt: threading.Event = field(default_factory=threading.Event)
     hand_off: Callable[[list[int], int], bool] | None = None
     on_done: Callable[[], None] | None = None
+    logits_processor: LogitsProcessor | None = None  # the engine's own sampler (backends/sampler.py), if any
 
 
 class GenerationWorker:
@@ -184,6 +193,7 @@ class GenerationWorker:
                     cache=cache,
                     generation_config=job.config,
                     streamer=_TokenStreamer(job.stream),
+                    logits_processor=LogitsProcessorList([job.logits_processor] if job.logits_processor else []),
                     stopping_criteria=StoppingCriteriaList(
                         [_StopWhenSet(job.stop, job.cancel, job.preempt), _HandOverBetweenSteps(self._lock)]
                     ),

@@ -1,0 +1,110 @@
+"""What the OpenAI routes share: starting n replies, usage, the dropped-history notice, server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import anyio
+from fastapi import Request
+from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
+
+from ..chat_types import EngineError, Message, ReplyOptions
+from ..sampling import SamplingParams
+from .errors import engine_error_details, openai_error
+from .replies import ReplyRunner
+
+DROPPED_HEADER = "X-Dropped-Messages"  # how many of the oldest messages were left out to fit the context window
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class ResponseIds:
+    """The id, creation time and model name every object of one response carries."""
+
+    prefix: str
+    model: str
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = self.id or f"{self.prefix}-{uuid.uuid4().hex}"
+
+
+async def start_runners(
+    request: Request,
+    prompts: list[list[Message]],
+    params: SamplingParams,
+    options: Callable[[int], ReplyOptions],
+) -> list[ReplyRunner]:
+    """Start one reply per prompt (n choices are n copies), concurrently: they share the batch or the worker's line.
+
+    `options(i)` gives choice i's options (its seed). If one fails to start, the others are closed and it raises.
+    """
+    runners = [ReplyRunner(request, messages, params, options(i)) for i, messages in enumerate(prompts)]
+    results = await asyncio.gather(*(runner.start() for runner in runners), return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        with anyio.CancelScope(shield=True):
+            for runner in runners:
+                await runner.close()
+        raise failures[0]
+    return runners
+
+
+def seeds(seed: int | None) -> Callable[[int], int | None]:
+    """Choice i's seed: seed + i, so n seeded choices differ from each other and repeat across requests."""
+    return lambda i: None if seed is None else seed + i
+
+
+def usage(runners: list[ReplyRunner], shared_prompt: bool) -> dict:
+    """OpenAI usage: the prompt counted once when all choices share it, completion tokens over every choice."""
+    prompts = [r.stats.prompt_tokens for r in runners]
+    prompt_tokens = prompts[0] if shared_prompt and prompts else sum(prompts)
+    completion = sum(r.stats.completion_tokens for r in runners)
+    cached = sum(r.stats.cached_tokens for r in runners)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def dropped_messages(runners: list[ReplyRunner]) -> int:
+    return max((r.stats.dropped_messages for r in runners), default=0)
+
+
+def dropped_headers(runners: list[ReplyRunner]) -> dict[str, str]:
+    dropped = dropped_messages(runners)
+    return {DROPPED_HEADER: str(dropped)} if dropped else {}
+
+
+async def close_all(runners: list[ReplyRunner]) -> None:
+    with anyio.CancelScope(shield=True):
+        for runner in runners:
+            await runner.close()
+
+
+def event_stream(runners: list[ReplyRunner], events: AsyncIterator[dict]) -> EventSourceResponse:
+    """`data: {json}` events (sse-starlette's framing), an error event if generation fails after the first, then
+    `data: [DONE]`; leaving early (the client went) stops every reply."""
+
+    async def framed() -> AsyncIterator[dict]:
+        try:
+            async for event in events:
+                yield {"data": json.dumps(event, ensure_ascii=False)}
+        except EngineError as exc:  # e.g. out of memory after the first token: the status line is already sent
+            code, param, _ = engine_error_details(exc)
+            yield {"data": json.dumps(openai_error(exc.status, str(exc), code, param), ensure_ascii=False)}
+        finally:
+            await close_all(runners)
+        yield {"data": "[DONE]"}
+
+    headers = {**SSE_HEADERS, **dropped_headers(runners)}
+    return EventSourceResponse(framed(), headers=headers, sep="\n", background=BackgroundTask(close_all, runners))

@@ -1,0 +1,73 @@
+"""Tool calling in InternLM2's own format (InternLM's chat/chat_format.md), shared by the API and the web app.
+
+- The offered tools: a system turn named `<|plugin|>` whose content is a JSON list of
+  {"name", "description", "parameters"} (the OpenAI function definitions, unwrapped).
+- A call: the assistant writes `<|action_start|><|plugin|>\\n{"name": ..., "parameters": {...}}<|action_end|>`.
+- A result: an `environment` turn named `<|plugin|>` whose content is what the tool returned.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from .chat_types import Message, ToolCall
+
+
+def tools_turn(functions: list[dict[str, Any]]) -> Message:
+    """The system turn that offers `functions` (each {"name", "description"?, "parameters"?})."""
+    listed = [{key: f[key] for key in ("name", "description", "parameters") if key in f} for f in functions]
+    return {"role": "system", "name": "plugin", "content": json.dumps(listed, ensure_ascii=False, indent=2)}
+
+
+def with_tools(messages: list[Message], functions: list[dict[str, Any]]) -> list[Message]:
+    """`messages` with the tools turn after the leading system messages (where the format's example puts it)."""
+    lead = 0
+    while lead < len(messages) and messages[lead]["role"] == "system":
+        lead += 1
+    return [*messages[:lead], tools_turn(functions), *messages[lead:]]
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def parse_tool_call(text: str) -> ToolCall | None:
+    """The call in the JSON the model wrote after `<|action_start|><|plugin|>`, or None if it is not one.
+
+    Accepts {"name": str, "parameters": object} (InternLM2's key) or "arguments" (what some fine-tunes write).
+    """
+    try:
+        data = json.loads(text.strip())
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not data["name"]:
+        return None
+    arguments = data.get("parameters", data.get("arguments", {}))
+    if isinstance(arguments, str):  # already JSON text
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return {"id": new_call_id(), "name": data["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}
+
+
+def call_schema(functions: list[dict[str, Any]], only: str | None = None) -> dict[str, Any]:
+    """JSON Schema of one call's JSON: {"name": one of the tools (or `only`), "parameters": that tool's schema}."""
+    options = []
+    for function in functions:
+        if only is not None and function["name"] != only:
+            continue
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        options.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": function["name"]}, "parameters": parameters},
+                "required": ["name", "parameters"],
+                "additionalProperties": False,
+            }
+        )
+    return options[0] if len(options) == 1 else {"anyOf": options}
