@@ -46,7 +46,8 @@ class GrammarCompiler:
             raise InvalidRequestError(f"{param}: the schema has more than {MAX_SCHEMA_CHARS} characters", param)
         try:
             # No free whitespace between tokens: a model may otherwise pad JSON with spaces until it runs out of room.
-            return compiler.compile_json_schema(text, any_whitespace=False, strict_mode=False)
+            # Strict mode: no properties beyond the schema's unless it allows them (OpenAI's strict schemas).
+            return compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError/InvalidJSONError for schemas it refuses
             raise InvalidRequestError(
                 f"{param}: the schema cannot be used for constrained decoding: {exc}", param

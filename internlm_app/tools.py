@@ -18,7 +18,7 @@ from .chat_types import Message, ToolCall
 def tools_turn(functions: list[dict[str, Any]]) -> Message:
     """The system turn that offers `functions` (each {"name", "description"?, "parameters"?})."""
     listed = [{key: f[key] for key in ("name", "description", "parameters") if key in f} for f in functions]
-    return {"role": "system", "name": "plugin", "content": json.dumps(listed, ensure_ascii=False, indent=2)}
+    return {"role": "system", "name": "plugin", "content": json.dumps(listed, ensure_ascii=False)}
 
 
 def with_tools(messages: list[Message], functions: list[dict[str, Any]]) -> list[Message]:

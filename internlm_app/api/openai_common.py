@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +19,8 @@ from ..chat_types import EngineError, Message, ReplyOptions
 from ..sampling import SamplingParams
 from .errors import engine_error_details, openai_error
 from .replies import ReplyRunner
+
+log = logging.getLogger(__name__)
 
 DROPPED_HEADER = "X-Dropped-Messages"  # how many of the oldest messages were left out to fit the context window
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -102,6 +105,9 @@ def event_stream(runners: list[ReplyRunner], events: AsyncIterator[dict]) -> Eve
         except EngineError as exc:  # e.g. out of memory after the first token: the status line is already sent
             code, param, _ = engine_error_details(exc)
             yield {"data": json.dumps(openai_error(exc.status, str(exc), code, param), ensure_ascii=False)}
+        except Exception as exc:  # a bug: still an error event and [DONE], never a cut connection
+            log.exception("a streamed response failed")
+            yield {"data": json.dumps(openai_error(500, f"internal server error: {type(exc).__name__}"))}
         finally:
             await close_all(runners)
         yield {"data": "[DONE]"}

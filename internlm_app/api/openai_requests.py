@@ -268,7 +268,7 @@ class ChatCompletionRequest(GenerationRequest):
         if (forced := self.forced_tool) is not None:
             schema = call_schema(functions, None if forced == "*" else forced)
         elif self.response_format is not None and self.response_format.type == "json_object":
-            schema = True
+            schema = {"type": "object"}  # OpenAI's JSON mode: one JSON object
         elif self.response_format is not None and self.response_format.type == "json_schema":
             schema = self.response_format.json_schema.schema_ or True
         return ReplyOptions(

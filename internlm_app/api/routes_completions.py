@@ -62,7 +62,12 @@ def _finish(runner: ReplyRunner) -> str:
 
 def _completion(ids: ResponseIds, choices: list[dict], **extra) -> dict:
     data = {"id": ids.id, "object": "text_completion", "created": ids.created, "model": ids.model, "choices": choices}
-    return Completion.model_validate({**data, **extra}).model_dump(mode="json", exclude_unset=True)
+    data.update(extra)
+    if any(choice["finish_reason"] is None for choice in choices):
+        # A streamed piece before the end: OpenAI sends finish_reason null, which the Completion type (made for
+        # whole responses) does not allow; the openai client reads such chunks without validating them either.
+        return Completion.model_construct(**data).model_dump(mode="json", exclude_unset=True, warnings=False)
+    return Completion.model_validate(data).model_dump(mode="json", exclude_unset=True)
 
 
 @router.post("/completions", summary="Text completion (OpenAI-compatible)")

@@ -1,0 +1,395 @@
+"""What agents and SDKs build on, through real clients against a real server on loopback: tool calls in InternLM2's
+format, structured output, n, logprobs, seed, completions, prefill, capped max_tokens, history that is never
+dropped silently. The tiny model's free text is gibberish, so valid JSON from it shows the constraint at work."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from internlm_app.api import create_app, running_server
+from internlm_app.chat_types import ReplyEvents, ReplyOptions
+from internlm_app.sampling import SamplingParams
+from tests.test_api_support import api_settings, engine_copy
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 16}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "member": {"type": "boolean"},
+    },
+    "required": ["name", "age", "member"],
+    "additionalProperties": False,
+}
+NO_SYSTEM = {"role": "system", "content": ""}  # the tiny model's window is 512 tokens: no default system prompt
+USER = [NO_SYSTEM, {"role": "user", "content": "What is the weather in Shanghai?"}]
+SAMPLED = {"temperature": 1.0, "top_p": 0.95, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def url(engine, tmp_path_factory):
+    with running_server(create_app(api_settings(tmp_path_factory.mktemp("agents")), backend=engine)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0)
+
+
+def _check_weather_call(call) -> dict:
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, WEATHER["function"]["parameters"])
+    return arguments
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_forced_tool_call_is_valid_json_for_its_schema(client, choice):
+    completion = client.chat.completions.create(
+        model="m", messages=USER, tools=[WEATHER, TIME], tool_choice=choice, max_tokens=120, **SAMPLED
+    )
+    message = completion.choices[0].message
+    assert completion.choices[0].finish_reason == "tool_calls" and len(message.tool_calls) == 1
+    if choice == "required":
+        assert message.tool_calls[0].function.name in {"get_weather", "get_time"}
+        if message.tool_calls[0].function.name == "get_time":
+            return
+    _check_weather_call(message.tool_calls[0])
+
+
+def test_tool_call_round_trip_streamed_and_not(client, engine):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    stream = client.chat.completions.create(
+        model="m", messages=USER, tools=[WEATHER], tool_choice=named, max_tokens=120, stream=True, temperature=0
+    )
+    chunks = list(stream)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    calls = [call for d in deltas for call in d.tool_calls or []]
+    assert len(calls) == 1 and calls[0].index == 0
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    arguments = _check_weather_call(calls[0])
+    plain = client.chat.completions.create(
+        model="m", messages=USER, tools=[WEATHER], tool_choice=named, max_tokens=120, temperature=0
+    )
+    assert json.loads(plain.choices[0].message.tool_calls[0].function.arguments) == arguments  # greedy: the same
+
+    # The tool's result goes back as a `tool` message, rendered as InternLM2's environment turn; the follow-up
+    # reply is text, and the whole history is in the prompt.
+    call = plain.choices[0].message.tool_calls[0]
+    history = [
+        *USER,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 22})},
+    ]
+    follow = client.chat.completions.create(
+        model="m", messages=history, tools=[WEATHER], tool_choice="auto", max_tokens=16, temperature=0
+    )
+    assert follow.choices[0].finish_reason in {"stop", "length"} and follow.choices[0].message.tool_calls is None
+    ids = engine.prepare(
+        [
+            *USER[:1],
+            {"role": "system", "name": "plugin", "content": json.dumps([WEATHER["function"]])},
+            *USER[1:],
+            {"role": "assistant", "content": "", "tool_calls": [{"id": call.id, **call.function.model_dump()}]},
+            {"role": "environment", "name": "plugin", "content": '{"temperature": 22}'},
+        ],
+        16,
+    ).ids
+    assert follow.usage.prompt_tokens == len(ids)
+    tools = engine.tokenizer.tool_ids
+    marks = ("<|plugin|>", "<|action_start|>", "<|plugin|>", "<|action_end|>", "<|plugin|>")
+    assert [i for i in ids if i in tools.values()] == [tools[t] for t in marks]  # offer, call, result
+
+
+def test_auto_tool_choice_parses_a_call_the_model_writes(engine):
+    """With tools offered, <|action_start|><|plugin|> JSON <|action_end|> from the model becomes tool_calls. The
+    tiny model does not write calls by itself, so a model whose next tokens are fixed writes one."""
+    from internlm_app.api.choices import ChoiceBuilder
+    from internlm_app.chat_types import ReplyChunk
+
+    builder = ChoiceBuilder(None)
+    pieces = [
+        ReplyChunk(text="Let me check."),
+        ReplyChunk(control="<|action_start|>"),
+        ReplyChunk(control="<|plugin|>"),
+        ReplyChunk(text='\n{"name": "get_weather", "parameters": {"city": "Shanghai"}}'),
+        ReplyChunk(control="<|action_end|>"),
+    ]
+    content = "".join(builder.push(piece).content for piece in pieces)
+    _, finish = builder.finish("stop")
+    assert content == "Let me check." and finish == "tool_calls"
+    assert builder.tool_call["name"] == "get_weather" and json.loads(builder.tool_call["arguments"]) == {
+        "city": "Shanghai"
+    }
+    broken = ChoiceBuilder(None)
+    for piece in [*pieces[:3], ReplyChunk(text="not json"), pieces[4]]:
+        broken.push(piece)
+    assert broken.finish("stop")[1] == "stop" and broken.tool_call is None  # shown as content, never lost
+
+
+def test_action_start_ends_a_reply_without_tools_and_im_start_always(engine):
+    stops = set(engine.scheduler._stop_ids)
+    tools = engine.tokenizer.tool_ids
+    assert engine.tokenizer.im_start_id in stops and tools["<|action_start|>"] in stops
+    assert tools["<|action_end|>"] in engine._tool_stop_ids and tools["<|action_start|>"] not in engine._tool_stop_ids
+
+
+def test_response_format_json_schema_and_json_object(client):
+    completion = client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "Describe a person."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+        max_tokens=200,
+        **SAMPLED,
+    )
+    assert completion.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(completion.choices[0].message.content), PERSON)
+    plain = client.chat.completions.create(
+        model="m",
+        messages=[NO_SYSTEM, {"role": "user", "content": "hi"}],
+        response_format={"type": "json_object"},
+        temperature=0,
+    )
+    assert isinstance(json.loads(plain.choices[0].message.content), dict)
+
+
+def test_unconstrained_output_is_not_json(client):
+    """The control for the test above: the same request without response_format is not JSON."""
+    completion = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Describe a person."}], max_tokens=60, temperature=0
+    )
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(completion.choices[0].message.content)
+
+
+def test_n_choices_and_seed_repeatability(client):
+    ask = dict(model="m", messages=[{"role": "user", "content": "tell me a story"}], max_tokens=12, temperature=1.0)
+    first = client.chat.completions.create(n=2, seed=1234, **ask)
+    again = client.chat.completions.create(n=2, seed=1234, **ask)
+    other = client.chat.completions.create(n=2, seed=99, **ask)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1] and len(texts) == 2
+    assert texts == [c.message.content for c in again.choices]
+    assert texts != [c.message.content for c in other.choices]
+    assert first.usage.completion_tokens == sum(1 for _ in texts) * 0 + first.usage.completion_tokens > 0
+    streamed = client.chat.completions.create(n=2, seed=1234, stream=True, **ask)
+    by_index = {0: "", 1: ""}
+    for chunk in streamed:
+        for choice in chunk.choices:
+            by_index[choice.index] += choice.delta.content or ""
+    assert [by_index[0], by_index[1]] == texts
+
+
+def test_logprobs_are_the_models_distribution(client, engine):
+    completion = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0, logprobs=True,
+        top_logprobs=3,
+    )
+    choice = completion.choices[0]
+    entries = choice.logprobs.content
+    # Every generated token has an entry; a special token (no text in the reply) shows its name and no bytes.
+    assert entries and "".join(e.token for e in entries if e.bytes) == choice.message.content
+    for entry in entries:
+        # Greedy: the chosen token is the most likely one, and the alternatives come in descending order.
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob) and entry.logprob <= 0
+        values = [t.logprob for t in entry.top_logprobs]
+        assert values == sorted(values, reverse=True) and sum(math.exp(v) for v in values) <= 1 + 1e-4
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token or not entry.bytes
+    # The engine's own logprob of the first token, from the raw logits, agrees.
+    messages = [{"role": "system", "content": engine.settings.system_prompt}, {"role": "user", "content": "hi"}]
+    ids = engine.prepare(messages, 6).ids
+    import torch
+
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([ids])).logits[0, -1].float()
+    assert entries[0].logprob == pytest.approx(float(torch.log_softmax(logits, -1).max()), abs=1e-3)
+
+
+@pytest.mark.parametrize("penalty", ["presence_penalty", "frequency_penalty"])
+def test_penalties_apply_to_tokens_already_generated(engine, penalty):
+    messages = [{"role": "user", "content": "tell me a long story about cats"}]
+    params = SamplingParams.greedy_params(120)
+    plain = [i for c in engine.stream_chunks(messages, params, ReplyOptions(seed=0)) for i in c.token_ids]
+    assert len(set(plain)) < len(plain)  # greedy repeats itself here: what the penalties act on
+    penalized = [
+        i for c in engine.stream_chunks(messages, params, ReplyOptions(**{penalty: 2.0})) for i in c.token_ids
+    ]
+    first_repeat = next(n for n, token in enumerate(plain) if token in plain[:n])
+    assert penalized[:first_repeat] == plain[:first_repeat]  # same until the first repeat ...
+    assert penalized != plain and len(set(penalized)) / len(penalized) > len(set(plain)) / len(plain)  # ... fewer
+
+
+def test_completions_raw_prompt(client, engine):
+    prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    completion = client.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=0, logprobs=2)
+    messages = [{"role": "user", "content": "hi"}]
+    expected = "".join(c.text for c in engine.stream_chunks(messages, SamplingParams.greedy_params(8)))
+    choice = completion.choices[0]
+    assert choice.text == expected  # the raw prompt, special tokens read as tokens, is the chat prompt without system
+    assert completion.usage.prompt_tokens == len(engine.tokenizer.encode(prompt))
+    assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs) == len(choice.logprobs.top_logprobs)
+    streamed = client.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == expected
+    default = client.completions.create(model="m", prompt="Once upon a time", temperature=0)
+    assert default.usage.completion_tokens <= 16  # OpenAI's default max_tokens for completions
+
+
+def test_prefill_continues_the_assistant_message(client, engine):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, here"}]
+    completion = client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+    system = [{"role": "system", "content": engine.settings.system_prompt}]
+    ids = engine.prepare(system + messages, 8).ids
+    assert ids[-len(engine.tokenizer.encode_plain("assistant\nSure, here")) :] == engine.tokenizer.encode_plain(
+        "assistant\nSure, here"
+    )  # no <|im_end|>, no new header
+    events = ReplyEvents()
+    expected = "".join(engine.stream_reply(system + messages, SamplingParams.greedy_params(8), events=events))
+    assert completion.choices[0].message.content == expected
+
+
+def test_models_by_id(client):
+    assert client.models.retrieve("internlm2-tiny").id == "internlm2-tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_top_p_zero_is_greedy_and_top_k_minus_one_is_off(client):
+    ask = dict(model="m", messages=[{"role": "user", "content": "hello"}], max_tokens=10)
+    greedy = client.chat.completions.create(temperature=0, **ask).choices[0].message.content
+    assert client.chat.completions.create(temperature=1.0, top_p=0, **ask).choices[0].message.content == greedy
+    off = client.chat.completions.create(temperature=0, extra_body={"top_k": -1}, **ask)
+    assert off.choices[0].message.content == greedy
+
+
+def test_huge_max_tokens_is_capped_to_the_room_left(client):
+    for field in ("max_tokens", "max_completion_tokens"):
+        completion = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], temperature=0, **{field: 65536}
+        )
+        assert completion.usage.prompt_tokens + completion.usage.completion_tokens <= 512
+
+
+def test_history_is_kept_and_the_reply_capped_while_the_prompt_fits(engine, tmp_path):
+    settings = api_settings(tmp_path)
+    long_turn = "书生浦语 " * 25
+    messages = [
+        {"role": "user", "content": long_turn},
+        {"role": "assistant", "content": long_turn},
+        {"role": "user", "content": long_turn},
+        {"role": "assistant", "content": long_turn},
+        {"role": "user", "content": "and now?"},
+    ]
+    with running_server(create_app(settings, backend=engine)) as base:
+        body = {"messages": messages, "max_tokens": 360, "temperature": 0}
+        response = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+        data = response.json()
+        full = engine.prepare([{"role": "system", "content": settings.system_prompt}, *messages], 1).ids
+        assert data["usage"]["prompt_tokens"] == len(full)  # every turn is in the prompt
+        assert data["usage"]["completion_tokens"] <= 512 - len(full) and "X-Dropped-Messages" not in response.headers
+        too_long = [{"role": "user", "content": "书生浦语 " * 120}, {"role": "assistant", "content": "ok"}] * 2
+        response = httpx.post(
+            f"{base}/v1/chat/completions", json={"messages": [*too_long, messages[-1]], "max_tokens": 8}, timeout=60
+        )
+        assert response.status_code == 200 and int(response.headers["X-Dropped-Messages"]) >= 2
+        assert response.json()["dropped_messages"] == int(response.headers["X-Dropped-Messages"])
+
+
+def test_remote_backend_refuses_what_it_cannot_honour(engine, tmp_path):
+    """Through a backend without chunks (the remote one), asking for logprobs is a 400, never ignored."""
+
+    class TextOnly:
+        info = engine.info
+        queue = engine.queue
+
+        def stream_reply(self, messages, params, **kwargs):
+            return engine.stream_reply(messages, params, **kwargs)
+
+    with running_server(create_app(api_settings(tmp_path), backend=TextOnly())) as base:
+        body = {"messages": USER, "max_tokens": 4, "logprobs": True}
+        response = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 400 and "local model" in response.json()["error"]["message"]
+
+
+def test_langchain_bind_tools_and_structured_output(url):
+    from langchain_core.messages import HumanMessage
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        base_url=f"{url}/v1", api_key="EMPTY", model="internlm2-tiny", max_retries=0, temperature=0, max_tokens=120
+    )
+    bound = llm.bind_tools([WEATHER], tool_choice="get_weather")
+    reply = bound.invoke([HumanMessage("Weather in Shanghai?")])
+    assert reply.tool_calls and reply.tool_calls[0]["name"] == "get_weather"
+    jsonschema.validate(reply.tool_calls[0]["args"], WEATHER["function"]["parameters"])
+    structured = llm.with_structured_output(
+        {"title": "person", "description": "A person.", **PERSON}, method="json_schema"
+    )
+    person = structured.invoke("Describe a person.")
+    jsonschema.validate(person, PERSON)
+
+
+def test_stray_turn_header_ends_the_reply(engine):
+    """A model that opens a new turn (<|im_start|>) without closing its own has ended: nothing after it is kept."""
+    endless = engine_copy(engine)
+    header = endless.tokenizer.im_start_id
+    forced = _ForceToken(header, after=3)
+    endless.model.generation_config  # the same weights; the processor below forces the header at step 4
+    chunks = list(
+        endless.stream_chunks(
+            [{"role": "user", "content": "hi"}],
+            SamplingParams.greedy_params(30),
+            ReplyOptions(seed=0),
+            events=(events := ReplyEvents()),
+        )
+        if forced.install(endless)
+        else []
+    )
+    assert events.stats.completion_tokens == 4 and events.stats.finish_reason == "stop"
+    assert header not in [i for c in chunks for i in c.token_ids]
+    endless.close()
+
+
+class _ForceToken:
+    """Makes the engine's sampler choose `token` at step `after + 1` (the tiny model never writes it itself)."""
+
+    def __init__(self, token: int, after: int):
+        self.token, self.after = token, after
+
+    def install(self, engine) -> bool:
+        original = engine._reply_plan
+
+        def plan(params, options):
+            reply_plan = original(params, options)
+            sampler, steps = reply_plan.sampler, {"n": 0}
+            choose = sampler._choose
+
+            def forced(row):
+                steps["n"] += 1
+                return self.token if steps["n"] == self.after + 1 else choose(row)
+
+            sampler._choose = forced
+            return reply_plan
+
+        engine._reply_plan = plan
+        return True
