@@ -354,7 +354,6 @@ def test_stray_turn_header_ends_the_reply(engine):
     endless = engine_copy(engine)
     header = endless.tokenizer.im_start_id
     forced = _ForceToken(header, after=3)
-    endless.model.generation_config  # the same weights; the processor below forces the header at step 4
     chunks = list(
         endless.stream_chunks(
             [{"role": "user", "content": "hi"}],

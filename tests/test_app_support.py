@@ -93,7 +93,7 @@ def test_a_real_reply_updates_the_page_at_most_20_times_a_second(engine, store, 
 
     monkeypatch.setattr(reply_module, "throttled_text", throttled)
     shown: list[str] = []
-    outcome = run_reply(engine, store, _conversation(store), LONG, show=shown.append)
+    outcome = run_reply(engine, store, _conversation(store, "hello"), LONG, show=shown.append)  # 200 tokens long
     assert used == [1]  # the page's updates went through the throttle
     assert outcome.status == "complete" and outcome.stats.completion_tokens > 100
     assert shown[-1] == outcome.text and all(b.startswith(a) for a, b in zip(shown, shown[1:], strict=False))

@@ -187,13 +187,14 @@ class GenerationWorker:
             with torch.inference_mode():  # the cache's tensors are inference tensors: crop and reset them here too
                 cache, job.stream.cached_tokens = store.lend(job.prompt_ids)
                 input_ids = torch.tensor([job.prompt_ids], device=self.model.device)
+                extra = {"logits_processor": LogitsProcessorList([job.logits_processor])} if job.logits_processor else {}
                 output = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
                     cache=cache,
                     generation_config=job.config,
                     streamer=_TokenStreamer(job.stream),
-                    logits_processor=LogitsProcessorList([job.logits_processor] if job.logits_processor else []),
+                    **extra,
                     stopping_criteria=StoppingCriteriaList(
                         [_StopWhenSet(job.stop, job.cancel, job.preempt), _HandOverBetweenSteps(self._lock)]
                     ),
