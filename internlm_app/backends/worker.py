@@ -187,7 +187,9 @@ class GenerationWorker:
             with torch.inference_mode():  # the cache's tensors are inference tensors: crop and reset them here too
                 cache, job.stream.cached_tokens = store.lend(job.prompt_ids)
                 input_ids = torch.tensor([job.prompt_ids], device=self.model.device)
-                extra = {"logits_processor": LogitsProcessorList([job.logits_processor])} if job.logits_processor else {}
+                extra = {}
+                if job.logits_processor is not None:  # the engine's own sampler (only then: the call stays plain)
+                    extra["logits_processor"] = LogitsProcessorList([job.logits_processor])
                 output = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
