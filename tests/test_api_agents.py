@@ -313,6 +313,14 @@ def test_history_is_kept_and_the_reply_capped_while_the_prompt_fits(engine, tmp_
         )
         assert response.status_code == 200 and int(response.headers["X-Dropped-Messages"]) >= 2
         assert response.json()["dropped_messages"] == int(response.headers["X-Dropped-Messages"])
+        # The classic route keeps the same rule and says so the same way.
+        pairs = [[long_turn, long_turn]] * 2
+        fits = httpx.post(base, json={"prompt": "and now?", "history": pairs, "max_new_tokens": 360}, timeout=60)
+        assert fits.status_code == 200 and "dropped_messages" not in fits.json()
+        assert "X-Dropped-Messages" not in fits.headers
+        pairs = [["书生浦语 " * 120, "ok"]] * 2
+        cut = httpx.post(base, json={"prompt": "and now?", "history": pairs, "max_new_tokens": 8}, timeout=60)
+        assert cut.json()["dropped_messages"] == int(cut.headers["X-Dropped-Messages"]) >= 2
 
 
 def test_remote_backend_refuses_what_it_cannot_honour(engine, tmp_path):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from ..chat_types import ReplyOptions
 from .errors import now_text
+from .openai_common import DROPPED_HEADER
 from .replies import ReplyRunner
 from .schemas import ClassicRequest
 
@@ -38,15 +40,24 @@ async def _read_classic_request(request: Request) -> ClassicRequest:
 
 
 @router.post("/", summary="Chat (classic tutorial contract)", openapi_extra=_BODY_SCHEMA)
-async def classic_chat(request: Request) -> dict:
-    """Reply to `prompt` (with optional history/system/sampling); errors mirror the HTTP code in `status`."""
+async def classic_chat(request: Request, response: Response) -> dict:
+    """Reply to `prompt` (with optional history/system/sampling); errors mirror the HTTP code in `status`.
+
+    History is kept whole while the prompt fits (the reply is capped to the room left instead); turns left out
+    because the prompt itself did not fit are counted in `dropped_messages` and the X-Dropped-Messages header.
+    """
     body = await _read_classic_request(request)
     settings = request.app.state.settings
     messages = body.messages(settings.system_prompt)
-    runner = ReplyRunner(request, messages, body.sampling(settings, body.max_new_tokens))
-    response = await runner.text()
-    history = [[user, assistant] for user, assistant in body.history or []] + [[body.prompt, response]]
-    return {"response": response, "history": history, "status": 200, "time": now_text()}
+    options = ReplyOptions(keep_history=True)
+    runner = ReplyRunner(request, messages, body.sampling(settings, body.max_new_tokens), options)
+    text = await runner.text()
+    history = [[user, assistant] for user, assistant in body.history or []] + [[body.prompt, text]]
+    result = {"response": text, "history": history, "status": 200, "time": now_text()}
+    if dropped := runner.stats.dropped_messages:
+        result["dropped_messages"] = dropped
+        response.headers[DROPPED_HEADER] = str(dropped)
+    return result
 
 
 @router.get("/", summary="How to call the classic endpoint")
