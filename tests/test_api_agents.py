@@ -203,7 +203,11 @@ def test_n_choices_and_seed_repeatability(client):
 
 def test_logprobs_are_the_models_distribution(client, engine):
     completion = client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0, logprobs=True,
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
         top_logprobs=3,
     )
     choice = completion.choices[0]
@@ -232,9 +236,7 @@ def test_penalties_apply_to_tokens_already_generated(engine, penalty):
     params = SamplingParams.greedy_params(120)
     plain = [i for c in engine.stream_chunks(messages, params, ReplyOptions(seed=0)) for i in c.token_ids]
     assert len(set(plain)) < len(plain)  # greedy repeats itself here: what the penalties act on
-    penalized = [
-        i for c in engine.stream_chunks(messages, params, ReplyOptions(**{penalty: 2.0})) for i in c.token_ids
-    ]
+    penalized = [i for c in engine.stream_chunks(messages, params, ReplyOptions(**{penalty: 2.0})) for i in c.token_ids]
     first_repeat = next(n for n, token in enumerate(plain) if token in plain[:n])
     assert penalized[:first_repeat] == plain[:first_repeat]  # same until the first repeat ...
     assert penalized != plain and len(set(penalized)) / len(penalized) > len(set(plain)) / len(plain)  # ... fewer

@@ -100,6 +100,8 @@ class RequestLogMiddleware:
                 f" ttft={stats.time_to_first_token or 0:.3f}s tok/s={stats.tokens_per_second or 0:.1f}"
                 f" queue={stats.queue_seconds:.3f}s finish={state.get('finish_reason', stats.finish_reason)}"
             )
+        if state.get("end_user"):  # OpenAI's `user` field: who the request is for, to trace abuse
+            line += f" user={state['end_user']!r}"
         if self.log_prompts and state.get("prompt") is not None:
             line += f" prompt={state['prompt']!r}"
         return line

@@ -150,10 +150,13 @@ class GenerationRequest(BaseModel):
     stop: str | list[str] | None = Field(
         None, description=f"Up to {MAX_STOP_STRINGS} strings of up to {MAX_STOP_CHARS} characters that end the reply."
     )
-    user: str | None = Field(None, description="An end-user id; written to the request log only.")
+    user: str | None = Field(None, max_length=256, description="An end-user id, written to the request log.")
     # OpenAI fields this server cannot honour: refused when set (see `refuse_unsupported`).
     logit_bias: dict[str, float] | None = None
     service_tier: str | None = None
+    store: bool | None = None
+    reasoning_effort: str | None = None
+    web_search_options: dict | None = None
 
     @field_validator("stop")
     @classmethod
@@ -163,6 +166,14 @@ class GenerationRequest(BaseModel):
     def refuse_unsupported(self) -> None:
         if self.logit_bias:
             raise UnsupportedField("logit_bias", "is not supported by this server")
+        if self.service_tier not in (None, "auto", "default"):
+            raise UnsupportedField("service_tier", "this server has one tier: auto")
+        if self.store:
+            raise UnsupportedField("store", "this server does not store completions")
+        if self.reasoning_effort is not None:
+            raise UnsupportedField("reasoning_effort", "this model is not a reasoning model")
+        if self.web_search_options is not None:
+            raise UnsupportedField("web_search_options", "this server has no web search")
 
     def sampling(
         self, settings: Settings, max_new_tokens: int | None, default_max: int | None = None

@@ -75,6 +75,7 @@ async def completions(body: CompletionRequest, request: Request):
     """Continue each prompt as raw text; `n` choices per prompt, choice i of prompt p at index p × n + i."""
     settings, backend = request.app.state.settings, request.app.state.backend
     body.refuse_unsupported()
+    request.state.end_user = body.user
     params = body.sampling(settings, body.max_tokens, default_max=COMPLETIONS_DEFAULT_MAX_TOKENS)
     prompts = [[{"role": "user", "content": p}] for p in body.prompts for _ in range(body.n)]
     seed_of = seeds(body.seed)

@@ -112,6 +112,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     """
     settings, backend = request.app.state.settings, request.app.state.backend
     body.refuse_unsupported()
+    request.state.end_user = body.user
     params = body.sampling(settings, body.max_new_tokens)
     messages = body.chat_messages(settings.system_prompt)
     seed_of = seeds(body.seed)
