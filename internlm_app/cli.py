@@ -54,55 +54,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .chat_types import EngineError, InvalidRequestError, Message, ReplyEvents
+    from .terminal_chat import TerminalChat
 
     settings = settings_from_args(args)
     backend = _load_backend(settings)
     sampling = settings.default_sampling().model_dump()
     sampling.update({k: v for k, v in vars(args).items() if k in SamplingParams.model_fields and v is not None})
-    params = SamplingParams(**sampling)
     system = settings.system_prompt if args.system is None else args.system
-    messages: list[Message] = [{"role": "system", "content": system}] if system else []
-    interactive = sys.stdin.isatty()
-    # Bytes that are not UTF-8 become lone surrogates, which the engine refuses for that line only; under a strict
-    # locale (en_US.UTF-8) readline() would raise instead and end the chat.
-    if hasattr(sys.stdin, "reconfigure"):
-        sys.stdin.reconfigure(errors="surrogateescape")
-    while True:
-        if interactive:
-            print(">>> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        query = line.rstrip("\n")
-        if interactive and query.strip() in {"exit", "quit"}:
-            break
-        if interactive and query.strip() == "clear":
-            messages = messages[:1] if system else []
-            continue
-        messages.append({"role": "user", "content": query})
-        events, reply = ReplyEvents(), []
-        try:
-            for chunk in backend.stream_reply(messages, params, events=events):
-                reply.append(chunk)
-                print(chunk, end="", flush=True)
-        except InvalidRequestError as exc:  # this line cannot be sent (e.g. bytes that are not UTF-8): say so, go on
-            messages.pop()
-            print(f"error: {exc}", file=sys.stderr)
-            continue
-        except EngineError as exc:
-            print(f"\nerror: {exc}", file=sys.stderr)
-        except KeyboardInterrupt:
-            print("\n[stopped]", file=sys.stderr)
-        print(flush=True)
-        messages.append({"role": "assistant", "content": "".join(reply)})
-        if interactive:
-            s = events.stats
-            print(
-                f"[{s.completion_tokens} tokens, {s.tokens_per_second or 0:.1f} tok/s, {s.finish_reason}]",
-                file=sys.stderr,
-            )
-    return 0
+    return TerminalChat(backend, SamplingParams(**sampling), system, jsonl=args.jsonl).run()
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -141,9 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output directory")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("chat", help="chat in the terminal (one reply per input line when stdin is not a terminal)")
+    p = sub.add_parser(
+        "chat",
+        help="chat in the terminal (/help lists the commands); piped, one output line per input line",
+        description="Interactive: /help, /clear, /exit. Piped (stdin not a terminal): each input line is a message "
+        "and gets exactly one output line, the reply with newlines written as \\n and backslashes as \\\\ "
+        '(an empty line gets an empty line); --jsonl reads JSON strings or {"content": ...} and writes '
+        '{"content", "finish_reason", "usage"} objects.',
+    )
     add_settings_arguments(p, [*MODEL_FLAGS, "backend", "openai_base_url", "openai_model"])
     p.add_argument("--system", default=None, help="system prompt ('' for none; default: the official InternLM2 one)")
+    p.add_argument("--jsonl", action="store_true", help="piped mode: JSON lines in and out (see above)")
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_chat)
 

@@ -59,7 +59,12 @@ def doctor_report(settings: Settings) -> dict:
             "torch is a CUDA build (python -c 'import torch; print(torch.version.cuda)')"
         )
     model = _model_state(settings)
-    if not model["present"]:
+    source = Path(model["source"])
+    if not model["present"] and settings.model_path is not None and not source.exists():
+        problems.append(f"the model path {source} does not exist: check --model-path / INTERNLM_MODEL_PATH")
+    elif not model["present"] and settings.model_path is not None:
+        problems.append(f"{source} has no config.json: not a model directory (--model-path / INTERNLM_MODEL_PATH)")
+    elif not model["present"]:
         problems.append(f"model not downloaded yet: run `python -m internlm_app download` (into {settings.cache_dir})")
     disk_dir = Path(settings.cache_dir)
     while not disk_dir.exists() and disk_dir != disk_dir.parent:

@@ -59,7 +59,8 @@ def test_a_line_that_is_not_utf8_is_an_error_and_the_next_line_is_answered(engin
     stderr = result.stderr.decode()
     assert result.returncode == 0 and "Traceback" not in stderr, stderr
     assert "error: message 1 (user) is not valid Unicode text" in stderr
-    assert result.stdout.decode() == expected + "\n"  # the bad line is not sent again with the next one
+    # One output line per input line: an empty one for the refused line, which is not sent again with the next one.
+    assert result.stdout.decode() == "\n" + expected + "\n"
 
 
 def test_a_corrupt_checkpoint_is_one_error_line_not_a_traceback(tmp_path):
@@ -122,3 +123,57 @@ def test_download_failure_is_a_plain_error(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "could not download internlm-app-tests/no-such-model" in result.stderr
     assert "INTERNLM_MODEL_PATH" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_interactive_commands_and_banner(engine, tmp_path):
+    """The interactive chat (a terminal on stdin): a banner, /help, /clear, unknown commands, empty lines, /exit."""
+    import io
+
+    from internlm_app.sampling import SamplingParams
+    from internlm_app.terminal_chat import TerminalChat
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stdin = Terminal("/help\n\n/nonsense\nhello\n/clear\n//hello\n/exit\nnever sent\n")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    chat = TerminalChat(engine, SamplingParams.greedy_params(8), "", stdin=stdin, stdout=stdout, stderr=stderr)
+    assert chat.run() == 0
+    notes = stderr.getvalue()
+    assert "/help lists the commands" in notes.splitlines()[0] and "internlm2-tiny" in notes
+    assert "/clear" in notes and "/exit" in notes  # the help
+    assert "unknown command /nonsense" in notes and "(the conversation was cleared)" in notes
+    expected, _ = engine.reply([{"role": "user", "content": "hello"}], SamplingParams.greedy_params(8))
+    slashed, _ = engine.reply([{"role": "user", "content": "/hello"}], SamplingParams.greedy_params(8))
+    assert stdout.getvalue() == f"{expected}\n{slashed}\n"  # after /clear the second one is a new conversation
+    assert [m["content"] for m in chat.messages if m["role"] == "user"] == ["/hello"]
+
+
+def test_piped_replies_stay_one_line_each_and_jsonl(engine, tmp_path):
+    import io
+
+    from internlm_app.sampling import SamplingParams
+    from internlm_app.terminal_chat import TerminalChat, escape_line
+
+    class MultiLine:  # a backend whose reply spans lines
+        info = engine.info
+
+        def stream_reply(self, messages, params, **kwargs):
+            yield "line one\nline \\two"
+
+    out = io.StringIO()
+    TerminalChat(MultiLine(), SamplingParams.greedy_params(4), "", stdin=io.StringIO("a\n\nb\n"), stdout=out).run()
+    assert out.getvalue().splitlines() == [escape_line("line one\nline \\two"), "", escape_line("line one\nline \\two")]
+    assert escape_line("line one\nline \\two") == "line one\\nline \\\\two"
+    out = io.StringIO()
+    lines = '"hello"\n{"content": "multi\\nline"}\nnot json\n'
+    TerminalChat(engine, SamplingParams.greedy_params(6), "", jsonl=True, stdin=io.StringIO(lines), stdout=out).run()
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(rows) == 3 and rows[0]["finish_reason"] in {"stop", "length"} and rows[0]["usage"]["completion_tokens"]
+    assert "content" in rows[1] and "bad input line" in rows[2]["error"]
+
+
+def test_doctor_says_a_model_path_does_not_exist(tmp_path):
+    result = _run(["doctor", "--model-path", str(tmp_path / "nonexistent")], tmp_path)
+    assert result.returncode == 1 and "does not exist" in result.stdout and "internlm_app download" not in result.stdout

@@ -1,0 +1,160 @@
+"""The terminal chat (`python -m internlm_app chat`): interactive with commands, or piped with one reply per line.
+
+Piped (stdin is not a terminal), each input line is one user message and gets exactly one output line:
+- plain mode: the reply with its newlines written as the two characters `\\n` and backslashes as `\\\\` (so a
+  reply never spans lines); an empty input line gets an empty output line and is not sent;
+- `--jsonl`: each input line is a JSON string or {"content": ...}; each output line is a JSON object
+  {"content", "finish_reason", "usage"} or {"error"}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TextIO
+
+from .chat_types import ChatBackend, EngineError, InvalidRequestError, Message, ReplyEvents
+from .sampling import SamplingParams
+
+COMMANDS = {
+    "/help": "show this help",
+    "/clear": "forget the conversation (the system prompt stays)",
+    "/exit": "leave (also /quit, exit, quit, Ctrl-D)",
+}
+HELP = "\n".join(f"  {name:<7} {what}" for name, what in COMMANDS.items()) + (
+    "\n  Ctrl-C stops a reply. A message that starts with / is sent as typed after a second /: //etc."
+)
+_EXIT = {"/exit", "/quit", "exit", "quit"}
+
+
+def escape_line(text: str) -> str:
+    """One reply as one line: backslash and newline escaped (`\\\\`, `\\n`), carriage returns too (`\\r`)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+class TerminalChat:
+    """One conversation in the terminal over any ChatBackend."""
+
+    def __init__(
+        self,
+        backend: ChatBackend,
+        params: SamplingParams,
+        system: str,
+        *,
+        jsonl: bool = False,
+        stdin: TextIO | None = None,
+        stdout: TextIO | None = None,
+        stderr: TextIO | None = None,
+    ):
+        self.backend, self.params, self.jsonl = backend, params, jsonl
+        self.stdin, self.stdout, self.stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+        self.system: list[Message] = [{"role": "system", "content": system}] if system else []
+        self.messages: list[Message] = list(self.system)
+        self.interactive = self.stdin.isatty()
+
+    def run(self) -> int:
+        # Bytes that are not UTF-8 become lone surrogates, which the engine refuses for that line only; under a strict
+        # locale (en_US.UTF-8) readline() would raise instead and end the chat.
+        if hasattr(self.stdin, "reconfigure"):
+            self.stdin.reconfigure(errors="surrogateescape")
+        if self.interactive:
+            info = getattr(self.backend, "info", None)
+            name = f"{info.name} on {info.device}" if info is not None else "the model"
+            self._note(f"InternLM2 Chat: {name}. Type a message and press Enter; /help lists the commands.")
+        while True:
+            if self.interactive:
+                print(">>> ", end="", file=self.stderr, flush=True)
+            line = self.stdin.readline()
+            if not line:
+                break
+            text = line.rstrip("\n")
+            if self.interactive:
+                if not self._command(text.strip()):
+                    break
+                continue
+            self._piped(text)
+        return 0
+
+    def _command(self, text: str) -> bool:
+        """Handle an interactive line; False ends the chat."""
+        if not text:
+            return True  # an empty line is not a message
+        if text in _EXIT:
+            return False
+        if text in ("/clear", "clear"):
+            self.messages = list(self.system)
+            self._note("(the conversation was cleared)")
+        elif text == "/help":
+            self._note(HELP)
+        elif text.startswith("/") and not text.startswith("//"):
+            self._note(f"unknown command {text.split()[0]}; /help lists the commands (//… sends a message with /)")
+        else:
+            self._reply(text[1:] if text.startswith("//") else text, echo=True)
+        return True
+
+    def _piped(self, text: str) -> None:
+        if self.jsonl:
+            try:
+                data = json.loads(text) if text.strip() else ""
+                content = data["content"] if isinstance(data, dict) else data
+                if not isinstance(content, str):
+                    raise ValueError("a line must be a JSON string or an object with a string 'content'")
+            except (json.JSONDecodeError, KeyError, ValueError) as exc:
+                self._write(json.dumps({"error": f"bad input line: {exc}"}, ensure_ascii=False))
+                return
+        else:
+            content = text
+        if not content.strip():
+            self._write(json.dumps({"content": "", "finish_reason": "skipped"}) if self.jsonl else "")
+            return
+        self._reply(content, echo=False)
+
+    def _reply(self, content: str, *, echo: bool) -> None:
+        self.messages.append({"role": "user", "content": content})
+        events, parts, error = ReplyEvents(), [], None
+        try:
+            for chunk in self.backend.stream_reply(self.messages, self.params, events=events):
+                parts.append(chunk)
+                if echo:
+                    print(chunk, end="", file=self.stdout, flush=True)
+        except InvalidRequestError as exc:  # this line cannot be sent (e.g. bytes that are not UTF-8): say so, go on
+            self.messages.pop()
+            self._error(str(exc))
+            return
+        except EngineError as exc:
+            error = str(exc)
+        except KeyboardInterrupt:
+            self._note("\n[stopped]")
+        reply = "".join(parts)
+        self.messages.append({"role": "assistant", "content": reply})
+        stats = events.stats
+        if echo:
+            print(flush=True, file=self.stdout)
+            if error:
+                self._note(f"error: {error}")
+            self._note(
+                f"[{stats.completion_tokens} tokens, {stats.tokens_per_second or 0:.1f} tok/s, {stats.finish_reason}]"
+            )
+        elif self.jsonl:
+            usage = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens}
+            out = {"content": reply, "finish_reason": stats.finish_reason, "usage": usage}
+            self._write(json.dumps({**out, "error": error} if error else out, ensure_ascii=False))
+        else:
+            if error:
+                self._note(f"error: {error}")
+            self._write(escape_line(reply))
+
+    def _error(self, message: str) -> None:
+        if self.jsonl:
+            self._write(json.dumps({"error": message}, ensure_ascii=False))
+        elif self.interactive:
+            self._note(f"error: {message}")
+        else:
+            self._note(f"error: {message}")
+            self._write("")  # still one output line per input line
+
+    def _write(self, line: str) -> None:
+        print(line, file=self.stdout, flush=True)
+
+    def _note(self, text: str) -> None:
+        print(text, file=self.stderr, flush=True)
