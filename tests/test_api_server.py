@@ -243,3 +243,29 @@ def test_a_short_or_stalled_body_is_a_4xx_without_a_traceback(engine, tmp_path, 
         assert wait_until(lambda: "POST /v1/chat/completions 400" in caplog.text, timeout=30), caplog.text
     assert "POST /v1/chat/completions 408" in caplog.text
     assert "Traceback" not in caplog.text and " 500 " not in caplog.text
+
+
+@pytest.mark.parametrize("page_path", ["/docs", "/redoc"])
+def test_api_docs_render_without_internet(server, page_path):
+    """Swagger UI and ReDoc load every asset from this server: with every other host blocked, the docs render."""
+    from tests.browser_helpers import chromium
+
+    outside: list[str] = []
+
+    def only_this_server(route):
+        if route.request.url.startswith(server):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    with chromium() as browser:
+        page = browser.new_page()
+        page.route("**/*", only_this_server)
+        page.goto(f"{server}{page_path}")
+        title = ".swagger-ui .info .title" if page_path == "/docs" else "h1"
+        page.wait_for_selector(title, timeout=30_000)
+        assert "InternLM2 Chat API" in page.locator(title).first.inner_text()
+        page.close()
+    # Only ReDoc's "powered by" badge image points outside (blocked here, the page does not need it).
+    assert not [url for url in outside if not url.startswith("https://cdn.redoc.ly/redoc/logo")], outside

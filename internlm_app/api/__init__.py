@@ -10,6 +10,7 @@ import anyio
 from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from .. import gpu
 from ..chat_types import ChatBackend
@@ -59,7 +60,9 @@ def create_app(settings: Settings | None = None, backend: ChatBackend | None = N
                 del loaded
                 gpu.clear_cache()
 
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI's and ReDoc's assets served from the fastapi-offline package, not a CDN: a GPU
+    # box without internet still shows them.
+    app = FastAPIOffline(
         title="InternLM2 Chat API",
         description="Classic `POST /` (InternLM FastAPI tutorial) and OpenAI-compatible `/v1/chat/completions`.",
         lifespan=lifespan,
