@@ -12,7 +12,9 @@ def create_backend(settings: Settings, progress: Progress | None = None) -> Chat
     if settings.backend == "openai":
         from .remote import RemoteBackend
 
-        return RemoteBackend(settings)
+        remote = RemoteBackend(settings)
+        remote.discover_model()
+        return remote
     from .engine import ChatEngine
 
     return ChatEngine.load(settings, progress=progress)

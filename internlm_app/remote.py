@@ -163,6 +163,27 @@ class RemoteBackend:
             extra={"backend": "openai", "base_url": settings.openai_base_url},
         )
         self.queue = None  # the server queues requests itself
+        self.model = settings.openai_model  # the name sent with each request
+
+    def discover_model(self, timeout: float = 5.0) -> None:
+        """Ask the server's `/v1/models` what it serves, so the UI shows that and requests name it.
+
+        The configured INTERNLM_OPENAI_MODEL is kept when the server lists it; otherwise the server's first model
+        is used (servers refuse a name they do not serve) and a warning says so. An unreachable server leaves the
+        configured name: replies will report the connection error themselves.
+        """
+        try:
+            served = [m.id for m in self.client.with_options(timeout=timeout).models.list()]
+        except (openai.OpenAIError, httpx2.HTTPError) as exc:
+            log.warning("could not list the models of %s: %s", self.settings.openai_base_url, exc)
+            return
+        self.info.extra["served_models"] = served
+        if served and self.model not in served:
+            log.warning(
+                "%s does not serve %r; using %r, which it does", self.settings.openai_base_url, self.model, served[0]
+            )
+            self.model = served[0]
+        self.info.name = self.model
 
     @property
     def context_window(self) -> int:
@@ -191,7 +212,7 @@ class RemoteBackend:
         if params.top_k:  # 0 (off) is left out: vLLM 0.8 refuses it (it wants -1)
             extra["top_k"] = params.top_k
         request = {
-            "model": self.settings.openai_model,
+            "model": self.model,
             "messages": messages,
             "temperature": 0.0 if params.greedy else params.temperature,
             "top_p": 1.0 if params.greedy else params.top_p,

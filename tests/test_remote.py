@@ -69,8 +69,20 @@ def test_greedy_reply_equals_the_engine(served, engine, tmp_path, prompt):
 def test_info_for_the_ui(served, tmp_path):
     remote = _remote(served[0], tmp_path, max_length=4096)
     assert remote.info.name == "internlm2-tiny" and remote.info.device == "remote"
-    assert remote.info.extra == {"backend": "openai", "base_url": f"{served[0]}/v1"}
+    assert remote.info.extra == {
+        "backend": "openai",
+        "base_url": f"{served[0]}/v1",
+        "served_models": ["internlm2-tiny"],
+    }
     assert remote.context_window == 4096 and remote.queue is None
+
+
+def test_the_model_shown_and_asked_for_is_what_the_server_serves(served, engine, tmp_path):
+    remote = _remote(served[0], tmp_path, openai_model="internlm2-chat-7b")  # the default name; the server differs
+    assert remote.info.name == remote.model == "internlm2-tiny"
+    assert "".join(remote.stream_reply([{"role": "user", "content": "hi"}], GREEDY))
+    unreachable = _remote("http://127.0.0.1:9", tmp_path, openai_model="configured")
+    assert unreachable.info.name == "configured" and "served_models" not in unreachable.info.extra
 
 
 def test_cancel_and_close_stop_the_remote_generation(engine, tmp_path):

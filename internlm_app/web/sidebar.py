@@ -57,7 +57,9 @@ def _ask_delete(cid: str | None) -> None:
 def model_panel(ctx: PageContext, backend: ChatBackend) -> None:
     """The model in use, GPU memory (or "CPU"), the engine queue, and a clear-cache button with before/after."""
     info = getattr(backend, "info", None)
-    if info is not None:
+    if info is not None and info.extra.get("backend") == "openai":  # what the server says it serves, and where
+        st.caption(ctx.t("model_remote", name=info.name, url=info.extra.get("base_url", "")))
+    elif info is not None:
         st.caption(ctx.t("model_line", name=info.name, dtype=info.dtype, device=info.device))
     else:
         st.caption(ctx.t("model_remote", name=ctx.settings.openai_model, url=ctx.settings.openai_base_url))
