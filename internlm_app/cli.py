@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from .api.server import PortInUseError
     from .chat_types import EngineError
     from .convert import ConversionError
     from .loader import ModelLoadError
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ModelLoadError, ModelSourceError, ConversionError, EngineError, ValueError) as exc:
+    except (ModelLoadError, ModelSourceError, ConversionError, EngineError, PortInUseError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

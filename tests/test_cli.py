@@ -177,3 +177,16 @@ def test_piped_replies_stay_one_line_each_and_jsonl(engine, tmp_path):
 def test_doctor_says_a_model_path_does_not_exist(tmp_path):
     result = _run(["doctor", "--model-path", str(tmp_path / "nonexistent")], tmp_path)
     assert result.returncode == 1 and "does not exist" in result.stdout and "internlm_app download" not in result.stdout
+
+
+def test_api_on_a_port_in_use_fails_before_loading(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run(["api", "--model-path", str(FIXTURE_DIR), "--host", "127.0.0.1", "--port", str(port)], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
+    assert "converting checkpoint" not in result.stderr and "Loading weights" not in result.stderr  # nothing loaded

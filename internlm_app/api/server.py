@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,28 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 512  # connections and requests in flight at once (request bodies also stall out after 30 s)
 
 
+class PortInUseError(RuntimeError):
+    """The address cannot be listened on; raised before the model loads, not after."""
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, made before anything is loaded. Raises PortInUseError with what to do."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PortInUseError(
+            f"cannot listen on {host}:{port} ({exc.strerror}): another program, perhaps an earlier run, uses it; "
+            "stop it, or choose another port with --port / INTERNLM_PORT"
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(settings: Settings | None = None) -> None:
     """Serve the API on settings.host:settings.port until interrupted (`python -m internlm_app api`)."""
     from . import create_app
@@ -27,9 +50,9 @@ def serve(settings: Settings | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the API listens on %s without API keys: set INTERNLM_API_KEYS to require one", settings.host)
-    app = create_app(settings)
-    uvicorn.run(
-        app,
+    sock = bind_socket(settings.host, settings.port)  # a port in use fails now, not after the model has loaded
+    config = uvicorn.Config(
+        create_app(settings),
         host=settings.host,
         port=settings.port,
         access_log=False,
@@ -38,6 +61,7 @@ def serve(settings: Settings | None = None) -> None:
         timeout_keep_alive=5,  # an idle kept-alive connection closes after 5 s
         limit_concurrency=MAX_CONNECTIONS,  # beyond it uvicorn answers 503 at once: slow clients cannot pile up
     )
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 @contextmanager
