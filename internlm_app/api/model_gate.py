@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 
 SPARE_WORKER_THREADS = 8  # beyond one per queue place: requests refused with 503 and replies being closed
 LOAD_FAILED_HINT = (
-    "fix the cause (the server log has the details; `python -m internlm_app doctor` checks GPU, memory, model files "
-    "and disk), then press Retry on the web page or restart the server"
+    "Fix the cause (the server log has the details; `python -m internlm_app doctor` checks GPU, memory, model files "
+    "and disk), then press Retry on the web page or restart the server."
 )
 
 
@@ -46,7 +46,7 @@ def bound_backend(app: FastAPI) -> ChatBackend | None:
 def load_message(status: LoadStatus) -> str:
     """What a request that needs the model is told while there is none."""
     if status.state == "failed":
-        return f"the model failed to load: {status.error}. To fix: {LOAD_FAILED_HINT}"
+        return f"the model failed to load: {(status.error or 'unknown error').rstrip('.')}. {LOAD_FAILED_HINT}"
     step = f" ({status.step})" if status.step else ""
     return f"the model is loading{step}, {status.elapsed:.0f} s so far: try again shortly (GET /health shows progress)"
 
