@@ -3,8 +3,8 @@ processes it replaces, web-only (`streamlit run app.py`) and API-only (`python -
 
 Each server runs alone, one after the other, on a free port of 127.0.0.1 with the same model. Each face gets the same
 work: the web app one chat reply in headless Chromium (Debian's /usr/bin/chromium via Playwright; the web-only server
-loads its model on that first visit), the API one `POST /` reply. Then the RSS of the server's process tree is read
-(and the kernel's high-water mark, VmHWM). Headline: one-port RSS / (web-only RSS + API-only RSS).
+loads its model on that first visit), the API one `POST /` reply. Then the RSS of the server process is read
+(and the kernel's high-water mark, VmHWM; Linux). Headline: one-port RSS / (web-only RSS + API-only RSS).
 
 On the tiny fixture (about 1 MB of weights) the saving is the second Python runtime (torch, transformers, Streamlit);
 the weights are noise. `--hidden H --layers L` loads a random Llama of that size instead, so the duplicated model shows
@@ -21,7 +21,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import psutil
 from common import FIXTURE_DIR, ROOT, build_random_llama, free_port, headline, parser, workdir
 
 CHROMIUM = "/usr/bin/chromium"
@@ -88,15 +87,10 @@ def web_reply(base: str) -> None:
         browser.close()
 
 
-def tree_memory(pid: int) -> tuple[float, float]:
-    """RSS and peak RSS (VmHWM) of a process and its children, in MiB."""
-    root = psutil.Process(pid)
-    rss = peak = 0
-    for process in [root, *root.children(recursive=True)]:
-        rss += process.memory_info().rss
-        status = Path(f"/proc/{process.pid}/status").read_text()
-        peak += next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM"))
-    return rss / MB, peak / MB
+def process_memory(pid: int) -> tuple[float, float]:
+    """RSS and peak RSS (VmRSS, VmHWM from /proc) of a server process, in MiB (each server is one process)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
 def measure(name: str, command: list[str], work: Path, model: Path, web: bool, api: bool) -> tuple[float, float]:
@@ -120,7 +114,7 @@ def measure(name: str, command: list[str], work: Path, model: Path, web: bool, a
         if web:
             web_reply(base)
         time.sleep(1.0)
-        return tree_memory(process.pid)
+        return process_memory(process.pid)
     finally:
         process.terminate()
         try:
