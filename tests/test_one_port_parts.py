@@ -65,7 +65,7 @@ def test_login_tokens_are_signed_expire_and_belong_to_one_server():
     assert login.verify(token)
     expiry, signature = token.split(".")
     assert not login.verify(f"{int(expiry) + 3600}.{signature}")  # a later expiry with the old signature
-    assert not login.verify(None) and not login.verify("") and not login.verify("garbage")
+    assert not login.verify(None) and not login.verify("") and not login.verify("garbage") and not login.verify(b"x")
     assert not WebLogin(SecretStr(PASSWORD)).verify(token)  # another process (a restart) made another key
     now[0] += 61
     assert not login.verify(token)
@@ -160,3 +160,19 @@ def test_a_made_export_leaves_the_media_store():
     history.remove_unreferenced_media(manager)
     assert manager.read_file(file_id) is None
     assert manager.execute_deferred(placeholder)  # the button still works: a click makes the file again
+
+
+def test_under_serve_a_page_without_the_login_cookie_shows_only_the_way_to_log_in(app_env):
+    from internlm_app.settings import Settings
+    from internlm_app.web.hosting import Hosting, hosting
+    from tests.app_helpers import run_page, texts
+
+    def never(settings, progress=None):
+        raise AssertionError("a page without the login must not touch the model")
+
+    settings = Settings(web_password=PASSWORD)
+    loader = BackendLoader(settings, create=never)
+    with hosting(Hosting(settings, loader, WebLogin(SecretStr(PASSWORD)))):
+        at = run_page()  # AppTest sends no cookie, like a websocket that got past no gate
+    assert "login has expired" in texts(at.warning) and not at.chat_input and not at.text_input
+    assert loader.status().state == "idle"

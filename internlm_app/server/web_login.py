@@ -52,9 +52,11 @@ class WebLogin:
         expiry = str(int(self._clock() + self.lifetime))
         return f"{expiry}.{self._sign(expiry)}"
 
-    def verify(self, token: str | None) -> bool:
+    def verify(self, token: object) -> bool:
         """True for a token this server issued that has not expired."""
-        expiry, _, signature = (token or "").partition(".")
+        if not isinstance(token, str):
+            return False
+        expiry, _, signature = token.partition(".")
         if not expiry.isdigit() or not hmac.compare_digest(signature.encode(), self._sign(expiry).encode()):
             return False
         return int(expiry) > self._clock()

@@ -21,7 +21,7 @@ class CookieCheck(Protocol):
 
     cookie_name: str
 
-    def verify(self, token: str | None) -> bool: ...
+    def verify(self, token: object) -> bool: ...
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ def exit_unless_streamlit(script: str = "app.py") -> None:
     if not runtime.exists():
         sys.exit(
             f"{script} is a Streamlit page. Start the app from the repository root with:\n\n"
-            f"    {RUN_COMMAND}          # the web app and the HTTP API on 0.0.0.0:6006, one model\n"
-            "    streamlit run app.py                 # the web app alone\n\n"
+            f"    {RUN_COMMAND}    # the web app and the HTTP API on 0.0.0.0:6006, one model\n"
+            "    streamlit run app.py            # the web app alone\n\n"
             "Set INTERNLM_WEB_PASSWORD to require a password (and INTERNLM_API_KEYS for the API)."
         )
 
