@@ -1,4 +1,4 @@
-"""Command line: download, convert, chat, doctor, api (python -m internlm_app ...)."""
+"""Command line: serve, api, download, convert, chat, doctor, settings (python -m internlm_app ...)."""
 
 from __future__ import annotations
 
@@ -79,6 +79,13 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    serve(settings_from_args(args))
+    return 0
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     from .settings import settings_table
 
@@ -118,12 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(p, ["model_path", "model_id", "cache_dir"])
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("api", help="serve the HTTP API (classic POST / and OpenAI-compatible /v1)")
-    add_settings_arguments(
-        p,
-        [*MODEL_FLAGS, "host", "port", "queue_limit", "empty_cache_after_reply", "stream_interval_ms", "log_prompts"]
-        + ["backend", "openai_base_url", "openai_model"],
+    server_flags = [*MODEL_FLAGS, "host", "port", "queue_limit", "empty_cache_after_reply", "stream_interval_ms"]
+    server_flags += ["log_prompts", "backend", "openai_base_url", "openai_model"]
+    p = sub.add_parser(
+        "serve",
+        help="serve the web app and the HTTP API on one port with one model (INTERNLM_WEB_PASSWORD guards the page, "
+        "INTERNLM_API_KEYS the API)",
     )
+    add_settings_arguments(p, server_flags)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("api", help="serve the HTTP API alone (classic POST / and OpenAI-compatible /v1)")
+    add_settings_arguments(p, server_flags)
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("settings", help="print every setting (environment variable, default, meaning) as Markdown")
@@ -138,14 +151,22 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from pydantic import ValidationError
+
     from .api.server import PortInUseError
     from .chat_types import EngineError
     from .convert import ConversionError
     from .loader import ModelLoadError
     from .model_source import ModelSourceError
+    from .settings import describe_settings_error
 
     try:
         return args.func(args)
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        print("error: invalid settings\n  " + describe_settings_error(exc).replace("\n", "\n  "), file=sys.stderr)
+        return 2
     except (ModelLoadError, ModelSourceError, ConversionError, EngineError, PortInUseError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

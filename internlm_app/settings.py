@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .sampling import SamplingParams, sampling_field
 
@@ -21,6 +22,25 @@ DEFAULT_SYSTEM_PROMPT = (
     "English and 中文."
 )
 MAX_LENGTH_BOUNDS = (64, 262144)
+LIST_FORMS = "one value, a comma-separated list, or a JSON list"
+
+
+def parse_list(value: object) -> object:
+    """A list setting from the environment or a flag: `a`, `a,b` or `["a", "b"]` (an empty string: no items)."""
+    if not isinstance(value, str):
+        return value  # already a list (Python callers, tests)
+    text = value.strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"starts with '[' but is not a JSON list ({exc.msg} at character {exc.pos})") from None
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ValueError("a JSON list here must hold strings only")
+        return items
+    return [item.strip() for item in text.split(",")]
 
 
 def _default_home() -> Path:
@@ -30,7 +50,10 @@ def _default_home() -> Path:
 class Settings(BaseSettings):
     """Every setting of the app, the API and the CLI."""
 
-    model_config = SettingsConfigDict(env_prefix="INTERNLM_", extra="ignore", protected_namespaces=())
+    # hide_input_in_errors: a bad value is never echoed (it may be an API key or the web password).
+    model_config = SettingsConfigDict(
+        env_prefix="INTERNLM_", extra="ignore", protected_namespaces=(), hide_input_in_errors=True
+    )
 
     # Model source
     model_id: str = Field(DEFAULT_MODEL_ID, description="ModelScope model id downloaded when no model path is given.")
@@ -108,10 +131,14 @@ class Settings(BaseSettings):
     db_path: Path = Field(default_factory=lambda: _default_home() / "conversations.db", description="SQLite file.")
 
     # Servers
-    host: str = Field("0.0.0.0", description="Address the API binds to.")
-    port: int = Field(6006, ge=1, le=65535, description="Port the API binds to (AutoDL forwards 6006).")
-    api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys the API requires (JSON list).")
-    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (JSON list).")
+    host: str = Field("0.0.0.0", description="Address `serve` (web app + API) and `api` bind to.")
+    port: int = Field(6006, ge=1, le=65535, description="Port `serve` and `api` bind to (AutoDL forwards 6006).")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description=f'Bearer keys the API requires: {LIST_FORMS} (sk-1 / sk-1,sk-2 / ["sk-1"]).'
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description=f"Origins allowed by CORS: {LIST_FORMS}."
+    )
     queue_limit: int = Field(16, ge=0, le=1024, description="Requests waiting for the GPU before the API answers 503.")
     log_prompts: bool = Field(False, description="Log prompt text (debug only).")
     web_password: SecretStr | None = Field(None, description="Password required by the web app.")
@@ -122,15 +149,37 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr = Field(SecretStr("EMPTY"), description="Key sent to the OpenAI-compatible server.")
     openai_model: str = Field("internlm2-chat-7b", description="Model name sent to the OpenAI-compatible server.")
 
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _list_forms(cls, value: object) -> object:
+        return parse_list(value)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_blank_origins(cls, origins: list[str]) -> list[str]:
+        if any(not origin.strip() for origin in origins):
+            raise ValueError("an origin is empty (a stray comma?)")
+        return origins
+
     @field_validator("api_keys")
     @classmethod
     def _no_blank_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
         if any(not key.get_secret_value().strip() for key in keys):
-            raise ValueError("API keys must not be empty: an empty key would leave the API open")
+            raise ValueError("API keys must not be empty (a stray comma?): an empty key would leave the API open")
         return keys
 
     def default_sampling(self) -> SamplingParams:
         return SamplingParams(**{name: getattr(self, name) for name in SamplingParams.model_fields})
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """One line per invalid setting, named by its environment variable and flag; values are never echoed."""
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        name = str(error["loc"][0]) if error.get("loc") else ""
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        lines.append(f"INTERNLM_{name.upper()} / {_flag(name)}: {message}" if name else message)
+    return "\n".join(lines)
 
 
 def _flag(name: str) -> str:

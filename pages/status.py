@@ -6,7 +6,6 @@ from internlm_app import gpu
 from internlm_app.doctor import doctor_report
 from internlm_app.web import status
 from internlm_app.web.page import exit_unless_streamlit, start_page
-from internlm_app.web.resources import backend_loader
 
 exit_unless_streamlit("pages/status.py")
 ctx = start_page("nav_status")
@@ -14,7 +13,7 @@ st.title(ctx.t("nav_status"))
 st.button(ctx.t("refresh"), key="refresh", icon=":material/refresh:")
 
 st.subheader(ctx.t("status_model"))
-status.model_section(ctx, backend_loader(ctx.settings))
+status.model_section(ctx, ctx.loader())
 
 st.subheader(ctx.t("status_gpu"))
 devices = gpu.memory_report()

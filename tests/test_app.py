@@ -198,9 +198,10 @@ def test_the_login_throttle_lets_tries_through_again_after_its_window():
     assert throttle.wait_seconds() == 0.0
 
 
-def test_python_app_py_prints_the_streamlit_command():
+def test_python_app_py_prints_the_commands_that_serve_it():
     result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "streamlit run app.py" in result.stderr
+    assert result.returncode != 0
+    assert "python -m internlm_app serve" in result.stderr and "streamlit run app.py" in result.stderr
 
 
 def test_invalid_settings_are_reported_without_a_traceback(app_env, monkeypatch):

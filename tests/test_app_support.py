@@ -11,12 +11,13 @@ import pytest
 import tomllib
 from streamlit.runtime.scriptrunner_utils.exceptions import StopException
 
+from internlm_app import backend as loading
 from internlm_app.chat_types import GenerationError, ReplyEvents
 from internlm_app.loader import ModelLoadError
 from internlm_app.sampling import SamplingParams
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
 from internlm_app.store import ConversationStore
-from internlm_app.web import auth, i18n, loading
+from internlm_app.web import auth, i18n
 from internlm_app.web import reply as reply_module
 from internlm_app.web.render import stats_caption, to_markdown
 from internlm_app.web.reply import LiveReplies, run_reply

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tests.browser_helpers import CHROMIUM
 from tests.conftest import FIXTURE_DIR
 
 ROOT = FIXTURE_DIR.parents[2]
@@ -24,12 +25,16 @@ RUNS = {
     "gpu_fp16": [],
     "gpu_decode --cpu-smoke": ["--cpu-smoke", "--prompt-lengths", "8", "--new-tokens", "4", "--reps", "1"],
     "convert_memory": ["--hidden", "64", "--heads", "8", "--kv-heads", "2", "--intermediate", "128", "--shards", "2"],
+    "one_port_memory": [],
 }
+NEEDS_CHROMIUM = {"one_port_memory"}  # its web face is driven by a browser, like tests/test_browser_app.py
 
 
 @pytest.mark.parametrize("run", list(RUNS))
 def test_benchmark_runs_and_prints_its_headline(run):
     name = run.split()[0]
+    if name in NEEDS_CHROMIUM and not CHROMIUM.exists():
+        pytest.skip(f"needs Debian chromium at {CHROMIUM}")
     result = subprocess.run(
         [sys.executable, f"benchmarks/{name}.py", *RUNS[run]],
         cwd=ROOT,

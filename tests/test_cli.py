@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from internlm_app.cli import build_parser
 from internlm_app.sampling import BOUNDS
 from tests.conftest import FIXTURE_DIR
@@ -179,14 +181,15 @@ def test_doctor_says_a_model_path_does_not_exist(tmp_path):
     assert result.returncode == 1 and "does not exist" in result.stdout and "internlm_app download" not in result.stdout
 
 
-def test_api_on_a_port_in_use_fails_before_loading(tmp_path):
+@pytest.mark.parametrize("command", ["api", "serve"])
+def test_a_port_in_use_fails_before_loading(tmp_path, command):
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = _run(["api", "--model-path", str(FIXTURE_DIR), "--host", "127.0.0.1", "--port", str(port)], tmp_path)
+        result = _run([command, "--model-path", str(FIXTURE_DIR), "--host", "127.0.0.1", "--port", str(port)], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
     assert "converting checkpoint" not in result.stderr and "Loading weights" not in result.stderr  # nothing loaded

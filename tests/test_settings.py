@@ -51,3 +51,46 @@ def test_blank_api_keys_are_refused(monkeypatch, keys):
     monkeypatch.setenv("INTERNLM_API_KEYS", keys)
     with pytest.raises(ValidationError, match="must not be empty"):
         Settings()
+
+
+def _list_settings() -> list[str]:
+    fields = Settings.model_fields.items()
+    return [name for name, field in fields if getattr(field.annotation, "__origin__", None) is list]
+
+
+def test_the_list_settings_are_found():
+    assert {"api_keys", "cors_origins"} <= set(_list_settings())
+
+
+@pytest.mark.parametrize("name", _list_settings())
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("sk-123", ["sk-123"]),  # one plain value, as vLLM's VLLM_API_KEY takes it
+        ("sk-1,sk-2", ["sk-1", "sk-2"]),
+        (" sk-1 , sk-2 ", ["sk-1", "sk-2"]),
+        ('["sk-1", "sk-2"]', ["sk-1", "sk-2"]),
+        ('["a,b"]', ["a,b"]),  # JSON keeps a comma inside a value
+        ("", []),
+    ],
+)
+def test_every_list_setting_takes_one_value_a_comma_list_or_json(monkeypatch, name, raw, expected):
+    monkeypatch.setenv(f"INTERNLM_{name.upper()}", raw)
+    values = getattr(Settings(), name)
+    assert [v.get_secret_value() if hasattr(v, "get_secret_value") else v for v in values] == expected
+
+
+@pytest.mark.parametrize("name", _list_settings())
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [("sk-1,", "empty"), ("[sk-1", "not a JSON list"), ('["sk-1", 2]', "strings only"), (" , ", "empty")],
+)
+def test_a_bad_list_setting_is_a_clear_error_that_never_echoes_the_value(monkeypatch, name, raw, reason):
+    from internlm_app.settings import describe_settings_error
+
+    monkeypatch.setenv(f"INTERNLM_{name.upper()}", raw)
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    text = describe_settings_error(error.value)
+    assert text.startswith(f"INTERNLM_{name.upper()} / --{name.replace('_', '-')}: ") and reason in text
+    assert "sk-1" not in text and "sk-1" not in str(error.value)

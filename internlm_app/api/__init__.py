@@ -1,4 +1,7 @@
 """The HTTP API: the classic tutorial route, OpenAI-compatible /v1, /health and /metrics over one chat backend."""
+# The backend is bound to app.state in one of three ways: passed in ready (tests, embedding), loaded in the lifespan
+# (API-only mode: the port opens once the model is loaded), or taken from a shared BackendLoader when it is ready (the
+# one-port server: the port opens at once, /health reports the load and requests get 503 until then).
 
 from __future__ import annotations
 
@@ -6,19 +9,20 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
-import anyio
 from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from .. import gpu
+from ..backend import BackendLoader
 from ..chat_types import ChatBackend
 from ..settings import Settings
 from .auth import BearerAuthMiddleware
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestLogMiddleware
+from .model_gate import ModelGateMiddleware, bind_backend
 from .routes_classic import router as classic_router
 from .routes_completions import router as completions_router
 from .routes_openai import router as openai_router
@@ -29,34 +33,32 @@ __all__ = ["create_app", "running_server", "serve"]
 
 log = logging.getLogger(__name__)
 
-SPARE_WORKER_THREADS = 8  # beyond one per queue place: requests refused with 503 and replies being closed
 
-
-def create_app(settings: Settings | None = None, backend: ChatBackend | None = None) -> FastAPI:
-    """The API app; the backend (settings.backend) is loaded in the lifespan unless a ready one is passed in."""
+def create_app(
+    settings: Settings | None = None, backend: ChatBackend | None = None, loader: BackendLoader | None = None
+) -> FastAPI:
+    """The API app: over `backend` when given, else over `loader`'s backend once it has loaded (while it loads,
+    requests that need the model get 503 with Retry-After), else over one loaded in the lifespan from settings."""
     settings = settings or Settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if backend is None:
+        loaded = None
+        if backend is not None:
+            bind_backend(app, backend)
+        elif loader is not None:
+            loader.start()  # no wait: a page and /health show the progress, requests get 503 until it is done
+        else:
             from ..backend import create_backend
 
             loaded = await to_thread.run_sync(create_backend, settings)
-        else:
-            loaded = backend
-        queue = getattr(loaded, "queue", None)
-        places = settings.queue_limit if queue is None or queue.max_waiting is None else queue.max_waiting
-        app.state.backend = loaded
-        app.state.generation_limiter = anyio.CapacityLimiter(places + 1 + SPARE_WORKER_THREADS)
-        metrics.watch_queue(queue)
-        info = loaded.info
-        log.info("serving %s (%s backend, on %s)", info.name, info.extra.get("backend", "local"), info.device)
+            bind_backend(app, loaded)
         try:
             yield
         finally:
             app.state.backend = None
-            if backend is None:
+            if loaded is not None:
                 del loaded
                 gpu.clear_cache()
 
@@ -68,12 +70,15 @@ def create_app(settings: Settings | None = None, backend: ChatBackend | None = N
         lifespan=lifespan,
     )
     app.state.settings, app.state.metrics, app.state.started_at = settings, metrics, time.time()
+    app.state.backend, app.state.loader = None, loader
     install_error_handlers(app)
     app.include_router(classic_router)
     app.include_router(openai_router)
     app.include_router(completions_router)
     app.include_router(system_router)
-    # add_middleware wraps: the last added runs first (log -> CORS -> auth -> body limit -> routes).
+    # add_middleware wraps: the last added runs first (log -> CORS -> auth -> body limit -> model gate -> routes).
+    if loader is not None:
+        app.add_middleware(ModelGateMiddleware)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(BearerAuthMiddleware, keys=settings.api_keys)
     if settings.cors_origins:

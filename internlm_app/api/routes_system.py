@@ -5,23 +5,36 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from .. import gpu
+from ..backend import backends_created
 from .auth import key_matches
+from .model_gate import LOAD_FAILED_HINT, bound_backend
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health", summary="Model, device, GPU memory and queue")
-async def health(request: Request) -> dict:
-    """Whether the model is loaded, where it runs, GPU memory and how many requests wait for it."""
+@router.get("/health", summary="Model, device, GPU memory and queue; or the load's progress", response_model=None)
+async def health(request: Request) -> dict | JSONResponse:
+    """Whether the model is loaded (the step while it loads, the error if it failed), where it runs, GPU memory, how
+    many requests wait. With API keys set, a request without one learns only whether the server is alive."""
     state = request.app.state
-    backend = getattr(state, "backend", None)
-    if backend is None:
-        return {"status": "loading", "model_loaded": False}
+    backend = bound_backend(request.app)
     keys = [key.get_secret_value().encode() for key in state.settings.api_keys]
-    if keys and not key_matches(request.headers.get("authorization"), keys):
+    details = not keys or key_matches(request.headers.get("authorization"), keys)
+    if backend is None:
+        status = state.loader.status() if state.loader is not None else None
+        if status is not None and status.state == "failed":
+            body = {"status": "failed", "model_loaded": False}
+            if details:
+                body.update(error=status.error, what_to_do=LOAD_FAILED_HINT)
+            return JSONResponse(body, status_code=503)
+        body = {"status": "loading", "model_loaded": False}
+        if details and status is not None:
+            body.update(step=status.step or "starting", elapsed_seconds=round(status.elapsed, 1))
+        return body
+    if not details:
         return {"status": "ok", "model_loaded": True}  # liveness for anyone; the model, GPU and queue for key holders
     info, queue = backend.info, getattr(backend, "queue", None)
     waiting = None
@@ -47,6 +60,7 @@ async def health(request: Request) -> dict:
         "queue": waiting,
         "decoding": None if plan is None else plan.to_dict(),
         "uptime_seconds": round(time.time() - state.started_at, 1),
+        "models_loaded_by_process": backends_created(),  # 1 when the web app and the API share one model
     }
 
 

@@ -1,4 +1,8 @@
-"""The optional password gate (INTERNLM_WEB_PASSWORD): nothing of the app renders before it lets the user in."""
+"""The optional password gate (INTERNLM_WEB_PASSWORD): nothing of the app renders before it lets the user in.
+
+Web-only mode draws a login form in the page. The one-port server logs users in over HTTP (/login sets a cookie that
+also guards media, downloads and uploads); the page then only checks that cookie.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from collections import deque
 import streamlit as st
 
 from ..settings import Settings
+from .hosting import CookieCheck
 
 AUTH_KEY = "_web_authenticated"
 FAILURE_DELAY_SECONDS = 0.5  # slows down password guessing within one session
@@ -56,9 +61,18 @@ def password_matches(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
-def login_gate(settings: Settings) -> bool:
-    """True when no password is set or this session logged in; otherwise draw only the login form."""
-    if settings.web_password is None or st.session_state.get(AUTH_KEY):
+def login_gate(settings: Settings, cookie_check: CookieCheck | None = None) -> bool:
+    """True when no password is set or this session logged in; otherwise draw only the login form (or a link to it)."""
+    if settings.web_password is None:
+        return True
+    if cookie_check is not None:  # one-port server: the login is the /login cookie, checked again on every run
+        if cookie_check.verify(st.context.cookies.get(cookie_check.cookie_name)):
+            return True
+        st.title("InternLM2 Chat")
+        st.warning("登录已过期 / Your login has expired")
+        st.link_button("登录 / Log in", "/login", type="primary")
+        return False
+    if st.session_state.get(AUTH_KEY):
         return True
     st.title("InternLM2 Chat")
     given = st.text_input("密码 / Password", type="password", key="password")

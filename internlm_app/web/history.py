@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
 
 import streamlit as st
+from streamlit import runtime
 
 from .. import export
 from ..store import ConversationStore, ConversationSummary
 
 NOTICE_KEY = "_history_notice"  # (kind, text) shown once after a callback
+# An export is a file in Streamlit's media store, served at /media/<id> to whoever has the URL (in web-only mode
+# without the password; the one-port server checks the login cookie). The browser fetches it at once, so it is
+# removed this many seconds after it was made instead of whenever Streamlit next cleans up.
+EXPORT_LIFETIME_SECONDS = 10.0
 
 
 def when(ts: float) -> str:
@@ -26,8 +32,27 @@ def describe(item: ConversationSummary, untitled: str, count: str) -> str:
 
 
 def exporter(store: ConversationStore, kind: str, cids: list[str] | None = None) -> Callable[[], str]:
-    """A zero-argument callable for st.download_button, so the export runs only when the user clicks."""
-    return partial(export.export_json if kind == "json" else export.export_markdown, store, cids)
+    """A zero-argument callable for st.download_button, so the export runs only when the user clicks; the file it
+    makes is removed from the media store EXPORT_LIFETIME_SECONDS later."""
+    make = partial(export.export_json if kind == "json" else export.export_markdown, store, cids)
+
+    def export_once() -> str:
+        text = make()
+        if runtime.exists():
+            manager = runtime.get_instance().media_file_mgr
+            timer = threading.Timer(EXPORT_LIFETIME_SECONDS, remove_unreferenced_media, args=(manager,))
+            timer.daemon = True
+            timer.start()
+        return text
+
+    return export_once
+
+
+def remove_unreferenced_media(manager) -> None:
+    """Drop the media files no session's page shows (a made export is one: the page only holds its button).
+    Streamlit deletes a download in two passes (marked, then deleted), hence two calls."""
+    manager.remove_orphaned_files()
+    manager.remove_orphaned_files()
 
 
 def file_name(kind: str, cid: str | None = None) -> str:

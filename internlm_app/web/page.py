@@ -11,17 +11,18 @@ from dataclasses import dataclass
 import streamlit as st
 from pydantic import ValidationError
 
+from ..backend import BackendLoader, LoadStatus
 from ..chat_types import ChatBackend
-from ..settings import Settings
+from ..settings import Settings, describe_settings_error
 from ..store import ConversationStore
+from . import hosting
 from .auth import login_gate
 from .i18n import LANGUAGES, t
-from .loading import BackendLoader, LoadStatus
 from .resources import backend_loader, conversation_store
 
 log = logging.getLogger(__name__)
 
-RUN_COMMAND = "streamlit run app.py"
+RUN_COMMAND = "python -m internlm_app serve"  # the web app, the API and one model on one port
 PAGES = (
     ("app.py", "nav_chat", ":material/chat:"),
     ("pages/status.py", "nav_status", ":material/monitor_heart:"),
@@ -36,9 +37,10 @@ def exit_unless_streamlit(script: str = "app.py") -> None:
 
     if not runtime.exists():
         sys.exit(
-            f"{script} is a Streamlit app. Start it from the repository root with:\n\n"
-            f"    {RUN_COMMAND}\n\n"
-            "It serves on 0.0.0.0:6006 (see .streamlit/config.toml); set INTERNLM_WEB_PASSWORD to require a password."
+            f"{script} is a Streamlit page. Start the app from the repository root with:\n\n"
+            f"    {RUN_COMMAND}    # the web app and the HTTP API on 0.0.0.0:6006, one model\n"
+            "    streamlit run app.py            # the web app alone\n\n"
+            "Set INTERNLM_WEB_PASSWORD to require a password (and INTERNLM_API_KEYS for the API)."
         )
 
 
@@ -55,6 +57,11 @@ class PageContext:
     def store(self) -> ConversationStore:
         return conversation_store(self.settings)
 
+    def loader(self) -> BackendLoader:
+        """The process's one loader: the one-port server's, or (web-only) one per load configuration."""
+        hosted = hosting.current()
+        return hosted.loader if hosted is not None else backend_loader(self.settings)
+
     def backend(self) -> ChatBackend:
         """The shared backend; while it loads the page shows progress, and a failure stops the page with a message."""
         return require_backend(self)
@@ -66,15 +73,16 @@ def start_page(title_key: str) -> PageContext:
     st.set_page_config(
         page_title=f"{t(title_key, lang)} · InternLM2 Chat", page_icon=":material/chat:", layout="centered"
     )
+    hosted = hosting.current()
     try:
-        settings = Settings()
+        settings = hosted.settings if hosted is not None else Settings()
     except ValidationError as exc:
         log.error("invalid settings: %s", exc)
-        # Before the password gate, the details (which may quote a value) only go to the server log.
-        details = "" if os.environ.get("INTERNLM_WEB_PASSWORD") else str(exc)
+        # Before the password gate the details only go to the server log (values are never quoted, names are).
+        details = "" if os.environ.get("INTERNLM_WEB_PASSWORD") else describe_settings_error(exc)
         st.error(t("settings_invalid", lang, error=details))
         st.stop()
-    if not login_gate(settings):
+    if not login_gate(settings, hosted.login if hosted is not None else None):
         st.stop()
     with st.sidebar:
         lang = st.radio(
@@ -92,7 +100,7 @@ def start_page(title_key: str) -> PageContext:
 
 def require_backend(ctx: PageContext) -> ChatBackend:
     """The shared backend, after a live progress bar while it loads; a failure stops the page with what to do."""
-    loader = backend_loader(ctx.settings)
+    loader = ctx.loader()
     if wait_for_backend(ctx, loader).state == "failed":
         st.stop()
     return loader.backend

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import streamlit as st
 
+from ..backend import BackendLoader, fingerprint
 from ..settings import Settings
 from ..store import ConversationStore
-from .loading import BackendLoader, fingerprint
 from .reply import LiveReplies
 
 

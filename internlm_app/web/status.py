@@ -7,7 +7,8 @@ from dataclasses import asdict
 import streamlit as st
 
 from .. import gpu
-from .loading import BackendLoader
+from ..backend import BackendLoader, backends_created
+from . import hosting
 from .page import PageContext, queue_caption, wait_for_backend
 
 
@@ -25,6 +26,8 @@ def model_section(ctx: PageContext, loader: BackendLoader) -> None:
     facts["parameters"] = f"{info.parameters:,}"
     facts["load_seconds"] = f"{info.load_seconds:.1f} s"
     facts.pop("extra", None)
+    facts["served_by"] = "web app + API, one process" if hosting.current() is not None else "web app only"
+    facts["models_loaded_by_process"] = str(backends_created())
     st.table({ctx.t("status_field"): list(facts), ctx.t("status_value"): [str(v) for v in facts.values()]})
     plan = getattr(backend, "plan", None)
     if plan is not None:

@@ -1,0 +1,47 @@
+"""`python -m internlm_app serve` for the one-port tests, with three test knobs (environment variables):
+
+- ONE_PORT_LOAD_GATE: a file path; loading the model waits (logging a step) until that file exists, so a test can see
+  the server while it loads;
+- BROWSER_TEST_TOKEN_DELAY: seconds slept before every forward pass (generation stays real, only paced like a 7B on a
+  GPU, so replies overlap);
+- ONE_PORT_EXPORT_LIFETIME: seconds an export stays in the media store (the app's default is 10).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from internlm_app.engine import ChatEngine
+from internlm_app.web import history
+
+
+def _gated_slow_load(load):
+    gate = os.environ.get("ONE_PORT_LOAD_GATE")
+    delay = float(os.environ.get("BROWSER_TEST_TOKEN_DELAY", "0"))
+
+    def gated(cls, settings, progress=None):
+        if gate:
+            logging.getLogger("internlm_app.model_source").info("waiting for the test's load gate")
+            while not Path(gate).exists():
+                time.sleep(0.05)
+        engine = load(cls, settings, progress=progress)
+        if delay:
+            engine.model.register_forward_pre_hook(lambda *_: time.sleep(delay))
+        return engine
+
+    return classmethod(gated)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # the tests' reference behaviour, and calm on a 2-core CI machine
+    ChatEngine.load = _gated_slow_load(ChatEngine.load.__func__)
+    history.EXPORT_LIFETIME_SECONDS = float(os.environ.get("ONE_PORT_EXPORT_LIFETIME", history.EXPORT_LIFETIME_SECONDS))
+    from internlm_app.cli import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -1,0 +1,180 @@
+"""The one-port server's parts in-process: which requests go to the API, the web login and its gate, the API over a
+shared loader (503 while loading, the failure, then the real engine), and exports leaving the media store."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient as StarletteClient
+from streamlit.runtime.media_file_manager import MediaFileManager
+from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+from internlm_app.api import create_app
+from internlm_app.backend import BackendLoader
+from internlm_app.loader import ModelLoadError
+from internlm_app.server.routing import WebGate, api_mounts, api_paths, is_api_request, safe_next
+from internlm_app.server.web_login import COOKIE_NAME, WebLogin
+from internlm_app.web import history
+from internlm_app.web.auth import LoginThrottle
+from tests.test_api_support import API_KEY, api_settings
+
+PASSWORD = "correct horse"
+
+
+def test_api_requests_are_told_from_the_page_by_method_and_path(tmp_path):
+    app = create_app(api_settings(tmp_path))
+    paths, prefixes = api_paths(app), api_mounts(app)
+    assert {"/health", "/metrics", "/v1/chat/completions", "/v1/models", "/docs", "/openapi.json"} <= paths
+    api = [("POST", "/"), ("OPTIONS", "/"), ("GET", "/health"), ("GET", "/metrics"), ("POST", "/v1/chat/completions")]
+    api += [("GET", "/v1/models"), ("GET", "/v1/anything"), ("GET", "/v1"), ("GET", "/docs"), ("GET", "/redoc")]
+    api += [("GET", "/static-offline-docs/swagger-ui-bundle.js")]  # the offline docs' assets
+    web = [("GET", "/"), ("HEAD", "/"), ("GET", "/status"), ("GET", "/history"), ("GET", "/_stcore/health")]
+    web += [("GET", "/media/abc.json"), ("POST", "/_stcore/upload_file/a/b"), ("GET", "/v1x"), ("GET", "/login")]
+    assert all(is_api_request(method, path, paths, prefixes) for method, path in api)
+    assert not any(is_api_request(method, path, paths, prefixes) for method, path in web)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("/history?c=abc", "/history?c=abc"),
+        (None, "/"),
+        ("https://evil.example/", "/"),
+        ("//evil.example/", "/"),
+        ("/\\evil.example", "/"),
+        ("javascript:alert(1)", "/"),
+        ("/logout", "/"),
+        ("/login?next=/x", "/"),
+    ],
+)
+def test_after_login_the_user_goes_back_only_to_a_path_of_this_server(given, expected):
+    assert safe_next(given) == expected
+
+
+def test_login_tokens_are_signed_expire_and_belong_to_one_server():
+    now = [1000.0]
+    login = WebLogin(SecretStr(PASSWORD), lifetime=60, clock=lambda: now[0])
+    token = login.issue()
+    assert login.verify(token)
+    expiry, signature = token.split(".")
+    assert not login.verify(f"{int(expiry) + 3600}.{signature}")  # a later expiry with the old signature
+    assert not login.verify(None) and not login.verify("") and not login.verify("garbage") and not login.verify(b"x")
+    assert not WebLogin(SecretStr(PASSWORD)).verify(token)  # another process (a restart) made another key
+    now[0] += 61
+    assert not login.verify(token)
+
+
+def _gated_web_app(login: WebLogin) -> Starlette:
+    async def page(_request):
+        return PlainTextResponse("the app")
+
+    routes = [*login.routes(), Route("/", page), Route("/media/{name}", page), Route("/_stcore/metrics", page)]
+    return Starlette(routes=routes, middleware=[Middleware(WebGate, login=login)])
+
+
+def test_the_web_gate_and_the_login_form():
+    login = WebLogin(SecretStr(PASSWORD), throttle=LoginThrottle(limit=2, window=60))
+    with StarletteClient(_gated_web_app(login), follow_redirects=False) as client:
+        page = client.get("/?c=1", headers={"Accept": "text/html"})
+        assert page.status_code == 303 and page.headers["location"] == "/login?next=%2F%3Fc%3D1"
+        assert client.get("/media/x.json").status_code == 401
+        assert client.get("/_stcore/metrics").status_code == 404
+        form = client.get("/login?next=/history")
+        assert form.status_code == 200 and 'value="/history"' in form.text and 'type="password"' in form.text
+
+        wrong = client.post("/login", data={"password": "wrong", "next": "/history"})
+        assert wrong.status_code == 401 and "Wrong password" in wrong.text and COOKIE_NAME not in wrong.cookies
+        right = client.post("/login", data={"password": PASSWORD, "next": "/history"})
+        assert right.status_code == 303 and right.headers["location"] == "/history"
+        cookie = right.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Max-Age=604800" in cookie
+        assert client.get("/media/x.json").text == "the app"  # the client now sends the cookie
+        assert client.get("/_stcore/metrics").status_code == 404  # closed with a login too
+        assert client.get("/logout").headers["location"] == "/login"
+        assert client.get("/media/x.json").status_code == 401
+
+        assert client.post("/login", data={"password": "wrong again"}).status_code == 401
+        limited = client.post("/login", data={"password": PASSWORD})  # 2 wrong a minute: even the right one waits
+        assert limited.status_code == 429 and int(limited.headers["Retry-After"]) > 0
+        assert client.post("/login", content=b"password=" + b"x" * 5000).status_code == 413
+
+
+def test_the_api_over_a_shared_loader_says_loading_then_failed_then_serves(engine, tmp_path):
+    attempts, release = [], threading.Event()
+
+    def create(settings, progress=None):
+        attempts.append(1)
+        logging.getLogger("internlm_app.model_source").info("converting the checkpoint")
+        release.wait(30)
+        if len(attempts) == 1:
+            raise ModelLoadError("no CUDA GPU visible: check nvidia-smi")
+        return engine
+
+    settings = api_settings(tmp_path, api_keys=[API_KEY])
+    loader = BackendLoader(settings, create=create)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    with TestClient(create_app(settings, loader=loader)) as client:  # the lifespan starts the load, and waits not
+        assert client.get("/health").json() == {"status": "loading", "model_loaded": False}
+        health = client.get("/health", headers=auth).json()
+        assert health["step"] == "converting the checkpoint" and health["status"] == "loading"
+        busy = client.post("/", json={"prompt": "hi"}, headers=auth)
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "5"
+        assert "converting the checkpoint" in busy.json()["error"]
+        models = client.get("/v1/models", headers=auth)
+        assert models.status_code == 503 and models.json()["error"]["code"] == "model_loading"
+        assert client.post("/", json={"prompt": "hi"}).status_code == 401  # the key is checked first
+
+        release.set()
+        while loader.status().state == "loading":
+            time.sleep(0.01)
+        failed = client.get("/health", headers=auth)
+        assert failed.status_code == 503 and failed.json()["error"] == "no CUDA GPU visible: check nvidia-smi"
+        assert client.get("/health").json() == {"status": "failed", "model_loaded": False}
+        chat = {"messages": [{"role": "user", "content": "hi"}]}
+        refused = client.post("/v1/chat/completions", json=chat, headers=auth)
+        assert refused.status_code == 503 and "Retry-After" not in refused.headers
+        assert "nvidia-smi" in refused.json()["error"]["message"] and "Retry" in refused.json()["error"]["message"]
+
+        loader.retry()  # what the page's Retry button does
+        while loader.status().state == "loading":
+            time.sleep(0.01)
+        reply = client.post("/", json={"prompt": "你好", "max_new_tokens": 4}, headers=auth)
+        assert reply.status_code == 200 and reply.json()["response"]
+        assert client.get("/health", headers=auth).json()["model"] == engine.info.name
+        assert len(attempts) == 2
+
+
+def test_a_made_export_leaves_the_media_store():
+    manager = MediaFileManager(MemoryMediaFileStorage("/media"))
+    placeholder = manager.add_deferred(lambda: "export", "application/json", "coords", file_name="all.json")
+    url = manager.execute_deferred(placeholder)
+    file_id = url.rsplit("/", 1)[1].split(".")[0]
+    assert manager.read_file(file_id) is not None
+    history.remove_unreferenced_media(manager)
+    assert manager.read_file(file_id) is None
+    assert manager.execute_deferred(placeholder)  # the button still works: a click makes the file again
+
+
+def test_under_serve_a_page_without_the_login_cookie_shows_only_the_way_to_log_in(app_env):
+    from internlm_app.settings import Settings
+    from internlm_app.web.hosting import Hosting, hosting
+    from tests.app_helpers import run_page, texts
+
+    def never(settings, progress=None):
+        raise AssertionError("a page without the login must not touch the model")
+
+    settings = Settings(web_password=PASSWORD)
+    loader = BackendLoader(settings, create=never)
+    with hosting(Hosting(settings, loader, WebLogin(SecretStr(PASSWORD)))):
+        at = run_page()  # AppTest sends no cookie, like a websocket that got past no gate
+    assert "login has expired" in texts(at.warning) and not at.chat_input and not at.text_input
+    assert loader.status().state == "idle"
