@@ -28,6 +28,7 @@ class Message(TypedDict):
     content: str
     # InternLM2's `name=<|plugin|>` / `name=<|interpreter|>` on a system or environment turn: "plugin" or "interpreter".
     name: NotRequired[str]
+    speaker: NotRequired[str]  # who speaks, as plain text: `<|im_start|>user name=alice` (OpenAI's message `name`)
     tool_calls: NotRequired[list[ToolCall]]  # an assistant turn's calls, rendered after its content
 
 
@@ -129,7 +130,7 @@ class ReplyOptions:
     logprobs: int | None = None  # None: off; k: each token's log-probability and its k most likely alternatives
     presence_penalty: float = 0.0  # OpenAI's formula: logit[j] -= presence * (count[j] > 0) + frequency * count[j]
     frequency_penalty: float = 0.0
-    json_schema: dict | bool | None = None  # True: any JSON value (json_object); a dict: JSON valid against it
+    json_schema: dict | None = None  # the reply is JSON valid against this schema ({"type": "object"}: json_object)
     tools: bool = False  # tools were offered: <|action_start|> begins a call instead of ending the reply
     force_tool_call: bool = False  # the reply is a tool call: the prompt ends in <|action_start|><|plugin|>\n
     keep_history: bool = False  # cap the reply to the room left rather than drop turns; drop only what cannot fit

@@ -18,6 +18,40 @@ from .chat_types import InvalidRequestError
 from .tokenizer import ChatTokenizer, InternLM2Tokenizer
 
 MAX_SCHEMA_CHARS = 100_000  # a schema is compiled on the request's thread, before the reply queues: bound its size
+CACHE_BYTES = 64 << 20  # compiled grammars kept for reuse; clients that send a new schema each time cannot grow it
+# JSON Schema keywords xgrammar 0.2 does not enforce (it warns on stderr and ignores them, or falls back): a schema
+# with one is refused rather than accepted and then not honoured. Measured on the tiny model with jsonschema.
+_NOT_ENFORCED = ("not", "contains", "minContains", "maxContains", "if", "then", "else")
+_NOT_ENFORCED += ("dependentRequired", "dependentSchemas", "dependencies")
+
+
+def unenforced_keyword(schema: Any, where: str = "") -> str | None:
+    """Where `schema` uses a keyword the grammar cannot enforce ("properties.tags.uniqueItems"), or None."""
+    if isinstance(schema, list):
+        for index, item in enumerate(schema):
+            if found := unenforced_keyword(item, f"{where}[{index}]"):
+                return found
+        return None
+    if not isinstance(schema, dict):
+        return None
+    for key, value in schema.items():
+        path = f"{where}.{key}" if where else key
+        if key in ("const", "enum", "default", "examples", "description", "title"):
+            continue  # values, not schemas
+        if key in _NOT_ENFORCED or (key == "uniqueItems" and value is True):
+            return path
+        if key == "allOf" and isinstance(value, list) and len(value) > 1:
+            return path
+        if key == "format" and ({"minLength", "maxLength"} & schema.keys()):
+            return f"{path} with minLength/maxLength"
+        if key == "properties" and isinstance(value, dict):  # property names are not keywords
+            for name, sub in value.items():
+                if found := unenforced_keyword(sub, f"{path}.{name}"):
+                    return found
+            continue
+        if found := unenforced_keyword(value, path):
+            return found
+    return None
 
 
 class GrammarCompiler:
@@ -32,18 +66,21 @@ class GrammarCompiler:
         with self._lock:
             if stop_ids not in self._compilers:
                 info = _tokenizer_info(self._tokenizer, self._vocab_size, stop_ids)
-                self._compilers[stop_ids] = xgr.GrammarCompiler(info)
+                self._compilers[stop_ids] = xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_BYTES)
             return self._compilers[stop_ids]
 
-    def compile(self, schema: dict[str, Any] | bool, stop_ids: list[int], param: str) -> xgr.CompiledGrammar:
-        """A grammar for JSON (`schema` True) or JSON valid against `schema`; once it is complete only `stop_ids` may
-        follow. Raises InvalidRequestError naming `param` for a schema xgrammar cannot take."""
+    def compile(self, schema: dict[str, Any], stop_ids: list[int], param: str) -> xgr.CompiledGrammar:
+        """A grammar for JSON valid against `schema` ({} is any JSON value); once it is complete only `stop_ids` may
+        follow. Raises InvalidRequestError naming `param` for a schema that is too big, uses a keyword the grammar
+        cannot enforce, or that xgrammar refuses."""
         compiler = self._compiler(tuple(stop_ids))
-        if schema is True:
-            return compiler.compile_builtin_json_grammar()
         text = json.dumps(schema)
         if len(text) > MAX_SCHEMA_CHARS:
             raise InvalidRequestError(f"{param}: the schema has more than {MAX_SCHEMA_CHARS} characters", param)
+        if where := unenforced_keyword(schema):
+            raise InvalidRequestError(
+                f"{param}: the schema uses {where}, which constrained decoding cannot enforce; leave it out", param
+            )
         try:
             # No free whitespace between tokens: a model may otherwise pad JSON with spaces until it runs out of room.
             # Strict mode: no properties beyond the schema's unless it allows them (OpenAI's strict schemas).

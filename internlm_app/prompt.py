@@ -10,11 +10,13 @@ an assistant's tool call follows its text as
 from __future__ import annotations
 
 import json
+import re
 from typing import Protocol
 
-from .chat_types import ROLES, InvalidRequestError, Message
+from .chat_types import ROLES, InvalidRequestError, Message, not_unicode
 
 TURN_NAMES = ("plugin", "interpreter")  # the `name=` a system or environment turn may carry
+_SPEAKER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class PromptEncoder(Protocol):
@@ -40,15 +42,33 @@ def validate_messages(messages: list[Message]) -> None:
             raise InvalidRequestError(f"message {index}: a {role} turn cannot be named {name!r}")
         if message.get("tool_calls") and role != "assistant":
             raise InvalidRequestError(f"message {index}: only an assistant message has tool calls")
+        speaker = message.get("speaker")
+        if speaker is not None and (name is not None or not isinstance(speaker, str) or not _SPEAKER.match(speaker)):
+            raise InvalidRequestError(f"message {index}: a speaker name is 1-64 letters, digits, _ or -")
+
+
+def _no_constant(value: str) -> object:
+    raise ValueError(f"{value} is not JSON")
 
 
 def tool_call_text(name: str, arguments: str) -> str:
-    """The JSON of one call as InternLM2 writes it: {"name": ..., "parameters": {...}}."""
+    """The JSON of one call as InternLM2 writes it: {"name": ..., "parameters": {...}}.
+
+    Raises InvalidRequestError unless `arguments` is a JSON object of Unicode text (no NaN, not nested past
+    Python's recursion limit)."""
+    where = f"tool call {name!r}: arguments"
     try:
-        parameters = json.loads(arguments) if arguments.strip() else {}
+        parameters = json.loads(arguments, parse_constant=_no_constant) if arguments.strip() else {}
     except json.JSONDecodeError as exc:
-        raise InvalidRequestError(f"tool call {name!r}: arguments are not JSON ({exc.msg})") from None
-    return json.dumps({"name": name, "parameters": parameters}, ensure_ascii=False)
+        raise InvalidRequestError(f"{where} are not JSON ({exc.msg})", "messages") from None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequestError(f"{where} are not JSON ({exc or 'nested too deeply'})", "messages") from None
+    if not isinstance(parameters, dict):
+        raise InvalidRequestError(f"{where} must be a JSON object", "messages")
+    text = json.dumps({"name": name, "parameters": parameters}, ensure_ascii=False)
+    if why := not_unicode(text):  # an escape such as "\udfff" decodes to a lone surrogate
+        raise InvalidRequestError(f"{where} are not valid Unicode text: {why}", "messages")
+    return text
 
 
 def _tool(tok: PromptEncoder, name: str) -> int:
@@ -78,6 +98,8 @@ def build_prompt_ids(
             continue
         if name is not None:
             parts += [tok.im_start_id, f"{role} name=", _tool(tok, f"<|{name}|>"), f"\n{content}"]
+        elif message.get("speaker"):
+            parts += [tok.im_start_id, f"{role} name={message['speaker']}\n{content}"]
         else:
             parts += [tok.im_start_id, f"{role}\n{content}"]
         for call in message.get("tool_calls") or []:

@@ -317,7 +317,9 @@ class HFChatTokenizer:
         from jinja2 import TemplateError
 
         validate_messages(messages)
-        if any(m["role"] == "environment" or m.get("tool_calls") or m.get("name") for m in messages):
+        if any(
+            m["role"] == "environment" or m.get("tool_calls") or m.get("name") or m.get("speaker") for m in messages
+        ):
             raise InvalidRequestError("tool calls and tool results need an InternLM2 model (its chat format)")
         try:
             ids = self.hf.apply_chat_template(

@@ -56,18 +56,46 @@ def parse_tool_call(text: str) -> ToolCall | None:
 
 
 def call_schema(functions: list[dict[str, Any]], only: str | None = None) -> dict[str, Any]:
-    """JSON Schema of one call's JSON: {"name": one of the tools (or `only`), "parameters": that tool's schema}."""
-    options = []
+    """JSON Schema of one call's JSON: {"name": one of the tools (or `only`), "parameters": that tool's schema}.
+
+    Each tool's parameter schema moves into the root's `$defs` (as `<tool>`, its own `$defs` as `<tool>.<name>`) and
+    its references are rewritten to match, so `#/$defs/...` and `#` inside it (what SDKs generate for nested and
+    recursive models) still point where they did.
+    """
+    options, defs = [], {}
     for function in functions:
         if only is not None and function["name"] != only:
             continue
-        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        name = function["name"]
+        parameters = dict(function.get("parameters") or {"type": "object", "properties": {}})
+        own = {**parameters.pop("definitions", {}), **parameters.pop("$defs", {})}
+        defs[name] = _rewrite_refs(parameters, name)
+        defs.update({f"{name}.{key}": _rewrite_refs(value, name) for key, value in own.items()})
         options.append(
             {
                 "type": "object",
-                "properties": {"name": {"const": function["name"]}, "parameters": parameters},
+                "properties": {"name": {"const": name}, "parameters": {"$ref": f"#/$defs/{name}"}},
                 "required": ["name", "parameters"],
                 "additionalProperties": False,
             }
         )
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    return {**(options[0] if len(options) == 1 else {"anyOf": options}), "$defs": defs}
+
+
+def _rewrite_refs(schema: Any, tool: str) -> Any:
+    """`schema` with its local references ("#", "#/$defs/X", "#/definitions/X") pointing into the root's $defs."""
+    if isinstance(schema, list):
+        return [_rewrite_refs(item, tool) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str):
+            if value == "#":
+                value = f"#/$defs/{tool}"
+            else:
+                for prefix in ("#/$defs/", "#/definitions/"):
+                    if value.startswith(prefix):
+                        value = f"#/$defs/{tool}.{value.removeprefix(prefix)}"
+        out[key] = value if key in ("const", "enum", "default", "examples") else _rewrite_refs(value, tool)
+    return out

@@ -402,3 +402,154 @@ class _ForceToken:
 
         engine._reply_plan = plan
         return True
+
+
+NESTED = {  # what openai.pydantic_function_tool and langchain generate for nested models: $defs and $ref
+    "type": "function",
+    "function": {
+        "name": "book",
+        "parameters": {
+            "$defs": {
+                "Place": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string", "maxLength": 10}},
+                    "required": ["city"],
+                    "additionalProperties": False,
+                }
+            },
+            "type": "object",
+            "properties": {
+                "origin": {"$ref": "#/$defs/Place"},
+                "nights": {"type": "integer", "minimum": 1, "maximum": 9},
+            },
+            "required": ["origin", "nights"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "book"}}])
+def test_forced_call_with_refs_in_the_parameters(client, choice):
+    completion = client.chat.completions.create(
+        model="m", messages=USER, tools=[NESTED], tool_choice=choice, max_tokens=120, **SAMPLED
+    )
+    call = completion.choices[0].message.tool_calls[0]
+    assert call.function.name == "book"
+    jsonschema.validate(json.loads(call.function.arguments), NESTED["function"]["parameters"])
+
+
+def test_logprobs_stay_in_step_with_text_cut_at_a_stop_string(client):
+    ask = dict(model="m", messages=[NO_SYSTEM, {"role": "user", "content": "hello there"}], temperature=0)
+    full = client.chat.completions.create(max_tokens=30, logprobs=True, **ask)
+    tokens = [e.token for e in full.choices[0].logprobs.content if e.bytes]
+    stop = "".join(tokens)[6:10]  # a stop string that starts inside the reply
+    assert stop and stop in full.choices[0].message.content
+    for stream in (False, True):
+        result = client.chat.completions.create(max_tokens=30, logprobs=True, stop=[stop], stream=stream, **ask)
+        if stream:
+            chunks = [c.choices[0] for c in result if c.choices]
+            content = "".join(c.delta.content or "" for c in chunks)
+            entries = [e for c in chunks if c.logprobs for e in c.logprobs.content]
+        else:
+            content, entries = result.choices[0].message.content, result.choices[0].logprobs.content
+        joined = "".join(e.token for e in entries if e.bytes)
+        assert content == full.choices[0].message.content.split(stop)[0]
+        assert joined.startswith(content) and len(joined) - len(content) < len(entries[-1].token) + 1  # no token past
+    completion = client.completions.create(
+        model="m", prompt="hello there", max_tokens=30, temperature=0, logprobs=1, stop=stop[:2]
+    )
+    choice = completion.choices[0]
+    joined = "".join(choice.logprobs.tokens)
+    assert joined.startswith(choice.text) and len(joined) - len(choice.text) < len(choice.logprobs.tokens[-1]) + 1
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    ["[" * 100_000 + "]" * 100_000, '{"\\udfff": 1}', '{"x": NaN}', "null", "[1, 2]", "{oops"],
+    ids=["nested-too-deeply", "escaped-surrogate", "nan", "null", "not-an-object", "not-json"],
+)
+def test_bad_tool_call_arguments_in_the_history_are_a_400(url, arguments):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    history = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "content": "1"}]
+    response = httpx.post(f"{url}/v1/chat/completions", json={"messages": history, "max_tokens": 4}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert "arguments" in response.json()["error"]["message"]
+
+
+def test_seed_range_and_wrap(url):
+    body = {"messages": USER, "max_tokens": 2, "temperature": 1.0}
+    for seed in (2**64, -(2**63) - 1):
+        response = httpx.post(f"{url}/v1/chat/completions", json={**body, "seed": seed}, timeout=60)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "seed"
+    edge = httpx.post(f"{url}/v1/chat/completions", json={**body, "seed": 2**63 - 1, "n": 2}, timeout=60)
+    assert edge.status_code == 200 and len(edge.json()["choices"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("schema", "keyword"),
+    [
+        ({"allOf": [{"type": "object"}, {"required": ["a"]}]}, "allOf"),
+        ({"type": "array", "uniqueItems": True}, "uniqueItems"),
+        ({"not": {"type": "string"}}, "not"),
+        ({"type": "array", "contains": {"const": 1}}, "contains"),
+        ({"type": "object", "properties": {"when": {"type": "string", "format": "date", "maxLength": 4}}}, "format"),
+    ],
+)
+def test_schema_keywords_the_grammar_cannot_enforce_are_a_400(url, schema, keyword):
+    body = {
+        "messages": USER,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    }
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
+    assert keyword in response.json()["error"]["message"]
+
+
+def test_prefill_with_json_output_is_a_400(url):
+    messages = [*USER, {"role": "assistant", "content": '{"answer": '}]
+    body = {"messages": messages, "response_format": {"type": "json_object"}}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
+
+
+def test_usage_counts_each_prompt_once(client):
+    chat = client.chat.completions.create(model="m", messages=USER, n=3, max_tokens=4, temperature=1.0)
+    one = client.chat.completions.create(model="m", messages=USER, max_tokens=4, temperature=1.0)
+    assert chat.usage.prompt_tokens == one.usage.prompt_tokens
+    assert chat.usage.prompt_tokens_details.cached_tokens <= chat.usage.prompt_tokens
+    texts = client.completions.create(model="m", prompt=["hello", "书生浦语 你好"], n=2, max_tokens=3)
+    singles = [client.completions.create(model="m", prompt=p, max_tokens=3) for p in ("hello", "书生浦语 你好")]
+    assert texts.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert [c.index for c in texts.choices] == [0, 1, 2, 3]
+
+
+def test_a_forced_call_cut_short_is_content_with_its_logprobs(client):
+    completion = client.chat.completions.create(
+        model="m", messages=USER, tools=[WEATHER], tool_choice="required", max_tokens=6, logprobs=True, temperature=0
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "length" and choice.message.tool_calls is None
+    assert choice.message.content.startswith('{"name": "get_weather"'[: len(choice.message.content)])
+    assert "".join(e.token for e in choice.logprobs.content if e.bytes) == choice.message.content
+
+
+def test_a_call_to_a_tool_not_offered_is_content():
+    from internlm_app.api.choices import ChoiceBuilder
+    from internlm_app.chat_types import ReplyChunk
+
+    builder = ChoiceBuilder(None, tools=["get_weather"])
+    for piece in [
+        ReplyChunk(control="<|action_start|>"),
+        ReplyChunk(control="<|plugin|>"),
+        ReplyChunk(text='\n{"name": "rm_rf", "parameters": {}}'),
+    ]:
+        builder.push(piece)
+    delta = builder.push(ReplyChunk(control="<|action_end|>"))
+    assert builder.tool_call is None and "rm_rf" in delta.content and builder.finish("stop")[1] == "stop"
+
+
+def test_message_names_are_rendered_as_speakers(engine):
+    messages = [NO_SYSTEM, {"role": "user", "content": "hi", "speaker": "alice"}]
+    ids = engine.prepare(messages, 4).ids
+    assert ids == engine.tokenizer.encode("<|im_start|>user name=alice\nhi<|im_end|>\n<|im_start|>assistant\n")

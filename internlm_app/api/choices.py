@@ -1,13 +1,15 @@
 """One choice of an OpenAI response, built from the engine's reply chunks: content cut at stop strings, InternLM2's
-tool call turned into OpenAI `tool_calls`, logprobs in OpenAI's shapes.
+tool call turned into OpenAI `tool_calls`, logprobs in OpenAI's shapes and in step with the text sent.
 
 A reply with tools offered reads: text (the content), then `<|action_start|>`, `<|plugin|>`, the call's JSON and
 `<|action_end|>`, which ends it (chat/chat_format.md). A forced call (`tool_choice` required or named) has the
-first two in the prompt already: the whole reply is the call's JSON. JSON that is not a call is shown as content.
+first two in the prompt already: the whole reply is the call's JSON. JSON that is not a call to an offered tool is
+shown as content, never dropped.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from ..chat_types import ReplyChunk, TokenLogprob, ToolCall
@@ -33,13 +35,61 @@ class Delta:
         return bool(self.content or self.tool_call or self.logprobs)
 
 
+class StopCutText:
+    """Text cut at the first stop string, with each piece's logprobs: only those of tokens whose text went out.
+
+    A token's record is released once all its text has been sent; when a stop string cuts the text, the tokens that
+    begin before the cut are released and the rest are dropped with the text (a token's length is that of its text;
+    a special token, with no text, goes with the next one).
+    """
+
+    def __init__(self, stops: list[str] | None):
+        self.stops = StopFilter(stops)
+        self._held: deque[TokenLogprob] = deque()  # records whose text is not (all) sent yet, in order
+        self._unassigned = 0  # characters sent that no held record has claimed yet
+
+    @property
+    def hit(self) -> bool:
+        return self.stops.hit
+
+    def push(self, text: str, records: list[TokenLogprob] | None = None) -> tuple[str, list[TokenLogprob]]:
+        self._held.extend(records or [])
+        out = self.stops.push(text)
+        if self.stops.hit:
+            return out, self._release(len(out), cut=True)
+        return out, self._release(len(out))
+
+    def flush(self) -> tuple[str, list[TokenLogprob]]:
+        """The text held back at the end (no stop string came), with every remaining record."""
+        out = self.stops.flush()
+        released = list(self._held)
+        self._held.clear()
+        return out, released
+
+    def _release(self, sent: int, cut: bool = False) -> list[TokenLogprob]:
+        self._unassigned += sent
+        released = []
+        while self._held:
+            size = len(self._held[0].token) if self._held[0].bytes else 0
+            if (self._unassigned <= 0) if cut else (size > self._unassigned):
+                break  # cut: the token starts at or after the cut; otherwise: not all of its text was sent yet
+            self._unassigned -= size
+            released.append(self._held.popleft())
+        if cut:
+            self._held.clear()
+            self._unassigned = 0
+        return released
+
+
 class ChoiceBuilder:
     """Feeds on one reply's chunks (`push`, then `finish`); `ended` turns true when a stop string ended it."""
 
-    def __init__(self, stops: list[str] | None, *, forced_call: bool = False):
-        self._stops = StopFilter(stops)
-        self._state = "call" if forced_call else "content"  # content -> action -> call | code
+    def __init__(self, stops: list[str] | None, *, forced_call: bool = False, tools: list[str] | None = None):
+        self._text = StopCutText(stops)
+        self._state = "call" if forced_call else "content"  # content -> action -> call -> done
+        self._tools = tools  # the offered tools' names (a call to another name is content)
         self._call_text = ""
+        self._call_records: list[TokenLogprob] = []
         self.tool_call: ToolCall | None = None
         self.ended = False
 
@@ -50,12 +100,13 @@ class ChoiceBuilder:
             return self._control(chunk.control)
         if self._state == "call":
             self._call_text += chunk.text
+            self._call_records += chunk.logprobs or []
             return Delta()
         if self._state == "action":  # text right after <|action_start|> without a tool token: plain content
             self._state = "content"
-        text = self._stops.push(chunk.text)
-        self.ended = self._stops.hit
-        return Delta(content=text, logprobs=list(chunk.logprobs or []))
+        text, records = self._text.push(chunk.text, chunk.logprobs)
+        self.ended = self._text.hit
+        return Delta(content=text, logprobs=records)
 
     def _control(self, control: str) -> Delta:
         if self._state == "content" and control == "<|action_start|>":
@@ -70,10 +121,14 @@ class ChoiceBuilder:
 
     def _end_call(self) -> Delta:
         self._state = "done"
-        self.tool_call = parse_tool_call(self._call_text)
-        if self.tool_call is None:  # not a call after all: the model's text is shown rather than lost
-            return Delta(content=self._stops.push(self._call_text))
-        return Delta(tool_call=self.tool_call)
+        call = parse_tool_call(self._call_text)
+        if call is not None and (self._tools is None or call["name"] in self._tools):
+            self.tool_call = call
+            return Delta(tool_call=call)
+        # Not a call to an offered tool after all: the model's text is shown (with its logprobs) rather than lost.
+        text, records = self._text.push(self._call_text, self._call_records)
+        self.ended = self._text.hit
+        return Delta(content=text, logprobs=records)
 
     def finish(self, finish_reason: str) -> tuple[Delta, str]:
         """The rest (held-back text, a call cut short) and OpenAI's finish_reason for an engine finish reason."""
@@ -81,7 +136,9 @@ class ChoiceBuilder:
         if self._state == "call":  # ended without <|action_end|> (length): a complete call still counts
             delta = self._end_call()
         if not self.ended:
-            delta.content += self._stops.flush()
+            text, records = self._text.flush()
+            delta.content += text
+            delta.logprobs += records
         if self.tool_call is not None:
             return delta, "tool_calls"
         return delta, "length" if finish_reason == "length" and not self.ended else "stop"

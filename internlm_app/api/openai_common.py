@@ -61,16 +61,18 @@ async def start_runners(
 
 
 def seeds(seed: int | None) -> Callable[[int], int | None]:
-    """Choice i's seed: seed + i, so n seeded choices differ from each other and repeat across requests."""
-    return lambda i: None if seed is None else seed + i
+    """Choice i's seed: seed + i (modulo 2**63, torch's range), so n seeded choices differ from each other and
+    repeat across requests."""
+    return lambda i: None if seed is None else (seed + i) % 2**63
 
 
-def usage(runners: list[ReplyRunner], shared_prompt: bool) -> dict:
-    """OpenAI usage: the prompt counted once when all choices share it, completion tokens over every choice."""
-    prompts = [r.stats.prompt_tokens for r in runners]
-    prompt_tokens = prompts[0] if shared_prompt and prompts else sum(prompts)
+def usage(runners: list[ReplyRunner], n: int) -> dict:
+    """OpenAI usage: each prompt counted once (runners come as n choices per prompt), its cached tokens as those of
+    its first choice, completion tokens over every choice."""
+    firsts = runners[::n]
+    prompt_tokens = sum(r.stats.prompt_tokens for r in firsts)
     completion = sum(r.stats.completion_tokens for r in runners)
-    cached = sum(r.stats.cached_tokens for r in runners)
+    cached = sum(r.stats.cached_tokens for r in firsts)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,

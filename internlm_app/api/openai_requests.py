@@ -57,6 +57,9 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | None = None
+    name: str | None = Field(
+        None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="Who speaks: `<|im_start|>user name=...`."
+    )
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
 
@@ -67,11 +70,11 @@ class ChatMessage(BaseModel):
 
     def engine_message(self) -> Message:
         content = self.content or ""
-        if self.role in ("system", "developer"):
-            return {"role": "system", "content": content}
         if self.role == "tool":  # a tool's result: InternLM2's environment turn from <|plugin|>
             return {"role": "environment", "name": "plugin", "content": content}
-        message: Message = {"role": self.role, "content": content}
+        message: Message = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.name:
+            message["speaker"] = self.name
         if self.tool_calls:
             calls: list[ToolCall] = [
                 {"id": c.id, "name": c.function.name, "arguments": c.function.arguments} for c in self.tool_calls
@@ -143,7 +146,9 @@ class GenerationRequest(BaseModel):
     repetition_penalty: float | None = Field(None, ge=BOUNDS["repetition_penalty"].low, le=2.0)
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    seed: int | None = Field(None, description="Same seed and request, the model alone on the GPU: same text.")
+    seed: int | None = Field(
+        None, ge=-(2**63), lt=2**63, description="Same seed and request, the model alone on the GPU: same text."
+    )
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -247,6 +252,8 @@ class ChatCompletionRequest(GenerationRequest):
             raise UnsupportedField("response_format", "JSON output and tool calls cannot be combined; pick one")
         if self.messages[-1].role == "assistant" and self.tool_choice not in (None, "none", "auto"):
             raise UnsupportedField("tool_choice", "a forced tool call cannot continue an assistant message")
+        if self.messages[-1].role == "assistant" and json_out:
+            raise UnsupportedField("response_format", "JSON output cannot continue an assistant message (prefill)")
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -281,7 +288,7 @@ class ChatCompletionRequest(GenerationRequest):
         elif self.response_format is not None and self.response_format.type == "json_object":
             schema = {"type": "object"}  # OpenAI's JSON mode: one JSON object
         elif self.response_format is not None and self.response_format.type == "json_schema":
-            schema = self.response_format.json_schema.schema_ or True
+            schema = self.response_format.json_schema.schema_  # {}: any JSON value
         return ReplyOptions(
             seed=seed,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,

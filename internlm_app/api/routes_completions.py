@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from openai.types import Completion
 
 from ..chat_types import TokenLogprob
-from ..stop_strings import StopFilter
+from .choices import StopCutText
 from .openai_common import ResponseIds, close_all, dropped_headers, event_stream, seeds, start_runners, usage
 from .openai_requests import COMPLETIONS_DEFAULT_MAX_TOKENS, CompletionRequest
 from .replies import ReplyRunner
@@ -42,18 +42,19 @@ class _Logprobs:
         }
 
 
-async def _pieces(runner: ReplyRunner, stops: StopFilter) -> AsyncIterator[tuple[str, list[TokenLogprob]]]:
-    """The reply's text cut at the first stop string, with the logprobs of the tokens each piece came from."""
+async def _pieces(runner: ReplyRunner, stops: StopCutText) -> AsyncIterator[tuple[str, list[TokenLogprob]]]:
+    """The reply's text cut at the first stop string, with the logprobs of the tokens whose text each piece sent."""
     async with aclosing(runner.chunks()) as chunks:
         async for chunk in chunks:
-            text = stops.push(chunk.text)
-            if text or chunk.logprobs:
-                yield text, list(chunk.logprobs or [])
+            text, records = stops.push(chunk.text, chunk.logprobs)
+            if text or records:
+                yield text, records
             if stops.hit:
                 runner.finish_reason = "stop"
                 return
-    if tail := stops.flush():
-        yield tail, []
+    text, records = stops.flush()
+    if text or records:
+        yield text, records
 
 
 def _finish(runner: ReplyRunner) -> str:
@@ -87,25 +88,25 @@ async def completions(body: CompletionRequest, request: Request):
         async def events() -> AsyncIterator[dict]:
             for index, runner in enumerate(runners):
                 logprobs = _Logprobs()
-                async for text, records in _pieces(runner, StopFilter(body.stop)):
+                async for text, records in _pieces(runner, StopCutText(body.stop)):
                     lp = logprobs.shape(records) if wanted else None
                     yield _completion(ids, [{"index": index, "text": text, "logprobs": lp, "finish_reason": None}])
                 yield _completion(
                     ids, [{"index": index, "text": "", "logprobs": None, "finish_reason": _finish(runner)}]
                 )
             if body.include_usage:
-                yield _completion(ids, [], usage=usage(runners, shared_prompt=False))
+                yield _completion(ids, [], usage=usage(runners, body.n))
 
         return event_stream(runners, events())
     choices = []
     try:
         for index, runner in enumerate(runners):
             text, records = "", []
-            async for piece, piece_records in _pieces(runner, StopFilter(body.stop)):
+            async for piece, piece_records in _pieces(runner, StopCutText(body.stop)):
                 text, records = text + piece, records + piece_records
             lp = _Logprobs().shape(records) if wanted else None
             choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": _finish(runner)})
     finally:
         await close_all(runners)
-    body_out = _completion(ids, choices, usage=usage(runners, shared_prompt=False))
+    body_out = _completion(ids, choices, usage=usage(runners, body.n))
     return JSONResponse(body_out, headers=dropped_headers(runners))

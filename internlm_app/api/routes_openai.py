@@ -41,7 +41,8 @@ def _logprobs(delta: Delta, wanted: bool) -> dict | None:
 
 
 def _builder(body: ChatCompletionRequest) -> ChoiceBuilder:
-    return ChoiceBuilder(body.stop, forced_call=body.forced_tool is not None)
+    tools = [t.function.name for t in body.tools or []]
+    return ChoiceBuilder(body.stop, forced_call=body.forced_tool is not None, tools=tools)
 
 
 async def _whole_choice(index: int, runner: ReplyRunner, body: ChatCompletionRequest) -> dict:
@@ -56,6 +57,7 @@ async def _whole_choice(index: int, runner: ReplyRunner, body: ChatCompletionReq
                 break
     rest, finish = builder.finish(runner.finish_reason or runner.stats.finish_reason)
     total.content += rest.content
+    total.logprobs += rest.logprobs
     message: dict = {"role": "assistant", "content": total.content or None}
     if builder.tool_call is not None:
         message["tool_calls"] = _tool_calls(builder.tool_call, streamed=False)
@@ -127,7 +129,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 async for event in _choice_events(index, runner, body, ids):
                     yield event
             if body.include_usage:
-                yield _chunk(ids, [], body, usage=usage(runners, shared_prompt=True), **extra)
+                yield _chunk(ids, [], body, usage=usage(runners, body.n), **extra)
 
         return event_stream(runners, events())
     try:
@@ -141,7 +143,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             "created": ids.created,
             "model": ids.model,
             "choices": choices,
-            "usage": usage(runners, shared_prompt=True),
+            "usage": usage(runners, body.n),
             **extra,
         }
     )
