@@ -212,8 +212,9 @@ class ChatEngine:
 
         The leading system messages are always kept. By default (the web app) the oldest turns are left out while
         prompt + `max_new_tokens` exceeds the budget; with `options.keep_history` (the API) turns are left out only
-        when the prompt itself does not fit, and otherwise the reply is capped to the room left. With no history left
-        to drop, the reply is capped too; only a prompt that leaves no room at all is an error (ContextTooLongError).
+        when the prompt itself does not fit (then enough for min(max_new_tokens, a quarter of the budget) of reply),
+        and otherwise the reply is capped to the room left. With no history left to drop, the reply is capped too;
+        only a prompt that leaves no room at all is an error (ContextTooLongError).
         `max_length` narrows the budget for this request (never beyond the model's window).
         """
         window = self.context_window if max_length is None else min(max_length, self.context_window)
@@ -235,17 +236,19 @@ class ChatEngine:
         start = users[-1] if users else len(messages) - 1  # the newest user message and what answers it so far
         system, history, new = messages[:lead], list(messages[lead:start]), messages[start:]
         suffix = self._tool_call_prefix() if options.force_tool_call else []
-        dropped = 0
+        dropped, room_wanted = 0, max_new_tokens
         while True:
             ids = self.tokenizer.build_prompt_ids(system + history + new, continue_final=continue_final) + suffix
             room = window - len(ids)
-            if room >= max_new_tokens:
-                return PreparedPrompt(ids, dropped, max_new_tokens)
-            if room > 0 and (options.keep_history or not history):
+            if room >= room_wanted:
+                return PreparedPrompt(ids, dropped, min(max_new_tokens, room))
+            if room > 0 and ((options.keep_history and not dropped) or not history):
                 return PreparedPrompt(ids, dropped, room)
             if not history:
                 raise ContextTooLongError(len(ids) + 1, window)
-            excess = len(ids) + (1 if options.keep_history else max_new_tokens) - window
+            if options.keep_history:  # the prompt does not fit: once turns go, leave a useful reply room too
+                room_wanted = min(max_new_tokens, window // 4)
+            excess = len(ids) + room_wanted - window
             cut, freed = 0, 0
             while cut < len(history) and freed < excess:
                 freed += self.tokenizer.count_message_tokens(history[cut])

@@ -315,6 +315,9 @@ def test_history_is_kept_and_the_reply_capped_while_the_prompt_fits(engine, tmp_
         )
         assert response.status_code == 200 and int(response.headers["X-Dropped-Messages"]) >= 2
         assert response.json()["dropped_messages"] == int(response.headers["X-Dropped-Messages"])
+        # Once turns must go, enough go for the reply asked for (up to a quarter of the window), not for one token.
+        usage = response.json()["usage"]
+        assert 512 - usage["prompt_tokens"] >= 8
         # The classic route keeps the same rule and says so the same way.
         pairs = [[long_turn, long_turn]] * 2
         fits = httpx.post(base, json={"prompt": "and now?", "history": pairs, "max_new_tokens": 360}, timeout=60)
