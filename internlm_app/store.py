@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import secrets
@@ -32,6 +34,45 @@ class _Connection(sqlite3.Connection):
 
 class StoreError(RuntimeError):
     """The database cannot be used (e.g. written by a newer version of the app)."""
+
+
+FAULT_KINDS = ("read_only", "full", "corrupt", "locked", "newer", "unavailable")
+
+
+class StoreFault(StoreError):
+    """The database file failed as a file: read-only, disk full, damaged, locked, too new, or not reachable.
+
+    `kind` is one of FAULT_KINDS; the web app says in words what each means and what to do."""
+
+    def __init__(self, kind: str, path: Path, detail: str):
+        super().__init__(f"{path}: {detail}")
+        self.kind, self.path, self.detail = kind, path, detail
+
+
+def fault_kind(exc: BaseException) -> str | None:
+    """Which StoreFault kind an SQLite or OS error is, or None for an error of the program itself."""
+    if isinstance(exc, sqlite3.Error):
+        name = getattr(exc, "sqlite_errorname", "") or ""
+        for prefix, kind in (
+            ("SQLITE_READONLY", "read_only"),
+            ("SQLITE_FULL", "full"),
+            ("SQLITE_CORRUPT", "corrupt"),
+            ("SQLITE_NOTADB", "corrupt"),
+            ("SQLITE_BUSY", "locked"),
+            ("SQLITE_LOCKED", "locked"),
+            ("SQLITE_CANTOPEN", "unavailable"),
+            ("SQLITE_IOERR", "unavailable"),
+            ("SQLITE_PERM", "read_only"),
+            ("SQLITE_AUTH", "unavailable"),
+        ):
+            if name.startswith(prefix):
+                return kind
+        return None
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "full"
+        return "read_only" if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else "unavailable"
+    return None
 
 
 @dataclass
@@ -126,25 +167,41 @@ class ConversationStore:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._lock = threading.Lock()
         # Weak, so the connection of a finished thread (Streamlit runs each rerun in a new one) closes with it.
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
-        self._write(self._migrate)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreFault(fault_kind(exc) or "unavailable", self.path, exc.strerror or str(exc)) from exc
+        # Only a file that needs it is migrated (a write): a read-only database of the current schema opens for reading.
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            self._migrate_refused(version)
+        if version < SCHEMA_VERSION:
+            self._write(self._migrate)
 
     # ----- connections and transactions -----
+
+    def _open(self) -> sqlite3.Connection:
+        """A new connection to the file (the one place a connection is made: tests inject file faults here)."""
+        return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, factory=_Connection)
 
     def _connect(self) -> sqlite3.Connection:
         local = self._local
         if getattr(local, "pid", None) == os.getpid():
             return local.conn
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, factory=_Connection)
+        conn = self._open()
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA foreign_keys = ON")
             if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")
+                try:
+                    conn.execute("PRAGMA journal_mode = WAL")
+                except sqlite3.OperationalError as exc:
+                    if fault_kind(exc) != "read_only":
+                        raise  # a read-only file stays in its journal mode and can still be read
             conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL survives a crash of the app, not a power cut
         except BaseException:
             conn.close()
@@ -155,7 +212,10 @@ class ConversationStore:
         return conn
 
     def _run(self, body: Callable[[sqlite3.Connection], T], begin: str) -> T:
-        """Run `body` in one short transaction, retrying while another writer holds the database."""
+        """Run `body` in one short transaction, retrying while another writer holds the database.
+
+        A failure of the file itself (read-only, full, damaged, locked too long) is a StoreFault; nothing is written
+        then (the transaction is rolled back), so the file is never changed by a failed call."""
         deadline = time.monotonic() + RETRY_SECONDS
         delay = 0.005
         while True:
@@ -168,13 +228,27 @@ class ConversationStore:
                     return result
                 except BaseException:
                     if conn.in_transaction:
-                        conn.execute("ROLLBACK")
+                        with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back by itself (disk full)
+                            conn.execute("ROLLBACK")
                     raise
-            except sqlite3.OperationalError as exc:
-                if not _busy(exc) or time.monotonic() > deadline:
-                    raise
+            except sqlite3.DatabaseError as exc:  # also "file is not a database", "disk image is malformed"
+                busy = isinstance(exc, sqlite3.OperationalError) and _busy(exc)
+                if not busy or time.monotonic() > deadline:
+                    kind = fault_kind(exc)
+                    if kind is None:
+                        raise  # the program's own mistake (a constraint, bad SQL), not a fault of the file
+                    self._forget_connection()  # the next call starts afresh: the file may be fixed by then
+                    raise StoreFault(kind, self.path, str(exc)) from exc
             time.sleep(delay)
             delay = min(delay * 2, 0.25)
+
+    def _forget_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        vars(self._local).clear()
+        if conn is not None:
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
 
     def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
         return self._run(body, "BEGIN IMMEDIATE")
@@ -185,11 +259,14 @@ class ConversationStore:
     def _migrate(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise StoreError(f"{self.path} has schema version {version}; this app knows up to {SCHEMA_VERSION}")
+            self._migrate_refused(version)
         for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
             for statement in step:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")
+
+    def _migrate_refused(self, version: int) -> None:
+        raise StoreFault("newer", self.path, f"schema version {version}; this app knows up to {SCHEMA_VERSION}")
 
     def schema_version(self) -> int:
         """The schema version of the file."""

@@ -17,7 +17,8 @@ from ..store import ConversationStore
 from .auth import login_gate
 from .i18n import LANGUAGES, t
 from .loading import BackendLoader, LoadStatus
-from .resources import backend_loader, conversation_store
+from .resources import backend_loader
+from .storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ class PageContext:
         return t(key, self.lang, **values)
 
     def store(self) -> ConversationStore:
-        return conversation_store(self.settings)
+        """The conversation store; a database that cannot be opened stops the page with what is wrong and what to do."""
+        return open_store(self)
 
     def backend(self) -> ChatBackend:
         """The shared backend; while it loads the page shows progress, and a failure stops the page with a message."""
