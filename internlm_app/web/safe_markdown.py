@@ -88,25 +88,30 @@ def _walk(tokens: list[Token]) -> Iterator[tuple[Token, Token | None]]:
             yield child, token
 
 
+def _in_code(text: str, runs: list[int]) -> set[int]:
+    """Which k have runs[k] (where a backslash run before some character starts) inside a code span or block.
+
+    A marker character put there leaves escapes, code spans and blocks as they were; the markers that land in code
+    are the answer. Should markers not be possible, nothing counts as code (the safe side: all gets escaped)."""
+    if not runs or len(runs) >= _MARK_LIMIT or any(_MARK_BASE <= ord(c) < _MARK_BASE + _MARK_LIMIT for c in text):
+        return set()
+    marked, last = [], 0
+    for k, run in enumerate(runs):
+        marked += [text[last:run], chr(_MARK_BASE + k)]
+        last = run
+    marked.append(text[last:])
+    in_code: set[int] = set()
+    for token, _ in _walk(_MD.parse("".join(marked))):
+        if token.type in ("code_inline", "fence", "code_block"):
+            in_code.update(ord(c) - _MARK_BASE for c in token.content if ord(c) >= _MARK_BASE)
+    return in_code
+
+
 def _images_as_links(text: str) -> str:
     """Put a backslash before every `!` that starts an image outside code: `![alt](url)` becomes `!` + a link."""
     # (where its backslash run starts, where the `!` is) of each `![` whose `!` no backslash escapes
     starts = [(m.start(), m.end() - 2) for m in _IMAGE_START.finditer(text) if len(m.group(1)) % 2 == 0]
-    if not starts:
-        return text
-    in_code: set[int] = set()
-    clean = not any(_MARK_BASE <= ord(c) < _MARK_BASE + _MARK_LIMIT for c in text)
-    if clean and len(starts) < _MARK_LIMIT:
-        # A marker before each backslash run leaves escapes, code spans and blocks as they were; the markers that
-        # land in code show which `![` are code (Rust's `vec![1]`), to be left alone.
-        marked, last = [], 0
-        for k, (run, _) in enumerate(starts):
-            marked += [text[last:run], chr(_MARK_BASE + k)]
-            last = run
-        marked.append(text[last:])
-        for token, _ in _walk(_MD.parse("".join(marked))):
-            if token.type in ("code_inline", "fence", "code_block"):
-                in_code.update(ord(c) - _MARK_BASE for c in token.content if ord(c) >= _MARK_BASE)
+    in_code = _in_code(text, [run for run, _ in starts])  # Rust's `vec![1]` stays as it is
     out, last = [], 0
     for k, (_, bang) in enumerate(starts):
         if k in in_code:
@@ -132,15 +137,20 @@ def _unsafe_lines(text: str) -> set[int]:
 
 
 def _escape_in_lines(text: str, lines: set[int], chars: str) -> str:
-    """Escape every unescaped character of `chars` on the given lines: no link or image can start there."""
+    """Escape every unescaped character of `chars` outside code on the given lines: no link or image starts there."""
     pattern = re.compile(r"(\\*)([" + re.escape(chars) + "])")
-
-    def escape(m: re.Match) -> str:
-        run, char = m.group(1), m.group(2)
-        return run + ("\\" if len(run) % 2 == 0 else "") + char
-
-    out = text.split("\n")
-    for i in lines:
-        if i < len(out):
-            out[i] = pattern.sub(escape, out[i])
-    return "\n".join(out)
+    found, offset = [], 0  # (where the backslash run starts, where the character is)
+    for i, line in enumerate(text.split("\n")):
+        if i in lines:
+            found += [
+                (offset + m.start(), offset + m.end() - 1) for m in pattern.finditer(line) if len(m.group(1)) % 2 == 0
+            ]
+        offset += len(line) + 1
+    in_code = _in_code(text, [run for run, _ in found])
+    out, last = [], 0
+    for k, (_, char) in enumerate(found):
+        if k not in in_code:
+            out += [text[last:char], "\\"]
+            last = char
+    out.append(text[last:])
+    return "".join(out)
