@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import streamlit as st
 from pydantic import ValidationError
@@ -29,6 +30,9 @@ PAGES = (
     ("pages/history.py", "nav_history", ":material/history:"),
 )
 POLL_SECONDS = 0.25
+# A file, not ":material/chat:": Streamlit fetches a Material icon for the tab from fonts.gstatic.com, a request to
+# elsewhere from every viewer's browser (and blocked on Chinese networks).
+PAGE_ICON = str(Path(__file__).with_name("icon.png"))
 
 
 def exit_unless_streamlit(script: str = "app.py") -> None:
@@ -66,7 +70,7 @@ def start_page(title_key: str) -> PageContext:
     """Set up the page; stops the script while the password gate is closed or the settings are invalid."""
     lang = st.session_state.get("lang", LANGUAGES[0])
     st.set_page_config(
-        page_title=f"{t(title_key, lang)} · InternLM2 Chat", page_icon=":material/chat:", layout="centered"
+        page_title=f"{t(title_key, lang)} · InternLM2 Chat", page_icon=PAGE_ICON, layout="centered"
     )
     try:
         settings = Settings()
