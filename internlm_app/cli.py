@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .sampling import BOUNDS, INT_PARAMS, SamplingParams
 from .settings import Settings, add_settings_arguments, settings_from_args
 
@@ -164,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def validation_line(exc) -> str:
+    """A pydantic ValidationError of the settings or sampling values as one line: which value, what is allowed."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        name = ".".join(str(p) for p in error["loc"]) or "value"
+        secret = any(word in name for word in ("key", "password"))  # never echo a secret to the terminal
+        given = "" if secret or "input" not in error else f" (given: {str(error['input'])[:60]!r})"
+        parts.append(f"--{name.replace('_', '-')} / INTERNLM_{name.upper()}: {error['msg']}{given}")
+    return "invalid setting " + "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -178,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except ValidationError as exc:  # before ValueError: its text spans several lines
+        print(f"error: {validation_line(exc)}", file=sys.stderr)
+        return 2
     except (ModelLoadError, ModelSourceError, ConversionError, EngineError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -69,9 +69,7 @@ class PageContext:
 def start_page(title_key: str) -> PageContext:
     """Set up the page; stops the script while the password gate is closed or the settings are invalid."""
     lang = st.session_state.get("lang", LANGUAGES[0])
-    st.set_page_config(
-        page_title=f"{t(title_key, lang)} · InternLM2 Chat", page_icon=PAGE_ICON, layout="centered"
-    )
+    st.set_page_config(page_title=f"{t(title_key, lang)} · InternLM2 Chat", page_icon=PAGE_ICON, layout="centered")
     try:
         settings = Settings()
     except ValidationError as exc:
