@@ -10,6 +10,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -188,11 +189,30 @@ class ConversationStore:
         """A new connection to the file (the one place a connection is made: tests inject file faults here)."""
         return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, factory=_Connection)
 
+    def _open_immutable(self) -> sqlite3.Connection:
+        """A read-only connection that needs no -shm file: for a database on read-only media."""
+        uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}?immutable=1"
+        return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, factory=_Connection)
+
     def _connect(self) -> sqlite3.Connection:
         local = self._local
         if getattr(local, "pid", None) == os.getpid():
             return local.conn
-        conn = self._open()
+        try:
+            conn = self._configure(self._open())
+        except sqlite3.OperationalError as exc:
+            # A WAL database whose folder cannot be written (a read-only mount) cannot even be read normally: SQLite
+            # needs to create its -shm file. Read it as immutable instead; every write then fails as read-only.
+            if fault_kind(exc) != "unavailable" or not self.path.is_file() or os.access(self.path.parent, os.W_OK):
+                raise
+            conn = self._open_immutable()
+            conn.execute("PRAGMA query_only = ON")
+        local.conn, local.pid = conn, os.getpid()
+        with self._lock:
+            self._connections.add(conn)
+        return conn
+
+    def _configure(self, conn: sqlite3.Connection) -> sqlite3.Connection:
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA foreign_keys = ON")
@@ -206,9 +226,6 @@ class ConversationStore:
         except BaseException:
             conn.close()
             raise
-        local.conn, local.pid = conn, os.getpid()
-        with self._lock:
-            self._connections.add(conn)
         return conn
 
     def _run(self, body: Callable[[sqlite3.Connection], T], begin: str) -> T:
