@@ -6,6 +6,7 @@ import errno
 import gc
 import json
 import logging
+import os
 import pickle
 import re
 import shutil
@@ -270,7 +271,7 @@ def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path]
             for new_name, new_tensor in convert_tensor(name, tensor, cfg):
                 out[new_name] = new_tensor
         out_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(out, str(tmp / out_name), metadata={"format": "pt"})
+        _save_shard(out, tmp / out_name)
         for name, tensor in out.items():
             weight_map[name] = out_name
             total_size += tensor.numel() * tensor.element_size()
@@ -298,6 +299,17 @@ def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path]
     if progress:
         progress(len(shards), len(shards), "done")
     return dst
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file, its I/O failures as the OSError they are (safetensors reports a full disk as a SafetensorError)."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise ConversionError(f"could not write {path}: {exc}") from exc
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
 
 
 def _write_generation_config(src: Path, dst: Path, cfg: dict) -> None:

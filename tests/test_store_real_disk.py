@@ -69,3 +69,31 @@ def test_a_real_full_disk_and_a_real_read_only_mount(tmp_path):
     assert out["freed_write"] == "ok"
     assert out["ro_read"] == ["hello", "hi there", "after freeing space"]  # readable on read-only media
     assert out["ro_write"] == out["ro_rename"] == "read_only"
+
+
+def test_a_real_full_disk_while_converting_is_one_line_and_leaves_nothing(tmp_path):
+    script = (
+        "import subprocess, sys; from internlm_app import cli\n"
+        "subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=400k', 'tmpfs', sys.argv[1]], check=True)\n"
+        "code = cli.main(['convert', sys.argv[2], sys.argv[1] + '/out'])\n"
+        "import os; print(sorted(os.listdir(sys.argv[1]))); sys.exit(code)"
+    )
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    command = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        sys.executable,
+        "-c",
+        script,
+        str(disk),
+        str(FIXTURE_DIR),
+    ]
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "No space left on device" in line and "free space" in line
+    assert result.stdout.strip().splitlines()[-1] == "[]"  # the converted checkpoint is 0.9 MB: nothing is left
