@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -26,6 +27,7 @@ STATUSES = ("complete", "streaming", "stopped", "error")
 TITLE_MAX = 60  # characters of the first user message used as the automatic title
 TITLE_LIMIT = 200  # longest title a user may set
 BUSY_TIMEOUT_MS = 10_000
+MIN_FREE_BYTES = 64 * 1024  # less free space than this where the database lives: a full disk
 RETRY_SECONDS = 30.0  # total time a transaction is retried when SQLite still reports the database busy
 
 
@@ -199,18 +201,28 @@ class ConversationStore:
         if getattr(local, "pid", None) == os.getpid():
             return local.conn
         try:
-            conn = self._configure(self._open())
+            conn, local.why_read_only = self._configure(self._open()), None
         except sqlite3.OperationalError as exc:
-            # A WAL database whose folder cannot be written (a read-only mount) cannot even be read normally: SQLite
-            # needs to create its -shm file. Read it as immutable instead; every write then fails as read-only.
-            if fault_kind(exc) != "unavailable" or not self.path.is_file() or os.access(self.path.parent, os.W_OK):
+            # A WAL database cannot even be read normally when SQLite cannot make its -shm file beside it: on a
+            # read-only mount, or on a full disk. Read it as immutable then; every write fails, as what it is.
+            kind = self._why_unopenable(exc)
+            if kind is None:
                 raise
             conn = self._open_immutable()
             conn.execute("PRAGMA query_only = ON")
+            local.why_read_only = (kind, str(exc))
         local.conn, local.pid = conn, os.getpid()
         with self._lock:
             self._connections.add(conn)
         return conn
+
+    def _why_unopenable(self, exc: sqlite3.OperationalError) -> str | None:
+        """ "read_only" or "full" when the file exists but its folder takes no new file; None for other failures."""
+        if fault_kind(exc) != "unavailable" or not self.path.is_file():
+            return None
+        if not os.access(self.path.parent, os.W_OK):
+            return "read_only"
+        return "full" if shutil.disk_usage(self.path.parent).free < MIN_FREE_BYTES else None
 
     def _configure(self, conn: sqlite3.Connection) -> sqlite3.Connection:
         try:
@@ -251,11 +263,13 @@ class ConversationStore:
             except sqlite3.DatabaseError as exc:  # also "file is not a database", "disk image is malformed"
                 busy = isinstance(exc, sqlite3.OperationalError) and _busy(exc)
                 if not busy or time.monotonic() > deadline:
-                    kind = fault_kind(exc)
+                    kind, detail = fault_kind(exc), str(exc)
                     if kind is None:
                         raise  # the program's own mistake (a constraint, bad SQL), not a fault of the file
+                    if kind == "read_only" and getattr(self._local, "why_read_only", None):
+                        kind, detail = self._local.why_read_only  # read-only because the file could not be opened
                     self._forget_connection()  # the next call starts afresh: the file may be fixed by then
-                    raise StoreFault(kind, self.path, str(exc)) from exc
+                    raise StoreFault(kind, self.path, detail) from exc
             time.sleep(delay)
             delay = min(delay * 2, 0.25)
 

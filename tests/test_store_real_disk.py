@@ -34,15 +34,28 @@ store = ConversationStore(db)
 cid = store.create_conversation("", title="kept")
 store.add_message(cid, "user", "hello")
 store.add_message(cid, "assistant", "hi there")
-with open(os.path.join(disk, "filler"), "wb", buffering=0) as filler:  # take every free byte of the disk
-    try:
-        while True:
-            filler.write(b"\0" * 512)
-    except OSError as exc:
-        out["filler_error"] = exc.strerror
+def fill(name):  # take every free byte of the disk
+    with open(os.path.join(disk, name), "wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 512)
+        except OSError as exc:
+            return exc.strerror
+
+
+out["filler_error"] = fill("filler")
 out["full_write"] = attempt(lambda: store.add_message(cid, "user", "a short message on a full disk"))
 out["full_read"] = [m.content for m in store.get_conversation(cid).messages]
+store.close()
 os.remove(os.path.join(disk, "filler"))
+ConversationStore(db).close()  # a clean close: no -wal or -shm file is left
+fill("filler")
+store = ConversationStore(db)  # a start on a full disk: SQLite cannot even make its -shm file
+out["start_full_read"] = [m.content for m in store.get_conversation(cid).messages]
+out["start_full_write"] = attempt(lambda: store.add_message(cid, "user", "again"))
+store.close()
+os.remove(os.path.join(disk, "filler"))
+store = ConversationStore(db)
 out["freed_write"] = attempt(lambda: store.add_message(cid, "user", "after freeing space"))
 store.close()
 subprocess.run(["mount", "-o", "remount,ro", disk], check=True)
@@ -66,6 +79,7 @@ def test_a_real_full_disk_and_a_real_read_only_mount(tmp_path):
     assert out["filler_error"] == "No space left on device"
     assert out["full_write"] == "full"  # SQLite's own SQLITE_FULL, for a message of a few bytes
     assert out["full_read"] == ["hello", "hi there"]  # reading goes on, nothing half-written
+    assert out["start_full_read"] == ["hello", "hi there"] and out["start_full_write"] == "full"
     assert out["freed_write"] == "ok"
     assert out["ro_read"] == ["hello", "hi there", "after freeing space"]  # readable on read-only media
     assert out["ro_write"] == out["ro_rename"] == "read_only"
