@@ -499,8 +499,9 @@ def cli_part(tmp: Path) -> None:
         result, method = cli(tmp, ["convert", str(FIXTURE_DIR), str(out)], b""), "real tmpfs"
     else:
         inject = (
-            "import errno, sys; from internlm_app import cli, convert\n"
-            "def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device', a[1])\n"
+            "import sys; from safetensors import SafetensorError; from internlm_app import cli, convert\n"
+            "def full(*a, **k): raise SafetensorError('Error while serializing: I/O error: No space left on device "
+            "(os error 28)')\n"
             "convert.save_file = full; sys.exit(cli.main(sys.argv[1:]))"
         )
         command = [PY, "-c", inject, "convert", str(FIXTURE_DIR), str(out)]

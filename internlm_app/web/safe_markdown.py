@@ -17,7 +17,7 @@ from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
 SAFE_SCHEMES = frozenset({"http", "https", "mailto"})  # a link with no scheme (relative) stays too
-IMAGE_PLACEHOLDER = "🖼"  # the link text of an image that had no alt text, so it can still be clicked
+IMAGE_PLACEHOLDER = "image"  # the link text of an image without alt text, so there is something to click
 _MARK_BASE = 0xF0000  # Supplementary Private Use Area-A: one marker character per `![` while checking for code
 _MARK_LIMIT = 0xFFFE
 _MAX_PASSES = 4
