@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import secrets
@@ -19,6 +18,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from .chat_types import TURN_ROLES, Message, ReplyStats
+from .store_errors import FAULT_KINDS as FAULT_KINDS
+from .store_errors import StoreError as StoreError
+from .store_errors import StoreFault, fault_kind
 from .store_schema import MIGRATIONS, SCHEMA_VERSION
 
 T = TypeVar("T")
@@ -33,49 +35,6 @@ RETRY_SECONDS = 30.0  # total time a transaction is retried when SQLite still re
 
 class _Connection(sqlite3.Connection):
     """A connection that can be weakly referenced."""
-
-
-class StoreError(RuntimeError):
-    """The database cannot be used (e.g. written by a newer version of the app)."""
-
-
-FAULT_KINDS = ("read_only", "full", "corrupt", "locked", "newer", "unavailable")
-
-
-class StoreFault(StoreError):
-    """The database file failed as a file: read-only, disk full, damaged, locked, too new, or not reachable.
-
-    `kind` is one of FAULT_KINDS; the web app says in words what each means and what to do."""
-
-    def __init__(self, kind: str, path: Path, detail: str):
-        super().__init__(f"{path}: {detail}")
-        self.kind, self.path, self.detail = kind, path, detail
-
-
-def fault_kind(exc: BaseException) -> str | None:
-    """Which StoreFault kind an SQLite or OS error is, or None for an error of the program itself."""
-    if isinstance(exc, sqlite3.Error):
-        name = getattr(exc, "sqlite_errorname", "") or ""
-        for prefix, kind in (
-            ("SQLITE_READONLY", "read_only"),
-            ("SQLITE_FULL", "full"),
-            ("SQLITE_CORRUPT", "corrupt"),
-            ("SQLITE_NOTADB", "corrupt"),
-            ("SQLITE_BUSY", "locked"),
-            ("SQLITE_LOCKED", "locked"),
-            ("SQLITE_CANTOPEN", "unavailable"),
-            ("SQLITE_IOERR", "unavailable"),
-            ("SQLITE_PERM", "read_only"),
-            ("SQLITE_AUTH", "unavailable"),
-        ):
-            if name.startswith(prefix):
-                return kind
-        return None
-    if isinstance(exc, OSError):
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return "full"
-        return "read_only" if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else "unavailable"
-    return None
 
 
 @dataclass
