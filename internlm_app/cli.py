@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .sampling import BOUNDS, INT_PARAMS, SamplingParams
 from .settings import Settings, add_settings_arguments, settings_from_args
 
@@ -151,8 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from pydantic import ValidationError
-
     from .api.server import PortInUseError
     from .chat_types import EngineError
     from .convert import ConversionError
@@ -162,10 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except ValidationError as exc:
-        if exc.title != "Settings":
-            raise
-        print("error: invalid settings\n  " + describe_settings_error(exc).replace("\n", "\n  "), file=sys.stderr)
+    except ValidationError as exc:  # before ValueError: a bad setting or sampling value, one line naming it
+        print("error: invalid setting " + "; ".join(describe_settings_error(exc).splitlines()), file=sys.stderr)
         return 2
     except (ModelLoadError, ModelSourceError, ConversionError, EngineError, PortInUseError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

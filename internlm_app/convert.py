@@ -6,6 +6,7 @@ import errno
 import gc
 import json
 import logging
+import os
 import pickle
 import re
 import shutil
@@ -20,6 +21,10 @@ log = logging.getLogger(__name__)
 
 MARKER = "internlm_app_conversion.json"
 CONVERSION_VERSION = 1
+REQUIRED_CONFIG = (
+    *("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+    *("max_position_embeddings", "rms_norm_eps"),
+)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 # InternLM2 name (after "model.layers.N.") -> Llama name
@@ -46,18 +51,33 @@ class ConversionError(RuntimeError):
     """The source directory is not an InternLM2 checkpoint this converter understands."""
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file of a checkpoint; one that cannot be read or parsed is a ConversionError saying what to do."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ConversionError(
+            f"{path} is not a readable JSON file ({exc}); the download is incomplete or damaged: download the model "
+            "again (python -m internlm_app download) or point INTERNLM_MODEL_PATH at a good copy"
+        ) from exc
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} holds no JSON object; download the model again")
+    return data
+
+
 def is_internlm2_checkpoint(path: Path) -> bool:
     config = path / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == "internlm2"
+    return config.is_file() and read_json(config).get("model_type") == "internlm2"
 
 
 def is_converted(dst: Path, src: Path | None = None) -> bool:
-    """True when `dst` holds a finished conversion (of `src`, when given)."""
+    """True when `dst` holds a finished conversion (of `src`, when given); a damaged marker means it is not."""
     marker = dst / MARKER
-    if not marker.is_file():
+    try:
+        meta = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent, unreadable or cut short: convert again
         return False
-    meta = json.loads(marker.read_text())
-    if meta.get("version") != CONVERSION_VERSION:
+    if not isinstance(meta, dict) or meta.get("version") != CONVERSION_VERSION:
         return False
     return src is None or meta.get("source") == str(src.resolve())
 
@@ -96,8 +116,16 @@ def llama_config(internlm: dict) -> dict:
     }
 
 
-def split_wqkv(wqkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+def split_wqkv(
+    wqkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, name: str = "wqkv"
+) -> tuple[torch.Tensor, ...]:
     """Split InternLM2's fused wqkv, laid out per kv head as [q * (heads/kv_heads), k, v] rows of head_dim."""
+    rows = (heads + 2 * kv_heads) * head_dim
+    if wqkv.shape[0] != rows or heads % kv_heads:
+        raise ConversionError(
+            f"{name} has shape {tuple(wqkv.shape)}, but config.json ({heads} heads, {kv_heads} key/value heads "
+            f"of {head_dim}) needs {rows} rows: the weights do not belong to this config.json"
+        )
     groups = heads // kv_heads
     grouped = wqkv.reshape(kv_heads, groups + 2, head_dim, *wqkv.shape[1:])
     q = grouped[:, :groups].reshape(heads * head_dim, *wqkv.shape[1:])
@@ -120,7 +148,7 @@ def convert_tensor(name: str, tensor: torch.Tensor, cfg: dict) -> Iterator[tuple
     if rest.startswith("attention.wqkv."):
         suffix = rest.rsplit(".", 1)[1]
         heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-        q, k, v = split_wqkv(tensor, heads, kv, cfg["hidden_size"] // heads)
+        q, k, v = split_wqkv(tensor, heads, kv, cfg["hidden_size"] // heads, name)
         for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
             yield f"{prefix}self_attn.{proj}.{suffix}", part
     elif rest in _LAYER_RENAMES:
@@ -131,11 +159,25 @@ def convert_tensor(name: str, tensor: torch.Tensor, cfg: dict) -> Iterator[tuple
         raise ConversionError(f"unexpected tensor {name!r}")
 
 
+def expected_tensors(cfg: dict) -> set[str]:
+    """The Llama weights a conversion of an InternLM2 model with config `cfg` must hold (biases aside)."""
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not cfg.get("tie_word_embeddings", False):
+        names.add("lm_head.weight")
+    per_layer = [f"self_attn.{p}_proj.weight" for p in "qkvo"]
+    per_layer += [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    per_layer += ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    return names | {f"model.layers.{i}.{n}" for i in range(cfg["num_hidden_layers"]) for n in per_layer}
+
+
 def _source_shards(src: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = src / index_name
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index} has no weight_map; download the model again")
+            files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (src / f).is_file()]
             if missing:
                 raise ConversionError(
@@ -167,7 +209,10 @@ def convert_checkpoint(src: Path, dst: Path, progress: Progress | None = None) -
     src, dst = Path(src), Path(dst)
     if not is_internlm2_checkpoint(src):
         raise ConversionError(f"{src} has no InternLM2 config.json (model_type 'internlm2')")
-    cfg = json.loads((src / "config.json").read_text())
+    cfg = read_json(src / "config.json")
+    absent = [key for key in REQUIRED_CONFIG if not isinstance(cfg.get(key), int | float)]
+    if absent:
+        raise ConversionError(f"{src / 'config.json'} lacks {', '.join(absent)}; download the model again")
     shards = _source_shards(src)
     if dst.exists() and not dst.is_dir():
         raise ConversionError(f"{dst} exists and is not a directory: remove it or choose another output directory")
@@ -217,16 +262,29 @@ def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path]
             progress(i - 1, len(shards), shard.name)
         out: dict[str, torch.Tensor] = {}
         for name, tensor in _read_shard_checked(shard):
+            if not tensor.is_floating_point():
+                raise ConversionError(
+                    f"{shard} holds {name} as {str(tensor.dtype).removeprefix('torch.')}, not as floating-point "
+                    "weights: a quantized checkpoint (AWQ, GPTQ, ...) cannot be converted. Use the original "
+                    "float16/bfloat16 model; INTERNLM_QUANTIZATION=8bit or 4bit quantizes it when it loads"
+                )
             for new_name, new_tensor in convert_tensor(name, tensor, cfg):
                 out[new_name] = new_tensor
         out_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(out, str(tmp / out_name), metadata={"format": "pt"})
+        _save_shard(out, tmp / out_name)
         for name, tensor in out.items():
             weight_map[name] = out_name
             total_size += tensor.numel() * tensor.element_size()
         del out
         gc.collect()
         log.info("converted shard %d/%d (%s)", i, len(shards), shard.name)
+    missing = sorted(expected_tensors(cfg) - weight_map.keys())
+    if missing:  # a shard was missing or cut short: transformers would fill the gaps with random weights
+        raise ConversionError(
+            f"{src} lacks {len(missing)} weights that its config.json needs ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): a weights file is missing or incomplete; download the model "
+            "again (python -m internlm_app download)"
+        )
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (tmp / "config.json").write_text(json.dumps(llama_config(cfg), indent=2))
@@ -243,9 +301,20 @@ def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path]
     return dst
 
 
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file, its I/O failures as the OSError they are (safetensors reports a full disk as a SafetensorError)."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise ConversionError(f"could not write {path}: {exc}") from exc
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
+
+
 def _write_generation_config(src: Path, dst: Path, cfg: dict) -> None:
     """Keep the source generation config, making sure <|im_end|> ends a reply as it does in `model.chat`."""
-    gen = json.loads((src / "generation_config.json").read_text()) if (src / "generation_config.json").is_file() else {}
+    gen = read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else {}
     eos = gen.get("eos_token_id", cfg.get("eos_token_id", 2))
     eos = list(eos) if isinstance(eos, list) else [eos]
     im_end = _im_end_id(src)
@@ -262,5 +331,5 @@ def _im_end_id(src: Path) -> int | None:
     tok_cfg = src / "tokenizer_config.json"
     if not tok_cfg.is_file():
         return None
-    decoder = json.loads(tok_cfg.read_text()).get("added_tokens_decoder", {})
+    decoder = read_json(tok_cfg).get("added_tokens_decoder", {})
     return next((int(i) for i, tok in decoder.items() if tok.get("content") == "<|im_end|>"), None)

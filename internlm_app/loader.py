@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 
 from . import gpu
-from .convert import Progress
+from .convert import Progress, read_json
 from .model_source import resolve_model_dir
 from .settings import Settings
 from .tokenizer import ChatTokenizer, load_tokenizer
@@ -64,7 +63,7 @@ def checkpoint_bytes(model_dir: Path) -> int:
     """Size of the weights on disk (from the index when there is one)."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (model_dir / index).is_file():
-            size = json.loads((model_dir / index).read_text()).get("metadata", {}).get("total_size")
+            size = read_json(model_dir / index).get("metadata", {}).get("total_size")
             if size:
                 return int(size)
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) + sum(
@@ -75,7 +74,7 @@ def checkpoint_bytes(model_dir: Path) -> int:
 def _check_fits(model_dir: Path, device: str, dtype: torch.dtype, settings: Settings) -> None:
     """Refuse plainly, before loading, a model that cannot fit this machine."""
     disk_bytes = checkpoint_bytes(model_dir)
-    stored = json.loads((model_dir / "config.json").read_text()).get("dtype") or "float16"
+    stored = read_json(model_dir / "config.json").get("dtype") or "float16"
     stored_size = 4 if "32" in str(stored) else 2
     needed = disk_bytes * torch.finfo(dtype).bits // 8 // stored_size
     gib = needed / 2**30
@@ -124,6 +123,18 @@ def context_window(config, settings: Settings) -> int:
     return limit
 
 
+def _check_complete(model_dir: Path, loading: dict) -> None:
+    """Refuse weights that are absent or of the wrong shape: transformers would start them at random, silently."""
+    for kind, what in (("missing_keys", "lacks"), ("mismatched_keys", "has wrongly shaped")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in loading.get(kind) or ())
+        if names:
+            raise ModelLoadError(
+                f"the checkpoint in {model_dir} {what} {len(names)} weights ({', '.join(names[:3])}"
+                f"{', ...' if len(names) > 3 else ''}): a weights file is missing, incomplete or from another model; "
+                "download the model again (python -m internlm_app download)"
+            )
+
+
 def load_model(
     settings: Settings, progress: Progress | None = None
 ) -> tuple[torch.nn.Module, ChatTokenizer, ModelInfo]:
@@ -142,7 +153,7 @@ def load_model(
         kwargs["device_map"] = settings.device_map
         kwargs["quantization_config"] = _quantization_config(settings, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(str(model_dir), output_loading_info=True, **kwargs)
     except torch.OutOfMemoryError as exc:
         gpu.clear_cache()
         raise ModelLoadError(
@@ -153,6 +164,7 @@ def load_model(
             f"could not load the model from {model_dir}: {exc}. If a weights file is incomplete or corrupt, download "
             "the model again (python -m internlm_app download)."
         ) from exc
+    _check_complete(model_dir, loading)
     model.eval()
     tokenizer = load_tokenizer(model_dir)
     info = ModelInfo(

@@ -173,7 +173,8 @@ class Settings(BaseSettings):
 
 
 def describe_settings_error(exc: ValidationError) -> str:
-    """One line per invalid setting, named by its environment variable and flag; values are never echoed."""
+    """One line per invalid setting (or sampling value), named by its environment variable and flag; values are
+    never echoed (a key or a password could be one)."""
     lines = []
     for error in exc.errors(include_url=False, include_input=False):
         name = str(error["loc"][0]) if error.get("loc") else ""

@@ -12,7 +12,7 @@ st.title(ctx.t("nav_history"))
 history.show_notice()
 
 query = st.text_input(ctx.t("search"), key="search", placeholder=ctx.t("search_placeholder"))
-items = store.search(query, limit=None) if query.strip() else store.list_conversations(limit=None)
+items = history.find(ctx, store, query)
 by_id = {item.id: item for item in items}
 cid = st.selectbox(
     ctx.t("conversations_found", n=len(items)),

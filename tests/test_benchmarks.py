@@ -24,6 +24,7 @@ RUNS = {
     "gpu_decode": [],
     "gpu_fp16": [],
     "gpu_decode --cpu-smoke": ["--cpu-smoke", "--prompt-lengths", "8", "--new-tokens", "4", "--reps", "1"],
+    "fault_load": ["--streams", "2", "--no-browser"],
     "convert_memory": ["--hidden", "64", "--heads", "8", "--kv-heads", "2", "--intermediate", "128", "--shards", "2"],
     "one_port_memory": [],
 }

@@ -8,18 +8,22 @@ import streamlit as st
 
 from ..chat_types import ChatBackend
 from ..sampling import SamplingParams
-from ..store import Conversation, ConversationStore
-from . import state
+from ..store import Conversation, ConversationStore, StoreFault
+from . import state, storage
 from .page import PageContext
-from .render import CURSOR, show_message, to_markdown
-from .reply import WATCH_SECONDS, run_reply
+from .render import CURSOR, message_markdown, show_message
+from .reply import WATCH_SECONDS, ReplyNotSaved, run_reply
 from .resources import live_replies
+from .safe_markdown import plain
 
 _PENDING_KEY = "_pending_reply"  # a conversation whose reply should stream in this run (after regenerate/edit)
 _EDITING_KEY = "_editing"
 EDIT_KEY = "edit_text"
+PROMPT_KEY = "prompt"  # the chat input's key (app.py)
+SHOWN_ID_CHARS = 64  # of a conversation id from the URL quoted in the "not found" warning
 
 
+@storage.stops_on_fault
 def open_conversation(ctx: PageContext, store: ConversationStore) -> Conversation | None:
     """The conversation named in the URL; its system prompt and sampling values go into the sidebar once."""
     cid = state.conversation_id()
@@ -27,7 +31,8 @@ def open_conversation(ctx: PageContext, store: ConversationStore) -> Conversatio
         return None
     conv = store.get_conversation(cid)
     if conv is None:
-        st.warning(ctx.t("conversation_not_found", cid=cid))
+        shown = cid if len(cid) <= SHOWN_ID_CHARS else cid[: SHOWN_ID_CHARS - 1] + "…"
+        st.warning(ctx.t("conversation_not_found", cid=plain(shown)))  # the URL is anyone's: plain text only
         state.set_conversation_id(None)
         return None
     state.apply_conversation_settings(conv)
@@ -94,10 +99,11 @@ def send(
     """Save the user's message (before anything is generated), show it, and stream the reply."""
     _stop_edit()
     params = state.sampling_params(ctx.settings)
-    cid = _prepare_conversation(store, conv, params)
-    store.add_message(cid, "user", prompt)
+    with storage.writing(keep={PROMPT_KEY: prompt}):  # a full disk or read-only file: the text goes back in the box
+        cid = _prepare_conversation(store, conv, params)
+        store.add_message(cid, "user", prompt)
     with st.chat_message("user"):
-        st.markdown(to_markdown(prompt))
+        st.markdown(message_markdown(prompt))
     stream(ctx, backend, store, cid, params, stop_button=False)
 
 
@@ -109,10 +115,12 @@ def act(ctx: PageContext, store: ConversationStore, conv: Conversation, action: 
             st.toast(ctx.t("edit_empty"))
             st.stop()
         last_user = next(m for m in reversed(conv.messages) if m.role == "user")  # show_history drew its editor
-        store.replace_from(conv.id, last_user.id, "user", text)
+        with storage.writing(keep={EDIT_KEY: text}):
+            store.replace_from(conv.id, last_user.id, "user", text)
         _stop_edit()
     elif conv.messages[-1].role == "assistant":
-        store.delete_messages_from(conv.id, conv.messages[-1].id)
+        with storage.writing():
+            store.delete_messages_from(conv.id, conv.messages[-1].id)
     st.session_state[_PENDING_KEY] = conv.id
     st.rerun()
 
@@ -133,25 +141,33 @@ def stream(
 ) -> NoReturn:
     """Stream the reply into an assistant bubble, then redraw the page from the store."""
     params = params or state.sampling_params(ctx.settings)
-    store.update_settings(cid, st.session_state.get(state.SYSTEM_PROMPT_KEY, ""), state.conversation_settings(params))
+    system_prompt = st.session_state.get(state.SYSTEM_PROMPT_KEY, "")
+    with storage.writing():
+        store.update_settings(cid, system_prompt, state.conversation_settings(params))
     max_length = st.session_state.get(state.MAX_LENGTH_KEY)
     with st.chat_message("assistant"):
         if stop_button:  # a chat_input submission has its own stop button
             st.button(ctx.t("stop"), key="stop_reply", icon=":material/stop_circle:")
         box = st.empty()
         box.markdown(CURSOR)
-        run_reply(
-            backend,
-            store,
-            cid,
-            params,
-            show=lambda text: box.markdown(to_markdown(text) + CURSOR),
-            on_queue=lambda place: box.info(ctx.t("queue_place", place=place)),
-            live=live_replies(),
-            on_start=lambda: rerun_when_finished(cid),  # a stop ends the script; this then redraws the stopped reply
-            poll=state.stop_point,
-            max_length=max_length,
-        )
+        try:
+            run_reply(
+                backend,
+                store,
+                cid,
+                params,
+                show=lambda text: box.markdown(message_markdown(text) + CURSOR),
+                on_queue=lambda place: box.info(ctx.t("queue_place", place=place)),
+                live=live_replies(),
+                on_start=lambda: rerun_when_finished(cid),  # a stop ends the script; this then redraws it stopped
+                poll=state.stop_point,
+                max_length=max_length,
+            )
+        except StoreFault as fault:  # the reply could not be saved: it stays on screen (this run) with the reason
+            if isinstance(fault, ReplyNotSaved):
+                box.markdown(message_markdown(fault.text))
+            storage.show_fault(ctx, fault)
+            st.stop()
     st.rerun()
 
 

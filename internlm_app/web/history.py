@@ -12,7 +12,9 @@ import streamlit as st
 from streamlit import runtime
 
 from .. import export
-from ..store import ConversationStore, ConversationSummary
+from ..store import ConversationStore, ConversationSummary, StoreFault
+from . import storage
+from .safe_markdown import plain
 
 NOTICE_KEY = "_history_notice"  # (kind, text) shown once after a callback
 # An export is a file in Streamlit's media store, served at /media/<id> to whoever has the URL (in web-only mode
@@ -24,6 +26,12 @@ EXPORT_LIFETIME_SECONDS = 10.0
 def when(ts: float) -> str:
     """A timestamp in the server's local time, to the minute."""
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+
+
+@storage.stops_on_fault
+def find(ctx, store: ConversationStore, query: str) -> list[ConversationSummary]:
+    """Every conversation matching `query` (all when it is blank), most recent first."""
+    return store.search(query, limit=None) if query.strip() else store.list_conversations(limit=None)
 
 
 def describe(item: ConversationSummary, untitled: str, count: str) -> str:
@@ -67,15 +75,21 @@ def import_upload(store: ConversationStore, upload_key: str, ok: str, failed: st
         return
     try:
         ids = export.import_json(store, upload.getvalue())
-    except export.ImportValidationError as exc:
-        st.session_state[NOTICE_KEY] = ("error", failed.format(error=exc))
+    except export.ImportValidationError as exc:  # it may quote the file: plain text
+        st.session_state[NOTICE_KEY] = ("error", failed.format(error=plain(str(exc))))
+    except StoreFault as fault:  # shown at the top of the page, which runs right after this callback
+        storage.remember(fault)
     else:
         st.session_state[NOTICE_KEY] = ("success", ok.format(n=len(ids)))
 
 
 def delete(store: ConversationStore, cid: str, done: str, toggle_key: str) -> None:
     """on_click of the confirmed delete button; the confirmation toggle goes back off."""
-    store.delete(cid)
+    try:
+        store.delete(cid)
+    except StoreFault as fault:
+        storage.remember(fault)
+        return
     st.session_state[toggle_key] = False
     st.session_state[NOTICE_KEY] = ("success", done)
 

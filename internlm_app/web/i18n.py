@@ -80,6 +80,48 @@ LABELS: dict[str, tuple[str, str]] = {
     "edit_send": ("发送", "Send"),
     "edit_cancel": ("取消", "Cancel"),
     "edit_empty": ("消息不能为空", "The message is empty"),
+    # conversation database faults ({path} and {fresh} are code spans, {detail} plain text)
+    "store_read_only": (
+        "对话数据库 {path} 是只读的，无法保存（{detail}）。已有对话仍可查看和导出。要继续保存，请让该文件及其所在目录"
+        "可写，或把 INTERNLM_DB_PATH 指向可写的位置，然后重试。",
+        "The conversation database {path} is read-only, so nothing can be saved ({detail}). Saved conversations can "
+        "still be read and exported. To save again, make the file and its folder writable, or point "
+        "INTERNLM_DB_PATH at a writable place, then try again.",
+    ),
+    "store_full": (
+        "磁盘已满，对话数据库 {path} 无法写入（{detail}）。已有对话仍可查看和导出。请清理磁盘空间（`df -h` "
+        "可查看剩余空间）后重试。",
+        "The disk is full: the conversation database {path} cannot be written ({detail}). Saved conversations can "
+        "still be read and exported. Free some disk space (`df -h` shows how much is left), then try again.",
+    ),
+    "store_corrupt": (
+        "对话数据库 {path} 已损坏，无法读取（{detail}）。本应用不会改动这个文件。可以把它移走后刷新页面，"
+        "或在它旁边新建一个数据库 {fresh}：旧对话仍留在损坏的文件里（可用 sqlite3 的 `.recover` 尝试找回）。",
+        "The conversation database {path} is damaged and cannot be read ({detail}). The app leaves the file as it "
+        "is. Move it away and reload the page, or start a fresh database beside it, {fresh}: the old conversations "
+        "stay in the damaged file (sqlite3's `.recover` may rescue them).",
+    ),
+    "store_locked": (
+        "对话数据库 {path} 被另一个程序长时间锁定（{detail}）。请稍后重试。",
+        "The conversation database {path} is locked by another program ({detail}). Try again in a moment.",
+    ),
+    "store_newer": (
+        "对话数据库 {path} 由更新版本的本应用写入（{detail}）。请升级本应用，或用 INTERNLM_DB_PATH 指定另一个文件。",
+        "The conversation database {path} was written by a newer version of this app ({detail}). Upgrade the app, "
+        "or point INTERNLM_DB_PATH at another file.",
+    ),
+    "store_unavailable": (
+        "无法打开对话数据库 {path}（{detail}）。请检查该路径存在且可以访问（INTERNLM_DB_PATH），然后刷新页面。",
+        "The conversation database {path} cannot be opened ({detail}). Check that the path exists and can be "
+        "reached (INTERNLM_DB_PATH), then reload the page.",
+    ),
+    "store_start_fresh": ("在旁边新建数据库", "Start a fresh database beside it"),
+    "store_fresh_in_use": (
+        "正在使用新数据库 {path}（损坏的 {damaged} 未被改动）。重启后要继续使用它，请设置 INTERNLM_DB_PATH 为该路径。",
+        "Using the fresh database {path} (the damaged {damaged} is untouched). To keep using it after a restart, "
+        "set INTERNLM_DB_PATH to that path.",
+    ),
+    "store_kept": ("你输入的内容没有丢失，仍在输入框中。", "What you typed is not lost: it is back in the input box."),
     # sidebar
     "new_chat": ("新对话（清空）", "New chat (clear)"),
     "new_chat_help": (

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import streamlit as st
 from pydantic import ValidationError
@@ -18,7 +19,8 @@ from ..store import ConversationStore
 from . import hosting
 from .auth import login_gate
 from .i18n import LANGUAGES, t
-from .resources import backend_loader, conversation_store
+from .resources import backend_loader
+from .storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,9 @@ PAGES = (
     ("pages/history.py", "nav_history", ":material/history:"),
 )
 POLL_SECONDS = 0.25
+# A file, not ":material/chat:": Streamlit fetches a Material icon for the tab from fonts.gstatic.com, a request to
+# elsewhere from every viewer's browser (and blocked on Chinese networks).
+PAGE_ICON = str(Path(__file__).with_name("icon.png"))
 
 
 def exit_unless_streamlit(script: str = "app.py") -> None:
@@ -55,7 +60,8 @@ class PageContext:
         return t(key, self.lang, **values)
 
     def store(self) -> ConversationStore:
-        return conversation_store(self.settings)
+        """The conversation store; a database that cannot be opened stops the page with what is wrong and what to do."""
+        return open_store(self)
 
     def loader(self) -> BackendLoader:
         """The process's one loader: the one-port server's, or (web-only) one per load configuration."""
@@ -70,9 +76,7 @@ class PageContext:
 def start_page(title_key: str) -> PageContext:
     """Set up the page; stops the script while the password gate is closed or the settings are invalid."""
     lang = st.session_state.get("lang", LANGUAGES[0])
-    st.set_page_config(
-        page_title=f"{t(title_key, lang)} · InternLM2 Chat", page_icon=":material/chat:", layout="centered"
-    )
+    st.set_page_config(page_title=f"{t(title_key, lang)} · InternLM2 Chat", page_icon=PAGE_ICON, layout="centered")
     hosted = hosting.current()
     try:
         settings = hosted.settings if hosted is not None else Settings()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import streamlit as st
 
 from ..store import StoredMessage
+from .safe_markdown import plain, safe_markdown
 
 _CODE = re.compile(r"(```.*?(?:```|$)|`[^`\n]*`)", re.DOTALL)
 _DISPLAY_MATH = re.compile(r"\\\[(.+?)\\\]", re.DOTALL)
@@ -23,6 +24,11 @@ def to_markdown(text: str) -> str:
     for i in range(0, len(parts), 2):  # even parts are outside code
         parts[i] = _INLINE_MATH.sub(r"$\1$", _DISPLAY_MATH.sub(r"\n$$\n\1\n$$\n", parts[i]))
     return "".join(parts)
+
+
+def message_markdown(text: str) -> str:
+    """A message as the page renders it: LaTeX for Streamlit, and nothing that makes the browser reach out."""
+    return safe_markdown(to_markdown(text))
 
 
 def stats_caption(stats: dict | None, status: str, t: Translate) -> str:
@@ -48,7 +54,7 @@ def stats_caption(stats: dict | None, status: str, t: Translate) -> str:
 def show_message(message: StoredMessage, t: Translate, *, live: bool = False) -> None:
     """Draw one stored message in a chat bubble (the caller adds buttons inside the same bubble)."""
     if message.content:
-        st.markdown(to_markdown(message.content))
+        st.markdown(message_markdown(message.content))
     if message.role != "assistant":
         return
     stats = message.stats or {}
@@ -56,7 +62,7 @@ def show_message(message: StoredMessage, t: Translate, *, live: bool = False) ->
         st.caption(t("generating") if live else t("interrupted"))
         return
     if message.status == "error":
-        st.error(t("reply_error", error=stats.get("error") or t("unknown_error")))
+        st.error(t("reply_error", error=plain(stats.get("error") or t("unknown_error"))))  # imports set it too
     elif message.status == "stopped" and not message.content:
         st.caption(t("stopped_before_first_token"))
     if stats.get("dropped_messages"):

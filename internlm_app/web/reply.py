@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..chat_types import ChatBackend, EngineError, ReplyEvents, ReplyStats
 from ..sampling import SamplingParams
-from ..store import ConversationStore
+from ..store import ConversationStore, StoreFault
 from .throttle import SAVE_INTERVAL_SECONDS, Throttle, throttled_text
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,14 @@ class LiveReplies:
         """The message being generated for `cid`, if any."""
         with self._lock:
             return self._replies.get(cid)
+
+
+class ReplyNotSaved(StoreFault):
+    """The reply was generated (`text`) but the database failed to save it."""
+
+    def __init__(self, fault: StoreFault, text: str):
+        super().__init__(fault.kind, fault.path, fault.detail)
+        self.text = text
 
 
 @dataclass
@@ -108,7 +116,7 @@ def run_reply(
             for text in throttled_text(_recorded(chunks, received, poll)):
                 show(text)
                 if saver.ready():
-                    store.update_message(mid, text, "streaming")
+                    _save_progress(store, mid, text)
             status = "stopped" if events.stats.finish_reason == "cancelled" else "complete"
         except Exception as exc:  # EngineError: bad request, context too long, GPU out of memory ...
             if not isinstance(exc, EngineError):
@@ -121,7 +129,11 @@ def run_reply(
             _save(store, mid, "".join(received), _interrupted(events.stats), events.stats)
             raise
         text = "".join(received)
-        _save(store, mid, text, status, events.stats)
+        try:
+            store.update_message(mid, text, status, events.stats)
+        except StoreFault as fault:
+            log.error("reply %s (%s, %s) could not be saved: %s", mid, status, events.stats.error or "", fault)
+            raise ReplyNotSaved(fault, text) from fault
         return ReplyOutcome(mid, text, status, events.stats)
     finally:
         _close(chunks)
@@ -134,3 +146,11 @@ def _save(store: ConversationStore, mid: int, text: str, status: str, stats: Rep
         store.update_message(mid, text, status, stats)
     except Exception:  # never hide the reason the reply ended behind a storage error
         log.exception("could not save reply %s", mid)
+
+
+def _save_progress(store: ConversationStore, mid: int, text: str) -> None:
+    """A periodic save while streaming; a failing file does not stop the reply (its end is saved, or reported)."""
+    try:
+        store.update_message(mid, text, "streaming")
+    except StoreFault as fault:
+        log.warning("could not save reply %s while streaming: %s", mid, fault)

@@ -9,13 +9,15 @@ from ..chat_types import ChatBackend
 from ..sampling import BOUNDS, INT_PARAMS
 from ..settings import MAX_LENGTH_BOUNDS
 from ..store import Conversation, ConversationStore
-from . import state
+from . import state, storage
 from .page import PageContext, queue_caption
+from .safe_markdown import plain
 
 RECENT_CONVERSATIONS = 8
 _CONFIRM_DELETE_KEY = "_confirm_delete_chat"
 
 
+@storage.stops_on_fault
 def conversations(ctx: PageContext, store: ConversationStore, conv: Conversation | None) -> None:
     """New conversation, the recent ones (switch), and rename/delete (with confirmation) of the open one."""
     if st.button(
@@ -25,7 +27,7 @@ def conversations(ctx: PageContext, store: ConversationStore, conv: Conversation
         st.rerun()
     for item in store.list_conversations(limit=RECENT_CONVERSATIONS):
         current = conv is not None and item.id == conv.id
-        label = item.title or ctx.t("untitled")
+        label = plain(" ".join(item.title.split())) or ctx.t("untitled")  # anyone's text: never Markdown
         kind = "primary" if current else "tertiary"
         if st.button(label, key=f"open_{item.id}", type=kind, width="stretch") and not current:
             state.set_conversation_id(item.id)
@@ -35,7 +37,8 @@ def conversations(ctx: PageContext, store: ConversationStore, conv: Conversation
     with st.expander(ctx.t("manage_chat")):
         title = st.text_input(ctx.t("rename_label"), key=state.RENAME_KEY)
         if st.button(ctx.t("rename"), key="rename"):
-            store.rename(conv.id, title)
+            with storage.writing(keep={state.RENAME_KEY: title}):
+                store.rename(conv.id, title)
             st.rerun()
         if st.session_state.get(_CONFIRM_DELETE_KEY) != conv.id:  # asked for this conversation, not another one
             st.button(ctx.t("delete"), key="delete_chat", on_click=_ask_delete, args=(conv.id,))
@@ -43,7 +46,8 @@ def conversations(ctx: PageContext, store: ConversationStore, conv: Conversation
         st.warning(ctx.t("delete_confirm_text"))
         yes, no = st.columns(2)
         if yes.button(ctx.t("delete_yes"), key="delete_confirm", type="primary"):
-            store.delete(conv.id)
+            with storage.writing():
+                store.delete(conv.id)
             _ask_delete(None)
             state.set_conversation_id(None)
             st.rerun()

@@ -1,0 +1,184 @@
+"""Load and convert faults: quantized or misshapen weights, a missing shard, damaged JSON, a full disk while
+converting, a bad dtype setting. Each is one readable line and a non-zero exit, and nothing half-written is left
+where a later start would take it for a good conversion."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from internlm_app import cli, convert
+from internlm_app.convert import MARKER, ConversionError, convert_checkpoint, is_converted
+from internlm_app.loader import ModelLoadError, load_model
+from internlm_app.model_source import resolve_model_dir
+from tests.conftest import FIXTURE_DIR, tiny_settings
+
+
+def _copy(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURE_DIR, src)
+    return src
+
+
+def _rewrite_weights(src: Path, change) -> None:
+    tensors = load_file(str(src / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _nothing_left(dst: Path) -> bool:
+    return not dst.exists() and not dst.with_name(dst.name + ".partial").exists()
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    code = cli.main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    return line
+
+
+def _quantized(tensors: dict) -> None:
+    name = next(n for n in tensors if n.endswith("attention.wo.weight"))
+    tensors[name] = (tensors[name] * 100).to(torch.int8)
+
+
+def _misshapen(tensors: dict) -> None:
+    name = next(n for n in tensors if "wqkv" in n)
+    tensors[name] = tensors[name][:-3]
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (_quantized, r"holds model\.layers\.0\.attention\.wo\.weight as int8, not as floating-point weights"),
+        (_misshapen, r"model\.layers\.0\.attention\.wqkv\.weight has shape \(93, 64\).*needs 96 rows"),
+    ],
+    ids=["integer-weights", "wqkv-shape"],
+)
+def test_weights_of_the_wrong_dtype_or_shape_are_one_clear_error(tmp_path, capsys, change, expected):
+    src = _copy(tmp_path)
+    _rewrite_weights(src, change)
+    with pytest.raises(ConversionError, match=expected):
+        convert_checkpoint(src, tmp_path / "out")
+    assert _nothing_left(tmp_path / "out")
+    code, err = _cli(capsys, "chat", "--model-path", str(src), "--cache-dir", str(tmp_path / "cache"))
+    assert code == 2 and "error: " in _one_error_line(err)
+
+
+def test_a_missing_shard_of_a_checkpoint_without_index_is_refused(tmp_path):
+    src = _copy(tmp_path)
+    tensors = load_file(str(src / "model.safetensors"))
+    names = sorted(tensors)
+    first, second = names[: len(names) // 2], names[len(names) // 2 :]
+    (src / "model.safetensors").unlink()
+    save_file({n: tensors[n] for n in first}, str(src / "model-00001-of-00002.safetensors"))
+    save_file({n: tensors[n] for n in second}, str(src / "model-00002-of-00002.safetensors"))
+    assert is_converted(convert_checkpoint(src, tmp_path / "whole"))  # both shards: a good conversion
+    (src / "model-00002-of-00002.safetensors").unlink()  # the download stopped half-way
+    with pytest.raises(ConversionError, match=r"lacks \d+ weights that its config.json needs.*download the model"):
+        convert_checkpoint(src, tmp_path / "out")
+    assert _nothing_left(tmp_path / "out")
+
+
+def test_a_native_checkpoint_missing_a_weight_is_refused_not_filled_with_random_values(tmp_path, converted_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(converted_dir, broken)
+    (shard,) = broken.glob("*.safetensors")
+    tensors = load_file(str(shard))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=r"lacks 1 weights \(model\.layers\.1\.mlp\.up_proj\.weight\)"):
+        load_model(tiny_settings(tmp_path, model_path=broken))
+
+
+@pytest.mark.parametrize("damaged", ["config.json", "generation_config.json", "tokenizer_config.json"])
+def test_a_damaged_json_file_is_named_in_one_line(tmp_path, capsys, damaged):
+    src = _copy(tmp_path)
+    (src / damaged).write_text('{"model_type": "intern')  # cut short
+    code, err = _cli(capsys, "convert", str(src), str(tmp_path / "out"))
+    line = _one_error_line(err)
+    assert code == 2 and f"{src / damaged} is not a readable JSON file" in line and "download the model" in line
+    assert _nothing_left(tmp_path / "out")
+
+
+def test_a_damaged_conversion_marker_means_convert_again(tmp_path):
+    settings = tiny_settings(tmp_path)
+    first = resolve_model_dir(settings)
+    (first / MARKER).write_text('{"version": 1, "sour')  # cut short by a crash
+    assert not is_converted(first)
+    assert resolve_model_dir(settings) == first and is_converted(first, FIXTURE_DIR)
+
+
+def _enospc_after_half(real):
+    def save(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:  # what a full disk leaves: the first half of the file
+            f.truncate(Path(filename).stat().st_size // 2)
+        # safetensors' own words for it (measured on a full tmpfs; see tests/test_store_real_disk.py)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    return save
+
+
+def test_a_full_disk_while_converting_is_one_line_and_leaves_nothing_a_later_start_would_use(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(convert, "save_file", _enospc_after_half(convert.save_file))
+    dst = tmp_path / "out"
+    code, err = _cli(capsys, "convert", str(FIXTURE_DIR), str(dst))
+    line = _one_error_line(err)
+    assert code == 2 and "No space left on device" in line and "free space" in line
+    assert _nothing_left(dst)
+    settings = tiny_settings(tmp_path)  # the chat's own conversion into the cache: the same, through the CLI
+    code, err = _cli(capsys, "chat", "--model-path", str(FIXTURE_DIR), "--cache-dir", str(settings.cache_dir))
+    assert code == 2 and "No space left on device" in _one_error_line(err)
+    converted = list((settings.cache_dir / "converted").glob("*"))
+    assert all(not is_converted(p) and not p.name.endswith(".partial") for p in converted), converted
+    monkeypatch.undo()  # space freed: the next start converts from scratch and loads
+    _, _, info = load_model(settings)
+    assert info.context_window == 512
+
+
+def test_a_full_disk_while_writing_the_marker_leaves_no_conversion(tmp_path, monkeypatch):
+    real = Path.write_text
+
+    def write_text(self, data, *args, **kwargs):
+        if self.name == MARKER:
+            real(self, data[: len(data) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    with pytest.raises(ConversionError, match="No space left on device"):
+        convert_checkpoint(FIXTURE_DIR, tmp_path / "out")
+    assert _nothing_left(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "argv,env,expected",
+    [
+        (["--dtype", "int8"], {}, "--dtype / INTERNLM_DTYPE: Input should be 'auto', 'float16', 'bfloat16' or"),
+        ([], {"INTERNLM_DTYPE": "fp16"}, "(given: 'fp16')"),
+        (["--max-length", "-5"], {}, "--max-length / INTERNLM_MAX_LENGTH"),
+    ],
+    ids=["dtype-flag", "dtype-env", "max-length"],
+)
+def test_a_bad_setting_is_one_line_naming_the_flag_and_the_variable(tmp_path, capsys, monkeypatch, argv, env, expected):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code, err = _cli(capsys, "chat", "--model-path", str(FIXTURE_DIR), *argv)
+    assert code == 2 and expected in _one_error_line(err)
