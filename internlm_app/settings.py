@@ -173,12 +173,15 @@ class Settings(BaseSettings):
 
 
 def describe_settings_error(exc: ValidationError) -> str:
-    """One line per invalid setting (or sampling value), named by its environment variable and flag; values are
-    never echoed (a key or a password could be one)."""
+    """One line per invalid setting (or sampling value), named by its environment variable and flag, with the value
+    given unless it may be a secret (keys, passwords) or a list."""
     lines = []
-    for error in exc.errors(include_url=False, include_input=False):
+    for error in exc.errors(include_url=False):
         name = str(error["loc"][0]) if error.get("loc") else ""
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        given = error.get("input")
+        if isinstance(given, str | int | float) and not any(w in name for w in ("key", "password", "origin")):
+            message += f" (given: {str(given)[:60]!r})"
         lines.append(f"INTERNLM_{name.upper()} / {_flag(name)}: {message}" if name else message)
     return "\n".join(lines)
 

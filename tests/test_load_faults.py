@@ -171,9 +171,9 @@ def test_a_full_disk_while_writing_the_marker_leaves_no_conversion(tmp_path, mon
 @pytest.mark.parametrize(
     "argv,env,expected",
     [
-        (["--dtype", "int8"], {}, "--dtype / INTERNLM_DTYPE: Input should be 'auto', 'float16', 'bfloat16' or"),
+        (["--dtype", "int8"], {}, "INTERNLM_DTYPE / --dtype: Input should be 'auto', 'float16', 'bfloat16' or"),
         ([], {"INTERNLM_DTYPE": "fp16"}, "(given: 'fp16')"),
-        (["--max-length", "-5"], {}, "--max-length / INTERNLM_MAX_LENGTH"),
+        (["--max-length", "-5"], {}, "INTERNLM_MAX_LENGTH / --max-length"),
     ],
     ids=["dtype-flag", "dtype-env", "max-length"],
 )
