@@ -19,13 +19,21 @@ with st.sidebar:
 
 if conv is None:
     st.caption(ctx.t("chat_intro"))
-action = chat.show_history(ctx, conv, live)
-placeholder = ctx.t("chat_busy_here" if live is not None else "chat_placeholder")
-prompt = st.chat_input(placeholder, key="prompt", submit_mode="stop", disabled=live is not None)
+pending = chat.take_pending(conv)  # a regenerated or edited reply streams in this run
+action = chat.show_history(ctx, conv, live, busy=pending)
+chat.show_queued(ctx, conv)
+# Typing never ends a reply: a message sent while one runs (here or in the background) waits in a queue, shown, and
+# goes out when it ends. Only a Stop button ends a reply.
+busy = live is not None or pending
+prompt = st.chat_input(ctx.t("chat_queue_here" if busy else "chat_placeholder"), key="prompt")
 
-if prompt:
+if prompt and conv is not None and live is not None:
+    chat.queue_message(conv, prompt)
+elif prompt:
     chat.send(ctx, backend, store, conv, prompt)
 elif action and conv is not None:
     chat.act(ctx, store, conv, action)
-elif chat.take_pending(conv):
+elif pending:
     chat.stream(ctx, backend, store, conv.id)
+elif live is None and (queued := chat.take_queued(conv)) is not None:
+    chat.send(ctx, backend, store, conv, queued)

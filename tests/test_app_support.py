@@ -9,7 +9,8 @@ import time
 
 import pytest
 import tomllib
-from streamlit.runtime.scriptrunner_utils.exceptions import StopException
+from streamlit.runtime.scriptrunner_utils.exceptions import RerunException, StopException
+from streamlit.runtime.scriptrunner_utils.script_requests import RerunData
 
 from internlm_app import backend as loading
 from internlm_app.chat_types import GenerationError, ReplyEvents
@@ -23,7 +24,7 @@ from internlm_app.web.render import stats_caption, to_markdown
 from internlm_app.web.reply import LiveReplies, run_reply
 from internlm_app.web.throttle import UI_UPDATES_PER_SECOND, Throttle, throttled_text
 from tests.app_helpers import ROOT
-from tests.test_api_support import engine_copy, free_all_slots, take_all_slots
+from tests.test_api_support import engine_copy, free_all_slots, take_all_slots, wait_until
 
 # A greedy reply of ~220 tokens on the tiny model (repetition penalty keeps it from ending early).
 LONG = SamplingParams(temperature=0.0, repetition_penalty=2.0, max_new_tokens=200)
@@ -105,22 +106,45 @@ def test_a_real_reply_updates_the_page_at_most_20_times_a_second(engine, store, 
 def test_a_stop_keeps_the_partial_reply_marked_stopped_and_frees_the_gpu(engine, store):
     cid = _conversation(store)
     shown: list[str] = []
+    live = LiveReplies()
 
-    def show(text: str) -> None:  # Streamlit raises StopException from the next st call after "stop"
+    def show(text: str) -> None:  # the Stop button's callback, then Streamlit ends the script from the next st call
         shown.append(text)
+        live.stop(cid)
         raise StopException()
 
-    live = LiveReplies()
     with pytest.raises(StopException):
         run_reply(engine, store, cid, LONG, show=show, live=live)
-    assert engine.queue.active == 0  # freed before the exception left run_reply
+    assert wait_until(lambda: live.reply_of(cid) is None, timeout=30)  # it ended at its next token
+    assert engine.queue.active == 0
     reply = store.get_conversation(cid).messages[-1]
-    assert reply.status == "stopped" and reply.content == shown[0] and reply.content
+    assert reply.status == "stopped" and reply.content.startswith(shown[0]) and reply.content
     assert reply.stats["finish_reason"] == "cancelled" and reply.stats["completion_tokens"] < LONG.max_new_tokens
-    assert live.reply_of(cid) is None
     store.add_message(cid, "user", "and now?")
     again = run_reply(engine, store, cid, SamplingParams(max_new_tokens=8), show=lambda text: None)
     assert again.status == "complete"  # the next message is served at once
+
+
+@pytest.mark.parametrize("interruption", [StopException, lambda: RerunException(RerunData())], ids=["stop", "rerun"])
+def test_any_other_interaction_leaves_the_reply_running_in_the_background(engine, store, interruption):
+    """A sidebar button, the language, another page or a closed tab ends the page's script, not the reply: it goes on
+    in the background, visible in `live`, and is saved whole, exactly as if nothing had happened."""
+    expected = run_reply(engine, store, _conversation(store, "hello"), LONG, show=lambda text: None)
+    cid = _conversation(store, "hello")
+    live = LiveReplies()
+    shown: list[str] = []
+
+    def show(text: str) -> None:
+        shown.append(text)
+        raise interruption()
+
+    with pytest.raises((StopException, RerunException)):
+        run_reply(engine, store, cid, LONG, show=show, live=live)
+    assert live.reply_of(cid) is not None or store.get_conversation(cid).messages[-1].status == "complete"
+    assert wait_until(lambda: live.reply_of(cid) is None, timeout=60)
+    reply = store.get_conversation(cid).messages[-1]
+    assert (reply.status, reply.content) == ("complete", expected.text) and len(reply.content) > len(shown[0])
+    assert reply.stats["completion_tokens"] == expected.stats.completion_tokens and engine.queue.active == 0
 
 
 def test_a_stop_between_page_updates_is_noticed_at_the_next_token(engine, store):

@@ -49,9 +49,9 @@ def test_chat_stop_busy_tab_clear_and_reload(server, browser, tmp_path):
     penalty.press("End")
     assert penalty.get_attribute("aria-valuetext") == "2.00"
 
-    send(page, LONG_PROMPT)  # stop a long reply right after its first chunk (chat_input's own stop button)
+    send(page, LONG_PROMPT)  # stop a long reply right after its first chunk
     wait_for_text(page, 3, min_chars=2)
-    button(page, "prompt").click()
+    button(page, "stop_reply").click()  # the reply's own stop button
     expect(page.get_by_text("已停止 ·")).to_be_visible(timeout=15_000)
     stopped = bubbles.nth(3).inner_text()
     assert "(cancelled)" in stopped and int(stopped.split("已停止 · ")[1].split(" tokens")[0]) < 280

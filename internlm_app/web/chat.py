@@ -16,6 +16,8 @@ from .reply import WATCH_SECONDS, ReplyNotSaved, run_reply
 from .resources import live_replies
 from .safe_markdown import plain
 
+LIVE_VIEW_SECONDS = 0.5  # how often a reply generated outside this run is redrawn
+_QUEUED_KEY = "_queued_messages"  # per conversation: messages typed while its reply ran, sent when it ends
 _PENDING_KEY = "_pending_reply"  # a conversation whose reply should stream in this run (after regenerate/edit)
 _EDITING_KEY = "_editing"
 EDIT_KEY = "edit_text"
@@ -51,6 +53,19 @@ def rerun_when_finished(cid: str) -> None:
         st.rerun(scope="app")
 
 
+@st.fragment(run_every=LIVE_VIEW_SECONDS)
+def live_reply_view(ctx: PageContext, cid: str, stored: str) -> None:
+    """A reply generated outside this run (another tab, or this page before an interaction): its text so far, a stop
+    button, and a redraw of the page once it has ended."""
+    live = live_replies()
+    text = live.text_of(cid)
+    if text is None:  # it ended: show it as saved
+        st.rerun(scope="app")
+    st.markdown(message_markdown(text or stored) + CURSOR)
+    st.caption(ctx.t("live_generating"))
+    st.button(ctx.t("stop"), key="stop_live", icon=":material/stop_circle:", on_click=live.stop, args=(cid,))
+
+
 def _start_edit(text: str) -> None:
     st.session_state[_EDITING_KEY] = True
     st.session_state[EDIT_KEY] = text
@@ -60,11 +75,15 @@ def _stop_edit() -> None:
     st.session_state[_EDITING_KEY] = False
 
 
-def show_history(ctx: PageContext, conv: Conversation | None, live: int | None) -> str | None:
-    """Draw the conversation; returns "regenerate" or "edit" when the user asked for one in this run."""
+def show_history(ctx: PageContext, conv: Conversation | None, live: int | None, busy: bool = False) -> str | None:
+    """Draw the conversation; returns "regenerate" or "edit" when the user asked for one in this run.
+
+    `busy`: a reply starts streaming in this run (after regenerate or edit), so no edit or regenerate buttons.
+    """
     messages = conv.messages if conv else []
     last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
-    editing = st.session_state.get(_EDITING_KEY, False) and live is None and last_user is not None
+    busy = busy or live is not None
+    editing = st.session_state.get(_EDITING_KEY, False) and not busy and last_user is not None
     action = None
     for i, message in enumerate(messages):
         with st.chat_message(message.role):
@@ -75,8 +94,15 @@ def show_history(ctx: PageContext, conv: Conversation | None, live: int | None) 
                     action = "edit"
                 cancel.button(ctx.t("edit_cancel"), key="edit_cancel", on_click=_stop_edit)
                 continue
-            show_message(message, ctx.t, live=message.id == live)
-            if live is not None or editing:
+            if message.id == live and conv is not None:
+                live_reply_view(ctx, conv.id, message.content)
+                continue
+            show_message(message, ctx.t)
+            if busy or editing:
+                # Empty slots where the buttons were: Streamlit keeps the last run's elements on screen until a run
+                # replaces them, and a streaming run ends late, so stale buttons would stay clickable meanwhile.
+                st.empty()
+                st.empty()
                 continue
             if i == last_user:
                 st.button(
@@ -88,8 +114,6 @@ def show_history(ctx: PageContext, conv: Conversation | None, live: int | None) 
                 )
             if i == len(messages) - 1 and st.button(ctx.t("regenerate"), key="regenerate", icon=":material/refresh:"):
                 action = "regenerate"
-    if live is not None and conv is not None:
-        rerun_when_finished(conv.id)
     return action
 
 
@@ -104,7 +128,7 @@ def send(
         store.add_message(cid, "user", prompt)
     with st.chat_message("user"):
         st.markdown(message_markdown(prompt))
-    stream(ctx, backend, store, cid, params, stop_button=False)
+    stream(ctx, backend, store, cid, params)
 
 
 def act(ctx: PageContext, store: ConversationStore, conv: Conversation, action: str) -> NoReturn:
@@ -125,6 +149,26 @@ def act(ctx: PageContext, store: ConversationStore, conv: Conversation, action: 
     st.rerun()
 
 
+def queue_message(conv: Conversation, prompt: str) -> NoReturn:
+    """Keep a message typed while a reply of `conv` runs; it is shown as queued and sent when the reply ends."""
+    st.session_state.setdefault(_QUEUED_KEY, {}).setdefault(conv.id, []).append(prompt)
+    st.rerun()
+
+
+def show_queued(ctx: PageContext, conv: Conversation | None) -> None:
+    """The messages waiting for this conversation's reply to end, under the conversation."""
+    for text in st.session_state.get(_QUEUED_KEY, {}).get(conv.id if conv else "", []):
+        with st.chat_message("user"):
+            st.markdown(message_markdown(text))
+            st.caption(ctx.t("queued_message"))
+
+
+def take_queued(conv: Conversation | None) -> str | None:
+    """The oldest message queued for `conv`, removed from the queue (it is being sent)."""
+    waiting = st.session_state.get(_QUEUED_KEY, {}).get(conv.id if conv else "", [])
+    return waiting.pop(0) if waiting else None
+
+
 def take_pending(conv: Conversation | None) -> bool:
     """True once after act(): this run should stream the reply to `conv`."""
     return conv is not None and st.session_state.pop(_PENDING_KEY, None) == conv.id
@@ -136,8 +180,6 @@ def stream(
     store: ConversationStore,
     cid: str,
     params: SamplingParams | None = None,
-    *,
-    stop_button: bool = True,
 ) -> NoReturn:
     """Stream the reply into an assistant bubble, then redraw the page from the store."""
     params = params or state.sampling_params(ctx.settings)
@@ -145,9 +187,16 @@ def stream(
     with storage.writing():
         store.update_settings(cid, system_prompt, state.conversation_settings(params))
     max_length = st.session_state.get(state.MAX_LENGTH_KEY)
+    # Streamlit keeps the last run's elements on screen until this run replaces them, and a streaming run ends late:
+    # this empty slot takes the place of the bubble the reply replaces (a regenerated one, with its buttons), so no
+    # stale button stays clickable while the new reply streams in the next slot.
+    st.empty()
     with st.chat_message("assistant"):
-        if stop_button:  # a chat_input submission has its own stop button
-            st.button(ctx.t("stop"), key="stop_reply", icon=":material/stop_circle:")
+        # The click ends this run, which sends the reply to the background like any other interaction; its callback,
+        # run before the next run, stops it there within one token.
+        st.button(
+            ctx.t("stop"), key="stop_reply", icon=":material/stop_circle:", on_click=live_replies().stop, args=(cid,)
+        )
         box = st.empty()
         box.markdown(CURSOR)
         try:

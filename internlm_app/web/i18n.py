@@ -34,6 +34,12 @@ LABELS: dict[str, tuple[str, str]] = {
     ),
     "chat_placeholder": ("输入消息，回车发送", "Type a message and press Enter"),
     "chat_busy_here": ("这个对话正在生成回复…", "A reply to this conversation is being generated…"),
+    "chat_queue_here": (
+        "正在生成回复；现在发送的消息会在它结束后发出",
+        "A reply is being generated; a message sent now goes out when it ends",
+    ),
+    "live_generating": ("正在生成…", "Generating…"),
+    "queued_message": ("排队中：当前回复结束后发送", "Queued: sent when the current reply ends"),
     "conversation_not_found": (
         "找不到对话 {cid}（可能已被删除），已开始新对话。",
         "Conversation {cid} was not found (deleted?); starting a new one.",

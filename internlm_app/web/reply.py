@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from streamlit.runtime.scriptrunner_utils.exceptions import RerunException, StopException
+
 from ..chat_types import ChatBackend, EngineError, ReplyEvents, ReplyStats
 from ..sampling import SamplingParams
 from ..store import ConversationStore, StoreFault
@@ -18,25 +20,47 @@ WATCH_SECONDS = 1.0
 
 
 class LiveReplies:
-    """Which conversation is generating which message in this process right now (thread-safe)."""
+    """Which conversation is generating which message in this process right now, its text so far, and how to stop
+    it (thread-safe)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._replies: dict[str, int] = {}
+        self._cancels: dict[str, threading.Event] = {}
+        self._texts: dict[str, str] = {}
 
-    def start(self, cid: str, mid: int) -> None:
+    def start(self, cid: str, mid: int, cancel: threading.Event | None = None) -> None:
         with self._lock:
             self._replies[cid] = mid
+            self._cancels[cid] = cancel or threading.Event()
+            self._texts[cid] = ""
+
+    def update(self, cid: str, mid: int, text: str) -> None:
+        with self._lock:
+            if self._replies.get(cid) == mid:
+                self._texts[cid] = text
 
     def finish(self, cid: str, mid: int) -> None:
         with self._lock:
             if self._replies.get(cid) == mid:
-                del self._replies[cid]
+                del self._replies[cid], self._cancels[cid], self._texts[cid]
 
     def reply_of(self, cid: str) -> int | None:
         """The message being generated for `cid`, if any."""
         with self._lock:
             return self._replies.get(cid)
+
+    def text_of(self, cid: str) -> str | None:
+        """The text generated so far for `cid`'s live reply (None when none runs)."""
+        with self._lock:
+            return self._texts.get(cid)
+
+    def stop(self, cid: str) -> None:
+        """Stop `cid`'s live reply (wherever it runs: a page's script or the background) at its next token."""
+        with self._lock:
+            cancel = self._cancels.get(cid)
+        if cancel is not None:
+            cancel.set()
 
 
 class ReplyNotSaved(StoreFault):
@@ -71,6 +95,11 @@ def _recorded(chunks: Iterator[str], received: list[str], poll: Callable[[], Non
         yield chunk
 
 
+def _alive(chunks: Iterator[str] | None) -> bool:
+    """Whether the reply's iterator can go on (a generator that raised, e.g. from its queue callback, cannot)."""
+    return chunks is not None and getattr(chunks, "gi_frame", True) is not None
+
+
 def _interrupted(stats: ReplyStats) -> str:
     """Status of a reply whose consumer went away: complete only if the model had really finished."""
     if stats.finish_reason in ("stop", "length") and stats.completion_tokens:
@@ -93,27 +122,35 @@ def run_reply(
     max_length: int | None = None,
 ) -> ReplyOutcome:
     """Generate the reply to `cid`: `show` gets the growing text (throttled), the store every state of the reply."""
-    # Streamlit ends a script (stop button, rerun, closed tab) by raising StopException/RerunException from the next
-    # st call, i.e. from `show` or `on_queue`. Then the engine's iterator is closed at once (generation stops within
-    # one token and the GPU queue is released), the partial reply is saved as stopped, and the exception goes on.
+    # Streamlit ends a running script on any interaction (a sidebar button, the language, another page, a message
+    # typed meanwhile, a closed tab) by raising StopException or RerunException from the next st call, i.e. from
+    # `show`, `poll` or `on_queue`. With `live` (the page), that ends only the page's part: the reply goes on in a
+    # background thread (`_finish_in_background`), registered in `live`, where the next run of any page shows it;
+    # only a Stop button (`live.stop`, the cancel event) ends it, within one token, saved as stopped. Without `live`,
+    # or when the reply had already ended (a stop while waiting in line), the engine's iterator is closed at once
+    # (the GPU queue is released) and the partial reply is saved as stopped.
     # `poll` runs for every chunk (a token, or the tokens of one stream interval), between throttled updates, so that
     # a stop is noticed at the next chunk, not at the next page update.
     # `on_start` runs once the reply is saved as streaming and registered in `live`.
     messages = store.messages_for_model(cid)
     events = ReplyEvents(on_queue=on_queue)
     mid = store.add_message(cid, "assistant", "", status="streaming")
+    cancel = threading.Event()
     if live is not None:
-        live.start(cid, mid)
+        live.start(cid, mid, cancel)
     received: list[str] = []  # every chunk, also those a throttled update has not shown yet
     chunks = None
+    detached = False
     try:
         try:
             if on_start is not None:
                 on_start()
-            chunks = backend.stream_reply(messages, params, events=events, max_length=max_length)
+            chunks = backend.stream_reply(messages, params, cancel=cancel, events=events, max_length=max_length)
             saver = Throttle(SAVE_INTERVAL_SECONDS)
             saver.ready()  # the first periodic save is due one interval after the start
             for text in throttled_text(_recorded(chunks, received, poll)):
+                if live is not None:
+                    live.update(cid, mid, text)
                 show(text)
                 if saver.ready():
                     _save_progress(store, mid, text)
@@ -124,6 +161,14 @@ def run_reply(
             status = "error"
             events.stats.finish_reason = "error"
             events.stats.error = events.stats.error or str(exc) or type(exc).__name__
+        except (StopException, RerunException):
+            if live is None or not _alive(chunks):  # no page to show it, or it ended (e.g. while in line)
+                _close(chunks)
+                _save(store, mid, "".join(received), _interrupted(events.stats), events.stats)
+                raise
+            detached = True  # the page's script ended: the reply goes on without it (a Stop button cancels it)
+            _finish_in_background(chunks, received, events, store, cid, mid, live)
+            raise
         except BaseException:
             _close(chunks)
             _save(store, mid, "".join(received), _interrupted(events.stats), events.stats)
@@ -136,9 +181,38 @@ def run_reply(
             raise ReplyNotSaved(fault, text) from fault
         return ReplyOutcome(mid, text, status, events.stats)
     finally:
-        _close(chunks)
-        if live is not None:
+        if not detached:
+            _close(chunks)
+            if live is not None:
+                live.finish(cid, mid)
+
+
+def _finish_in_background(chunks, received, events, store, cid, mid, live) -> threading.Thread:
+    """Go on with a reply whose page moved on: the rest of its chunks into `live` and the store, then its end."""
+
+    def run() -> None:
+        saver = Throttle(SAVE_INTERVAL_SECONDS)
+        status = "complete"
+        try:
+            for chunk in chunks:
+                received.append(chunk)
+                text = "".join(received)
+                live.update(cid, mid, text)
+                if saver.ready():
+                    _save_progress(store, mid, text)
+            status = "stopped" if events.stats.finish_reason == "cancelled" else "complete"
+        except Exception as exc:  # the engine's error ends the reply as it would on the page
+            status = "error"
+            events.stats.finish_reason = "error"
+            events.stats.error = events.stats.error or str(exc) or type(exc).__name__
+        finally:
+            _close(chunks)
+            _save(store, mid, "".join(received), status, events.stats)
             live.finish(cid, mid)
+
+    thread = threading.Thread(target=run, name="internlm-web-reply", daemon=True)
+    thread.start()
+    return thread
 
 
 def _save(store: ConversationStore, mid: int, text: str, status: str, stats: ReplyStats) -> None:

@@ -1,0 +1,107 @@
+"""Nothing typed is lost and no interaction but Stop ends a reply (issue: a message typed while a regenerated reply
+streamed was dropped and cancelled the reply). On every path (send, regenerate, edit), with a slow model (10 tokens
+a second), while the reply streams: sidebar buttons, the language and a typed message. The reply runs to its end,
+the typed message is queued, shown, then sent, and both are in the database."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from tests.browser_helpers import CHROMIUM, button, chromium, send, streamlit_server, tiny_model_env, wait_for_text
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium"),
+]
+
+MAX_TOKENS = 50  # "hello" with repetition penalty 2 runs to the limit: 5 s at 10 tokens a second
+SERVER_ENV = {
+    "INTERNLM_TEMPERATURE": "0",
+    "INTERNLM_REPETITION_PENALTY": "2.0",
+    "INTERNLM_MAX_NEW_TOKENS": str(MAX_TOKENS),
+    "BROWSER_TEST_TOKEN_DELAY": "0.1",
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("typing")
+    with streamlit_server(tiny_model_env(tmp, **SERVER_ENV), tmp / "server.log") as url:
+        yield url, tmp / "conversations.db"
+
+
+def _rows(db) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(db) as connection:
+        return connection.execute("SELECT role, content, status FROM messages ORDER BY id").fetchall()
+
+
+def _start(page, path: str) -> None:
+    """Begin a reply the way `path` does; returns while it streams."""
+    if path == "send":
+        send(page, "hello")
+    elif path == "regenerate":
+        button(page, "regenerate").click()
+    else:
+        button(page, "edit_last").click()
+        page.locator(".st-key-edit_text textarea").fill("hello")
+        button(page, "edit_send").click()
+
+
+@pytest.mark.parametrize("path", ["send", "regenerate", "edit"])
+def test_interactions_while_a_reply_streams_neither_end_it_nor_lose_text(server, path):
+    from playwright.sync_api import expect
+
+    url, db = server
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        box = page.locator(".st-key-prompt textarea")
+        expect(box).to_be_enabled(timeout=60_000)
+        bubbles = page.locator('[data-testid="stChatMessage"]')
+        if path != "send":  # regenerate and edit need a conversation first
+            send(page, "hi")
+            expect(page.get_by_text("tokens ·")).to_have_count(1, timeout=60_000)
+        before = len(_rows(db))
+        _start(page, path)
+        wait_for_text(page, 1, min_chars=3)  # it streams
+        expect(button(page, "edit_last")).not_to_be_visible()  # no stale edit or regenerate buttons
+        expect(button(page, "regenerate")).not_to_be_visible()
+        button(page, "clear_gpu").click()  # sidebar buttons and the language: each reruns the page
+        time.sleep(0.5)
+        page.locator(".st-key-lang").get_by_text("English").click()
+        time.sleep(0.5)
+        send(page, f"NEW MESSAGE after {path}")  # typed while the reply runs
+        expect(page.get_by_text("Queued: sent when the current reply ends")).to_be_visible(timeout=10_000)
+        page.locator(".st-key-lang").get_by_text("中文").click()
+        # The reply runs to its length limit, then the queued message goes out and gets its own reply.
+        expect(bubbles).to_have_count(4, timeout=60_000)
+        expect(page.get_by_text("tokens ·")).to_have_count(2, timeout=60_000)
+        page.screenshot(path=str(db.parent / f"typing-{path}.png"), full_page=True)
+        rows = _rows(db)[before - (0 if path == "send" else 1) :] if path != "send" else _rows(db)[before:]
+        replies = [r for r in rows if r[0] == "assistant"]
+        assert replies[0][2] == "complete" and ("达到长度上限" in bubbles.nth(1).inner_text())
+        assert ("user", f"NEW MESSAGE after {path}", "complete") in rows and replies[-1][2] == "complete"
+        assert f"NEW MESSAGE after {path}" in bubbles.nth(2).inner_text()
+        page.close()
+
+
+def test_stop_still_stops_a_reply_that_went_to_the_background(server):
+    """After an interaction the reply runs on in the background; its Stop button still ends it at once."""
+    from playwright.sync_api import expect
+
+    url, db = server
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        expect(page.locator(".st-key-prompt textarea")).to_be_enabled(timeout=60_000)
+        send(page, "hello")
+        wait_for_text(page, 1, min_chars=3)
+        button(page, "clear_gpu").click()  # the page moves on; the reply is now drawn from the background
+        expect(button(page, "stop_live")).to_be_visible(timeout=10_000)
+        button(page, "stop_live").click()
+        expect(page.get_by_text("已停止 ·")).to_be_visible(timeout=15_000)
+        assert _rows(db)[-1][2] == "stopped"
+        page.close()
