@@ -11,6 +11,7 @@ import pytest
 from internlm_app.sampling import BOUNDS, INT_PARAMS, SamplingParams
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT, MAX_LENGTH_BOUNDS
 from internlm_app.store import ConversationStore
+from internlm_app.web.i18n import t
 from tests.app_helpers import MAX_NEW_TOKENS, ROOT, chat, run_page, send, set_app_env, texts
 from tests.conftest import FIXTURE_DIR
 
@@ -45,7 +46,7 @@ def test_a_message_gets_a_streamed_reply_with_stats_saved_under_the_url_id(app_e
     assert reply == expected
     caption = at.chat_message[1].caption[0].value
     assert "tokens" in caption and "首字" in caption and "tokens/秒" in caption
-    assert f"({stats.finish_reason})" in caption
+    assert t("stat_finish", "zh", reason=t(f"finish_{stats.finish_reason}", "zh")) in caption and "(" not in caption
     conv = store.get_conversation(at.query_params["c"])
     assert [(m.role, m.status) for m in conv.messages] == [("user", "complete"), ("assistant", "complete")]
     assert conv.messages[1].content == reply and conv.messages[1].stats["completion_tokens"] == stats.completion_tokens
@@ -145,6 +146,23 @@ def test_english_labels(app_env):
     at.radio(key="lang").set_value("en").run()
     assert at.slider(key="temperature").label == "Temperature"
     assert at.button(key="new_chat").label == "New chat (clear)"
+    assert at.query_params["lang"] in ("en", ["en"])  # in the URL: a refresh or a copied link keeps it
+
+
+def test_the_language_comes_from_the_url_and_survives_a_new_session(app_env):
+    at = run_page(query={"lang": "en"})  # a refresh or a new tab with the link: a new session
+    assert at.radio(key="lang").value == "en" and at.button(key="new_chat").label == "New chat (clear)"
+    assert run_page(query={"lang": "xx"}).radio(key="lang").value == "zh"  # an unknown one: the default
+
+
+def test_logout_forgets_the_login(app_env, monkeypatch, app_cache):
+    set_app_env(monkeypatch, app_env, app_cache, INTERNLM_WEB_PASSWORD="s3cret")
+    at = run_page()
+    at.text_input(key="password").set_value("s3cret")
+    at.button(key="login").click().run()
+    assert at.chat_input(key="prompt")
+    at.button(key="logout").click().run()
+    assert not at.chat_input and at.text_input(key="password")
 
 
 def test_a_model_path_that_does_not_exist_gives_a_clear_error_and_retry_works_once_fixed(

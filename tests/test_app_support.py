@@ -279,7 +279,7 @@ def test_stats_caption_says_tokens_speed_and_why_it_ended():
     stats = {"completion_tokens": 57, "time_to_first_token": 0.123, "tokens_per_second": 31.25}
     stats["finish_reason"] = "length"
     caption = stats_caption(stats, "complete", lambda key, **v: i18n.t(key, "en", **v))
-    assert caption == "57 tokens · first token 0.12 s · 31.2 tokens/s · ended: length limit (length)"
+    assert caption == "57 tokens · first token 0.12 s · 31.2 tokens/s · ended: length limit"  # no English in zh
     stats["cached_tokens"] = 114  # a later turn: the earlier ones came from the KV cache
     caption = stats_caption(stats, "complete", lambda key, **v: i18n.t(key, "zh", **v))
     assert "首字 0.12 秒 · 复用缓存 114 tokens · 31.2 tokens/秒" in caption

@@ -41,7 +41,7 @@ def test_chat_stop_busy_tab_clear_and_reload(server, browser, tmp_path):
     send(page, "hello")  # a reply streams in, with its stats caption
     expect(bubbles).to_have_count(2, timeout=30_000)
     wait_for_text(page, 1, contains="tokens ·")
-    expect(page.get_by_text("(stop)")).to_be_visible()
+    expect(page.get_by_text("结束：完成")).to_be_visible()
 
     page.get_by_text("生成参数").click()  # a slider: repetition penalty to its maximum (2.00)
     penalty = page.locator(".st-key-repetition_penalty input[type=range]")
@@ -54,7 +54,7 @@ def test_chat_stop_busy_tab_clear_and_reload(server, browser, tmp_path):
     button(page, "stop_reply").click()  # the reply's own stop button
     expect(page.get_by_text("已停止 ·")).to_be_visible(timeout=15_000)
     stopped = bubbles.nth(3).inner_text()
-    assert "(cancelled)" in stopped and int(stopped.split("已停止 · ")[1].split(" tokens")[0]) < 280
+    assert "结束：已停止" in stopped and int(stopped.split("已停止 · ")[1].split(" tokens")[0]) < 280
 
     other = browser.new_page()  # a second tab asks while the first one generates: it joins the batch at once
     other.goto(server)

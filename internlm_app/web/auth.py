@@ -61,6 +61,18 @@ def password_matches(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
+def logout_control(settings: Settings, label: str, hosted_login: bool) -> None:
+    """A log-out control in the sidebar when a password is set: the /logout link under `serve` (it clears the
+    cookie), a button that forgets this session's login under `streamlit run`."""
+    if settings.web_password is None:
+        return
+    if hosted_login:
+        st.link_button(label, "/logout", icon=":material/logout:")
+    elif st.button(label, key="logout", icon=":material/logout:"):
+        st.session_state.pop(AUTH_KEY, None)
+        st.rerun()
+
+
 def login_gate(settings: Settings, cookie_check: CookieCheck | None = None) -> bool:
     """True when no password is set or this session logged in; otherwise draw only the login form (or a link to it)."""
     if settings.web_password is None:
@@ -75,8 +87,10 @@ def login_gate(settings: Settings, cookie_check: CookieCheck | None = None) -> b
     if st.session_state.get(AUTH_KEY):
         return True
     st.title("InternLM2 Chat")
-    given = st.text_input("密码 / Password", type="password", key="password")
-    if st.button("登录 / Log in", key="login", type="primary"):
+    with st.form("login_form", border=False):  # a form: Enter in the password field logs in
+        given = st.text_input("密码 / Password", type="password", key="password")
+        submitted = st.form_submit_button("登录 / Log in", key="login", type="primary")
+    if submitted:
         throttle = login_throttle(settings)
         if (wait := throttle.wait_seconds()) > 0:  # not even checked: a right guess would not show either
             st.error(f"密码错误次数过多，请 {wait:.0f} 秒后再试 / Too many wrong passwords: try again in {wait:.0f} s")

@@ -38,6 +38,7 @@ LABELS: dict[str, tuple[str, str]] = {
         "正在生成回复；现在发送的消息会在它结束后发出",
         "A reply is being generated; a message sent now goes out when it ends",
     ),
+    "logout": ("退出登录", "Log out"),
     "live_generating": ("正在生成…", "Generating…"),
     "queued_message": ("排队中：当前回复结束后发送", "Queued: sent when the current reply ends"),
     "conversation_not_found": (

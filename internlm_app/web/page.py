@@ -17,12 +17,14 @@ from ..chat_types import ChatBackend
 from ..settings import Settings, describe_settings_error
 from ..store import ConversationStore
 from . import hosting
-from .auth import login_gate
+from .auth import login_gate, logout_control
 from .i18n import LANGUAGES, t
 from .resources import backend_loader
 from .storage import open_store
 
 log = logging.getLogger(__name__)
+
+LANG_PARAM = "lang"  # ?lang=en keeps the language across refreshes and in shared links
 
 RUN_COMMAND = "python -m internlm_app serve"  # the web app, the API and one model on one port
 PAGES = (
@@ -73,9 +75,24 @@ class PageContext:
         return require_backend(self)
 
 
+def _first_language() -> str:
+    """The language a new session starts in: the URL's `?lang=`, else the browser's language, else Chinese."""
+    asked = st.query_params.get(LANG_PARAM)
+    if asked in LANGUAGES:
+        return asked
+    locale = (st.context.locale or "").lower()
+    return "en" if locale.startswith("en") and "en" in LANGUAGES else LANGUAGES[0]
+
+
+def _keep_language_in_url() -> None:
+    st.query_params[LANG_PARAM] = st.session_state["lang"]  # a refresh or a copied link keeps it
+
+
 def start_page(title_key: str) -> PageContext:
     """Set up the page; stops the script while the password gate is closed or the settings are invalid."""
-    lang = st.session_state.get("lang", LANGUAGES[0])
+    if "lang" not in st.session_state:
+        st.session_state["lang"] = _first_language()
+    lang = st.session_state["lang"]
     st.set_page_config(page_title=f"{t(title_key, lang)} · InternLM2 Chat", page_icon=PAGE_ICON, layout="centered")
     hosted = hosting.current()
     try:
@@ -96,9 +113,11 @@ def start_page(title_key: str) -> PageContext:
             key="lang",
             horizontal=True,
             persist_state="session",
+            on_change=_keep_language_in_url,
         )
         for path, label, icon in PAGES:
             st.page_link(path, label=t(label, lang), icon=icon)
+        logout_control(settings, t("logout", lang), hosted is not None and hosted.login is not None)
     return PageContext(settings, lang)
 
 

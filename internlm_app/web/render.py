@@ -47,7 +47,7 @@ def stats_caption(stats: dict | None, status: str, t: Translate) -> str:
         parts.append(t("stat_speed", v=stats["tokens_per_second"]))
     if stats.get("finish_reason"):
         reason = stats["finish_reason"]
-        parts.append(t("stat_finish", reason=f"{t('finish_' + reason)} ({reason})"))
+        parts.append(t("stat_finish", reason=t("finish_" + reason)))
     return " · ".join(parts)
 
 
