@@ -18,7 +18,7 @@ status.model_section(ctx, ctx.loader())
 st.subheader(ctx.t("status_gpu"))
 devices = gpu.memory_report()
 if devices:
-    st.table(status.memory_rows(devices))
+    st.table(status.memory_rows(ctx, devices))
 else:
     st.info(ctx.t("gpu_none"))
 
@@ -29,4 +29,4 @@ for problem in report["problems"]:
 if not report["problems"]:
     st.success(ctx.t("status_no_problems"))
 with st.expander(ctx.t("status_versions")):
-    st.table(status.version_rows(report))
+    st.table(status.version_rows(ctx, report))

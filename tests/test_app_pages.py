@@ -32,7 +32,7 @@ def _table(at) -> str:
 def test_status_page_shows_the_model_memory_queue_and_doctor_report(app_env):
     at = run_page(STATUS)
     table = _table(at)
-    for fact in ("internlm2-tiny", "float32", "cpu", "context_window", "512", "load_seconds"):
+    for fact in ("internlm2-tiny", "float32", "cpu", "上下文窗口", "512", "加载耗时"):
         assert fact in table
     assert "CPU" in texts(at.info)  # GPU memory: none on this machine
     assert "引擎：空闲" in texts(at.caption)

@@ -76,12 +76,9 @@ class PageContext:
 
 
 def _first_language() -> str:
-    """The language a new session starts in: the URL's `?lang=`, else the browser's language, else Chinese."""
+    """The language a new session starts in: the URL's `?lang=` (set by the switch), else Chinese."""
     asked = st.query_params.get(LANG_PARAM)
-    if asked in LANGUAGES:
-        return asked
-    locale = (st.context.locale or "").lower()
-    return "en" if locale.startswith("en") and "en" in LANGUAGES else LANGUAGES[0]
+    return asked if asked in LANGUAGES else LANGUAGES[0]
 
 
 def _keep_language_in_url() -> None:

@@ -26,9 +26,10 @@ def model_section(ctx: PageContext, loader: BackendLoader) -> None:
     facts["parameters"] = f"{info.parameters:,}"
     facts["load_seconds"] = f"{info.load_seconds:.1f} s"
     facts.pop("extra", None)
-    facts["served_by"] = "web app + API, one process" if hosting.current() is not None else "web app only"
+    facts["served_by"] = ctx.t("served_one_process" if hosting.current() is not None else "served_web_only")
     facts["models_loaded_by_process"] = str(backends_created())
-    st.table({ctx.t("status_field"): list(facts), ctx.t("status_value"): [str(v) for v in facts.values()]})
+    names = [ctx.t(f"field_{name}") for name in facts]
+    st.table({ctx.t("status_field"): names, ctx.t("status_value"): [str(v) for v in facts.values()]})
     plan = getattr(backend, "plan", None)
     if plan is not None:
         st.subheader(ctx.t("status_decoding"))
@@ -51,21 +52,21 @@ def decoding_rows(ctx: PageContext, plan, kept_tokens: int) -> dict[str, list[st
     }
 
 
-def memory_rows(devices: list[gpu.DeviceMemory]) -> dict[str, list[str]]:
+def memory_rows(ctx: PageContext, devices: list[gpu.DeviceMemory]) -> dict[str, list[str]]:
     """One column per fact, one row per GPU."""
     return {
         "GPU": [f"{d.index}: {d.name}" for d in devices],
-        "allocated": [gpu.format_bytes(d.allocated) for d in devices],
-        "reserved": [gpu.format_bytes(d.reserved) for d in devices],
-        "total": [gpu.format_bytes(d.total) for d in devices],
+        ctx.t("mem_allocated"): [gpu.format_bytes(d.allocated) for d in devices],
+        ctx.t("mem_reserved"): [gpu.format_bytes(d.reserved) for d in devices],
+        ctx.t("mem_total"): [gpu.format_bytes(d.total) for d in devices],
     }
 
 
-def version_rows(report: dict) -> dict[str, list[str]]:
+def version_rows(ctx: PageContext, report: dict) -> dict[str, list[str]]:
     """Package versions, CUDA and RAM from the doctor report."""
     rows = {name: version or "—" for name, version in report["versions"].items()}
-    rows["CUDA"] = f"{report['cuda'] or '—'} (available: {report['cuda_available']})"
+    rows["CUDA"] = f"{report['cuda'] or '—'} ({report['cuda_available']})"
     if report.get("ram_available_bytes"):
-        rows["RAM available"] = gpu.format_bytes(report["ram_available_bytes"])
-    rows["disk free"] = gpu.format_bytes(report["disk_free_bytes"])
-    return {"": list(rows), "version": list(rows.values())}
+        rows[ctx.t("ram_available")] = gpu.format_bytes(report["ram_available_bytes"])
+    rows[ctx.t("disk_free")] = gpu.format_bytes(report["disk_free_bytes"])
+    return {"": list(rows), ctx.t("version_column"): list(rows.values())}
