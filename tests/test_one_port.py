@@ -171,7 +171,7 @@ def test_browser_requests_and_openai_share_one_engine_at_once(loaded, browser, t
 
     page.get_by_text("状态").click()  # the Status page says the same: one process, one model
     expect(page.get_by_text("网页 + API，同一进程")).to_be_visible(timeout=30_000)
-    row = page.locator("tr", has_text="models_loaded_by_process")
+    row = page.locator("tr", has_text="本进程加载的模型数")
     expect(row).to_contain_text("1")
 
     page.go_back()
