@@ -102,3 +102,48 @@ def test_pages_are_behind_the_password_gate(app_env, monkeypatch, app_cache):
     for page in (STATUS, HISTORY):
         at = run_page(page)
         assert at.text_input(key="password") and not at.table and not at.get("selectbox") and not at.sidebar.children
+
+
+def _shown_text(at) -> str:
+    """Every label and text the page shows (widgets, Markdown, captions, alerts, headings, table headers)."""
+    parts = []
+    for kind in ("markdown", "caption", "info", "warning", "error", "success", "subheader", "title", "header"):
+        parts += [str(element.value) for element in getattr(at, kind)]
+    for kind in (
+        "button",
+        "slider",
+        "radio",
+        "text_input",
+        "text_area",
+        "selectbox",
+        "expander",
+        "toggle",
+        "number_input",
+    ):
+        parts += [str(getattr(element, "label", "") or "") for element in getattr(at, kind)]
+    for table in at.table:
+        parts += [str(column) for column in table.value.columns]
+        parts += [str(cell) for cell in table.value.iloc[:, 0]]
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("page", ["app.py", "pages/status.py", "pages/history.py"])
+def test_each_page_shows_one_language(app_env, page):
+    """In 中文 no English label of this app shows, and in English no Chinese one (the language switch's own label,
+    '语言 / Language', and each language's name are meant for both)."""
+    from internlm_app.web.i18n import LABELS
+
+    both = {"language_name"}
+    for lang, other in (("zh", 1), ("en", 0)):
+        at = run_page(page, query={"lang": lang})
+        shown = _shown_text(at).replace("语言 / Language", "")
+        foreign = [
+            texts[other]
+            for key, texts in LABELS.items()
+            if key not in both
+            and texts[0] != texts[1]
+            and "{" not in texts[other]
+            and len(texts[other]) > 3
+            and texts[other] in shown.split("\n")
+        ]
+        assert not foreign, (lang, foreign)

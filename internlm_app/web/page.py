@@ -25,6 +25,7 @@ from .storage import open_store
 log = logging.getLogger(__name__)
 
 LANG_PARAM = "lang"  # ?lang=en keeps the language across refreshes and in shared links
+_LANG_KEY = "_lang"  # the session's language (not the widget's own state, which a page switch drops)
 
 RUN_COMMAND = "python -m internlm_app serve"  # the web app, the API and one model on one port
 PAGES = (
@@ -81,15 +82,16 @@ def _first_language() -> str:
     return asked if asked in LANGUAGES else LANGUAGES[0]
 
 
-def _keep_language_in_url() -> None:
-    st.query_params[LANG_PARAM] = st.session_state["lang"]  # a refresh or a copied link keeps it
+def _keep_language() -> None:
+    """The switch's choice, kept for the whole session (every page) and in the URL (a refresh, a copied link)."""
+    st.session_state[_LANG_KEY] = st.session_state["lang"]
+    st.query_params[LANG_PARAM] = st.session_state["lang"]
 
 
 def start_page(title_key: str) -> PageContext:
     """Set up the page; stops the script while the password gate is closed or the settings are invalid."""
-    if "lang" not in st.session_state:
-        st.session_state["lang"] = _first_language()
-    lang = st.session_state["lang"]
+    lang = st.session_state.setdefault(_LANG_KEY, _first_language())
+    st.session_state["lang"] = lang  # the switch shows it on every page (a page switch drops widget state)
     st.set_page_config(page_title=f"{t(title_key, lang)} · InternLM2 Chat", page_icon=PAGE_ICON, layout="centered")
     hosted = hosting.current()
     try:
@@ -110,7 +112,7 @@ def start_page(title_key: str) -> PageContext:
             key="lang",
             horizontal=True,
             persist_state="session",
-            on_change=_keep_language_in_url,
+            on_change=_keep_language,
         )
         for path, label, icon in PAGES:
             st.page_link(path, label=t(label, lang), icon=icon)
