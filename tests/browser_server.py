@@ -5,30 +5,39 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from internlm_app.engine import ChatEngine
 
 
-def _slow_load(load):
+def paced_load(load):
+    """ChatEngine.load that waits for the file ONE_PORT_LOAD_GATE names (when set: a test holds the load there),
+    then sleeps BROWSER_TEST_TOKEN_DELAY seconds before every forward pass of the loaded model."""
+    gate = os.environ.get("ONE_PORT_LOAD_GATE")
     delay = float(os.environ.get("BROWSER_TEST_TOKEN_DELAY", "0"))
 
-    def slow(cls, settings, progress=None):
+    def paced(cls, settings, progress=None):
+        if gate:
+            logging.getLogger("internlm_app.model_source").info("waiting for the test's load gate")
+            while not Path(gate).exists():
+                time.sleep(0.05)
         engine = load(cls, settings, progress=progress)
         if delay:
             engine.model.register_forward_pre_hook(lambda *_: time.sleep(delay))
         return engine
 
-    return classmethod(slow)
+    return classmethod(paced)
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # the tests' reference behaviour, and calm on a 2-core CI machine
-    ChatEngine.load = _slow_load(ChatEngine.load.__func__)
+    ChatEngine.load = paced_load(ChatEngine.load.__func__)
     from streamlit.web import cli
 
     sys.argv = ["streamlit", "run", "app.py", *sys.argv[1:]]

@@ -9,38 +9,18 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-import time
-from pathlib import Path
 
 import torch
 
 from internlm_app.engine import ChatEngine
 from internlm_app.web import history
-
-
-def _gated_slow_load(load):
-    gate = os.environ.get("ONE_PORT_LOAD_GATE")
-    delay = float(os.environ.get("BROWSER_TEST_TOKEN_DELAY", "0"))
-
-    def gated(cls, settings, progress=None):
-        if gate:
-            logging.getLogger("internlm_app.model_source").info("waiting for the test's load gate")
-            while not Path(gate).exists():
-                time.sleep(0.05)
-        engine = load(cls, settings, progress=progress)
-        if delay:
-            engine.model.register_forward_pre_hook(lambda *_: time.sleep(delay))
-        return engine
-
-    return classmethod(gated)
-
+from tests.browser_server import paced_load
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # the tests' reference behaviour, and calm on a 2-core CI machine
-    ChatEngine.load = _gated_slow_load(ChatEngine.load.__func__)
+    ChatEngine.load = paced_load(ChatEngine.load.__func__)
     history.EXPORT_LIFETIME_SECONDS = float(os.environ.get("ONE_PORT_EXPORT_LIFETIME", history.EXPORT_LIFETIME_SECONDS))
     from internlm_app.cli import main
 
