@@ -261,8 +261,27 @@ def _to_conversation(item: ConversationIn, now: float) -> Conversation:
     return Conversation("", title, item.system_prompt, dict(item.settings), created, updated, messages)
 
 
-def import_json(store: ConversationStore, data: bytes | str) -> list[str]:
-    """Import every conversation of an export in one transaction and return their new ids; all or nothing."""
+def fingerprint(conv: Conversation) -> tuple:
+    """What makes two conversations the same one: system prompt, creation time and every message's role and text."""
+    return (conv.system_prompt, round(conv.created_at, 3), tuple((m.role, m.content) for m in conv.messages))
+
+
+class ImportedIds(list):
+    """The new ids of an import; `skipped`: how many conversations were left out as already in the store."""
+
+    skipped: int = 0
+
+
+def import_json(store: ConversationStore, data: bytes | str, skip_existing: bool = False) -> ImportedIds:
+    """Import the conversations of an export in one transaction (all or nothing) and return their new ids. With
+    `skip_existing`, one the store already holds (the same `fingerprint`: an export imported again) is left out."""
     document = parse_export(data)
     now = time.time()
-    return store.import_conversations([_to_conversation(c, now) for c in document.conversations])
+    incoming = [_to_conversation(c, now) for c in document.conversations]
+    kept = incoming
+    if skip_existing:
+        have = {fingerprint(c) for s in store.list_conversations(limit=None) if (c := store.get_conversation(s.id))}
+        kept = [c for c in incoming if fingerprint(c) not in have]
+    ids = ImportedIds(store.import_conversations(kept))
+    ids.skipped = len(incoming) - len(kept)
+    return ids

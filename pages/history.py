@@ -14,6 +14,7 @@ history.show_notice()
 query = st.text_input(ctx.t("search"), key="search", placeholder=ctx.t("search_placeholder"))
 items = history.find(ctx, store, query)
 by_id = {item.id: item for item in items}
+history.keep_selection_valid("selected", list(by_id))
 cid = st.selectbox(
     ctx.t("conversations_found", n=len(items)),
     list(by_id),
@@ -47,10 +48,12 @@ for col, kind in ((json_col, "json"), (md_col, "md")):
     col.download_button(ctx.t(f"export_all_{kind}"), data, name, key=f"export_all_{kind}", on_click="ignore")
 
 st.subheader(ctx.t("import"))
-st.file_uploader(ctx.t("import_file"), type=["json"], key="import_file")
-st.button(
-    ctx.t("import"),
-    key="import_button",
-    on_click=history.import_upload,
-    args=(store, "import_file", ctx.t("imported"), ctx.t("import_failed")),
+st.file_uploader(ctx.t("import_file"), type=["json"], key=history.upload_key())
+keep_both = st.radio(
+    ctx.t("import_duplicates"),
+    [False, True],
+    format_func=lambda both: ctx.t("import_keep_both" if both else "import_skip"),
+    key="import_keep_both",
+    horizontal=True,
 )
+st.button(ctx.t("import"), key="import_button", on_click=history.import_upload, args=(store, ctx.t, not keep_both))

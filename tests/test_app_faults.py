@@ -84,7 +84,8 @@ def test_a_full_disk_in_the_history_page_is_a_message_not_a_traceback(app_env, m
     before = _conversations(db)
     make_disk_full(monkeypatch)
     at = run_page(HISTORY)
-    at.file_uploader(key="import_file").set_value(("export.json", data.encode(), "application/json"))
+    at.radio(key="import_keep_both").set_value(True).run()  # the file holds the conversation already here
+    at.file_uploader(key="import_file_0").set_value(("export.json", data.encode(), "application/json"))
     at.button(key="import_button").click().run()
     assert not at.exception and "磁盘已满" in texts(at.error) and not at.success
     assert len(at.selectbox(key="selected").options) == 1  # the page still lists what is there

@@ -60,7 +60,12 @@ def test_history_export_then_import_reproduces_the_conversations(app_env, store)
         assert at.get("download_button") and any(b.proto.id.endswith(key) for b in at.get("download_button"))
     data = export.export_json(store)  # what the export-all button serves
     assert "你好，大海" in export.export_markdown(store, [cid])
-    at.file_uploader(key="import_file").set_value(("export.json", data.encode(), "application/json"))
+    at.file_uploader(key="import_file_0").set_value(("export.json", data.encode(), "application/json"))
+    at.button(key="import_button").click().run()  # the same conversation is here already: skipped by default
+    assert "已导入 0 个对话；1 个已存在，已跳过" in texts(at.success) and len(store.list_conversations()) == 1
+    assert not at.file_uploader(key="import_file_1").value  # the uploader was emptied: no second import by mistake
+    at.radio(key="import_keep_both").set_value(True).run()
+    at.file_uploader(key="import_file_1").set_value(("export.json", data.encode(), "application/json"))
     at.button(key="import_button").click().run()
     assert "已导入 1 个对话" in texts(at.success)
     ids = sorted((s.id for s in store.list_conversations()), key=lambda i: i != cid)  # the original first
@@ -76,13 +81,24 @@ def test_a_malformed_import_shows_a_clear_error_and_changes_nothing(app_env, sto
     before = export.export_json(store)
     at = run_page(HISTORY)
     bad = json.dumps({"format": "internlm-chat-export", "version": 1, "conversations": [{"messages": [{"role": "x"}]}]})
-    at.file_uploader(key="import_file").set_value(("bad.json", bad.encode(), "application/json"))
+    at.file_uploader(key="import_file_0").set_value(("bad.json", bad.encode(), "application/json"))
     at.button(key="import_button").click().run()
     assert "导入失败，未做任何更改" in texts(at.error) and "role" in texts(at.error)
-    at.file_uploader(key="import_file").set_value(("x.json", b"not json", "application/json"))
+    at.button(key="import_button").click().run()  # the rejected file is gone: nothing is imported, and it says so
+    assert "请先选择一个 JSON 导出文件" in texts(at.warning)
+    at.file_uploader(key="import_file_1").set_value(("x.json", b"not json", "application/json"))
     at.button(key="import_button").click().run()
     assert "not a JSON file" in texts(at.error)
     assert json.loads(export.export_json(store))["conversations"] == json.loads(before)["conversations"]
+
+
+def test_clearing_a_search_that_found_nothing_brings_the_picker_back(app_env, store):
+    _conversation(store, "Kept", "hello", "hi")
+    at = run_page(HISTORY)
+    at.text_input(key="search").set_value("no such words").run()
+    assert at.selectbox(key="selected").value is None
+    at.text_input(key="search").set_value("").run()
+    assert at.selectbox(key="selected").value is not None and at.toggle(key="delete_one")
 
 
 def test_history_delete_needs_confirmation(app_env, store):

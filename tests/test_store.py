@@ -480,3 +480,18 @@ def test_replace_from_is_one_transaction(store: ConversationStore) -> None:
         store.replace_from(cid, new, "system", "x")
     # a refused replace changed nothing
     assert [m.content for m in store.get_conversation(cid).messages] == ["first", "fixed"]
+
+
+def test_an_export_imported_again_is_recognised(store):
+    """The same conversation (system prompt, creation time, every message) is skipped when asked; kept when not."""
+    from internlm_app.export import export_json, import_json
+
+    cid = store.create_conversation("sys")
+    store.add_message(cid, "user", "hello")
+    data = export_json(store)
+    skipped = import_json(store, data, skip_existing=True)
+    assert skipped == [] and skipped.skipped == 1 and len(store.list_conversations()) == 1
+    kept = import_json(store, data)
+    assert len(kept) == 1 and kept.skipped == 0 and len(store.list_conversations()) == 2
+    store.add_message(cid, "assistant", "a later reply")  # no longer the same conversation as the export
+    assert import_json(store, data, skip_existing=True).skipped == 1  # the copy made above still matches

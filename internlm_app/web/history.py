@@ -16,6 +16,7 @@ from ..store import ConversationStore, ConversationSummary, StoreFault
 from . import storage
 from .safe_markdown import plain
 
+_UPLOADS_KEY = "_imports_done"
 NOTICE_KEY = "_history_notice"  # (kind, text) shown once after a callback
 # An export is a file in Streamlit's media store, served at /media/<id> to whoever has the URL (in web-only mode
 # without the password; the one-port server checks the login cookie). The browser fetches it at once, so it is
@@ -68,19 +69,35 @@ def file_name(kind: str, cid: str | None = None) -> str:
     return f"{stem}.{'json' if kind == 'json' else 'md'}"
 
 
-def import_upload(store: ConversationStore, upload_key: str, ok: str, failed: str) -> None:
-    """on_click of the import button: validate and import the uploaded file (all or nothing), then say what happened."""
-    upload = st.session_state.get(upload_key)
+def upload_key() -> str:
+    """The uploader's key: a new one after each import, so a file once tried is never imported again by mistake."""
+    return f"import_file_{st.session_state.get(_UPLOADS_KEY, 0)}"
+
+
+def import_upload(store: ConversationStore, t: Callable[..., str], skip_existing: bool) -> None:
+    """on_click of the import button: validate and import the uploaded file (all or nothing), say what happened, and
+    empty the uploader. Without a file it says to choose one."""
+    upload = st.session_state.get(upload_key())
     if upload is None:
+        st.session_state[NOTICE_KEY] = ("warning", t("import_no_file"))
         return
+    st.session_state[_UPLOADS_KEY] = st.session_state.get(_UPLOADS_KEY, 0) + 1
     try:
-        ids = export.import_json(store, upload.getvalue())
+        ids = export.import_json(store, upload.getvalue(), skip_existing=skip_existing)
     except export.ImportValidationError as exc:  # it may quote the file: plain text
-        st.session_state[NOTICE_KEY] = ("error", failed.format(error=plain(str(exc))))
+        st.session_state[NOTICE_KEY] = ("error", t("import_failed", error=plain(str(exc))))
     except StoreFault as fault:  # shown at the top of the page, which runs right after this callback
         storage.remember(fault)
     else:
-        st.session_state[NOTICE_KEY] = ("success", ok.format(n=len(ids)))
+        done = t("imported", n=len(ids)) + (t("import_skipped", n=ids.skipped) if ids.skipped else "")
+        st.session_state[NOTICE_KEY] = ("success", done)
+
+
+def keep_selection_valid(key: str, options: list[str]) -> None:
+    """Before the picker is drawn: a selection no longer among the options (a search that found nothing, then
+    cleared) falls back to the first option, so the row of actions comes back."""
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = options[0] if options else None
 
 
 def delete(store: ConversationStore, cid: str, done: str, toggle_key: str) -> None:

@@ -237,6 +237,11 @@ LABELS: dict[str, tuple[str, str]] = {
     "import_file": ("JSON 导出文件", "A JSON export file"),
     "imported": ("已导入 {n} 个对话", "Imported {n} conversations"),
     "import_failed": ("导入失败，未做任何更改：{error}", "Import failed, nothing was changed: {error}"),
+    "import_no_file": ("请先选择一个 JSON 导出文件", "Choose a JSON export file first"),
+    "import_skipped": ("；{n} 个已存在，已跳过", "; {n} already here, skipped"),
+    "import_duplicates": ("已存在的对话", "Conversations already here"),
+    "import_skip": ("跳过", "skip"),
+    "import_keep_both": ("保留两份", "keep both"),
 }
 
 
