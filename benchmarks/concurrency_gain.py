@@ -29,7 +29,7 @@ PROMPTS = ["hello", "你好", "What is 2+2?", "介绍一下上海", "abc", "hi",
 def endless(engine: ChatEngine, **settings) -> ChatEngine:
     """The engine's weights with a tokenizer whose stop id is never generated: every reply runs to max tokens."""
     tokenizer = copy.copy(engine.tokenizer)
-    tokenizer.stop_ids = [0]
+    tokenizer.stop_ids, tokenizer.header_ids, tokenizer.tool_ids = [0], [], {}
     return ChatEngine(engine.model, tokenizer, engine.info, engine.settings.model_copy(update=settings))
 
 

@@ -155,7 +155,7 @@ def measure_engine(model: LlamaForCausalLM, new_tokens: int, reps: int, static_c
     was first run on, any thread but the main one took about three times the CPU per token on the dynamic path.
     """
     from internlm_app.chat_types import ReplyEvents
-    from internlm_app.engine import ChatEngine
+    from internlm_app.engine import ChatEngine, reply_stop_ids
     from internlm_app.loader import ModelInfo
     from internlm_app.sampling import SamplingParams
     from internlm_app.settings import Settings
@@ -165,7 +165,7 @@ def measure_engine(model: LlamaForCausalLM, new_tokens: int, reps: int, static_c
     with torch.no_grad():
         rows = model.get_output_embeddings().weight
         rows[tokenizer.vocab_size :] = 0.0
-        rows[list(tokenizer.stop_ids)] = 0.0
+        rows[reply_stop_ids(tokenizer)] = 0.0  # every id that would end a reply
     window = static_cache_len or 4096  # the static cache's length is the context window: the one already compiled
     info = ModelInfo("random", "-", str(model.dtype), str(model.device), None, "none", "sdpa", context_window=window)
     # One reply at a time, nothing reused across calls: the same work as the bare generate it is compared with.

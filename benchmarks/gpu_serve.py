@@ -31,7 +31,7 @@ from gpu_decode import build_model, generate_seconds, gpu_or_smoke, sync, weight
 from transformers import GenerationConfig
 
 from internlm_app.chat_types import ReplyEvents
-from internlm_app.engine import ChatEngine
+from internlm_app.engine import ChatEngine, reply_stop_ids
 from internlm_app.loader import ModelInfo
 from internlm_app.sampling import SamplingParams
 from internlm_app.settings import Settings
@@ -115,7 +115,7 @@ def main() -> None:
     with torch.no_grad():
         rows = model.get_output_embeddings().weight
         rows[tokenizer.vocab_size :] = 0.0
-        rows[list(tokenizer.stop_ids)] = 0.0
+        rows[reply_stop_ids(tokenizer)] = 0.0  # every id that would end a reply
     window = 8192 if not args.cpu_smoke else 2048
     info = ModelInfo("random", "-", str(dtype), str(device), None, "none", "sdpa", context_window=window)
     settings = Settings(model_path=FIXTURE_DIR, device=device.type, max_batch_size=max(counts), max_length=window)

@@ -130,7 +130,7 @@ def main() -> None:
                 label = (
                     f"random Llama (hidden {args.hidden}, {args.layers} layers, {engine.info.parameters / 1e6:.0f}M)"
                 )
-            print(make_stop_tokens_unreachable(engine.model, engine.tokenizer.stop_ids))
+            print(make_stop_tokens_unreachable(engine.model, engine.stop_ids))
             for n in lengths:
                 rates = measure(engine, n, args.reps)
                 ratio = rates["ratio"]

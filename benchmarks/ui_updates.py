@@ -123,7 +123,7 @@ def main() -> None:
             sources.append((f"paced {rate} tok/s", paced, 8192))
         if args.engine_tokens:
             engine = load_engine(Path(tmp), context_window=args.engine_tokens + 64)
-            print("  " + make_stop_tokens_unreachable(engine.model, engine.tokenizer.stop_ids))
+            print("  " + make_stop_tokens_unreachable(engine.model, engine.stop_ids))
             sources.append(("real engine, tiny fixture", TimedBackend(engine), args.engine_tokens))
         for label, backend, max_new_tokens in sources:
             m = measure(backend, store, max_new_tokens)

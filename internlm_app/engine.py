@@ -90,12 +90,8 @@ class ChatEngine:
         self.settings = settings
         pad = model.generation_config.pad_token_id
         self._pad_token_id = pad if pad is not None else tokenizer.stop_ids[0]
-        # A reply ends at an end-of-turn id, at a turn header (the model opened the next turn without closing its
-        # own), and, when no tools were offered, at <|action_start|>; with tools, at <|action_end|> after its call.
-        base = [*tokenizer.stop_ids, *(i for i in tokenizer.header_ids if i not in tokenizer.stop_ids)]
-        tools = tokenizer.tool_ids
-        self._stop_ids = base + [tools["<|action_start|>"]] if "<|action_start|>" in tools else base
-        self._tool_stop_ids = base + [tools["<|action_end|>"]] if "<|action_end|>" in tools else base
+        self._stop_ids = reply_stop_ids(tokenizer)
+        self._tool_stop_ids = reply_stop_ids(tokenizer, tools=True)
         self._grammars = GrammarCompiler(tokenizer, int(model.config.vocab_size))
         self.scheduler = ReplyScheduler(
             model,
@@ -109,7 +105,12 @@ class ChatEngine:
         )
         _close_at_exit(self)
 
-    # What callers and tests read: the plan, the line, the worker, whether the static cache is on.
+    # What callers and tests read: the plan, the line, the worker, whether the static cache is on, the stop ids.
+    @property
+    def stop_ids(self) -> list[int]:
+        """The ids that end a reply when no tools are offered (see `reply_stop_ids`)."""
+        return list(self._stop_ids)
+
     @property
     def plan(self) -> DecodePlan:
         return self.scheduler.plan
@@ -499,6 +500,14 @@ class ChatEngine:
         for chunk in self.stream_reply(history_to_messages(query, history, system), params):
             response += chunk
             yield response, [*(history or []), (query, response)]
+
+
+def reply_stop_ids(tokenizer: ChatTokenizer, tools: bool = False) -> list[int]:
+    """The ids that end a reply: end of turn, a turn header (the model opened the next turn without closing its own),
+    and, without tools, <|action_start|>; with tools, <|action_end|> after the call."""
+    base = [*tokenizer.stop_ids, *(i for i in tokenizer.header_ids if i not in tokenizer.stop_ids)]
+    marker = "<|action_end|>" if tools else "<|action_start|>"
+    return base + [tokenizer.tool_ids[marker]] if marker in tokenizer.tool_ids else base
 
 
 def _texts(chunks: Iterator[ReplyChunk]) -> Iterator[str]:
