@@ -64,7 +64,7 @@ def safe_link(href: str) -> bool:
     return scheme is None or scheme.group(1).lower() in SAFE_SCHEMES
 
 
-@lru_cache(maxsize=512)
+@lru_cache(maxsize=256)  # redraws of the same messages; streamed texts pass through
 def safe_markdown(text: str) -> str:
     """`text` with every image turned into a link to it, and every link to another scheme than http(s)/mailto
     (data:, javascript:, file: ...) turned into plain text; a text without either comes back unchanged."""
