@@ -192,11 +192,11 @@ def _finish_in_background(chunks, received, events, store, cid, mid, live) -> th
 
     def run() -> None:
         saver = Throttle(SAVE_INTERVAL_SECONDS)
-        status = "complete"
+        status, text = "complete", "".join(received)
         try:
-            for chunk in chunks:
+            for chunk in chunks:  # per chunk: the text grows by it, never joined again from the start
                 received.append(chunk)
-                text = "".join(received)
+                text += chunk
                 live.update(cid, mid, text)
                 if saver.ready():
                     _save_progress(store, mid, text)
