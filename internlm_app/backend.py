@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .chat_types import ChatBackend
-from .convert import Progress
+from .errors import load_error_message, load_error_reason
+from .load_progress import LoadStep, Progress, TerminalProgress, describe
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ def create_backend(settings: Settings, progress: Progress | None = None) -> Chat
         from .remote import RemoteBackend
 
         remote = RemoteBackend(settings)
+        if progress:
+            progress(LoadStep("connect", detail=settings.openai_base_url))
         remote.discover_model()
         backend: ChatBackend = remote
     else:
@@ -70,21 +73,23 @@ LOAD_FIELDS = (
     "openai_base_url",
     "openai_model",
 )
-_USER_ERRORS = ("ModelLoadError", "ModelSourceError", "ConversionError", "ContextTooLongError")
-
 State = Literal["idle", "loading", "ready", "failed"]
 
 
 @dataclass(frozen=True)
 class LoadStatus:
-    """A snapshot of a load: its state, the step it is at, and the error when it failed."""
+    """A snapshot of a load: its state, the step it is at, and the error when it failed.
+
+    `step` is the step in English (for /health and logs), `progress` the same step typed (the web app translates it);
+    on failure `error` is the English message and `error_reason` one of errors.LOAD_REASONS.
+    """
 
     state: State
     step: str = ""
-    done: int = 0
-    total: int = 0
+    progress: LoadStep | None = None
     elapsed: float = 0.0
     error: str | None = None
+    error_reason: str = ""
 
 
 def fingerprint(settings: Settings) -> str:
@@ -92,37 +97,35 @@ def fingerprint(settings: Settings) -> str:
     return repr([(name, str(getattr(settings, name))) for name in LOAD_FIELDS])
 
 
-def describe_load_error(exc: BaseException) -> str:
-    """A one-paragraph message for the page: our own errors already say what to do."""
-    if type(exc).__name__ in _USER_ERRORS:
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
-class _StepHandler(logging.Handler):
-    """Copies the loading thread's log lines from internlm_app (download, convert, load) into the status."""
-
-    def __init__(self, loader: BackendLoader, thread_id: int):
-        super().__init__(logging.INFO)
-        self._loader, self._thread_id = loader, thread_id
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self._thread_id:
-            self._loader._set_step(record.getMessage())
+def _show_steps_in_terminal() -> None:
+    """Make the load's INFO lines reach the terminal when nothing set up logging (`streamlit run app.py`)."""
+    package_log = logging.getLogger("internlm_app")
+    if package_log.level == logging.NOTSET:
+        package_log.setLevel(logging.INFO)
+    if not logging.getLogger().handlers and not package_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package_log.addHandler(handler)
 
 
 class BackendLoader:
-    """Loads one backend in a daemon thread; thread-safe; a failure is kept until `retry()`, never forever."""
+    """Loads one backend in a daemon thread; thread-safe; a failure is kept until `retry()`, never forever.
+
+    Each step is logged (a line every few seconds while a download runs) and kept for `status()`; a failure is one
+    log line (the traceback only at DEBUG level, `--verbose`).
+    """
 
     def __init__(self, settings: Settings, create: Callable[..., ChatBackend] = create_backend):
         self.settings = settings
         self._create = create
         self._lock = threading.Lock()
         self._state: State = "idle"
-        self._step, self._done, self._total = "", 0, 0
+        self._progress_step: LoadStep | None = None
         self._started = 0.0
         self._error: str | None = None
+        self._error_reason = ""
         self._backend: ChatBackend | None = None
+        self._terminal = TerminalProgress(log)
 
     @property
     def backend(self) -> ChatBackend | None:
@@ -133,8 +136,8 @@ class BackendLoader:
         with self._lock:
             if self._state != "idle":
                 return
-            self._state, self._started, self._error = "loading", time.monotonic(), None
-            self._step, self._done, self._total = "", 0, 0
+            self._state, self._started, self._error, self._error_reason = "loading", time.monotonic(), None, ""
+            self._progress_step = None
         threading.Thread(target=self._run, name="internlm-load", daemon=True).start()
 
     def retry(self) -> None:
@@ -147,31 +150,26 @@ class BackendLoader:
     def status(self) -> LoadStatus:
         with self._lock:
             elapsed = time.monotonic() - self._started if self._started else 0.0
-            return LoadStatus(self._state, self._step, self._done, self._total, elapsed, self._error)
+            step = self._progress_step
+            return LoadStatus(
+                self._state, describe(step) if step else "", step, elapsed, self._error, self._error_reason
+            )
 
-    def _set_step(self, step: str) -> None:
+    def _progress(self, step: LoadStep) -> None:
         with self._lock:
-            self._step = step
-
-    def _progress(self, done: int, total: int, what: str) -> None:
-        with self._lock:
-            self._done, self._total, self._step = done, total, f"converting {what} ({done}/{total})"
+            self._progress_step = step
+        self._terminal(step)
 
     def _run(self) -> None:
-        package_log = logging.getLogger("internlm_app")
-        if package_log.level == logging.NOTSET:
-            package_log.setLevel(logging.INFO)  # the steps are logged at INFO
-        handler = _StepHandler(self, threading.get_ident())
-        package_log.addHandler(handler)
+        _show_steps_in_terminal()
         try:
-            try:
-                backend = self._create(self.settings, progress=self._progress)
-            finally:
-                package_log.removeHandler(handler)
+            backend = self._create(self.settings, progress=self._progress)
         except Exception as exc:
-            log.error("loading the model failed", exc_info=exc)  # the traceback goes to the server log only
+            reason, message = load_error_reason(exc), load_error_message(exc)
+            log.error("loading the model failed: %s", message)
+            log.debug("the load's traceback", exc_info=exc)
             with self._lock:
-                self._state, self._error = "failed", describe_load_error(exc)
+                self._state, self._error, self._error_reason = "failed", message, reason
             return
         with self._lock:
             self._backend, self._state = backend, "ready"

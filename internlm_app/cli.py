@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from .load_progress import TerminalProgress
 from .sampling import BOUNDS, INT_PARAMS, SamplingParams
 from .settings import Settings, add_settings_arguments, settings_from_args
 
@@ -29,21 +30,22 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def _progress(done: int, total: int, what: str) -> None:
-    print(f"converting checkpoint: shard {done}/{total} {what}", file=sys.stderr, flush=True)
+def _progress() -> TerminalProgress:
+    """Load steps on stderr: each new step at once, a download's bytes every few seconds."""
+    return TerminalProgress(logging.getLogger("internlm_app.cli"))
 
 
 def _load_backend(settings: Settings):
     from .backend import create_backend
 
-    return create_backend(settings, progress=_progress)
+    return create_backend(settings, progress=_progress())
 
 
 def cmd_download(args: argparse.Namespace) -> int:
     from .model_source import download_model
 
     settings = settings_from_args(args)
-    path = download_model(settings.model_id, settings.model_revision, Path(settings.cache_dir))
+    path = download_model(settings.model_id, settings.model_revision, Path(settings.cache_dir), _progress())
     print(path)
     return 0
 
@@ -51,7 +53,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
 
-    print(convert_checkpoint(Path(args.src), Path(args.dst), progress=_progress))
+    print(convert_checkpoint(Path(args.src), Path(args.dst), progress=_progress()))
     return 0
 
 
@@ -155,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from .api.server import PortInUseError
     from .chat_types import EngineError
-    from .convert import ConversionError
-    from .loader import ModelLoadError
-    from .model_source import ModelSourceError
+    from .errors import UserFacingError
     from .settings import describe_settings_error
 
     try:
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:  # before ValueError: a bad setting or sampling value, one line naming it
         print("error: invalid setting " + "; ".join(describe_settings_error(exc).splitlines()), file=sys.stderr)
         return 2
-    except (ModelLoadError, ModelSourceError, ConversionError, EngineError, PortInUseError, ValueError) as exc:
+    except (UserFacingError, EngineError, PortInUseError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,12 +10,15 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from .errors import UserFacingError
+from .load_progress import LoadStep, Progress
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +47,12 @@ _TOP_RENAMES = {
 }
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
-Progress = Callable[[int, int, str], None]
 
+class ConversionError(UserFacingError):
+    """The source directory is not an InternLM2 checkpoint this converter understands, or the result cannot be
+    written."""
 
-class ConversionError(RuntimeError):
-    """The source directory is not an InternLM2 checkpoint this converter understands."""
+    reason = "damaged_files"
 
 
 def read_json(path: Path) -> dict:
@@ -208,14 +212,16 @@ def convert_checkpoint(src: Path, dst: Path, progress: Progress | None = None) -
     """Write a Llama checkpoint for InternLM2 checkpoint `src` into `dst` and return `dst`."""
     src, dst = Path(src), Path(dst)
     if not is_internlm2_checkpoint(src):
-        raise ConversionError(f"{src} has no InternLM2 config.json (model_type 'internlm2')")
+        raise ConversionError(f"{src} has no InternLM2 config.json (model_type 'internlm2')", reason="not_a_model")
     cfg = read_json(src / "config.json")
     absent = [key for key in REQUIRED_CONFIG if not isinstance(cfg.get(key), int | float)]
     if absent:
         raise ConversionError(f"{src / 'config.json'} lacks {', '.join(absent)}; download the model again")
     shards = _source_shards(src)
     if dst.exists() and not dst.is_dir():
-        raise ConversionError(f"{dst} exists and is not a directory: remove it or choose another output directory")
+        raise ConversionError(
+            f"{dst} exists and is not a directory: remove it or choose another output directory", reason="not_writable"
+        )
     tmp = dst.with_name(dst.name + ".partial")
     try:
         return _convert_into(src, dst, tmp, cfg, shards, progress)
@@ -232,7 +238,8 @@ def convert_checkpoint(src: Path, dst: Path, progress: Progress | None = None) -
         )
         raise ConversionError(
             f"could not write the conversion to {dst}: {exc.strerror or exc}. {hint} (INTERNLM_CONVERTED_DIR or "
-            "INTERNLM_CACHE_DIR choose where)."
+            "INTERNLM_CACHE_DIR choose where).",
+            reason="not_writable",
         ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -259,14 +266,15 @@ def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path]
     total_size = 0
     for i, shard in enumerate(shards, start=1):
         if progress:
-            progress(i - 1, len(shards), shard.name)
+            progress(LoadStep("convert", i - 1, len(shards), detail=shard.name))
         out: dict[str, torch.Tensor] = {}
         for name, tensor in _read_shard_checked(shard):
             if not tensor.is_floating_point():
                 raise ConversionError(
                     f"{shard} holds {name} as {str(tensor.dtype).removeprefix('torch.')}, not as floating-point "
                     "weights: a quantized checkpoint (AWQ, GPTQ, ...) cannot be converted. Use the original "
-                    "float16/bfloat16 model; INTERNLM_QUANTIZATION=8bit or 4bit quantizes it when it loads"
+                    "float16/bfloat16 model; INTERNLM_QUANTIZATION=8bit or 4bit quantizes it when it loads",
+                    reason="quantized_checkpoint",
                 )
             for new_name, new_tensor in convert_tensor(name, tensor, cfg):
                 out[new_name] = new_tensor
@@ -297,7 +305,7 @@ def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path]
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)  # the marker appears atomically with the finished directory
     if progress:
-        progress(len(shards), len(shards), "done")
+        progress(LoadStep("convert", len(shards), len(shards)))
     return dst
 
 
@@ -308,7 +316,7 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     except SafetensorError as exc:
         code = re.search(r"os error (\d+)", str(exc))
         if code is None:
-            raise ConversionError(f"could not write {path}: {exc}") from exc
+            raise ConversionError(f"could not write {path}: {exc}", reason="not_writable") from exc
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
 
 

@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import platform
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +20,19 @@ from .settings import Settings
 
 PACKAGES = ("torch", "transformers", "accelerate", "sentencepiece", "safetensors", "modelscope", "streamlit", "fastapi")
 MIN_TRANSFORMERS = (5, 3)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something to fix: `key` names it for translations (the web's `doctor_<key>` labels, filled with `values`),
+    `text` says it in English for the terminal."""
+
+    key: str
+    text: str
+    values: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.text
 
 
 def _version(name: str) -> str | None:
@@ -46,36 +60,43 @@ def _model_state(settings: Settings) -> dict:
 
 def doctor_report(settings: Settings) -> dict:
     """Facts and problems, as a dict (printed by the CLI, shown by the Status page)."""
-    problems: list[str] = []
+    problems: list[Problem] = []
     versions = {name: _version(name) for name in PACKAGES}
     versions["python"] = platform.python_version()
     tf = versions.get("transformers")
     if tf and tuple(int(x) for x in tf.split(".")[:2]) < MIN_TRANSFORMERS:
-        problems.append(f"transformers {tf} is too old (needs >= 5.3, CVE-2026-4372): pip install -U transformers")
+        text = f"transformers {tf} is too old (needs >= 5.3, CVE-2026-4372): pip install -U transformers"
+        problems.append(Problem("old_transformers", text, {"version": tf}))
     devices = [d.to_dict() for d in gpu.memory_report()]
     if not devices:
-        problems.append(
+        text = (
             "no CUDA GPU visible: the 7B model needs an NVIDIA GPU (24 GB for float16); check nvidia-smi and that "
             "torch is a CUDA build (python -c 'import torch; print(torch.version.cuda)')"
         )
+        problems.append(Problem("no_gpu", text))
     model = _model_state(settings)
     source = Path(model["source"])
     if not model["present"] and settings.model_path is not None and not source.exists():
-        problems.append(f"the model path {source} does not exist: check --model-path / INTERNLM_MODEL_PATH")
+        text = f"the model path {source} does not exist: check --model-path / INTERNLM_MODEL_PATH"
+        problems.append(Problem("path_missing", text, {"path": str(source)}))
     elif not model["present"] and settings.model_path is not None:
-        problems.append(f"{source} has no config.json: not a model directory (--model-path / INTERNLM_MODEL_PATH)")
+        text = f"{source} has no config.json: not a model directory (--model-path / INTERNLM_MODEL_PATH)"
+        problems.append(Problem("not_a_model", text, {"path": str(source)}))
     elif not model["present"]:
-        problems.append(f"model not downloaded yet: run `python -m internlm_app download` (into {settings.cache_dir})")
+        text = f"model not downloaded yet: run `python -m internlm_app download` (into {settings.cache_dir})"
+        problems.append(Problem("not_downloaded", text, {"path": str(settings.cache_dir)}))
     disk_dir = Path(settings.cache_dir)
     while not disk_dir.exists() and disk_dir != disk_dir.parent:
         disk_dir = disk_dir.parent
     free = shutil.disk_usage(disk_dir).free
     need = 2 * model.get("weights_bytes", 15_500_000_000) if not model.get("converted") else 0
     if free < need:
-        problems.append(
+        text = (
             f"only {gpu.format_bytes(free)} free under {disk_dir}; downloading and converting needs about "
             f"{gpu.format_bytes(need)}. On AutoDL point INTERNLM_CACHE_DIR at /root/autodl-tmp (the data disk)."
         )
+        values = {"free": gpu.format_bytes(free), "path": str(disk_dir), "need": gpu.format_bytes(need)}
+        problems.append(Problem("low_disk", text, values))
     decoding = "unknown until the model is downloaded"
     if model["present"]:
         config = json.loads((Path(model["source"]) / "config.json").read_text())

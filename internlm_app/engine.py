@@ -35,9 +35,9 @@ from .chat_types import (
     history_to_messages,
     not_unicode,
 )
-from .convert import Progress
 from .gpu_queue import GpuQueue
 from .grammar import GrammarCompiler
+from .load_progress import LoadStep, Progress
 from .loader import ModelInfo, ModelLoadError, load_model
 from .sampling import SamplingParams
 from .settings import DEFAULT_SYSTEM_PROMPT, Settings
@@ -140,21 +140,20 @@ class ChatEngine:
         model, tokenizer, info = load_model(settings, progress=progress)
         _freeze_long_lived_objects()
         engine = cls(model, tokenizer, info, settings)
-        engine.warm_up()
+        engine.warm_up(progress)
         return engine
 
-    def warm_up(self) -> None:
+    def warm_up(self, progress: Progress | None = None) -> None:
         """Reply once on each path, a few tokens, so that threads, compiles and caches are ready before the first chat.
 
         Raises ModelLoadError, saying which setting turns the failing part off.
         """
         hi: list[Message] = [{"role": "user", "content": "hi"}]
         params = SamplingParams.greedy_params(8)
-        # A step the web app shows while loading: the log lines of the loading thread are its progress.
-        log.info(
-            "warming up the generation worker"
-            + (" (compiling the decode step for the static cache)" if self.static_cache else "")
-        )
+        compiling = "compiling the decode step for the static cache" if self.static_cache else ""
+        log.info("warming up the generation worker" + (f" ({compiling})" if compiling else ""))
+        if progress:
+            progress(LoadStep("warmup", detail=compiling))
         started = time.perf_counter()
         try:
             self._reply_on("worker", hi, params)
@@ -166,15 +165,17 @@ class ChatEngine:
                     if self.static_cache
                     else "Check the model files and the GPU (python -m internlm_app doctor)."
                 )
-                raise ModelLoadError(f"the warm-up reply failed: {exc}. {hint}") from exc
+                raise ModelLoadError(f"the warm-up reply failed: {exc}. {hint}", "warmup_failed") from exc
             # Chosen by auto, not asked for: fall back to the dynamic cache and say why, rather than not start.
             log.warning("the compiled static cache failed its warm-up (%s); decoding on the dynamic cache", exc)
             self.scheduler.stop_static_cache(f"the compiled static cache failed its warm-up: {exc}")
-            self.warm_up()
+            self.warm_up(progress)
             return
         log.info("warm-up reply done in %.1fs", time.perf_counter() - started)
         if self.plan.batching:
             log.info("starting the continuous batch (%s)", self.plan.batch_reason)
+            if progress:
+                progress(LoadStep("batch"))
             try:
                 self._reply_on("batch", hi, params)
             except Exception as exc:

@@ -11,7 +11,9 @@ import torch
 from safetensors import SafetensorError
 
 from . import gpu
-from .convert import Progress, read_json
+from .convert import read_json
+from .errors import UserFacingError
+from .load_progress import LoadStep, Progress
 from .model_source import resolve_model_dir
 from .settings import Settings
 from .tokenizer import ChatTokenizer, load_tokenizer
@@ -21,7 +23,7 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserFacingError):
     """The model cannot be loaded here; the message says why and what to do."""
 
 
@@ -46,7 +48,8 @@ def choose_device(settings: Settings) -> str:
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(
             "INTERNLM_DEVICE=cuda but no CUDA GPU is visible (torch.cuda.is_available() is False). Check nvidia-smi "
-            "and that torch is a CUDA build, or set INTERNLM_DEVICE=cpu for a (slow) CPU run."
+            "and that torch is a CUDA build, or set INTERNLM_DEVICE=cpu for a (slow) CPU run.",
+            "no_gpu",
         )
     if settings.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,7 +88,8 @@ def _check_fits(model_dir: Path, device: str, dtype: torch.dtype, settings: Sett
                 f"this model needs about {gib:.1f} GiB of RAM in {str(dtype).removeprefix('torch.')} on the CPU, but "
                 f"only {available / 2**30:.1f} GiB is available and no CUDA GPU was found. Run on a machine with an "
                 "NVIDIA GPU (24 GB is enough for InternLM2-chat-7B in float16), or serve the model elsewhere and set "
-                "INTERNLM_BACKEND=openai."
+                "INTERNLM_BACKEND=openai.",
+                "out_of_memory",
             )
     elif settings.quantization == "none":
         total = gpu.total_gpu_bytes()
@@ -104,7 +108,9 @@ def _quantization_config(settings: Settings, dtype: torch.dtype):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
-        raise ModelLoadError("INTERNLM_QUANTIZATION needs bitsandbytes: pip install bitsandbytes") from exc
+        raise ModelLoadError(
+            "INTERNLM_QUANTIZATION needs bitsandbytes: pip install bitsandbytes", "missing_package"
+        ) from exc
     from transformers import BitsAndBytesConfig
 
     if settings.quantization == "8bit":
@@ -131,7 +137,8 @@ def _check_complete(model_dir: Path, loading: dict) -> None:
             raise ModelLoadError(
                 f"the checkpoint in {model_dir} {what} {len(names)} weights ({', '.join(names[:3])}"
                 f"{', ...' if len(names) > 3 else ''}): a weights file is missing, incomplete or from another model; "
-                "download the model again (python -m internlm_app download)"
+                "download the model again (python -m internlm_app download)",
+                "damaged_files",
             )
 
 
@@ -145,9 +152,13 @@ def load_model(
     device = choose_device(settings)
     dtype = choose_dtype(settings, device)
     if device == "cpu" and settings.quantization != "none":
-        raise ModelLoadError("8-bit/4-bit quantization needs a CUDA GPU; unset INTERNLM_QUANTIZATION on CPU.")
+        raise ModelLoadError(
+            "8-bit/4-bit quantization needs a CUDA GPU; unset INTERNLM_QUANTIZATION on CPU.", "needs_gpu"
+        )
     model_dir = resolve_model_dir(settings, progress=progress)
     _check_fits(model_dir, device, dtype, settings)
+    if progress:
+        progress(LoadStep("load", detail=f"{device}, {str(dtype).removeprefix('torch.')}"))
     kwargs: dict = {"dtype": dtype, "attn_implementation": settings.attn_implementation}
     if device == "cuda":
         kwargs["device_map"] = settings.device_map
@@ -157,12 +168,14 @@ def load_model(
     except torch.OutOfMemoryError as exc:
         gpu.clear_cache()
         raise ModelLoadError(
-            f"out of GPU memory while loading ({exc}). Try INTERNLM_QUANTIZATION=8bit or 4bit, or free the GPU."
+            f"out of GPU memory while loading ({exc}). Try INTERNLM_QUANTIZATION=8bit or 4bit, or free the GPU.",
+            "out_of_memory",
         ) from exc
     except (OSError, ValueError, SafetensorError) as exc:
         raise ModelLoadError(
             f"could not load the model from {model_dir}: {exc}. If a weights file is incomplete or corrupt, download "
-            "the model again (python -m internlm_app download)."
+            "the model again (python -m internlm_app download).",
+            "damaged_files",
         ) from exc
     _check_complete(model_dir, loading)
     model.eval()

@@ -5,32 +5,104 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import threading
 from pathlib import Path
 
-from .convert import ConversionError, Progress, convert_checkpoint, is_converted, is_internlm2_checkpoint
+from .convert import ConversionError, convert_checkpoint, is_converted, is_internlm2_checkpoint
+from .errors import UserFacingError
+from .load_progress import LoadStep, Progress
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(UserFacingError):
     """The model directory is missing or cannot be downloaded; the message says what to do."""
 
+    reason = "not_a_model"
 
-def download_model(model_id: str, revision: str, cache_dir: Path) -> Path:
-    """Fetch (or resume fetching) a model from ModelScope and return its local directory."""
+
+class _DownloadTracker:
+    """Adds ModelScope's per-file callbacks up into LoadSteps over the whole model (bytes and files)."""
+
+    def __init__(self, progress: Progress, sizes: dict[str, int]):
+        self._progress, self._sizes = progress, sizes
+        self._lock = threading.Lock()
+        self._bytes, self._files = 0, 0
+
+    def report(self, filename: str, size: int = 0, finished: bool = False) -> None:
+        with self._lock:
+            self._bytes += size
+            self._files += finished
+            step = LoadStep(
+                "download",
+                self._bytes,
+                sum(self._sizes.values()),
+                files_done=self._files,
+                files_total=len(self._sizes),
+                detail=filename,
+            )
+        self._progress(step)
+
+    def callback_class(self) -> type:
+        """A ModelScope ProgressCallback subclass (it wants classes, one instance per file) reporting here."""
+        from modelscope.hub.callback import ProgressCallback
+
+        tracker = self
+
+        class _Callback(ProgressCallback):
+            def update(self, size: int) -> None:
+                tracker.report(self.filename, size)
+
+            def end(self) -> None:
+                tracker.report(self.filename, finished=True)
+
+        return _Callback
+
+
+def _file_sizes(model_id: str, revision: str) -> dict[str, int]:
+    """Every file of the model and its size in bytes, from the hub's listing; empty when the listing fails (the
+    download then reports bytes without a total)."""
+    from modelscope.hub.api import HubApi
+
+    try:
+        files = HubApi().get_model_files(model_id, revision=revision, recursive=True)
+    except Exception as exc:  # the download itself reports a network failure; this is only for the total
+        log.debug("could not list the files of %s: %s", model_id, exc)
+        return {}
+    return {
+        str(f.get("Path") or f.get("Name")): int(f.get("Size") or 0)
+        for f in files
+        if isinstance(f, dict) and f.get("Type", "blob") != "tree"
+    }
+
+
+def download_model(model_id: str, revision: str, cache_dir: Path, progress: Progress | None = None) -> Path:
+    """Fetch (or resume fetching) a model from ModelScope and return its local directory.
+
+    `progress` gets `download` LoadSteps: bytes and files so far of the whole model. Raises ModelSourceError
+    (reason `download_failed`, or `missing_package`) saying what to do.
+    """
     try:
         from modelscope import snapshot_download
     except ImportError as exc:  # pragma: no cover - modelscope is in requirements.txt
-        raise ModelSourceError("modelscope is not installed: pip install modelscope") from exc
+        raise ModelSourceError("modelscope is not installed: pip install modelscope", "missing_package") from exc
     log.info("downloading %s@%s from ModelScope into %s", model_id, revision, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = []
+    if progress is not None:
+        tracker = _DownloadTracker(progress, _file_sizes(model_id, revision))
+        tracker.report("")
+        callbacks.append(tracker.callback_class())
     try:
-        path = snapshot_download(model_id, revision=revision, cache_dir=str(cache_dir))
+        path = snapshot_download(
+            model_id, revision=revision, cache_dir=str(cache_dir), progress_callbacks=callbacks or None
+        )
     except Exception as exc:
         raise ModelSourceError(
             f"could not download {model_id} from ModelScope ({exc}). Check the network, or download the model "
-            "elsewhere and point INTERNLM_MODEL_PATH / --model-path at the directory."
+            "elsewhere and point INTERNLM_MODEL_PATH / --model-path at the directory.",
+            "download_failed",
         ) from exc
     return Path(path)
 
@@ -43,7 +115,7 @@ def converted_dir_for(src: Path, settings: Settings) -> Path:
     return Path(settings.cache_dir) / "converted" / f"{src.name}-llama-{digest}"
 
 
-def source_dir(settings: Settings) -> Path:
+def source_dir(settings: Settings, progress: Progress | None = None) -> Path:
     """The model directory as given or downloaded, before any conversion."""
     if settings.model_path is not None:
         path = Path(settings.model_path).expanduser()
@@ -54,12 +126,12 @@ def source_dir(settings: Settings) -> Path:
                 f"{settings.model_id} with `python -m internlm_app download`."
             )
         return path
-    return download_model(settings.model_id, settings.model_revision, Path(settings.cache_dir))
+    return download_model(settings.model_id, settings.model_revision, Path(settings.cache_dir), progress)
 
 
 def resolve_model_dir(settings: Settings, progress: Progress | None = None) -> Path:
     """A directory transformers loads natively: InternLM2 checkpoints are converted once, then reused."""
-    src = source_dir(settings)
+    src = source_dir(settings, progress)
     if not is_internlm2_checkpoint(src):
         return src
     dst = converted_dir_for(src, settings)
@@ -72,7 +144,8 @@ def resolve_model_dir(settings: Settings, progress: Progress | None = None) -> P
     except OSError as exc:
         raise ConversionError(
             f"cannot write the converted checkpoint under {dst.parent}: {exc.strerror or exc}. Point "
-            "INTERNLM_CONVERTED_DIR (or INTERNLM_CACHE_DIR) at a writable directory."
+            "INTERNLM_CONVERTED_DIR (or INTERNLM_CACHE_DIR) at a writable directory.",
+            reason="not_writable",
         ) from exc
     # The web app and the API may start together: one converts, the other waits and then reuses the result.
     with lock:

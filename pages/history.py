@@ -20,6 +20,7 @@ cid = st.selectbox(
     list(by_id),
     format_func=lambda c: history.describe(by_id[c], ctx.t("untitled"), ctx.t("message_count")),
     key="selected",
+    placeholder=ctx.t("choose_conversation"),
     on_change=history.reset,
     args=("delete_one",),
 )
@@ -48,7 +49,9 @@ for col, kind in ((json_col, "json"), (md_col, "md")):
     col.download_button(ctx.t(f"export_all_{kind}"), data, name, key=f"export_all_{kind}", on_click="ignore")
 
 st.subheader(ctx.t("import"))
-st.file_uploader(ctx.t("import_file"), type=["json"], key=history.upload_key())
+# Streamlit's own "Drag and drop" / "Browse files" words cannot be set (streamlit/streamlit#13500): the label and the
+# help say what to drop in the page's language.
+st.file_uploader(ctx.t("import_file"), type=["json"], key=history.upload_key(), help=ctx.t("import_file_help"))
 keep_both = st.radio(
     ctx.t("import_duplicates"),
     [False, True],

@@ -25,7 +25,7 @@ else:
 report = doctor_report(ctx.settings)
 st.subheader(ctx.t("status_problems"))
 for problem in report["problems"]:
-    st.warning(problem)
+    st.warning(ctx.t(f"doctor_{problem.key}", **problem.values))
 if not report["problems"]:
     st.success(ctx.t("status_no_problems"))
 with st.expander(ctx.t("status_versions")):

@@ -171,7 +171,10 @@ def test_a_model_path_that_does_not_exist_gives_a_clear_error_and_retry_works_on
     model_dir = app_env / "model"
     set_app_env(monkeypatch, app_env, app_cache, INTERNLM_MODEL_PATH=str(model_dir))
     at = run_page()
-    assert "no config.json" in texts(at.error) and str(model_dir) in texts(at.error)
+    assert "INTERNLM_MODEL_PATH 指向的不是模型目录" in texts(at.error)  # one translated sentence with what to do
+    details = at.expander[0]  # the English message, behind an expander
+    assert details.label == "详细信息（英文）" and "no config.json" in details.code[0].value
+    assert str(model_dir) in details.code[0].value
     assert not at.chat_input  # nothing else of the page
     shutil.copytree(FIXTURE_DIR, model_dir)
     at.button(key="retry_load").click().run()
@@ -230,6 +233,7 @@ def test_invalid_settings_are_reported_without_a_traceback(app_env, monkeypatch)
 
 def test_no_gpu_for_a_cuda_setting_is_a_clear_message(app_env, monkeypatch, app_cache):
     set_app_env(monkeypatch, app_env, app_cache, INTERNLM_DEVICE="cuda")
-    at = run_page()
+    at = run_page(query={"lang": "en"})
     assert "no CUDA GPU is visible" in texts(at.error) and "nvidia-smi" in texts(at.error)
+    assert "no CUDA GPU is visible" in at.expander[0].code[0].value and at.expander[0].label == "Details"
     assert at.button(key="retry_load")

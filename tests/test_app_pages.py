@@ -36,7 +36,7 @@ def test_status_page_shows_the_model_memory_queue_and_doctor_report(app_env):
         assert fact in table
     assert "CPU" in texts(at.info)  # GPU memory: none on this machine
     assert "引擎：空闲" in texts(at.caption)
-    assert "no CUDA GPU visible" in texts(at.warning)  # a doctor problem, shown in the browser
+    assert "看不到 CUDA GPU" in texts(at.warning)  # a doctor problem, shown in the page's language
     assert "transformers" in table and "streamlit" in table
 
 

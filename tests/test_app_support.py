@@ -13,7 +13,9 @@ from streamlit.runtime.scriptrunner_utils.exceptions import RerunException, Stop
 from streamlit.runtime.scriptrunner_utils.script_requests import RerunData
 
 from internlm_app import backend as loading
+from internlm_app import load_progress
 from internlm_app.chat_types import GenerationError, ReplyEvents
+from internlm_app.load_progress import LoadStep, TerminalProgress
 from internlm_app.loader import ModelLoadError
 from internlm_app.sampling import SamplingParams
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
@@ -226,31 +228,84 @@ def test_a_failure_mid_reply_keeps_the_partial_text_with_the_error(store):
     assert store.messages_for_model(cid)[-1] == {"role": "user", "content": "hello"}  # the failed reply is skipped
 
 
-def test_a_failed_load_is_kept_until_retry_then_loads(tmp_path):
+def test_a_failed_load_is_kept_until_retry_then_loads(tmp_path, caplog):
     attempts: list[int] = []
 
     def create(settings, progress=None):
         attempts.append(1)
-        logging.getLogger("internlm_app.model_source").info("downloading internlm2-chat-7b from ModelScope")
+        progress(LoadStep("download", 3_100_000_000, 15_500_000_000, 2, 8, "model-00002-of-00008.bin"))
         if len(attempts) == 1:
-            raise ModelLoadError("no CUDA GPU visible: check nvidia-smi")
-        progress(1, 2, "model-00001-of-00002.safetensors")
+            raise ModelLoadError("no CUDA GPU visible: check nvidia-smi", "no_gpu")
+        progress(LoadStep("convert", 1, 2, detail="model-00001-of-00002.safetensors"))
         return "backend"
 
     loader = loading.BackendLoader(settings=None, create=create)
-    loader.start()
-    while loader.status().state == "loading":
-        time.sleep(0.01)
+    with caplog.at_level(logging.INFO, logger="internlm_app"):
+        loader.start()
+        while loader.status().state == "loading":
+            time.sleep(0.01)
     failed = loader.status()
     assert failed.error == "no CUDA GPU visible: check nvidia-smi"  # our own message, no type prefix
-    assert failed.step == "downloading internlm2-chat-7b from ModelScope"  # the step the page showed
+    assert failed.error_reason == "no_gpu"  # what the page translates
+    assert failed.step == "downloading the model: 3.1 GB of 15.5 GB, file 2/8 (model-00002-of-00008.bin)"
+    assert failed.progress.fraction == pytest.approx(0.2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "internlm_app.backend"]
+    assert lines == [failed.step, "loading the model failed: no CUDA GPU visible: check nvidia-smi"]
+    assert not any(r.exc_info for r in caplog.records if r.levelno > logging.DEBUG)  # one line, no traceback
     loader.start()
     assert loader.status().state == "failed" and len(attempts) == 1  # not retried behind the user's back
     loader.retry()
     while loader.status().state == "loading":
         time.sleep(0.01)
     assert loader.status().state == "ready" and loader.backend == "backend"
-    assert "(1/2)" in loader.status().step
+    assert loader.status().step == "converting the checkpoint: shard 1/2 (model-00001-of-00002.safetensors)"
+
+
+def test_an_unexpected_load_error_keeps_its_type_in_the_details():
+    def create(settings, progress=None):
+        raise KeyError("lm_head.weight")
+
+    loader = loading.BackendLoader(settings=None, create=create)
+    loader.start()
+    while loader.status().state == "loading":
+        time.sleep(0.01)
+    assert loader.status().error_reason == "unexpected" and loader.status().error == "KeyError: 'lm_head.weight'"
+
+
+def test_the_terminal_gets_a_download_line_every_few_seconds_and_each_new_step_at_once(caplog):
+    now = [0.0]
+    terminal = TerminalProgress(logging.getLogger("internlm_app.test"), interval=5.0)
+    with caplog.at_level(logging.INFO, logger="internlm_app.test"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(load_progress.time, "monotonic", lambda: now[0])
+        for second in range(12):  # a chunk a second
+            now[0] = float(second)
+            terminal(LoadStep("download", second * 1_000_000, 12_000_000, 0, 1))
+        terminal(LoadStep("download", 12_000_000, 12_000_000, 1, 1))  # the last one always shows
+        terminal(LoadStep("load", detail="cuda, float16"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "downloading the model: 0 B of 12.0 MB, file 0/1",
+        "downloading the model: 5.0 MB of 12.0 MB, file 0/1",
+        "downloading the model: 10.0 MB of 12.0 MB, file 0/1",
+        "downloading the model: 12.0 MB of 12.0 MB, file 1/1",
+        "loading the weights into memory (cuda, float16)",
+    ]
+
+
+def test_modelscope_file_callbacks_add_up_to_the_whole_download():
+    from internlm_app.model_source import _DownloadTracker
+
+    steps: list[LoadStep] = []
+    tracker = _DownloadTracker(steps.append, {"config.json": 1_000, "model-1.bin": 9_000})
+    callback_class = tracker.callback_class()  # ModelScope makes one per file: callback_class(name, size)
+    config, weights = callback_class("config.json", 1_000), callback_class("model-1.bin", 9_000)
+    config.update(1_000)
+    config.end()
+    weights.update(4_000)
+    assert steps[-1] == LoadStep("download", 5_000, 10_000, 1, 2, "model-1.bin") and steps[-1].fraction == 0.5
+    weights.update(5_000)
+    weights.end()
+    assert (steps[-1].done, steps[-1].files_done, steps[-1].fraction) == (10_000, 2, 1.0)
 
 
 def test_every_label_exists_in_chinese_and_english_with_the_same_fields():
@@ -288,3 +343,33 @@ def test_stats_caption_says_tokens_speed_and_why_it_ended():
 def test_password_comparison():
     assert auth.password_matches("密码 s3cret", "密码 s3cret")
     assert not auth.password_matches("s3cre", "s3cret") and not auth.password_matches("", "s3cret")
+
+
+def test_the_page_says_each_load_step_in_its_language_with_the_real_numbers():
+    from internlm_app.web.loading import step_text
+    from internlm_app.web.page import PageContext
+
+    zh, en = PageContext(None, "zh"), PageContext(None, "en")
+    download = LoadStep("download", 3_100_000_000, 15_500_000_000, 2, 8, "model-00002-of-00008.bin")
+    assert step_text(zh, download) == "从 ModelScope 下载模型：3.1 GB / 15.5 GB，文件 2/8"
+    assert step_text(en, download) == "Downloading the model from ModelScope: 3.1 GB of 15.5 GB, file 2/8"
+    assert step_text(zh, LoadStep("download", 2_000)) == "从 ModelScope 下载模型：2.0 KB，文件 …"  # no listing
+    assert step_text(zh, LoadStep("convert", 3, 8)) == "转换为 Llama 格式：分片 3/8"
+    assert step_text(zh, None) == "准备中"
+    for stage in load_progress.STAGES:  # every step has both labels
+        assert step_text(zh, LoadStep(stage)) != step_text(en, LoadStep(stage))
+
+
+def test_every_load_error_reason_and_doctor_problem_is_translated():
+    from internlm_app.doctor import Problem, doctor_report
+    from internlm_app.errors import LOAD_REASONS
+    from internlm_app.settings import Settings
+
+    for reason in LOAD_REASONS:
+        zh, en = i18n.LABELS[f"load_error_{reason}"]
+        assert zh != en
+    report = doctor_report(Settings(model_path="/nonexistent/model", cache_dir="/nonexistent/cache"))
+    assert {p.key for p in report["problems"]} >= {"path_missing"}
+    for problem in report["problems"]:
+        assert isinstance(problem, Problem)
+        assert i18n.t(f"doctor_{problem.key}", "zh", **problem.values) != problem.text

@@ -49,7 +49,8 @@ def test_piped_chat_prints_only_the_replies(engine, tmp_path):
     result = _run(args, tmp_path, stdin="\n".join(lines) + "\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected
-    assert "converting checkpoint" in result.stderr  # progress goes to stderr, never into the replies
+    assert "converting the checkpoint: shard 1/1" in result.stderr  # progress goes to stderr, never into the replies
+    assert "loading the weights into memory (cpu, float32)" in result.stderr
 
 
 def test_a_line_that_is_not_utf8_is_an_error_and_the_next_line_is_answered(engine, tmp_path):

@@ -96,8 +96,8 @@ def test_convert_rejects_non_internlm2(tmp_path, converted_dir):
 def test_resolve_converts_once_then_reuses(tmp_path):
     settings = tiny_settings(tmp_path)
     calls = []
-    first = resolve_model_dir(settings, progress=lambda done, total, what: calls.append((done, total)))
-    assert calls and calls[-1] == (1, 1)
+    first = resolve_model_dir(settings, progress=lambda step: calls.append((step.stage, step.done, step.total)))
+    assert calls == [("convert", 0, 1), ("convert", 1, 1)]
     assert is_converted(first, FIXTURE_DIR)
     stamp = (first / "model-00001-of-00001.safetensors").stat().st_mtime_ns
     calls.clear()

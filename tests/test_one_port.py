@@ -266,6 +266,8 @@ def test_a_failed_load_is_shown_by_health_the_api_and_the_page(tmp_path, browser
         page = browser.new_page()
         page.goto(url)
         expect(page.get_by_text("模型加载失败")).to_be_visible(timeout=30_000)
+        expect(page.get_by_text("not a model directory")).to_be_hidden()  # the details wait behind the expander
+        page.get_by_text("详细信息（英文）").click()
         expect(page.get_by_text("not a model directory")).to_be_visible()
         expect(page.get_by_role("button", name="重试")).to_be_visible()
         page.close()

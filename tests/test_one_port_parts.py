@@ -3,7 +3,6 @@ shared loader (503 while loading, the failure, then the real engine), and export
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 
@@ -20,6 +19,7 @@ from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 
 from internlm_app.api import create_app
 from internlm_app.backend import BackendLoader
+from internlm_app.load_progress import LoadStep
 from internlm_app.loader import ModelLoadError
 from internlm_app.server.routing import WebGate, api_mounts, api_paths, is_api_request, safe_next
 from internlm_app.server.web_login import COOKIE_NAME, WebLogin
@@ -113,7 +113,7 @@ def test_the_api_over_a_shared_loader_says_loading_then_failed_then_serves(engin
 
     def create(settings, progress=None):
         attempts.append(1)
-        logging.getLogger("internlm_app.model_source").info("converting the checkpoint")
+        progress(LoadStep("convert", 1, 4, detail="pytorch_model-00002-of-00008.bin"))
         release.wait(30)
         if len(attempts) == 1:
             raise ModelLoadError("no CUDA GPU visible: check nvidia-smi")
@@ -125,7 +125,8 @@ def test_the_api_over_a_shared_loader_says_loading_then_failed_then_serves(engin
     with TestClient(create_app(settings, loader=loader)) as client:  # the lifespan starts the load, and waits not
         assert client.get("/health").json() == {"status": "loading", "model_loaded": False}
         health = client.get("/health", headers=auth).json()
-        assert health["step"] == "converting the checkpoint" and health["status"] == "loading"
+        step = "converting the checkpoint: shard 1/4 (pytorch_model-00002-of-00008.bin)"
+        assert health["step"] == step and health["status"] == "loading"
         busy = client.post("/", json={"prompt": "hi"}, headers=auth)
         assert busy.status_code == 503 and busy.headers["Retry-After"] == "5"
         assert "converting the checkpoint" in busy.json()["error"]

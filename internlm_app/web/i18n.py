@@ -20,7 +20,83 @@ LABELS: dict[str, tuple[str, str]] = {
         "正在加载模型（下载 / 转换 / 载入）… {seconds} 秒 · {step}",
         "Loading the model… {seconds} s · {step}",
     ),
-    "load_failed": ("模型加载失败：{error}", "The model could not be loaded: {error}"),
+    "load_of": ("{done} / {total}", "{done} of {total}"),
+    "load_step_download": (
+        "从 ModelScope 下载模型：{size}，文件 {files}",
+        "Downloading the model from ModelScope: {size}, file {files}",
+    ),
+    "load_step_convert": (
+        "转换为 Llama 格式：分片 {done}/{total}",
+        "Converting to the Llama layout: shard {done}/{total}",
+    ),
+    "load_step_load": ("把权重载入内存（{detail}）", "Loading the weights into memory ({detail})"),
+    "load_step_warmup": ("预热生成线程", "Warming up the generation worker"),
+    "load_step_batch": ("启动连续批处理", "Starting the continuous batch"),
+    "load_step_connect": ("连接远程服务器 {detail}", "Connecting to the remote server {detail}"),
+    "load_error_details": ("详细信息（英文）", "Details"),
+    "load_error_no_gpu": (
+        "模型加载失败：设置要求使用 GPU（INTERNLM_DEVICE=cuda），但看不到 CUDA GPU。请用 nvidia-smi 检查显卡，"
+        "并确认安装的是 CUDA 版 torch。",
+        "The model could not be loaded: the settings ask for a GPU (INTERNLM_DEVICE=cuda) but no CUDA GPU is visible. "
+        "Check nvidia-smi and that torch is a CUDA build.",
+    ),
+    "load_error_out_of_memory": (
+        "模型加载失败：内存或显存不足。请释放 GPU，或设置 INTERNLM_QUANTIZATION=8bit / 4bit。",
+        "The model could not be loaded: not enough memory or GPU memory. Free the GPU, or set "
+        "INTERNLM_QUANTIZATION=8bit or 4bit.",
+    ),
+    "load_error_needs_gpu": (
+        "模型加载失败：8-bit / 4-bit 量化需要 CUDA GPU。在 CPU 上请取消 INTERNLM_QUANTIZATION。",
+        "The model could not be loaded: 8-bit/4-bit quantization needs a CUDA GPU. Unset INTERNLM_QUANTIZATION on "
+        "the CPU.",
+    ),
+    "load_error_missing_package": (
+        "模型加载失败：缺少所需的 Python 包，详细信息中有安装命令。",
+        "The model could not be loaded: a Python package it needs is not installed; the details give the command.",
+    ),
+    "load_error_damaged_files": (
+        "模型加载失败：模型文件缺失、不完整或已损坏。请重新下载（python -m internlm_app download），"
+        "或把 INTERNLM_MODEL_PATH 指向完好的副本。",
+        "The model could not be loaded: a model file is missing, incomplete or damaged. Download it again (python -m "
+        "internlm_app download) or point INTERNLM_MODEL_PATH at a good copy.",
+    ),
+    "load_error_not_a_model": (
+        "模型加载失败：INTERNLM_MODEL_PATH 指向的不是模型目录（需要含 config.json 的文件夹）。请改正路径，"
+        "或取消设置以自动下载。",
+        "The model could not be loaded: INTERNLM_MODEL_PATH is not a model directory (the folder that holds "
+        "config.json). Fix the path, or unset it to download the model.",
+    ),
+    "load_error_download_failed": (
+        "模型下载失败：无法连接 ModelScope。请检查网络后重试，或在别处下载模型并设置 INTERNLM_MODEL_PATH。",
+        "The model could not be downloaded: ModelScope could not be reached. Check the network and retry, or "
+        "download the model elsewhere and set INTERNLM_MODEL_PATH.",
+    ),
+    "load_error_not_writable": (
+        "模型加载失败：无法写入转换后的模型。"
+        "请把 INTERNLM_CONVERTED_DIR（或 INTERNLM_CACHE_DIR）指向有空间、可写的目录。",
+        "The model could not be loaded: the converted model cannot be written. Point INTERNLM_CONVERTED_DIR (or "
+        "INTERNLM_CACHE_DIR) at a writable directory with free space.",
+    ),
+    "load_error_quantized_checkpoint": (
+        "模型加载失败：这是量化模型（AWQ、GPTQ 等），无法转换。请使用原始 float16/bfloat16 模型，"
+        "需要时用 INTERNLM_QUANTIZATION 量化。",
+        "The model could not be loaded: it is a quantized checkpoint (AWQ, GPTQ, ...), which cannot be converted. "
+        "Use the original float16/bfloat16 model; INTERNLM_QUANTIZATION quantizes it when it loads.",
+    ),
+    "load_error_warmup_failed": (
+        "模型已载入，但第一次试运行失败。请查看详细信息；`python -m internlm_app doctor` 可检查 GPU 与模型文件。",
+        "The model loaded, but its first trial reply failed. See the details; `python -m internlm_app doctor` checks "
+        "the GPU and the model files.",
+    ),
+    "load_error_remote_unreachable": (
+        "无法连接远程模型服务器。请检查 INTERNLM_OPENAI_BASE_URL 以及服务器是否在运行。",
+        "The remote model server cannot be reached. Check INTERNLM_OPENAI_BASE_URL and that the server is running.",
+    ),
+    "load_error_unexpected": (
+        "模型加载失败，原因未知。详细信息中有错误内容；如果看起来是程序错误，请附上它报告问题。",
+        "The model could not be loaded for an unexpected reason. The details show the error; if it looks like a bug, "
+        "please report it with them.",
+    ),
     "load_failed_hint": (
         "修复后点击“重试”。`python -m internlm_app doctor`（或“状态”页）可检查 GPU、显存、模型文件与磁盘。",
         "Fix it, then press Retry. `python -m internlm_app doctor` (or the Status page) checks the GPU, memory, "
@@ -223,6 +299,38 @@ LABELS: dict[str, tuple[str, str]] = {
     "status_gpu": ("GPU 显存", "GPU memory"),
     "status_problems": ("诊断", "Checks"),
     "status_no_problems": ("没有发现问题", "No problems found"),
+    "choose_conversation": ("选择一个对话", "Choose a conversation"),
+    "import_file_help": (
+        "本应用导出的 JSON 文件（“导出全部”或单个对话），最大 32 MB。",
+        "A JSON file exported by this app (Export all, or one conversation), up to 32 MB.",
+    ),
+    "doctor_old_transformers": (
+        "transformers {version} 太旧（需要 ≥ 5.3，CVE-2026-4372）：pip install -U transformers",
+        "transformers {version} is too old (needs ≥ 5.3, CVE-2026-4372): pip install -U transformers",
+    ),
+    "doctor_no_gpu": (
+        "看不到 CUDA GPU：7B 模型需要 NVIDIA GPU（float16 需 24 GB）。请用 nvidia-smi 检查，并确认 torch 是 CUDA 版。",
+        "No CUDA GPU visible: the 7B model needs an NVIDIA GPU (24 GB for float16). Check nvidia-smi and that torch "
+        "is a CUDA build.",
+    ),
+    "doctor_path_missing": (
+        "模型路径 `{path}` 不存在：请检查 --model-path / INTERNLM_MODEL_PATH",
+        "The model path `{path}` does not exist: check --model-path / INTERNLM_MODEL_PATH",
+    ),
+    "doctor_not_a_model": (
+        "`{path}` 中没有 config.json，不是模型目录（--model-path / INTERNLM_MODEL_PATH）",
+        "`{path}` has no config.json: not a model directory (--model-path / INTERNLM_MODEL_PATH)",
+    ),
+    "doctor_not_downloaded": (
+        "模型尚未下载：运行 `python -m internlm_app download`（下载到 `{path}`）",
+        "The model is not downloaded yet: run `python -m internlm_app download` (into `{path}`)",
+    ),
+    "doctor_low_disk": (
+        "`{path}` 下只剩 {free}，下载并转换约需 {need}。"
+        "在 AutoDL 上请把 INTERNLM_CACHE_DIR 指向 /root/autodl-tmp（数据盘）。",
+        "Only {free} free under `{path}`; downloading and converting needs about {need}. On AutoDL point "
+        "INTERNLM_CACHE_DIR at /root/autodl-tmp (the data disk).",
+    ),
     "status_versions": ("版本", "Versions"),
     # history page
     "search": ("搜索对话", "Search conversations"),

@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
 from pydantic import ValidationError
 
-from ..backend import BackendLoader, LoadStatus
+from ..backend import BackendLoader
 from ..chat_types import ChatBackend
 from ..settings import Settings, describe_settings_error
 from ..store import ConversationStore
@@ -33,7 +32,6 @@ PAGES = (
     ("pages/status.py", "nav_status", ":material/monitor_heart:"),
     ("pages/history.py", "nav_history", ":material/history:"),
 )
-POLL_SECONDS = 0.25
 # A file, not ":material/chat:": Streamlit fetches a Material icon for the tab from fonts.gstatic.com, a request to
 # elsewhere from every viewer's browser (and blocked on Chinese networks).
 PAGE_ICON = str(Path(__file__).with_name("icon.png"))
@@ -73,6 +71,8 @@ class PageContext:
 
     def backend(self) -> ChatBackend:
         """The shared backend; while it loads the page shows progress, and a failure stops the page with a message."""
+        from .loading import require_backend
+
         return require_backend(self)
 
 
@@ -118,35 +118,6 @@ def start_page(title_key: str) -> PageContext:
             st.page_link(path, label=t(label, lang), icon=icon)
         logout_control(settings, t("logout", lang), hosted is not None and hosted.login is not None)
     return PageContext(settings, lang)
-
-
-def require_backend(ctx: PageContext) -> ChatBackend:
-    """The shared backend, after a live progress bar while it loads; a failure stops the page with what to do."""
-    loader = ctx.loader()
-    if wait_for_backend(ctx, loader).state == "failed":
-        st.stop()
-    return loader.backend
-
-
-def wait_for_backend(ctx: PageContext, loader: BackendLoader) -> LoadStatus:
-    """Start loading if needed and show progress until it ends; on failure show the error and a retry button."""
-    loader.start()
-    status = loader.status()
-    if status.state == "loading":
-        box = st.empty()
-        while (status := loader.status()).state == "loading":
-            fraction = status.done / status.total if status.total else (status.elapsed % 10) / 10
-            text = ctx.t("loading_model", seconds=int(status.elapsed), step=status.step or ctx.t("loading_start"))
-            box.progress(min(fraction, 1.0), text=text)
-            time.sleep(POLL_SECONDS)
-        box.empty()
-    if status.state == "failed":
-        st.error(ctx.t("load_failed", error=status.error))
-        st.info(ctx.t("load_failed_hint"))
-        if st.button(ctx.t("retry"), key="retry_load", type="primary"):
-            loader.retry()
-            st.rerun()
-    return status
 
 
 def queue_caption(ctx: PageContext, queue) -> str:

@@ -9,7 +9,8 @@ import streamlit as st
 from .. import gpu
 from ..backend import BackendLoader, backends_created
 from . import hosting
-from .page import PageContext, queue_caption, wait_for_backend
+from .loading import wait_for_backend
+from .page import PageContext, queue_caption
 
 
 def model_section(ctx: PageContext, loader: BackendLoader) -> None:
