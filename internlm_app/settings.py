@@ -142,6 +142,11 @@ class Settings(BaseSettings):
     queue_limit: int = Field(16, ge=0, le=1024, description="Requests waiting for the GPU before the API answers 503.")
     log_prompts: bool = Field(False, description="Log prompt text (debug only).")
     web_password: SecretStr | None = Field(None, description="Password required by the web app.")
+    tools_dir: Path | None = Field(
+        None,
+        description="Folder whose `*.py` files' plain functions the chat offers the model as tools, beside the "
+        "built-in ones (their code runs with the app's rights); unset: built-in tools only.",
+    )
 
     # Remote backend
     backend: Literal["local", "openai"] = Field("local", description="local loads the model; openai calls a server.")

@@ -125,8 +125,8 @@ def test_tool_call_round_trip_streamed_and_not(client, engine):
 def test_auto_tool_choice_parses_a_call_the_model_writes(engine):
     """With tools offered, <|action_start|><|plugin|> JSON <|action_end|> from the model becomes tool_calls. The
     tiny model does not write calls by itself, so a model whose next tokens are fixed writes one."""
-    from internlm_app.api.choices import ChoiceBuilder
     from internlm_app.chat_types import ReplyChunk
+    from internlm_app.reply_reader import ChoiceBuilder
 
     builder = ChoiceBuilder(None)
     pieces = [
@@ -538,8 +538,8 @@ def test_a_forced_call_cut_short_is_content_with_its_logprobs(client):
 
 
 def test_a_call_to_a_tool_not_offered_is_content():
-    from internlm_app.api.choices import ChoiceBuilder
     from internlm_app.chat_types import ReplyChunk
+    from internlm_app.reply_reader import ChoiceBuilder
 
     builder = ChoiceBuilder(None, tools=["get_weather"])
     for piece in [

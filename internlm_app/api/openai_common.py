@@ -15,7 +15,7 @@ from fastapi import Request
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from ..chat_types import EngineError, Message, ReplyOptions
+from ..chat_types import EngineError, Message, ReplyOptions, TokenLogprob
 from ..sampling import SamplingParams
 from .errors import engine_error_details, openai_error
 from .replies import ReplyRunner
@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 
 DROPPED_HEADER = "X-Dropped-Messages"  # how many of the oldest messages were left out to fit the context window
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def logprob_entry(record: TokenLogprob) -> dict:
+    """OpenAI's chat logprobs entry: token, logprob, bytes (a list of ints) and top_logprobs."""
+    top = [{"token": text, "logprob": value, "bytes": list(data)} for text, data, value in record.top]
+    return {"token": record.token, "logprob": record.logprob, "bytes": list(record.bytes), "top_logprobs": top}
 
 
 @dataclass

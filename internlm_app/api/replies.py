@@ -12,26 +12,12 @@ import anyio
 from anyio import to_thread
 from fastapi import Request
 
-from ..chat_types import InvalidRequestError, Message, ReplyChunk, ReplyEvents, ReplyOptions, ReplyStats
+from ..chat_types import Message, ReplyChunk, ReplyEvents, ReplyOptions, ReplyStats
+from ..reply_reader import stream_chunks
 from ..sampling import SamplingParams
 
 _END = object()
 DISCONNECT_POLL_SECONDS = 0.1
-
-
-def _stream_chunks(backend, messages, params, options: ReplyOptions, **kwargs):
-    """The backend's reply as ReplyChunks; a backend without chunks (the remote one) serves plain options only."""
-    if hasattr(backend, "stream_chunks"):
-        return backend.stream_chunks(messages, params, options, **kwargs)
-    if options != ReplyOptions(keep_history=options.keep_history):
-        raise InvalidRequestError("tools, JSON output, seed, logprobs and penalties need a local model")
-    return _as_chunks(backend.stream_reply(messages, params, **kwargs))
-
-
-def _as_chunks(texts):
-    with contextlib.closing(texts):
-        for text in texts:
-            yield ReplyChunk(text=text)
 
 
 class ReplyRunner:
@@ -69,7 +55,7 @@ class ReplyRunner:
         """Validate, wait for the GPU and the first chunk: errors up to here still get an HTTP status."""
         loop, self._ready = asyncio.get_running_loop(), asyncio.Queue()
         try:
-            stream = partial(_stream_chunks, self.backend, cancel=self.cancel, events=self.events)
+            stream = partial(stream_chunks, self.backend, cancel=self.cancel, events=self.events)
             self._iterator = await to_thread.run_sync(
                 stream, self.messages, self.params, self.options, limiter=self.limiter
             )

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from openai.types import Completion
 
 from ..chat_types import TokenLogprob
-from .choices import StopCutText
+from ..reply_reader import StopCutText
 from .openai_common import ResponseIds, close_all, dropped_headers, event_stream, seeds, start_runners, usage
 from .openai_requests import COMPLETIONS_DEFAULT_MAX_TOKENS, CompletionRequest
 from .replies import ReplyRunner

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ..chat_types import ToolCall
-from .choices import ChoiceBuilder, Delta, logprob_entry
+from ..reply_reader import ChoiceBuilder, Delta
 from .errors import error_response
 from .openai_common import (
     ResponseIds,
@@ -21,6 +21,7 @@ from .openai_common import (
     dropped_headers,
     dropped_messages,
     event_stream,
+    logprob_entry,
     seeds,
     start_runners,
     usage,

@@ -1,5 +1,5 @@
-"""One choice of an OpenAI response, built from the engine's reply chunks: content cut at stop strings, InternLM2's
-tool call turned into OpenAI `tool_calls`, logprobs in OpenAI's shapes and in step with the text sent.
+"""Reading one reply's chunks, shared by the API and the web app's tool runner: content cut at stop strings, InternLM2's
+tool call turned into a ToolCall, logprobs in step with the text sent; and the chunks of any backend.
 
 A reply with tools offered reads: text (the content), then `<|action_start|>`, `<|plugin|>`, the call's JSON and
 `<|action_end|>`, which ends it (chat/chat_format.md). A forced call (`tool_choice` required or named) has the
@@ -9,18 +9,15 @@ shown as content, never dropped.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..chat_types import ReplyChunk, TokenLogprob, ToolCall
-from ..stop_strings import StopFilter
-from ..tools import parse_tool_call
-
-
-def logprob_entry(record: TokenLogprob) -> dict:
-    """OpenAI's chat logprobs entry: token, logprob, bytes (a list of ints) and top_logprobs."""
-    top = [{"token": text, "logprob": value, "bytes": list(data)} for text, data, value in record.top]
-    return {"token": record.token, "logprob": record.logprob, "bytes": list(record.bytes), "top_logprobs": top}
+from .chat_types import InvalidRequestError, Message, ReplyChunk, ReplyOptions, TokenLogprob, ToolCall
+from .sampling import SamplingParams
+from .stop_strings import StopFilter
+from .tools import parse_tool_call
 
 
 @dataclass
@@ -142,3 +139,20 @@ class ChoiceBuilder:
         if self.tool_call is not None:
             return delta, "tool_calls"
         return delta, "length" if finish_reason == "length" and not self.ended else "stop"
+
+
+def stream_chunks(
+    backend, messages: list[Message], params: SamplingParams, options: ReplyOptions, **kwargs
+) -> Iterator[ReplyChunk]:
+    """The backend's reply as ReplyChunks; a backend without chunks (the remote one) serves plain options only."""
+    if hasattr(backend, "stream_chunks"):
+        return backend.stream_chunks(messages, params, options, **kwargs)
+    if options != ReplyOptions(keep_history=options.keep_history):
+        raise InvalidRequestError("tools, JSON output, seed, logprobs and penalties need a local model")
+    return _as_chunks(backend.stream_reply(messages, params, **kwargs))
+
+
+def _as_chunks(texts: Iterator[str]) -> Iterator[ReplyChunk]:
+    with contextlib.closing(texts):
+        for text in texts:
+            yield ReplyChunk(text=text)

@@ -1,0 +1,174 @@
+"""Documents in the chat: extraction (text, code, PDF), errors with reasons, token budget fitting, prompt format."""
+
+from __future__ import annotations
+
+import pytest
+
+from internlm_app.attachments import (
+    MAX_FILE_BYTES,
+    AttachmentError,
+    estimate_tokens,
+    fit_attachment,
+    fit_attachments,
+    format_block,
+    read_attachment,
+    room_for_attachments,
+    search_terms,
+    token_counter,
+    with_attachments,
+)
+from internlm_app.sampling import SamplingParams
+from tests.pdf_helpers import make_pdf
+
+TOPICS = ["apples and pears", "railway timetables", "volcano eruptions", "chess openings", "tax forms", "bird songs"]
+
+
+def _report() -> bytes:
+    """Six pages, each about one topic, each long enough that the whole file needs a real budget."""
+    pages = []
+    for number, topic in enumerate(TOPICS, 1):
+        lines = [f"Page {number} is about {topic}."] + [f"Line {i} says more about {topic}." for i in range(25)]
+        pages.append("\n".join(lines))
+    return make_pdf(pages)
+
+
+def test_pdf_text_per_page():
+    attachment = read_attachment("report.pdf", _report())
+    assert attachment.kind == "pdf" and len(attachment.pages) == 6
+    assert attachment.pages[2].startswith("Page 3 is about volcano eruptions.")
+    assert "Line 24 says more about volcano eruptions." in attachment.pages[2]
+
+
+def test_text_markdown_and_code_files():
+    assert read_attachment("notes.md", "# 标题\r\n\r\n正文".encode()).pages == ["# 标题\n\n正文"]
+    assert read_attachment("main.py", b"\xef\xbb\xbfprint('hi')\n").text == "print('hi')\n"  # BOM dropped
+    assert read_attachment("旧.txt", "你好，世界".encode("gb18030")).text == "你好，世界"
+    assert read_attachment("u16.txt", "hi".encode("utf-16")).text == "hi"
+    assert read_attachment("../../etc/Makefile", b"all:\n").name == "Makefile"  # a name, never a path
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason"),
+    [
+        ("photo.png", b"\x89PNG\r\n", "unsupported_type"),
+        ("data.txt", b"abc\x00\x01\x02", "not_text"),
+        ("data.txt", b"\xff\xfe\x00\xd8", "not_text"),
+        ("big.txt", b"a" * (MAX_FILE_BYTES + 1), "too_large"),
+        ("empty.md", b"  \n", "empty"),
+        ("broken.pdf", b"%PDF-1.7\nnot really", "pdf_unreadable"),
+    ],
+)
+def test_errors_have_a_reason_and_a_message(name, data, reason):
+    with pytest.raises(AttachmentError) as caught:
+        read_attachment(name, data)
+    assert caught.value.reason == reason and name in str(caught.value)
+
+
+def test_encrypted_truncated_and_blank_pdfs():
+    with pytest.raises(AttachmentError) as caught:
+        read_attachment("secret.pdf", make_pdf(["top secret"], password="pw"))
+    assert caught.value.reason == "pdf_encrypted"
+    with pytest.raises(AttachmentError) as caught:
+        read_attachment("cut.pdf", _report()[:300])
+    assert caught.value.reason == "pdf_unreadable"
+    with pytest.raises(AttachmentError, match="scanned PDF") as caught:
+        read_attachment("scan.pdf", make_pdf([""]))
+    assert caught.value.reason == "empty"
+
+
+def test_too_many_pages(monkeypatch):
+    monkeypatch.setattr("internlm_app.attachments.MAX_PDF_PAGES", 5)
+    with pytest.raises(AttachmentError) as caught:
+        read_attachment("report.pdf", _report())
+    assert caught.value.reason == "too_many_pages" and "6 pages" in str(caught.value)
+
+
+def test_block_format_names_the_file_and_no_backticks_close_it():
+    block = format_block("a.md", "text\n````\nmore", "pages 1-2 of 3")
+    assert block.splitlines()[0] == "File: a.md (pages 1-2 of 3)"
+    assert block.splitlines()[1] == "`````" and block.splitlines()[-1] == "`````"
+    assert with_attachments("What is it?", []) == "What is it?"
+
+
+def test_whole_file_when_it_fits(engine):
+    count = token_counter(engine)
+    attachment = read_attachment("report.pdf", _report())
+    fitted = fit_attachment(attachment, count, 100_000)
+    assert fitted.complete and fitted.how == "whole" and fitted.parts == [f"page {i}" for i in range(1, 7)]
+    assert fitted.block.startswith("File: report.pdf (6 pages)\n```\n--- page 1 ---\nPage 1 is about apples")
+    assert fitted.tokens == len(engine.tokenizer.encode_plain(fitted.block))
+
+
+def test_leading_pages_that_fit_the_budget(engine):
+    count = token_counter(engine)
+    attachment = read_attachment("report.pdf", _report())
+    whole = fit_attachment(attachment, count, 100_000).tokens
+    budget = whole // 2
+    fitted = fit_attachment(attachment, count, budget)
+    assert not fitted.complete and fitted.how == "leading" and fitted.tokens <= budget
+    assert fitted.parts == [f"page {i}" for i in range(1, len(fitted.parts) + 1)] and 1 <= len(fitted.parts) < 6
+    assert fitted.block.startswith(f"File: report.pdf ({', '.join(fitted.parts)} of 6 pages)")
+    assert "volcano" not in fitted.block or "page 3" in fitted.parts
+    start = fit_attachment(attachment, count, 150)  # not one part fits: the start of page 1
+    assert len(start.parts) == 1 and start.parts[0].startswith("page 1") and start.parts[0].endswith(", its start")
+    assert start.tokens <= 150 and "Page 1 is about" in start.block
+    nothing = fit_attachment(attachment, count, 10)
+    assert nothing.how == "none" and nothing.block == "" and nothing.tokens == 0
+
+
+def test_best_matching_pages_for_the_question(engine):
+    count = token_counter(engine)
+    attachment = read_attachment("report.pdf", _report())
+    one_page = fit_attachment(attachment, count, 100_000).tokens // 6 + 120
+    fitted = fit_attachment(attachment, count, one_page, "When do volcano eruptions happen?", "best_matching")
+    assert fitted.how == "best_matching" and fitted.tokens <= one_page
+    assert fitted.parts and all(label.startswith("page 3") for label in fitted.parts)
+    assert "volcano eruptions" in fitted.block and "apples" not in fitted.block
+    # No word of the question in the file: the leading pages instead.
+    fallback = fit_attachment(attachment, count, one_page, "quantum chromodynamics", "best_matching")
+    assert fallback.how == "leading" and fallback.parts[0].startswith("page 1")
+
+
+def test_text_files_are_cut_by_lines_and_chinese_questions_match():
+    text = "\n".join(f"第{i}行：关于苹果的说明。" for i in range(300)) + "\n火山爆发发生在夏天。\n" + "结尾。\n" * 200
+    attachment = read_attachment("notes.txt", text.encode())
+    fitted = fit_attachment(attachment, estimate_tokens, 600, "火山什么时候爆发？", "best_matching")
+    assert fitted.how == "best_matching" and "火山爆发发生在夏天。" in fitted.block and fitted.tokens <= 600
+    assert all(label.startswith("lines ") for label in fitted.parts)
+    assert "火山" in search_terms("火山什么时候") and "volcano" in search_terms("Volcano!")
+
+
+def test_several_files_share_the_budget(engine):
+    count = token_counter(engine)
+    small = read_attachment("small.txt", b"tiny file")
+    report = read_attachment("report.pdf", _report())
+    both = fit_attachments([small, report], count, 600)
+    assert both[0].complete and not both[1].complete and both[1].parts
+    assert sum(f.tokens for f in both) <= 600
+    content = with_attachments("Summarize.", both)
+    assert content.startswith("File: small.txt\n```\ntiny file\n```\n\nFile: report.pdf (") and content.endswith(
+        "\n\nSummarize."
+    )
+
+
+def test_room_left_in_the_context_window_and_the_prompt_fits(engine):
+    params = SamplingParams.greedy_params(32)
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": "What is on page 3?"}]
+    room = room_for_attachments(engine, messages, params.max_new_tokens)
+    prompt_now = len(engine.prepare(messages, params.max_new_tokens).ids)
+    assert room == engine.context_window - prompt_now - params.max_new_tokens
+    fitted = fit_attachments([read_attachment("report.pdf", _report())], token_counter(engine), room)
+    messages[-1]["content"] = with_attachments(messages[-1]["content"], fitted)
+    prepared = engine.prepare(messages, params.max_new_tokens)
+    assert prepared.dropped_messages == 0 and prepared.max_new_tokens == params.max_new_tokens
+    assert len(prepared.ids) + params.max_new_tokens <= engine.context_window
+
+
+def test_remote_estimate_errs_high():
+    assert estimate_tokens("你好世界") == 4 and estimate_tokens("abcdefg") == 3
+
+    class Remote:  # no tokenizer: the estimate
+        context_window = 1000
+
+    assert token_counter(Remote()) is estimate_tokens
+    assert room_for_attachments(Remote(), [{"role": "user", "content": "abc"}], 100) == 1000 - 100 - (1 + 5) - 5
