@@ -26,7 +26,7 @@ cid = st.selectbox(
 )
 if cid is not None:
     open_col, json_col, md_col, delete_col = st.columns(4)
-    open_col.page_link("app.py", label=ctx.t("open"), icon=":material/chat:", query_params={"c": cid})
+    open_col.page_link("pages/chat.py", label=ctx.t("open"), icon=":material/chat:", query_params={"c": cid})
     for col, kind in ((json_col, "json"), (md_col, "md")):
         data = history.exporter(store, kind, [cid])
         col.download_button(

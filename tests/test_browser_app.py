@@ -80,3 +80,29 @@ def test_chat_stop_busy_tab_clear_and_reload(server, browser, tmp_path):
     expect(page.get_by_text("已停止 ·")).to_be_visible()
     page.screenshot(path=str(tmp_path / "chat.png"))
     page.close()
+
+
+PHONE = {  # a phone as Chromium emulates one: Streamlit closes the sidebar after a tap on a phone (by user agent)
+    "viewport": {"width": 390, "height": 844},
+    "is_mobile": True,
+    "has_touch": True,
+    "user_agent": "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0 "
+    "Mobile Safari/537.36",
+}
+
+
+@pytest.mark.parametrize(("label", "path", "title"), [("历史", "/history", "历史"), ("状态", "/status", "状态")])
+def test_on_a_phone_the_sidebar_closes_after_going_to_another_page(server, browser, label, path, title):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(**PHONE)
+    page.goto(server)
+    expect(page.locator(".st-key-prompt textarea")).to_be_enabled(timeout=60_000)
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    page.locator('[data-testid="stExpandSidebarButton"]').tap()
+    expect(sidebar).to_be_in_viewport()
+    page.locator('[data-testid="stSidebarNav"]').get_by_text(label).tap()
+    expect(page.get_by_role("heading", name=title)).to_be_visible(timeout=30_000)
+    assert page.url.endswith(path)
+    expect(sidebar).not_to_be_in_viewport()  # closed: the page is not covered
+    page.close()

@@ -26,7 +26,9 @@ pytestmark = [
 
 PASSWORD, KEY = "one-port-password", "sk-one-port"  # the key in its plain form: INTERNLM_API_KEYS=sk-...
 AUTH = {"Authorization": f"Bearer {KEY}"}
-LOAD_GATE_STEP = "waiting for the test's load gate"  # logged by tests/one_port_server.py while the gate is closed
+# What tests/browser_server.py reports while the gate is closed: in English for /health, translated on the page.
+LOAD_GATE_STEP = "downloading the model: 1.6 GB of 15.5 GB, file 1/8 (model-00002-of-00008.bin)"
+LOAD_GATE_PAGE = "从 ModelScope 下载模型：1.6 GB / 15.5 GB，文件 1/8"
 # Greedy with repetition penalty 2, the tiny model writes ~200 tokens for "hello" and "Write a poem" and ~60 for
 # "书生浦语"; at 20 ms a forward pass (a GPU-like pace) the browser's reply takes seconds, so the API requests run
 # while it streams.
@@ -110,7 +112,8 @@ def test_while_loading_health_reports_the_step_the_api_says_retry_and_the_page_s
     assert refused.value.status_code == 503 and refused.value.body["code"] == "model_loading"
 
     page = log_in(browser, url)
-    expect(page.get_by_text(LOAD_GATE_STEP)).to_be_visible(timeout=30_000)  # the page's progress bar, same step
+    expect(page.get_by_text(LOAD_GATE_PAGE)).to_be_visible(timeout=30_000)  # the page's progress bar, same step
+    expect(page.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "10")  # 1.55 of 15.5 GB
     expect(page.get_by_text("正在加载模型")).to_be_visible()
     gate.touch()  # the model loads now; the page goes on to the chat without a reload
     expect(page.locator(".st-key-prompt textarea")).to_be_enabled(timeout=60_000)

@@ -73,19 +73,24 @@ def logout_control(settings: Settings, label: str, hosted_login: bool) -> None:
         st.rerun()
 
 
-def login_gate(settings: Settings, cookie_check: CookieCheck | None = None) -> bool:
-    """True when no password is set or this session logged in; otherwise draw only the login form (or a link to it)."""
+def is_logged_in(settings: Settings, cookie_check: CookieCheck | None = None) -> bool:
+    """True when no password is set, or this browser logged in (the one-port server's cookie, else this session)."""
     if settings.web_password is None:
         return True
     if cookie_check is not None:  # one-port server: the login is the /login cookie, checked again on every run
-        if cookie_check.verify(st.context.cookies.get(cookie_check.cookie_name)):
-            return True
+        return cookie_check.verify(st.context.cookies.get(cookie_check.cookie_name))
+    return bool(st.session_state.get(AUTH_KEY))
+
+
+def login_gate(settings: Settings, cookie_check: CookieCheck | None = None) -> bool:
+    """True when no password is set or this session logged in; otherwise draw only the login form (or a link to it)."""
+    if is_logged_in(settings, cookie_check):
+        return True
+    if cookie_check is not None:
         st.title("InternLM2 Chat")
         st.warning("登录已过期 / Your login has expired")
         st.link_button("登录 / Log in", "/login", type="primary")
         return False
-    if st.session_state.get(AUTH_KEY):
-        return True
     st.title("InternLM2 Chat")
     with st.form("login_form", border=False):  # a form: Enter in the password field logs in
         given = st.text_input("密码 / Password", type="password", key="password")

@@ -16,7 +16,7 @@ from ..chat_types import ChatBackend
 from ..settings import Settings, describe_settings_error
 from ..store import ConversationStore
 from . import hosting
-from .auth import login_gate, logout_control
+from .auth import is_logged_in, login_gate, logout_control
 from .i18n import LANGUAGES, t
 from .resources import backend_loader
 from .storage import open_store
@@ -27,10 +27,11 @@ LANG_PARAM = "lang"  # ?lang=en keeps the language across refreshes and in share
 _LANG_KEY = "_lang"  # the session's language (not the widget's own state, which a page switch drops)
 
 RUN_COMMAND = "python -m internlm_app serve"  # the web app, the API and one model on one port
+# (script, title label, icon, URL path); the first is the default page, at "/".
 PAGES = (
-    ("app.py", "nav_chat", ":material/chat:"),
-    ("pages/status.py", "nav_status", ":material/monitor_heart:"),
-    ("pages/history.py", "nav_history", ":material/history:"),
+    ("pages/chat.py", "nav_chat", ":material/chat:", ""),
+    ("pages/status.py", "nav_status", ":material/monitor_heart:", "status"),
+    ("pages/history.py", "nav_history", ":material/history:", "history"),
 )
 # A file, not ":material/chat:": Streamlit fetches a Material icon for the tab from fonts.gstatic.com, a request to
 # elsewhere from every viewer's browser (and blocked on Chinese networks).
@@ -88,6 +89,31 @@ def _keep_language() -> None:
     st.query_params[LANG_PARAM] = st.session_state["lang"]
 
 
+def _settings_or_none() -> Settings | None:
+    hosted = hosting.current()
+    try:
+        return hosted.settings if hosted is not None else Settings()
+    except ValidationError:
+        return None  # the page itself says what is wrong
+
+
+def navigate() -> None:
+    """Run the page the URL names, with Streamlit's own navigation in the sidebar (titles in the session's language).
+
+    Streamlit's links, unlike `st.page_link`, close the sidebar on a phone after a tap. Before the password gate
+    opens (or with invalid settings) the links are hidden and the chat page shows the gate.
+    """
+    lang = st.session_state.get(_LANG_KEY) or _first_language()
+    settings = _settings_or_none()
+    hosted = hosting.current()
+    visible = settings is not None and is_logged_in(settings, hosted.login if hosted is not None else None)
+    pages = [
+        st.Page(path, title=t(label, lang), icon=icon, url_path=url or None, default=not url)
+        for path, label, icon, url in PAGES
+    ]
+    st.navigation(pages, position="sidebar" if visible else "hidden").run()
+
+
 def start_page(title_key: str) -> PageContext:
     """Set up the page; stops the script while the password gate is closed or the settings are invalid."""
     lang = st.session_state.setdefault(_LANG_KEY, _first_language())
@@ -114,8 +140,6 @@ def start_page(title_key: str) -> PageContext:
             persist_state="session",
             on_change=_keep_language,
         )
-        for path, label, icon in PAGES:
-            st.page_link(path, label=t(label, lang), icon=icon)
         logout_control(settings, t("logout", lang), hosted is not None and hosted.login is not None)
     return PageContext(settings, lang)
 

@@ -1,0 +1,39 @@
+"""Chat page: one conversation, streaming replies, the sampling sidebar (app.py routes here by default)."""
+
+import streamlit as st
+
+from internlm_app.web import chat, sidebar
+from internlm_app.web.page import exit_unless_streamlit, start_page
+
+exit_unless_streamlit("pages/chat.py")
+ctx = start_page("nav_chat")
+backend = ctx.backend()
+store = ctx.store()
+conv = chat.open_conversation(ctx, store)
+live = chat.live_reply(conv)
+
+with st.sidebar:
+    sidebar.conversations(ctx, store, conv)
+    sidebar.model_panel(ctx, backend)
+    sidebar.sampling_controls(ctx, backend)
+
+if conv is None:
+    st.caption(ctx.t("chat_intro"))
+pending = chat.take_pending(conv)  # a regenerated or edited reply streams in this run
+action = chat.show_history(ctx, conv, live, busy=pending)
+chat.show_queued(ctx, conv)
+# Typing never ends a reply: a message sent while one runs (here or in the background) waits in a queue, shown, and
+# goes out when it ends. Only a Stop button ends a reply.
+busy = live is not None or pending
+prompt = st.chat_input(ctx.t("chat_queue_here" if busy else "chat_placeholder"), key="prompt")
+
+if prompt and conv is not None and live is not None:
+    chat.queue_message(conv, prompt)
+elif prompt:
+    chat.send(ctx, backend, store, conv, prompt)
+elif action and conv is not None:
+    chat.act(ctx, store, conv, action)
+elif pending:
+    chat.stream(ctx, backend, store, conv.id)
+elif live is None and (queued := chat.take_queued(conv)) is not None:
+    chat.send(ctx, backend, store, conv, queued)
