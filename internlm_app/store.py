@@ -120,6 +120,11 @@ def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
         raise ValueError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
 
 
+def _check_feedback(value: int | None) -> None:
+    if value is not None and (type(value) is not int or value not in FEEDBACK_VALUES):
+        raise ValueError(f"feedback must be 1 (thumbs up), 0 (thumbs down) or None, not {value!r:.40}")
+
+
 def _append_message(
     conn: sqlite3.Connection,
     cid: str,
@@ -354,7 +359,7 @@ class ConversationStore:
         self, where: list[str], params: tuple, limit: int | None, feedback: int | None
     ) -> list[ConversationSummary]:
         if feedback is not None:
-            _check(feedback, FEEDBACK_VALUES, "feedback")
+            _check_feedback(feedback)
             where = [*where, "EXISTS (SELECT 1 FROM messages f WHERE f.conversation_id = c.id AND f.feedback = ?)"]
             params = (*params, feedback)
         path_length = (
@@ -493,8 +498,7 @@ class ConversationStore:
     def set_feedback(self, mid: int, value: int | None) -> bool:
         """Set a reply's feedback: 1 thumbs up, 0 thumbs down, None none (as st.feedback("thumbs") gives it); False
         when the message is gone, ValueError for a message that is not a reply."""
-        if value is not None:
-            _check(value, FEEDBACK_VALUES, "feedback")
+        _check_feedback(value)
 
         def body(conn: sqlite3.Connection) -> bool:
             place = message_place(conn, mid)
@@ -582,8 +586,7 @@ class ConversationStore:
             for m in conv.tree or conv.messages:
                 _check(m.role, TURN_ROLES, "role")
                 _check(m.status, STATUSES, "status")
-                if m.feedback is not None:
-                    _check(m.feedback, FEEDBACK_VALUES, "feedback")
+                _check_feedback(m.feedback)
                 check_attachments(m.attachments)
 
         def body(conn: sqlite3.Connection) -> list[str]:
