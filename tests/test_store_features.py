@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from internlm_app.store import Attachment, ConversationStore, Preset
+from internlm_app.store import Attachment, ConversationStore, Preset, StoreFault
 from tests.store_faults import make_read_only
 
 pytestmark = pytest.mark.timeout(120)
@@ -122,4 +122,32 @@ def test_presets_are_read_from_a_read_only_database(tmp_path: Path, monkeypatch:
     make_read_only(monkeypatch)
     store = ConversationStore(tmp_path / "c.db")
     assert len(store.list_presets()) == 6  # listing writes nothing (the defaults came with the schema)
+    store.close()
+
+
+def test_the_new_writes_on_a_read_only_database_are_read_only_faults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ConversationStore(tmp_path / "c.db")
+    cid = store.create_conversation("")
+    q = store.add_message(cid, "user", "q", attachments=[Attachment("a.txt", "text/plain", "x", 1)])
+    a = store.add_message(cid, "assistant", "a")
+    preset = store.list_presets()[0].id
+    store.close()
+    make_read_only(monkeypatch)
+    store = ConversationStore(tmp_path / "c.db")
+    writes = {
+        "add_version": lambda: store.add_version(a, "b"),
+        "select": lambda: store.select(q),
+        "fork": lambda: store.fork(cid, q),
+        "set_feedback": lambda: store.set_feedback(a, 1),
+        "save_preset": lambda: store.save_preset("x", "y"),
+        "delete_preset": lambda: store.delete_preset(preset),
+    }
+    for name, write in writes.items():
+        with pytest.raises(StoreFault) as caught:
+            write()
+        assert caught.value.kind == "read_only", name
+    conv = store.get_conversation(cid)  # still readable, unchanged
+    assert [m.content for m in conv.tree] == ["q", "a"] and conv.messages[0].attachments[0].name == "a.txt"
     store.close()
