@@ -20,7 +20,8 @@ from pydantic import (
 )
 
 from .chat_types import FinishReason
-from .store import Conversation, ConversationStore, StoredMessage, title_from
+from .store import Attachment, Conversation, ConversationStore, StoredMessage, title_from
+from .store_tree import path_to
 
 FORMAT = "internlm-chat-export"
 VERSION = 1
@@ -33,6 +34,10 @@ MAX_PROMPT_CHARS = 100_000
 MAX_TITLE_CHARS = 200
 MAX_MAP_KEYS = 32  # entries of a settings or stats object
 MAX_VALUE_CHARS = 10_000  # a string inside settings or stats
+MAX_ATTACHMENTS = 20  # per message
+MAX_ATTACHMENT_CHARS = 200_000  # extracted text of one attachment
+MAX_FILE_NAME_CHARS = 255
+MAX_MIME_CHARS = 255  # RFC 6838: type and subtype of up to 127 characters each
 MAX_ERRORS_SHOWN = 5
 
 
@@ -94,18 +99,40 @@ class StatsIn(_Strict):
     error: Annotated[str, StringConstraints(max_length=MAX_VALUE_CHARS)] | None = None
 
 
-class MessageIn(_Strict):
-    """One message of an imported conversation."""
+class AttachmentIn(_Strict):
+    """A file of an imported message: its name, MIME type, extracted text and that text's token count."""
 
+    name: _text(MAX_FILE_NAME_CHARS, min_chars=1)
+    mime_type: _text(MAX_MIME_CHARS, min_chars=1)
+    text: _text(MAX_ATTACHMENT_CHARS) = ""
+    tokens: Count = 0
+
+
+class MessageIn(_Strict):
+    """One message of an imported conversation; `id` and `parent` (ids within the file) place it in the tree."""
+
+    id: Count | None = None
+    parent: Count | None = None
     role: Literal["user", "assistant"]  # the system prompt is a field of the conversation
     content: Content
     status: Literal["complete", "streaming", "stopped", "error"] = "complete"
     created_at: Timestamp | None = None
     stats: StatsIn | None = None
+    feedback: Annotated[int, Field(ge=0, le=1)] | None = None  # strict: 1 or 0, never true or false
+    attachments: list[AttachmentIn] = Field(default_factory=list, max_length=MAX_ATTACHMENTS)
+
+    @model_validator(mode="after")
+    def _feedback_on_replies(self) -> MessageIn:
+        if self.feedback is not None and self.role != "assistant":
+            raise ValueError("feedback is for replies (assistant messages)")
+        return self
 
 
 class ConversationIn(_Strict):
-    """One imported conversation; its `id` is ignored (imports get new ids)."""
+    """One imported conversation; its `id` is ignored (imports get new ids).
+
+    Its messages are a tree when they have ids (every one, parents before children, `selected` the leaf shown;
+    the last message when left out), else the linear chat of an export before versions."""
 
     id: ShortText | None = None
     title: Title = ""
@@ -114,6 +141,27 @@ class ConversationIn(_Strict):
     created_at: Timestamp | None = None
     updated_at: Timestamp | None = None
     messages: list[MessageIn] = Field(default_factory=list, max_length=MAX_MESSAGES)
+    selected: Count | None = None
+
+    @model_validator(mode="after")
+    def _tree(self) -> ConversationIn:
+        with_id = sum(m.id is not None for m in self.messages)
+        if with_id == 0:
+            if self.selected is not None or any(m.parent is not None for m in self.messages):
+                raise ValueError("parent and selected refer to message ids, and the messages have none")
+            return self
+        if with_id < len(self.messages):
+            raise ValueError("either every message has an id or none has")
+        seen: set[int] = set()
+        for m in self.messages:
+            if m.parent is not None and m.parent not in seen:
+                raise ValueError(f"message {m.id}: its parent {m.parent} is not an earlier message")
+            if m.id in seen:
+                raise ValueError(f"message id {m.id} is used twice")
+            seen.add(m.id)
+        if self.selected is not None and self.selected not in seen:
+            raise ValueError(f"the selected message {self.selected} is not a message of the conversation")
+        return self
 
 
 class ExportDocument(_Strict):
@@ -135,8 +183,27 @@ class ExportDocument(_Strict):
 # ----- export -----
 
 
+def _message_to_dict(m: StoredMessage, number: dict[int, int]) -> dict:
+    return {
+        "id": number[m.id],
+        "parent": number.get(m.parent_id) if m.parent_id is not None else None,
+        "role": m.role,
+        "content": m.content,
+        "status": m.status,
+        "created_at": m.created_at,
+        "stats": m.stats,
+        "feedback": m.feedback,
+        "attachments": [
+            {"name": a.name, "mime_type": a.mime_type, "text": a.text, "tokens": a.tokens} for a in m.attachments
+        ],
+    }
+
+
 def conversation_to_dict(conv: Conversation) -> dict:
-    """The export form of one conversation."""
+    """The export form of one conversation: every message (every version), numbered 1, 2, ... in the file, each with
+    its parent's number, and the selected leaf."""
+    tree = conv.tree or conv.messages
+    number = {m.id: n for n, m in enumerate(tree, start=1)}
     return {
         "id": conv.id,
         "title": conv.title,
@@ -144,10 +211,8 @@ def conversation_to_dict(conv: Conversation) -> dict:
         "settings": conv.settings,
         "created_at": conv.created_at,
         "updated_at": conv.updated_at,
-        "messages": [
-            {"role": m.role, "content": m.content, "status": m.status, "created_at": m.created_at, "stats": m.stats}
-            for m in conv.messages
-        ],
+        "selected": number.get(conv.leaf_id) if conv.leaf_id is not None else None,
+        "messages": [_message_to_dict(m, number) for m in tree],
     }
 
 
@@ -185,9 +250,11 @@ def conversation_markdown(conv: Conversation) -> str:
     parts = [f"# {title}", f"*Created {_when(conv.created_at)} · updated {_when(conv.updated_at)}*"]
     if conv.system_prompt:
         parts.append("**System prompt**\n\n" + "\n".join("> " + line for line in conv.system_prompt.splitlines()))
-    for m in conv.messages:
+    for m in conv.messages:  # the selected versions
         note = "" if m.status == "complete" else f" *({m.status})*"
-        parts.append(f"**{m.role.capitalize()}**{note}\n\n{m.content}")
+        note += {1: " 👍", 0: " 👎"}.get(m.feedback, "")
+        files = "".join(f"\n\n*Attached: {a.name} ({a.mime_type})*" for a in m.attachments)
+        parts.append(f"**{m.role.capitalize()}**{note}{files}\n\n{m.content}")
     return "\n\n".join(parts) + "\n"
 
 
@@ -244,26 +311,39 @@ def parse_export(data: bytes | str) -> ExportDocument:
 
 def _to_conversation(item: ConversationIn, now: float) -> Conversation:
     created = item.created_at if item.created_at is not None else now
-    messages = [
+    linear = all(m.id is None for m in item.messages)  # an export before versions: a chain
+    tree = [
         StoredMessage(
-            id=0,
+            id=n if linear else m.id,
             conversation_id="",
             role=m.role,
             content=m.content,
             created_at=m.created_at if m.created_at is not None else created,
             status=m.status,
             stats=m.stats.model_dump(exclude_unset=True) if m.stats is not None else None,
+            parent_id=(n - 1 if n > 1 else None) if linear else m.parent,
+            feedback=m.feedback,
+            attachments=[Attachment(a.name, a.mime_type, a.text, a.tokens) for a in m.attachments],
         )
-        for m in item.messages
+        for n, m in enumerate(item.messages, start=1)
     ]
-    updated = item.updated_at if item.updated_at is not None else max([created, *(m.created_at for m in messages)])
-    title = item.title or next((title_from(m.content) for m in messages if m.role == "user"), "")
-    return Conversation("", title, item.system_prompt, dict(item.settings), created, updated, messages)
+    leaf = item.selected if item.selected is not None else (tree[-1].id if tree else None)
+    by_id = {m.id: m for m in tree}
+    path = path_to(by_id, {m.id: m.parent_id for m in tree}, leaf)
+    updated = item.updated_at if item.updated_at is not None else max([created, *(m.created_at for m in tree)])
+    title = item.title or next((title_from(m.content) for m in path if m.role == "user"), "")
+    return Conversation("", title, item.system_prompt, dict(item.settings), created, updated, path, tree, leaf)
 
 
 def fingerprint(conv: Conversation) -> tuple:
-    """What makes two conversations the same one: system prompt, creation time and every message's role and text."""
-    return (conv.system_prompt, round(conv.created_at, 3), tuple((m.role, m.content) for m in conv.messages))
+    """What makes two conversations the same one: system prompt, creation time and every message's role, text and
+    place in the tree (not the selected version, feedback or attachments, which change without making it another)."""
+    if conv.tree:
+        index = {m.id: n for n, m in enumerate(conv.tree)}
+        shape = [(index.get(m.parent_id, -1) if m.parent_id is not None else -1, m) for m in conv.tree]
+    else:  # a path alone: a chain
+        shape = list(enumerate(conv.messages, start=-1))
+    return (conv.system_prompt, round(conv.created_at, 3), tuple((n, m.role, m.content) for n, m in shape))
 
 
 class ImportedIds(list):

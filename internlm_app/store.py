@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -22,6 +22,24 @@ from .store_errors import FAULT_KINDS as FAULT_KINDS
 from .store_errors import StoreError as StoreError
 from .store_errors import StoreFault, fault_kind
 from .store_schema import MIGRATIONS, SCHEMA_VERSION
+from .store_tree import (
+    FEEDBACK_VALUES,
+    PRESET_LANGUAGES,
+    PRESET_NAME_LIMIT,
+    Attachment,
+    Preset,
+    Versions,
+    attachments_of,
+    check_attachments,
+    delete_subtree,
+    in_subtree,
+    insert_message,
+    latest_below,
+    leaf_of,
+    message_place,
+    path_to,
+    select_leaf,
+)
 
 T = TypeVar("T")
 
@@ -48,11 +66,16 @@ class StoredMessage:
     created_at: float
     status: str = "complete"
     stats: dict | None = None
+    parent_id: int | None = None
+    feedback: int | None = None  # 1 thumbs up, 0 thumbs down, None none (st.feedback("thumbs"))
+    attachments: list[Attachment] = field(default_factory=list)
 
 
 @dataclass
 class Conversation:
-    """A conversation with its settings and messages (oldest first)."""
+    """A conversation with its settings and the path of messages from the root to the selected leaf.
+
+    `tree` holds every message (every version and branch), parents before children; `leaf_id` is the selected leaf."""
 
     id: str
     title: str
@@ -61,6 +84,8 @@ class Conversation:
     created_at: float
     updated_at: float
     messages: list[StoredMessage] = field(default_factory=list)
+    tree: list[StoredMessage] = field(default_factory=list)
+    leaf_id: int | None = None
 
 
 @dataclass
@@ -71,7 +96,7 @@ class ConversationSummary:
     title: str
     created_at: float
     updated_at: float
-    message_count: int
+    message_count: int  # messages on the selected path
 
 
 def new_id() -> str:
@@ -95,10 +120,23 @@ def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
         raise ValueError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
 
 
+def _check_feedback(value: int | None) -> None:
+    if value is not None and (type(value) is not int or value not in FEEDBACK_VALUES):
+        raise ValueError(f"feedback must be 1 (thumbs up), 0 (thumbs down) or None, not {value!r:.40}")
+
+
 def _append_message(
-    conn: sqlite3.Connection, cid: str, role: str, content: str, status: str, stats_text: str | None
+    conn: sqlite3.Connection,
+    cid: str,
+    parent_id: int | None,
+    role: str,
+    content: str,
+    status: str,
+    stats_text: str | None,
+    attachments: Iterable[Attachment] = (),
 ) -> int:
-    """Insert a message inside the caller's transaction; the first user message titles an untitled conversation."""
+    """Insert a message under `parent_id` as the selected leaf, inside the caller's transaction; the first user
+    message titles an untitled conversation."""
     now, title = time.time(), title_from(content) if role == "user" else ""
     touched = conn.execute(
         "UPDATE conversations SET updated_at = ?, title = CASE WHEN title = '' THEN ? ELSE title END WHERE id = ?",
@@ -106,11 +144,9 @@ def _append_message(
     ).rowcount
     if not touched:
         raise KeyError(f"no conversation {cid!r}")
-    cursor = conn.execute(
-        "INSERT INTO messages (conversation_id, role, content, created_at, status, stats) VALUES (?, ?, ?, ?, ?, ?)",
-        (cid, role, content, now, status, stats_text),
-    )
-    return cursor.lastrowid
+    mid = insert_message(conn, cid, parent_id, role, content, now, status, stats_text, attachments)
+    conn.execute("UPDATE conversations SET leaf_id = ? WHERE id = ?", (mid, cid))
+    return mid
 
 
 def _stats_json(stats: ReplyStats | dict | None) -> str | None:
@@ -293,46 +329,66 @@ class ConversationStore:
         return self._write(body)
 
     def get_conversation(self, cid: str) -> Conversation | None:
-        """The conversation with all its messages, or None."""
+        """The conversation with the path to its selected leaf (`messages`) and every message (`tree`), or None."""
 
         def body(conn: sqlite3.Connection) -> Conversation | None:
             row = conn.execute(
-                "SELECT id, title, system_prompt, settings, created_at, updated_at FROM conversations WHERE id = ?",
+                "SELECT id, title, system_prompt, settings, created_at, updated_at, leaf_id FROM conversations"
+                " WHERE id = ?",
                 (cid,),
             ).fetchone()
             if row is None:
                 return None
             rows = conn.execute(
-                "SELECT id, conversation_id, role, content, created_at, status, stats FROM messages"
-                " WHERE conversation_id = ? ORDER BY id",
+                "SELECT id, conversation_id, role, content, created_at, status, stats, parent_id, feedback"
+                " FROM messages WHERE conversation_id = ? ORDER BY id",
                 (cid,),
             ).fetchall()
-            messages = [StoredMessage(*r[:6], stats=json.loads(r[6]) if r[6] else None) for r in rows]
-            return Conversation(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], messages)
+            attached = attachments_of(conn, cid)
+            tree = [
+                StoredMessage(*r[:6], json.loads(r[6]) if r[6] else None, r[7], r[8], attached.get(r[0], []))
+                for r in rows
+            ]
+            by_id = {m.id: m for m in tree}
+            path = path_to(by_id, {m.id: m.parent_id for m in tree}, row[6])
+            return Conversation(*row[:3], json.loads(row[3]), row[4], row[5], path, tree, row[6])
 
         return self._read(body)
 
-    def _summaries(self, where: str, params: tuple, limit: int | None) -> list[ConversationSummary]:
+    def _summaries(
+        self, where: list[str], params: tuple, limit: int | None, feedback: int | None
+    ) -> list[ConversationSummary]:
+        if feedback is not None:
+            _check_feedback(feedback)
+            where = [*where, "EXISTS (SELECT 1 FROM messages f WHERE f.conversation_id = c.id AND f.feedback = ?)"]
+            params = (*params, feedback)
+        path_length = (
+            "(WITH RECURSIVE path(id, parent_id) AS (SELECT id, parent_id FROM messages WHERE id = c.leaf_id"
+            " UNION ALL SELECT m.id, m.parent_id FROM messages m JOIN path ON m.id = path.parent_id)"
+            " SELECT count(*) FROM path)"
+        )
+        condition = " AND ".join(f"({w})" for w in where)
         sql = (
-            "SELECT c.id, c.title, c.created_at, c.updated_at,"
-            " (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id)"
-            f" FROM conversations c {where} ORDER BY c.updated_at DESC, c.rowid DESC LIMIT ?"
+            f"SELECT c.id, c.title, c.created_at, c.updated_at, {path_length} FROM conversations c"
+            f" {'WHERE ' + condition if where else ''} ORDER BY c.updated_at DESC, c.rowid DESC LIMIT ?"
         )
         rows = self._read(lambda c: c.execute(sql, (*params, -1 if limit is None else limit)).fetchall())
         return [ConversationSummary(*row) for row in rows]
 
-    def list_conversations(self, limit: int | None = 50) -> list[ConversationSummary]:
-        """Conversations, most recently updated first (all of them when limit is None)."""
-        return self._summaries("", (), limit)
+    def list_conversations(self, limit: int | None = 50, *, feedback: int | None = None) -> list[ConversationSummary]:
+        """Conversations, most recently updated first (all of them when limit is None); with `feedback` (1 or 0)
+        only those having a reply with that feedback."""
+        return self._summaries([], (), limit, feedback)
 
-    def search(self, text: str, limit: int | None = 50) -> list[ConversationSummary]:
-        """Conversations whose title or any message contains `text` (case-insensitive for ASCII)."""
+    def search(self, text: str, limit: int | None = 50, *, feedback: int | None = None) -> list[ConversationSummary]:
+        """Conversations whose title or any message (any version) contains `text` (case-insensitive for ASCII); with
+        `feedback` (1 or 0) only those having a reply with that feedback."""
         pattern = escape_like(text)
         where = (
-            "WHERE c.title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM messages m"
+            "c.title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM messages m"
             " WHERE m.conversation_id = c.id AND m.content LIKE ? ESCAPE '\\')"
         )
-        return self._summaries(where, (pattern, pattern), limit)
+        return self._summaries([where], (pattern, pattern), limit, feedback)
 
     def rename(self, cid: str, title: str) -> bool:
         """Set the title; False when the conversation does not exist."""
@@ -353,21 +409,120 @@ class ConversationStore:
     # ----- messages -----
 
     def add_message(
-        self, cid: str, role: str, content: str, status: str = "complete", stats: ReplyStats | dict | None = None
+        self,
+        cid: str,
+        role: str,
+        content: str,
+        status: str = "complete",
+        stats: ReplyStats | dict | None = None,
+        attachments: Sequence[Attachment] = (),
     ) -> int:
-        """Append a message and return its id; the first user message titles an untitled conversation."""
+        """Append a message (with its attachments) below the selected leaf, make it the leaf and return its id; the
+        first user message titles an untitled conversation."""
         _check(role, TURN_ROLES, "role")
         _check(status, STATUSES, "status")
-        stats_text = _stats_json(stats)
-        return self._write(lambda conn: _append_message(conn, cid, role, content, status, stats_text))
+        stats_text, files = _stats_json(stats), check_attachments(attachments)
+
+        def body(conn: sqlite3.Connection) -> int:
+            return _append_message(conn, cid, leaf_of(conn, cid), role, content, status, stats_text, files)
+
+        return self._write(body)
+
+    def add_version(
+        self,
+        mid: int,
+        content: str,
+        status: str = "complete",
+        stats: ReplyStats | dict | None = None,
+        attachments: Sequence[Attachment] = (),
+    ) -> int:
+        """Add another version of message `mid` (same parent, same role) and select it; return its id.
+
+        Regenerate: `add_version(reply_id, "", "streaming")`, then `messages_for_model` (the empty reply is left out)
+        and `update_message` as it streams. Edit of any user message: `add_version(user_id, text)` starts a branch;
+        then append the reply with `add_message`. The old versions stay, reachable with `versions` and `select`."""
+        _check(status, STATUSES, "status")
+        stats_text, files = _stats_json(stats), check_attachments(attachments)
+
+        def body(conn: sqlite3.Connection) -> int:
+            place = message_place(conn, mid)
+            if place is None:
+                raise KeyError(f"no message {mid}")
+            cid, parent_id, role = place
+            return _append_message(conn, cid, parent_id, role, content, status, stats_text, files)
+
+        return self._write(body)
+
+    def versions(self, mid: int) -> Versions | None:
+        """The versions of message `mid` (its siblings and itself, oldest first) and its index, or None when gone."""
+
+        def body(conn: sqlite3.Connection) -> Versions | None:
+            place = message_place(conn, mid)
+            if place is None:
+                return None
+            rows = conn.execute(
+                "SELECT id FROM messages WHERE conversation_id = ? AND parent_id IS ? ORDER BY id", place[:2]
+            ).fetchall()
+            ids = tuple(r[0] for r in rows)
+            return Versions(ids, ids.index(mid))
+
+        return self._read(body)
+
+    def select(self, mid: int) -> bool:
+        """Switch to version `mid`: the path goes through it down to the most recently created or selected message
+        below it. False when the message is gone."""
+
+        def body(conn: sqlite3.Connection) -> bool:
+            place = message_place(conn, mid)
+            if place is None:
+                return False
+            select_leaf(conn, place[0], latest_below(conn, mid))
+            return True
+
+        return self._write(body)
+
+    def fork(self, cid: str, mid: int) -> str:
+        """Copy the conversation's path from the root down to message `mid` (included) into a new conversation, with
+        the same title, system prompt and settings; return the new id. KeyError when either is missing."""
+        conv = self.get_conversation(cid)
+        if conv is None:
+            raise KeyError(f"no conversation {cid!r}")
+        by_id = {m.id: m for m in conv.tree}
+        if mid not in by_id:
+            raise KeyError(f"no message {mid} in conversation {cid!r}")
+        path = path_to(by_id, {m.id: m.parent_id for m in conv.tree}, mid)
+        now = time.time()
+        copy = Conversation("", conv.title, conv.system_prompt, conv.settings, now, now, path)
+        return self.import_conversations([copy])[0]
+
+    def set_feedback(self, mid: int, value: int | None) -> bool:
+        """Set a reply's feedback: 1 thumbs up, 0 thumbs down, None none (as st.feedback("thumbs") gives it); False
+        when the message is gone, ValueError for a message that is not a reply."""
+        _check_feedback(value)
+
+        def body(conn: sqlite3.Connection) -> bool:
+            place = message_place(conn, mid)
+            if place is None:
+                return False
+            if place[2] != "assistant":
+                raise ValueError(f"feedback is for replies; message {mid} is a {place[2]} message")
+            conn.execute("UPDATE messages SET feedback = ? WHERE id = ?", (value, mid))
+            return True
+
+        return self._write(body)
 
     def replace_from(self, cid: str, mid: int, role: str, content: str) -> int:
-        """Delete message `mid` and every later one, then append a new message, in one transaction (edit & resend)."""
+        """Delete message `mid` and everything below it, then add a new message in its place, in one transaction.
+
+        Today's edit & resend on a linear chat; `add_version` replaces it (it keeps the old version)."""
         _check(role, TURN_ROLES, "role")
 
         def body(conn: sqlite3.Connection) -> int:
-            conn.execute("DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (cid, mid))
-            return _append_message(conn, cid, role, content, "complete", None)
+            place = message_place(conn, mid)
+            if place is None or place[0] != cid:
+                return _append_message(conn, cid, leaf_of(conn, cid), role, content, "complete", None)
+            delete_subtree(conn, mid)
+            return _append_message(conn, cid, place[1], role, content, "complete", None)
 
         return self._write(body)
 
@@ -390,18 +545,26 @@ class ConversationStore:
         return self._write(body)
 
     def delete_messages_from(self, cid: str, mid: int) -> int:
-        """Delete message `mid` of the conversation and every later one; return how many went."""
+        """Delete message `mid` of the conversation and everything below it (on a linear chat: every later one);
+        return how many went. When the selected leaf went, the path ends at `mid`'s parent.
+
+        Today's regenerate deletes the last reply with it; `add_version` replaces it (it keeps the old reply)."""
 
         def body(conn: sqlite3.Connection) -> int:
-            count = conn.execute("DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (cid, mid)).rowcount
-            if count:
-                conn.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), cid))
+            place = message_place(conn, mid)
+            if place is None or place[0] != cid:
+                return 0
+            leaf_went = in_subtree(conn, mid, leaf_of(conn, cid))
+            count = delete_subtree(conn, mid)
+            if leaf_went:
+                select_leaf(conn, cid, place[1])
+            conn.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), cid))
             return count
 
         return self._write(body)
 
     def messages_for_model(self, cid: str) -> list[Message]:
-        """What the engine should see: the system prompt, then the messages minus empty or failed replies."""
+        """What the engine should see: the system prompt, then the selected path minus empty or failed replies."""
         conv = self.get_conversation(cid)
         if conv is None:
             raise KeyError(f"no conversation {cid!r}")
@@ -415,12 +578,16 @@ class ConversationStore:
     # ----- bulk -----
 
     def import_conversations(self, conversations: Iterable[Conversation]) -> list[str]:
-        """Insert conversations (with new ids, keeping times, statuses and stats) in one transaction."""
+        """Insert conversations (with new ids, keeping times, statuses, stats, feedback and attachments) in one
+        transaction. A conversation with a `tree` keeps it (parents before children, `parent_id` and `leaf_id` among
+        its message ids); one without is the linear chain of its `messages`, its last one selected."""
         items = list(conversations)
         for conv in items:
-            for m in conv.messages:
+            for m in conv.tree or conv.messages:
                 _check(m.role, TURN_ROLES, "role")
                 _check(m.status, STATUSES, "status")
+                _check_feedback(m.feedback)
+                check_attachments(m.attachments)
 
         def body(conn: sqlite3.Connection) -> list[str]:
             ids = []
@@ -440,12 +607,62 @@ class ConversationStore:
                         conv.updated_at,
                     ),
                 )
-                conn.executemany(
-                    "INSERT INTO messages (conversation_id, role, content, created_at, status, stats)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    [(cid, m.role, m.content, m.created_at, m.status, _stats_json(m.stats)) for m in conv.messages],
-                )
+                new_ids: dict[int, int] = {}
+                previous, leaf = None, None
+                for m in conv.tree or conv.messages:
+                    if conv.tree and m.parent_id is not None and m.parent_id not in new_ids:
+                        raise ValueError(f"message {m.id}: its parent {m.parent_id} is not an earlier message")
+                    parent = (new_ids[m.parent_id] if m.parent_id is not None else None) if conv.tree else previous
+                    row = (m.role, m.content, m.created_at, m.status, _stats_json(m.stats), m.attachments, m.feedback)
+                    previous = new_ids[m.id] = insert_message(conn, cid, parent, *row)
+                    leaf = previous  # a chain's last message
+                if conv.tree:
+                    leaf = new_ids.get(conv.leaf_id) if conv.leaf_id is not None else None
+                    if conv.leaf_id is not None and leaf is None:
+                        raise ValueError(f"the selected message {conv.leaf_id} is not a message of the conversation")
+                select_leaf(conn, cid, leaf)
                 ids.append(cid)
             return ids
 
         return self._write(body)
+
+    # ----- prompt presets -----
+
+    def list_presets(self, language: str | None = None) -> list[Preset]:
+        """The saved system prompt presets (those for `language` and for both when it is given), by name."""
+        where, params = "", ()
+        if language is not None:
+            _check(language, PRESET_LANGUAGES, "language")
+            where, params = "WHERE language IN (?, 'both')", (language,)
+        sql = f"SELECT id, name, system_prompt, language FROM presets {where} ORDER BY name, language, id"
+        return [Preset(*row) for row in self._read(lambda c: c.execute(sql, params).fetchall())]
+
+    def save_preset(self, name: str, system_prompt: str, language: str = "both", preset_id: int | None = None) -> int:
+        """Save a preset and return its id: a new one, or the one of that name and language (its prompt replaced),
+        or with `preset_id` that one (renamed too). KeyError when `preset_id` is gone, ValueError for a name that is
+        empty or taken by another preset of the language."""
+        _check(language, PRESET_LANGUAGES, "language")
+        title = " ".join(name.split())[:PRESET_NAME_LIMIT]
+        if not title:
+            raise ValueError("a preset needs a name")
+
+        def body(conn: sqlite3.Connection) -> int:
+            same = conn.execute("SELECT id FROM presets WHERE name = ? AND language = ?", (title, language)).fetchone()
+            if preset_id is None:
+                if same is not None:
+                    conn.execute("UPDATE presets SET system_prompt = ? WHERE id = ?", (system_prompt, same[0]))
+                    return same[0]
+                sql = "INSERT INTO presets (name, system_prompt, language) VALUES (?, ?, ?)"
+                return conn.execute(sql, (title, system_prompt, language)).lastrowid
+            if same is not None and same[0] != preset_id:
+                raise ValueError(f"another preset is named {title!r}")
+            sql = "UPDATE presets SET name = ?, system_prompt = ?, language = ? WHERE id = ?"
+            if not conn.execute(sql, (title, system_prompt, language, preset_id)).rowcount:
+                raise KeyError(f"no preset {preset_id}")
+            return preset_id
+
+        return self._write(body)
+
+    def delete_preset(self, preset_id: int) -> bool:
+        """Delete a preset (a default one too: it does not come back); False when it does not exist."""
+        return self._write(lambda c: c.execute("DELETE FROM presets WHERE id = ?", (preset_id,)).rowcount > 0)
