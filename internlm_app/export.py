@@ -41,8 +41,18 @@ MAX_MIME_CHARS = 255  # RFC 6838: type and subtype of up to 127 characters each
 MAX_ERRORS_SHOWN = 5
 
 
+IMPORT_REASONS = ("too_large", "not_json", "not_an_export", "unsupported_version", "invalid")
+
+
 class ImportValidationError(ValueError):
-    """The file is not a valid conversation export; nothing was imported."""
+    """The file is not a valid conversation export; nothing was imported.
+
+    `reason` (one of IMPORT_REASONS) names the kind for a translated sentence; `str()` is the English detail.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def _scalar(value: object) -> object:
@@ -287,20 +297,24 @@ def _describe(error: ValidationError) -> str:
 def parse_export(data: bytes | str) -> ExportDocument:
     """Decode and validate an export file, or raise ImportValidationError."""
     if not isinstance(data, bytes | str):
-        raise ImportValidationError("the export must be bytes or text")
+        raise ImportValidationError("the export must be bytes or text", "not_json")
     size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "surrogatepass"))
     if size > MAX_IMPORT_BYTES:
-        raise ImportValidationError(f"the file is larger than {MAX_IMPORT_BYTES // (1024 * 1024)} MiB")
+        raise ImportValidationError(f"the file is larger than {MAX_IMPORT_BYTES // (1024 * 1024)} MiB", "too_large")
     try:
         text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
         raw = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ImportValidationError(f"not a JSON file: {str(exc)[:200]}") from None
+        raise ImportValidationError(f"not a JSON file: {str(exc)[:200]}", "not_json") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise ImportValidationError(f"not a conversation export (expected a JSON object with format {FORMAT!r})")
+        raise ImportValidationError(
+            f"not a conversation export (expected a JSON object with format {FORMAT!r})", "not_an_export"
+        )
     version = raw.get("version")
     if type(version) is not int or version != VERSION:
-        raise ImportValidationError(f"unsupported export version {repr(version)[:20]}; this app reads {VERSION}")
+        raise ImportValidationError(
+            f"unsupported export version {repr(version)[:20]}; this app reads {VERSION}", "unsupported_version"
+        )
     try:
         return ExportDocument.model_validate(raw)
     except ValidationError as exc:

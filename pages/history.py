@@ -9,7 +9,7 @@ exit_unless_streamlit("pages/history.py")
 ctx = start_page("nav_history")
 store = ctx.store()
 st.title(ctx.t("nav_history"))
-history.show_notice()
+history.show_notice(ctx.t("load_error_details"))
 
 query = st.text_input(ctx.t("search"), key="search", placeholder=ctx.t("search_placeholder"))
 items = history.find(ctx, store, query)

@@ -83,12 +83,13 @@ def test_a_malformed_import_shows_a_clear_error_and_changes_nothing(app_env, sto
     bad = json.dumps({"format": "internlm-chat-export", "version": 1, "conversations": [{"messages": [{"role": "x"}]}]})
     at.file_uploader(key="import_file_0").set_value(("bad.json", bad.encode(), "application/json"))
     at.button(key="import_button").click().run()
-    assert "导入失败，未做任何更改" in texts(at.error) and "role" in texts(at.error)
+    assert "导入失败，未做任何更改：文件中有无效或超出限制的内容" in texts(at.error)  # translated, what to do
+    assert "role" in at.expander[0].text[0].value  # the English details: which field
     at.button(key="import_button").click().run()  # the rejected file is gone: nothing is imported, and it says so
     assert "请先选择一个 JSON 导出文件" in texts(at.warning)
     at.file_uploader(key="import_file_1").set_value(("x.json", b"not json", "application/json"))
     at.button(key="import_button").click().run()
-    assert "not a JSON file" in texts(at.error)
+    assert "这不是 JSON 文件" in texts(at.error) and "not a JSON file" in at.expander[0].text[0].value
     assert json.loads(export.export_json(store))["conversations"] == json.loads(before)["conversations"]
 
 

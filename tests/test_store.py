@@ -16,7 +16,7 @@ import pytest
 
 from internlm_app import export
 from internlm_app.chat_types import ReplyStats
-from internlm_app.export import ImportValidationError, export_json, export_markdown, import_json
+from internlm_app.export import IMPORT_REASONS, ImportValidationError, export_json, export_markdown, import_json
 from internlm_app.store import MIGRATIONS, SCHEMA_VERSION, TITLE_MAX, ConversationStore, StoreError
 
 pytestmark = pytest.mark.timeout(120)
@@ -426,13 +426,15 @@ def test_bad_import_rejected_and_nothing_changes(store: ConversationStore, data:
     with pytest.raises(ImportValidationError) as info:
         import_json(store, data)
     assert len(str(info.value)) < 2000  # a clear message, not an echo of the file
+    assert info.value.reason in IMPORT_REASONS  # the kind the History page says in its language
     assert counts(store) == before
 
 
 def test_import_size_limits(store: ConversationStore, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(export, "MAX_IMPORT_BYTES", 1000)
-    with pytest.raises(ImportValidationError, match="larger than"):
+    with pytest.raises(ImportValidationError, match="larger than") as info:
         import_json(store, doc(message(content="x" * 2000)))
+    assert info.value.reason == "too_large"
     monkeypatch.setattr(export, "MAX_TOTAL_MESSAGES", 3)
     monkeypatch.setattr(export, "MAX_IMPORT_BYTES", 10**6)
     with pytest.raises(ImportValidationError, match="at most 3"):

@@ -85,7 +85,8 @@ def import_upload(store: ConversationStore, t: Callable[..., str], skip_existing
     try:
         ids = export.import_json(store, upload.getvalue(), skip_existing=skip_existing)
     except export.ImportValidationError as exc:  # it may quote the file: plain text
-        st.session_state[NOTICE_KEY] = ("error", t("import_failed", error=plain(str(exc))))
+        # One translated sentence; the English detail (it may quote the file: plain text) behind an expander.
+        st.session_state[NOTICE_KEY] = ("error", t(f"import_error_{exc.reason}"), plain(str(exc)))
     except StoreFault as fault:  # shown at the top of the page, which runs right after this callback
         storage.remember(fault)
     else:
@@ -116,8 +117,12 @@ def reset(key: str) -> None:
     st.session_state[key] = False
 
 
-def show_notice() -> None:
-    """The message left by the last callback, once."""
+def show_notice(details_label: str) -> None:
+    """The message left by the last callback, once; its details (if any) behind an expander named `details_label`."""
     notice = st.session_state.pop(NOTICE_KEY, None)
     if notice:
-        getattr(st, notice[0])(notice[1])
+        kind, text, *details = notice
+        getattr(st, kind)(text)
+        if details:
+            with st.expander(details_label):
+                st.text(details[0])

@@ -344,7 +344,26 @@ LABELS: dict[str, tuple[str, str]] = {
     "import": ("导入", "Import"),
     "import_file": ("JSON 导出文件", "A JSON export file"),
     "imported": ("已导入 {n} 个对话", "Imported {n} conversations"),
-    "import_failed": ("导入失败，未做任何更改：{error}", "Import failed, nothing was changed: {error}"),
+    "import_error_too_large": (
+        "导入失败，未做任何更改：文件超过 32 MB。",
+        "Import failed, nothing was changed: the file is larger than 32 MB.",
+    ),
+    "import_error_not_json": (
+        "导入失败，未做任何更改：这不是 JSON 文件。请选择本应用导出的 .json 文件。",
+        "Import failed, nothing was changed: this is not a JSON file. Choose a .json file exported by this app.",
+    ),
+    "import_error_not_an_export": (
+        "导入失败，未做任何更改：这个 JSON 不是本应用导出的对话。",
+        "Import failed, nothing was changed: this JSON is not a conversation export of this app.",
+    ),
+    "import_error_unsupported_version": (
+        "导入失败，未做任何更改：导出文件的版本不受支持，可能来自更新版本的应用。",
+        "Import failed, nothing was changed: the export's version is not supported; it may come from a newer app.",
+    ),
+    "import_error_invalid": (
+        "导入失败，未做任何更改：文件中有无效或超出限制的内容，详细信息中列出了位置。",
+        "Import failed, nothing was changed: the file has invalid or oversized content; the details say where.",
+    ),
     "import_no_file": ("请先选择一个 JSON 导出文件", "Choose a JSON export file first"),
     "import_skipped": ("；{n} 个已存在，已跳过", "; {n} already here, skipped"),
     "import_duplicates": ("已存在的对话", "Conversations already here"),
