@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -16,10 +17,11 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    create_model,
     model_validator,
 )
 
-from .chat_types import FinishReason
+from .chat_types import FinishReason, ReplyStats
 from .store import Attachment, Conversation, ConversationStore, StoredMessage, title_from
 from .store_tree import path_to
 
@@ -91,22 +93,27 @@ Count = Annotated[int, Field(ge=0, le=10**9)]
 Seconds = Annotated[float, Field(ge=0, le=10**7, allow_inf_nan=False)]
 
 
-class StatsIn(_Strict):
-    """The reply stats of an imported message: the fields of ReplyStats, typed, so the UI can always show them."""
+# A ReplyStats field's type -> its bounded import type: the model below follows ReplyStats, field for field.
+_BOUNDED = {
+    "int": Count,
+    "float": Seconds,
+    "float | None": Seconds | None,
+    "bool": bool,
+    "FinishReason": FinishReason,
+    "str | None": Annotated[str, StringConstraints(max_length=MAX_VALUE_CHARS)] | None,
+}
 
-    model_config = ConfigDict(strict=False, extra="forbid", frozen=True)
 
-    prompt_tokens: Count = 0
-    completion_tokens: Count = 0
-    time_to_first_token: Seconds | None = None
-    tokens_per_second: Seconds | None = None
-    total_seconds: Seconds = 0.0
-    queue_seconds: Seconds = 0.0
-    finish_reason: FinishReason = "stop"
-    dropped_messages: Count = 0
-    cached_tokens: Count = 0
-    batched: bool = False
-    error: Annotated[str, StringConstraints(max_length=MAX_VALUE_CHARS)] | None = None
+class _StatsBase(_Strict):
+    model_config = ConfigDict(strict=False, extra="forbid", frozen=True)  # numbers may come as JSON ints or floats
+
+
+StatsIn = create_model(
+    "StatsIn",
+    __base__=_StatsBase,
+    __doc__="The reply stats of an imported message: ReplyStats's fields, bounded, so the UI can always show them.",
+    **{f.name: (_BOUNDED[f.type], f.default) for f in dataclasses.fields(ReplyStats)},
+)
 
 
 class AttachmentIn(_Strict):

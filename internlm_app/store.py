@@ -155,9 +155,28 @@ def _stats_json(stats: ReplyStats | dict | None) -> str | None:
     return json.dumps(stats.to_dict() if isinstance(stats, ReplyStats) else dict(stats), ensure_ascii=False)
 
 
+def _insert_conversation(
+    conn: sqlite3.Connection, title: str, system_prompt: str, settings_json: str, created_at: float, updated_at: float
+) -> str:
+    """Insert an empty conversation under a fresh random id and return the id."""
+    cid = new_id()
+    while conn.execute("SELECT 1 FROM conversations WHERE id = ?", (cid,)).fetchone():
+        cid = new_id()
+    conn.execute(
+        "INSERT INTO conversations (id, title, system_prompt, settings, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (cid, title, system_prompt, settings_json, created_at, updated_at),
+    )
+    return cid
+
+
+# SQLite's primary result codes for "another connection holds the lock" (extended codes keep them in the low byte).
+_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 def _busy(exc: sqlite3.OperationalError) -> bool:
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text
+    """SQLITE_BUSY or SQLITE_LOCKED (and their extended codes): worth retrying."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in _BUSY_CODES
 
 
 class ConversationStore:
@@ -314,19 +333,7 @@ class ConversationStore:
         text = json.dumps(settings or {}, ensure_ascii=False)
         name = (title or "").strip()[:TITLE_LIMIT]
 
-        def body(conn: sqlite3.Connection) -> str:
-            while True:
-                cid = new_id()
-                if not conn.execute("SELECT 1 FROM conversations WHERE id = ?", (cid,)).fetchone():
-                    break
-            conn.execute(
-                "INSERT INTO conversations (id, title, system_prompt, settings, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (cid, name, system_prompt, text, now, now),
-            )
-            return cid
-
-        return self._write(body)
+        return self._write(lambda conn: _insert_conversation(conn, name, system_prompt, text, now, now))
 
     def get_conversation(self, cid: str) -> Conversation | None:
         """The conversation with the path to its selected leaf (`messages`) and every message (`tree`), or None."""
@@ -592,21 +599,9 @@ class ConversationStore:
         def body(conn: sqlite3.Connection) -> list[str]:
             ids = []
             for conv in items:
-                cid = new_id()
-                while conn.execute("SELECT 1 FROM conversations WHERE id = ?", (cid,)).fetchone():
-                    cid = new_id()
-                conn.execute(
-                    "INSERT INTO conversations (id, title, system_prompt, settings, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        cid,
-                        conv.title.strip()[:TITLE_LIMIT],
-                        conv.system_prompt,
-                        json.dumps(conv.settings, ensure_ascii=False),
-                        conv.created_at,
-                        conv.updated_at,
-                    ),
-                )
+                settings = json.dumps(conv.settings, ensure_ascii=False)
+                title = conv.title.strip()[:TITLE_LIMIT]
+                cid = _insert_conversation(conn, title, conv.system_prompt, settings, conv.created_at, conv.updated_at)
                 new_ids: dict[int, int] = {}
                 previous, leaf = None, None
                 for m in conv.tree or conv.messages:

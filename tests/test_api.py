@@ -14,7 +14,7 @@ from internlm_app.chat_types import InvalidRequestError
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
 from internlm_app.stop_strings import StopFilter
 from tests.faults import FailOnForward
-from tests.test_api_support import (
+from tests.api_helpers import (
     API_KEY,
     REPLY_TOKENS,
     api_settings,

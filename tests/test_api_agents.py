@@ -15,7 +15,7 @@ import pytest
 from internlm_app.api import create_app, running_server
 from internlm_app.chat_types import ReplyEvents, ReplyOptions
 from internlm_app.sampling import SamplingParams
-from tests.test_api_support import api_settings, engine_copy
+from tests.api_helpers import api_settings, engine_copy
 
 WEATHER = {
     "type": "function",

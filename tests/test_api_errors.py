@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from internlm_app.api import create_app, running_server
-from tests.test_api_support import API_KEY, api_settings, greedy_reply
+from tests.api_helpers import API_KEY, api_settings, greedy_reply
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = "/v1/chat/completions"

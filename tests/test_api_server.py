@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from internlm_app.api import create_app, running_server
-from tests.test_api_support import (
+from tests.api_helpers import (
     REPLY_TOKENS,
     api_settings,
     engine_copy,

@@ -11,7 +11,7 @@ from internlm_app.chat_types import GenerationError, QueueFullError, ReplyEvents
 from internlm_app.engine import ChatEngine, history_to_messages
 from internlm_app.sampling import SamplingParams
 from tests.faults import FailOnForward
-from tests.test_api_support import free_all_slots, take_all_slots, wait_until
+from tests.api_helpers import free_all_slots, take_all_slots, wait_until
 
 # Greedy replies of the tiny model that run 70+ tokens: they are still decoding while a shorter reply joins them.
 BACKGROUND = ["abc", "hi", "why"]

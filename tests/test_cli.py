@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -119,12 +123,39 @@ def test_out_of_bounds_flag_is_rejected(tmp_path):
     assert result.returncode == 2 and "temperature" in result.stderr and "Traceback" not in result.stderr
 
 
+@contextlib.contextmanager
+def fake_modelscope() -> Iterator[str]:
+    """A local stand-in for the ModelScope hub that knows no model: every request gets its 404 JSON (no network)."""
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"Code": 10010205001, "Message": "model not found", "Success": False}).encode()
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_download_failure_is_a_plain_error(tmp_path):
-    # A model id that exists nowhere: offline this fails on the network, online with "not found"; never a traceback.
     args = ["download", "--model-id", "internlm-app-tests/no-such-model", "--cache-dir", str(tmp_path / "ms")]
-    result = _run(args, tmp_path, MODELSCOPE_CACHE=str(tmp_path / "ms"))
+    with fake_modelscope() as endpoint:
+        result = _run(args, tmp_path, MODELSCOPE_CACHE=str(tmp_path / "ms"), MODELSCOPE_ENDPOINT=endpoint)
     assert result.returncode == 2, result.stderr
-    assert "could not download internlm-app-tests/no-such-model" in result.stderr
+    assert "could not download internlm-app-tests/no-such-model" in result.stderr and "model not found" in result.stderr
     assert "INTERNLM_MODEL_PATH" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -25,7 +25,7 @@ from internlm_app.server.routing import WebGate, api_mounts, api_paths, is_api_r
 from internlm_app.server.web_login import COOKIE_NAME, WebLogin
 from internlm_app.web import history
 from internlm_app.web.auth import LoginThrottle
-from tests.test_api_support import API_KEY, api_settings
+from tests.api_helpers import API_KEY, api_settings
 
 PASSWORD = "correct horse"
 

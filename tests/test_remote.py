@@ -21,7 +21,7 @@ from internlm_app.chat_types import (
 )
 from internlm_app.remote import RemoteBackend, engine_error
 from internlm_app.sampling import SamplingParams
-from tests.test_api_support import (
+from tests.api_helpers import (
     API_KEY,
     REPLY_TOKENS,
     api_settings,
