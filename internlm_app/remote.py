@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import queue
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -64,93 +66,42 @@ def engine_error(exc: openai.OpenAIError | httpx2.HTTPError, base_url: str) -> E
     return GenerationError(message)
 
 
-# How often the watcher of a streamed reply checks that the reply is still going (a cancel is noticed at once).
-_WATCH_SECONDS = 0.1
-# httpcore's trace events of a new connection ("connection.", "proxy." or "socks." first), whose stream has the socket.
-_CONNECTED = (".connect_tcp.complete", ".connect_unix_socket.complete", ".start_tls.complete")
-_requests = threading.local()  # .abort: the _Abort of the request the current thread is about to send
+# How often a streamed reply's task checks its cancel Event (a cancel ends the request within this time).
+_WATCH_SECONDS = 0.05
+_END = object()  # after the last chunk in a reply's queue
 
 
-class _Abort:
-    """Ends one HTTP request from another thread, also while the request blocks in a read (e.g. while queued).
+class _EventLoop:
+    """One asyncio loop in a daemon thread, where every streamed request of a backend runs as a task.
 
-    Closing the openai stream from another thread does not wake a thread blocked in recv() on the socket (and the
-    response headers, so the stream object, come only once the server starts the reply); shutting the socket down
-    does: the read returns at once with end-of-stream. The request's sockets are noted through httpcore's `trace`
-    extension when its connection is made (the client keeps no idle connection, so each request makes one).
+    A request is cancelled with the public means asyncio offers: `Task.cancel()` interrupts the task wherever it
+    awaits, also in the read of a response whose headers have not come yet (a server that queues the request), and
+    the openai client closes the connection on the way out, which stops generation on the server.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._ended = False
-        self.aborted = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.active = 0  # requests running now
 
-    def trace(self, event: str, info: dict) -> None:
-        if not event.endswith(_CONNECTED):
-            return
-        stream = info.get("return_value")
-        sock = stream.get_extra_info("socket") if stream is not None else None
-        if isinstance(sock, socket.socket):
-            with self._lock:
-                self._sockets.append(sock)
-                if self.aborted and not self._ended:  # aborted while connecting
-                    _shut(sock)
-
-    def abort(self) -> None:
+    def submit(self, coroutine) -> concurrent.futures.Future:
         with self._lock:
-            if self._ended or self.aborted:
-                return
-            self.aborted = True
-            for sock in self._sockets:
-                _shut(sock)
-
-    def end(self) -> None:
-        """The request is over (its sockets may close and their numbers be reused): abort() does nothing from now."""
-        with self._lock:
-            self._ended = True
-
-
-def _shut(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):  # already closed
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's: an SSLSocket's drops its TLS state
-
-
-def _attach_abort(request: httpx2.Request) -> None:
-    """httpx request hook: hands httpcore the trace callback of the request being sent from this thread."""
-    abort = getattr(_requests, "abort", None)
-    if abort is not None:
-        request.extensions["trace"] = abort.trace
-
-
-def _watch(cancel: threading.Event, done: threading.Event, abort: _Abort) -> None:
-    """Body of a streamed reply's watcher thread: aborts the request when `cancel` is set before `done`."""
-    while not done.is_set():
-        if cancel.wait(_WATCH_SECONDS):
-            if not done.is_set():
-                abort.abort()
-            return
-
-
-def _http_client() -> httpx2.Client:
-    """The openai client's default HTTP client with no idle connections kept, and the hook _Abort relies on."""
-    return openai.DefaultHttpxClient(
-        limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=0),
-        event_hooks={"request": [_attach_abort]},
-    )
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, name="internlm-remote-loop", daemon=True).start()
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
 
 class RemoteBackend:
     """Streams replies from `settings.openai_base_url` with the official openai client; no model is loaded here."""
 
-    def __init__(self, settings: Settings, client: openai.OpenAI | None = None):
+    def __init__(self, settings: Settings):
         self.settings = settings
-        self.client = client or openai.OpenAI(
-            base_url=settings.openai_base_url,
-            api_key=settings.openai_api_key.get_secret_value(),
-            max_retries=0,
-            http_client=_http_client(),
-        )
+        key = settings.openai_api_key.get_secret_value()
+        # The sync client asks what the server serves; replies stream through the async one, as cancellable tasks.
+        self.client = openai.OpenAI(base_url=settings.openai_base_url, api_key=key, max_retries=0)
+        self.async_client = openai.AsyncOpenAI(base_url=settings.openai_base_url, api_key=key, max_retries=0)
+        self._loop = _EventLoop()
         self.info = ModelInfo(
             name=settings.openai_model,
             path=settings.openai_base_url,
@@ -184,6 +135,11 @@ class RemoteBackend:
             )
             self.model = served[0]
         self.info.name = self.model
+
+    @property
+    def active_requests(self) -> int:
+        """Streamed requests running now (a cancelled one counts until its connection is closed)."""
+        return self._loop.active
 
     @property
     def context_window(self) -> int:
@@ -226,52 +182,81 @@ class RemoteBackend:
     def _stream(self, request: dict, cancel: threading.Event | None, events: ReplyEvents) -> Iterator[str]:
         stats = events.stats
         started = time.perf_counter()
-        count, first_at, finish, usage, ended_normally = 0, None, None, None, False
-        stream, abort, done = None, _Abort(), threading.Event()
-        if cancel is not None:  # a cancel ends the request at once, also while it waits for the server's reply
-            watcher = threading.Thread(
-                target=_watch, args=(cancel, done, abort), name="internlm-remote-cancel", daemon=True
-            )
-            watcher.start()
+        chunks: queue.Queue = queue.Queue()
+        outcome: dict = {}  # finish reason and usage as the server sent them
+        closed = threading.Event()  # the consumer closed the iterator
+        count, first_at, failure, drained = 0, None, None, False
+        if cancel is not None and cancel.is_set():
+            self._finish(stats, started, None, 0, {}, cancelled=True)
+            return
+        task = self._loop.submit(self._request(request, chunks, outcome, cancel, closed))
         try:
-            if cancel is not None and cancel.is_set():
-                return
-            _requests.abort = abort
-            try:
-                stream = self.client.chat.completions.create(**request)
-            finally:
-                _requests.abort = None
-            for chunk in stream:
+            while (item := chunks.get()) is not _END:
+                count += 1
+                first_at = first_at or time.perf_counter()
+                yield item
+            drained = True
+        finally:
+            closed.set()  # a closed iterator (GeneratorExit here) ends the request like a cancel
+            if drained:  # the task is ending on its own (done, cancelled by `cancel`, or failed): its error, if any
+                failure = task.exception()
+            else:
+                task.cancel()
+            if isinstance(failure, openai.OpenAIError | httpx2.HTTPError):
+                stats.finish_reason = "error"
+                error = engine_error(failure, self.settings.openai_base_url)
+                stats.error = str(error)
+                self._finish(stats, started, first_at, count, outcome, cancelled=False)
+                raise error from failure
+            if failure is not None:
+                raise failure
+            self._finish(stats, started, first_at, count, outcome, cancelled="finish" not in outcome)
+
+    async def _request(
+        self,
+        request: dict,
+        chunks: queue.Queue,
+        outcome: dict,
+        cancel: threading.Event | None,
+        closed: threading.Event,
+    ) -> None:
+        """The request as a task of the backend's loop: chunks go to `chunks`, then _END; ends early on a cancel."""
+        self._loop.active += 1
+        reader = asyncio.ensure_future(self._read(request, chunks, outcome))
+        try:
+            while not reader.done():
+                if closed.is_set() or (cancel is not None and cancel.is_set()):
+                    reader.cancel()
+                    break
+                await asyncio.wait([reader], timeout=_WATCH_SECONDS)
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        finally:
+            self._loop.active -= 1
+            chunks.put(_END)
+
+    async def _read(self, request: dict, chunks: queue.Queue, outcome: dict) -> None:
+        finish, usage = None, None
+        async with await self.async_client.chat.completions.create(**request) as stream:
+            async for chunk in stream:
                 usage = chunk.usage or usage
                 for choice in chunk.choices:
                     finish = choice.finish_reason or finish
                     if text := (choice.delta.content if choice.delta else None):
-                        count += 1
-                        first_at = first_at or time.perf_counter()
-                        yield text
-                if cancel is not None and cancel.is_set():
-                    break
-            else:
-                ended_normally = True
-        except (openai.OpenAIError, httpx2.HTTPError) as exc:
-            if not abort.aborted:  # else: the read ended by the cancel's abort, a cancel and no error
-                stats.finish_reason = "error"
-                error = engine_error(exc, self.settings.openai_base_url)
-                stats.error = str(error)
-                raise error from exc
-        finally:
-            done.set()  # the watcher ends
-            abort.end()
-            if stream is not None:
-                with contextlib.suppress(httpx2.HTTPError):  # a connection the abort shut down
-                    stream.close()
-            ended = time.perf_counter()
-            stats.total_seconds = ended - started
-            stats.prompt_tokens = usage.prompt_tokens if usage else 0
-            stats.completion_tokens = usage.completion_tokens if usage else count
-            if first_at is not None:
-                stats.time_to_first_token = first_at - started
-                if stats.completion_tokens > 1 and ended > first_at:
-                    stats.tokens_per_second = (stats.completion_tokens - 1) / (ended - first_at)
-            if stats.finish_reason != "error":
-                stats.finish_reason = ("length" if finish == "length" else "stop") if ended_normally else "cancelled"
+                        chunks.put(text)
+        outcome.update(finish=finish, usage=usage)
+
+    @staticmethod
+    def _finish(stats, started: float, first_at: float | None, count: int, outcome: dict, cancelled: bool) -> None:
+        """Fill the reply's stats: tokens (the server's usage when it sent one), times, and why it ended."""
+        ended = time.perf_counter()
+        usage = outcome.get("usage")
+        stats.total_seconds = ended - started
+        stats.prompt_tokens = usage.prompt_tokens if usage else 0
+        stats.completion_tokens = usage.completion_tokens if usage else count
+        if first_at is not None:
+            stats.time_to_first_token = first_at - started
+            if stats.completion_tokens > 1 and ended > first_at:
+                stats.tokens_per_second = (stats.completion_tokens - 1) / (ended - first_at)
+        if stats.finish_reason != "error":
+            stats.finish_reason = "cancelled" if cancelled else ("length" if outcome["finish"] == "length" else "stop")

@@ -106,11 +106,7 @@ def test_cancel_and_close_stop_the_remote_generation(engine, tmp_path):
         stream.close()
         assert events.stats.finish_reason == "cancelled"
         assert wait_until(lambda: endless.queue.active == 0, timeout=30)
-    assert wait_until(lambda: not _cancel_watchers(), timeout=30)
-
-
-def _cancel_watchers() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "internlm-remote-cancel"]
+    assert wait_until(lambda: remote.active_requests == 0, timeout=30)
 
 
 def test_cancel_while_the_server_queues_the_request(engine, tmp_path):
@@ -141,7 +137,7 @@ def test_cancel_while_the_server_queues_the_request(engine, tmp_path):
             assert outcome == {"chunks": []}
             assert events.stats.finish_reason == "cancelled" and events.stats.completion_tokens == 0
             assert events.stats.error is None
-            assert wait_until(lambda: not _cancel_watchers(), timeout=30)  # the reply's watcher thread ended too
+            assert wait_until(lambda: remote.active_requests == 0, timeout=30)  # the reply's task ended too
             assert wait_until(lambda: local.queue.waiting() == 0, timeout=30)  # the server saw the client go
         finally:
             free_all_slots(local)
