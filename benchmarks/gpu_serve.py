@@ -32,7 +32,7 @@ from transformers import GenerationConfig
 
 from internlm_app.chat_types import ReplyEvents
 from internlm_app.engine import ChatEngine, reply_stop_ids
-from internlm_app.loader import ModelInfo
+from internlm_app.chat_types import ModelInfo
 from internlm_app.sampling import SamplingParams
 from internlm_app.settings import Settings
 from internlm_app.tokenizer import load_tokenizer

@@ -21,7 +21,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .chat_types import ChatBackend, Message
 
 MAX_FILE_BYTES = 20 << 20  # a file larger than this is refused before it is read
 MAX_PDF_PAGES = 500
@@ -122,33 +125,28 @@ def _pdf_pages(name: str, data: bytes) -> list[str]:
 # Counting tokens
 
 
-def token_counter(backend) -> Callable[[str], int]:
-    """`count_tokens(text)` in the backend's tokens: exact with a local model's tokenizer; for a remote backend an
-    estimate that errs high (a CJK character or 3 other characters per token: InternLM2's tokenizer takes about 1.5
-    CJK characters and 4 English characters per token)."""
-    tokenizer = getattr(backend, "tokenizer", None)
-    if tokenizer is not None and hasattr(tokenizer, "encode_plain"):
-        return lambda text: len(tokenizer.encode_plain(text))
-    return estimate_tokens
+def token_counter(backend: ChatBackend) -> Callable[[str], int]:
+    """`count_tokens(text)` in the backend's tokens: exact with a local model's tokenizer; for a remote backend the
+    estimate below."""
+    return backend.count_tokens
 
 
 _CJK = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
 
 
 def estimate_tokens(text: str) -> int:
+    """Tokens of `text`, erring high: a CJK character or 3 other characters per token (InternLM2's tokenizer takes
+    about 1.5 CJK characters and 4 English characters per token)."""
     cjk = len(_CJK.findall(text))
     return cjk + -(-(len(text) - cjk) // 3)
 
 
-def room_for_attachments(backend, messages: list, max_new_tokens: int, max_length: int | None = None) -> int:
+def room_for_attachments(
+    backend: ChatBackend, messages: list[Message], max_new_tokens: int, max_length: int | None = None
+) -> int:
     """Tokens left for attachments in the last (user) message: the budget less the prompt as it is and the reply."""
     window = backend.context_window if max_length is None else min(max_length, backend.context_window)
-    tokenizer = getattr(backend, "tokenizer", None)
-    if tokenizer is not None and hasattr(tokenizer, "build_prompt_ids"):
-        used = len(tokenizer.build_prompt_ids(messages))
-    else:
-        used = sum(estimate_tokens(m["content"]) + 5 for m in messages) + 5
-    return max(window - used - max_new_tokens, 0)
+    return max(window - backend.prompt_tokens(messages) - max_new_tokens, 0)
 
 
 # Fitting and formatting
@@ -193,7 +191,9 @@ def parts_of(attachment: Attachment, chunk_chars: int = CHUNK_CHARS) -> list[Par
 def _chunks(text: str, size_limit: int) -> list[tuple[int, int, str]]:
     """Runs of whole lines of about `size_limit` characters (a longer line is split), with their first and last line
     numbers."""
-    out, lines, first = [], [], 1
+    out: list[tuple[int, int, str]] = []
+    lines: list[str] = []
+    first = 1
     size = 0
     for number, line in enumerate(text.split("\n"), 1):
         while len(line) > size_limit:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import builtins
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
-from typing import Literal, NotRequired, Protocol, TypedDict, get_args
+from typing import TYPE_CHECKING, Literal, NotRequired, Protocol, TypedDict, TypeVar, get_args
 
 from .sampling import SamplingParams
+
+T = TypeVar("T")
+
+if TYPE_CHECKING:
+    import threading
+
+    from .gpu import DeviceMemory
 
 # "environment" is InternLM2's role for what a tool returns (chat/chat_format.md); OpenAI's "tool" maps to it.
 Role = Literal["system", "user", "assistant", "environment"]
@@ -153,9 +161,9 @@ class TokenLogprob:
 
     token_id: int
     token: str
-    bytes: bytes
+    bytes: builtins.bytes
     logprob: float
-    top: list[tuple[str, bytes, float]] = field(default_factory=list)
+    top: list[tuple[str, builtins.bytes, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -169,15 +177,109 @@ class ReplyChunk:
     control: str | None = None
 
 
+# A streamed reply: a generator, so that closing it (`close()`, or leaving a `with contextlib.closing(...)`) stops
+# the generation behind it.
+Reply = Generator[T, None, None]
+
+
+@dataclass
+class ModelInfo:
+    """What was loaded, where and how (shown by the Status page, /health and `doctor`)."""
+
+    name: str
+    path: str
+    dtype: str
+    device: str
+    device_map: dict | str | None
+    quantization: str
+    attn_implementation: str
+    context_window: int
+    parameters: int = 0
+    load_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class ReplyQueue(Protocol):
+    """Replies in first-come order for the GPU: `slots` generate at once, the rest wait (the engine's GpuQueue)."""
+
+    slots: int
+    max_waiting: int | None  # waiting replies before a new one is refused (QueueFullError); None: no limit
+
+    @property
+    def active(self) -> int: ...  # replies generating now
+
+    @property
+    def busy(self) -> bool: ...  # every slot taken: a new reply waits
+
+    def waiting(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class DecodingState:
+    """How replies are decoded and why (the decode plan chosen at load), and the KV cache kept across turns."""
+
+    single_path: Literal["static", "dynamic"]  # one reply alone: static KV cache + torch.compile, or dynamic cache
+    single_reason: str
+    batch_slots: int  # most replies decoded together; 1: no continuous batching
+    batch_reason: str
+    kv_bytes_per_token: int  # KV cache per token of context
+    batch_cache_tokens: int  # the batch's paged KV cache, in tokens (0 without batching)
+    page_size: int  # tokens per page of that cache (the unit of prefix sharing)
+    kv_reuse_tokens: int  # the budget of KV cache kept across turns, in tokens
+    kept_tokens: int  # tokens of KV cache kept across turns right now
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 class ChatBackend(Protocol):
-    """The one seam the UI, the API and the CLI use to get replies (local engine or remote server)."""
+    """The one seam the UI, the API and the CLI use (the local engine, or a remote OpenAI-compatible server).
+
+    Errors are EngineErrors: InvalidRequestError (and ContextTooLongError) for a request the backend refuses,
+    QueueFullError when too many wait, GenerationError when generation fails.
+    """
+
+    info: ModelInfo
+
+    @property
+    def queue(self) -> ReplyQueue | None: ...  # None: a remote server queues requests itself
+
+    @property
+    def context_window(self) -> int: ...  # tokens of prompt + reply the model takes
+
+    def decoding(self) -> DecodingState | None: ...  # None: decoded elsewhere (remote)
+
+    def release_memory(self) -> tuple[list[DeviceMemory], list[DeviceMemory]]:
+        """Release what the backend caches on the GPU; memory per GPU before and after (empty lists: none here)."""
+        ...
+
+    def count_tokens(self, text: str) -> int: ...  # tokens of `text` alone (remote: an estimate that errs high)
+
+    def prompt_tokens(self, messages: list[Message]) -> int: ...  # tokens of the prompt these messages make
 
     def stream_reply(
         self,
         messages: list[Message],
         params: SamplingParams,
         *,
-        cancel: object | None = None,
+        cancel: threading.Event | None = None,
         events: ReplyEvents | None = None,
         max_length: int | None = None,
-    ) -> Iterator[str]: ...
+    ) -> Reply[str]:
+        """The reply's text as it is generated; setting `cancel` or closing the iterator stops it (within a token
+        locally). `events.stats` holds the reply's ReplyStats when it ends; `max_length` caps the context budget."""
+        ...
+
+    def stream_chunks(
+        self,
+        messages: list[Message],
+        params: SamplingParams,
+        options: ReplyOptions = ...,
+        *,
+        cancel: threading.Event | None = None,
+        events: ReplyEvents | None = None,
+        max_length: int | None = None,
+    ) -> Reply[ReplyChunk]:
+        """Like stream_reply, as ReplyChunks with the `options` (tools, JSON schema, logprobs, ...); InvalidRequestError
+        for options the backend cannot honour."""
+        ...

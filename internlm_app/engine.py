@@ -24,10 +24,13 @@ from .backends.token_stream import END, Empty, TokenStream
 from .backends.worker import GenerationWorker
 from .chat_types import (
     ContextTooLongError,
+    DecodingState,
     EngineError,
     GenerationError,
     InvalidRequestError,
     Message,
+    ModelInfo,
+    Reply,
     ReplyChunk,
     ReplyEvents,
     ReplyOptions,
@@ -38,7 +41,7 @@ from .chat_types import (
 from .gpu_queue import GpuQueue
 from .grammar import GrammarCompiler
 from .load_progress import LoadStep, Progress
-from .loader import ModelInfo, ModelLoadError, load_model
+from .loader import ModelLoadError, load_model
 from .sampling import SamplingParams
 from .settings import DEFAULT_SYSTEM_PROMPT, Settings
 from .tokenizer import ChatTokenizer
@@ -203,6 +206,18 @@ class ChatEngine:
     def context_window(self) -> int:
         return self.info.context_window
 
+    def decoding(self) -> DecodingState:
+        """The decode plan chosen at load (with its reasons) and the KV cache kept across turns now."""
+        return DecodingState(**self.plan.to_dict(), kept_tokens=self.worker.kept_tokens)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` alone, with the model's tokenizer (no special tokens)."""
+        return len(self.tokenizer.encode_plain(text))
+
+    def prompt_tokens(self, messages: list[Message]) -> int:
+        """Tokens of the whole prompt `messages` make (InternLM2's chat format, the open assistant turn included)."""
+        return len(self.tokenizer.build_prompt_ids(messages))
+
     def prepare(
         self,
         messages: list[Message],
@@ -273,7 +288,7 @@ class ChatEngine:
         cancel: threading.Event | None = None,
         events: ReplyEvents | None = None,
         max_length: int | None = None,
-    ) -> Iterator[str]:
+    ) -> Reply[str]:
         """Yield reply text as it is generated; `events.stats` holds the stats when the iterator ends.
 
         Bad input raises here, before anything runs. Setting `cancel`, or closing the iterator, stops generation
@@ -291,7 +306,7 @@ class ChatEngine:
         cancel: threading.Event | None = None,
         events: ReplyEvents | None = None,
         max_length: int | None = None,
-    ) -> Iterator[ReplyChunk]:
+    ) -> Reply[ReplyChunk]:
         """Like `stream_reply`, as ReplyChunks: text with its token ids, logprobs when asked for, and (with tools)
         the tool tokens as control chunks. Raises InvalidRequestError here for options the model cannot honour."""
         prepared = self.prepare(messages, params.max_new_tokens, max_length, options)
@@ -348,7 +363,7 @@ class ChatEngine:
         *,
         plan: _ReplyPlan,
         path: str | None = None,
-    ) -> Iterator[ReplyChunk]:
+    ) -> Reply[ReplyChunk]:
         stats = events.stats
         stats.prompt_tokens, stats.dropped_messages = len(prepared.ids), prepared.dropped_messages
         queued = time.perf_counter()
@@ -511,7 +526,7 @@ def reply_stop_ids(tokenizer: ChatTokenizer, tools: bool = False) -> list[int]:
     return base + [tokenizer.tool_ids[marker]] if marker in tokenizer.tool_ids else base
 
 
-def _texts(chunks: Iterator[ReplyChunk]) -> Iterator[str]:
+def _texts(chunks: Reply[ReplyChunk]) -> Reply[str]:
     """The chunks' text; closing this closes them (which stops generation)."""
     with contextlib.closing(chunks):
         for chunk in chunks:

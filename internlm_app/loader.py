@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
 from . import gpu
+from .chat_types import ModelInfo
 from .convert import read_json
 from .errors import UserFacingError
 from .load_progress import LoadStep, Progress
@@ -25,23 +25,6 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 class ModelLoadError(UserFacingError):
     """The model cannot be loaded here; the message says why and what to do."""
-
-
-@dataclass
-class ModelInfo:
-    """What was loaded, where and how (shown by the Status page, /health and `doctor`)."""
-
-    name: str
-    path: str
-    dtype: str
-    device: str
-    device_map: dict | str | None
-    quantization: str
-    attn_implementation: str
-    context_window: int
-    parameters: int = 0
-    load_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def choose_device(settings: Settings) -> str:

@@ -10,21 +10,24 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx2
 import openai
 
+from .attachments import estimate_tokens
 from .chat_types import (
     ContextTooLongError,
     EngineError,
     GenerationError,
     InvalidRequestError,
     Message,
+    ModelInfo,
     QueueFullError,
+    Reply,
+    ReplyChunk,
     ReplyEvents,
+    ReplyOptions,
 )
-from .loader import ModelInfo
 from .prompt import validate_messages
 from .sampling import SamplingParams
 from .settings import Settings
@@ -92,6 +95,12 @@ class _EventLoop:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
 
+def _as_chunks(texts: Reply[str]) -> Reply[ReplyChunk]:
+    with contextlib.closing(texts):  # type: ignore[type-var]  # a generator has close()
+        for text in texts:
+            yield ReplyChunk(text=text)
+
+
 class RemoteBackend:
     """Streams replies from `settings.openai_base_url` with the official openai client; no model is loaded here."""
 
@@ -136,6 +145,39 @@ class RemoteBackend:
             self.model = served[0]
         self.info.name = self.model
 
+    def decoding(self) -> None:
+        """Decoded on the remote server: nothing to say here."""
+        return None
+
+    def release_memory(self) -> tuple[list, list]:
+        """No model and no GPU cache here: nothing to release."""
+        return [], []
+
+    def count_tokens(self, text: str) -> int:
+        """An estimate that errs high (the server's tokenizer is not here)."""
+        return estimate_tokens(text)
+
+    def prompt_tokens(self, messages: list[Message]) -> int:
+        """An estimate that errs high: each message's text and a few tokens of its turn's markers."""
+        return sum(estimate_tokens(m["content"]) + 5 for m in messages) + 5
+
+    def stream_chunks(
+        self,
+        messages: list[Message],
+        params: SamplingParams,
+        options: ReplyOptions = ReplyOptions(),
+        *,
+        cancel: threading.Event | None = None,
+        events: ReplyEvents | None = None,
+        max_length: int | None = None,
+    ) -> Reply[ReplyChunk]:
+        """The reply as text-only ReplyChunks. Tools, JSON output, seed, logprobs and penalties need a local model:
+        InvalidRequestError (keep_history is the server's to apply)."""
+        if options != ReplyOptions(keep_history=options.keep_history):
+            raise InvalidRequestError("tools, JSON output, seed, logprobs and penalties need a local model")
+        texts = self.stream_reply(messages, params, cancel=cancel, events=events, max_length=max_length)
+        return _as_chunks(texts)
+
     @property
     def active_requests(self) -> int:
         """Streamed requests running now (a cancelled one counts until its connection is closed)."""
@@ -153,7 +195,7 @@ class RemoteBackend:
         cancel: threading.Event | None = None,
         events: ReplyEvents | None = None,
         max_length: int | None = None,
-    ) -> Iterator[str]:
+    ) -> Reply[str]:
         """Yield reply text from the server; the messages are checked here, the request is sent on the first next().
 
         Setting `cancel` or closing the iterator closes the HTTP stream, which stops generation on the server.
@@ -179,7 +221,7 @@ class RemoteBackend:
         }
         return self._stream(request, cancel, events or ReplyEvents())
 
-    def _stream(self, request: dict, cancel: threading.Event | None, events: ReplyEvents) -> Iterator[str]:
+    def _stream(self, request: dict, cancel: threading.Event | None, events: ReplyEvents) -> Reply[str]:
         stats = events.stats
         started = time.perf_counter()
         chunks: queue.Queue = queue.Queue()

@@ -9,12 +9,10 @@ shown as content, never dropped.
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .chat_types import InvalidRequestError, Message, ReplyChunk, ReplyOptions, TokenLogprob, ToolCall
+from .chat_types import ChatBackend, Message, Reply, ReplyChunk, ReplyOptions, TokenLogprob, ToolCall
 from .sampling import SamplingParams
 from .stop_strings import StopFilter
 from .tools import parse_tool_call
@@ -142,17 +140,7 @@ class ChoiceBuilder:
 
 
 def stream_chunks(
-    backend, messages: list[Message], params: SamplingParams, options: ReplyOptions, **kwargs
-) -> Iterator[ReplyChunk]:
-    """The backend's reply as ReplyChunks; a backend without chunks (the remote one) serves plain options only."""
-    if hasattr(backend, "stream_chunks"):
-        return backend.stream_chunks(messages, params, options, **kwargs)
-    if options != ReplyOptions(keep_history=options.keep_history):
-        raise InvalidRequestError("tools, JSON output, seed, logprobs and penalties need a local model")
-    return _as_chunks(backend.stream_reply(messages, params, **kwargs))
-
-
-def _as_chunks(texts: Iterator[str]) -> Iterator[ReplyChunk]:
-    with contextlib.closing(texts):
-        for text in texts:
-            yield ReplyChunk(text=text)
+    backend: ChatBackend, messages: list[Message], params: SamplingParams, options: ReplyOptions, **kwargs
+) -> Reply[ReplyChunk]:
+    """The backend's reply as ReplyChunks (a remote backend serves plain options only: InvalidRequestError)."""
+    return backend.stream_chunks(messages, params, options, **kwargs)

@@ -58,8 +58,8 @@ class TerminalChat:
         if hasattr(self.stdin, "reconfigure"):
             self.stdin.reconfigure(errors="surrogateescape")
         if self.interactive:
-            info = getattr(self.backend, "info", None)
-            name = f"{info.name} on {info.device}" if info is not None else "the model"
+            info = self.backend.info
+            name = f"{info.name} on {info.device}"
             self._note(f"InternLM2 Chat: {name}. Type a message and press Enter; /help lists the commands.")
         while True:
             if self.interactive:

@@ -328,20 +328,17 @@ def test_history_is_kept_and_the_reply_capped_while_the_prompt_fits(engine, tmp_
         assert cut.json()["dropped_messages"] == int(cut.headers["X-Dropped-Messages"]) >= 2
 
 
-def test_remote_backend_refuses_what_it_cannot_honour(engine, tmp_path):
-    """Through a backend without chunks (the remote one), asking for logprobs is a 400, never ignored."""
+def test_remote_backend_refuses_what_it_cannot_honour(url, tmp_path):
+    """Through the remote backend (this API served over this API), asking for logprobs is a 400, never ignored."""
+    from internlm_app.remote import RemoteBackend
 
-    class TextOnly:
-        info = engine.info
-        queue = engine.queue
-
-        def stream_reply(self, messages, params, **kwargs):
-            return engine.stream_reply(messages, params, **kwargs)
-
-    with running_server(create_app(api_settings(tmp_path), backend=TextOnly())) as base:
+    remote = RemoteBackend(api_settings(tmp_path, backend="openai", openai_base_url=f"{url}/v1"))
+    with running_server(create_app(api_settings(tmp_path), backend=remote)) as base:
         body = {"messages": USER, "max_tokens": 4, "logprobs": True}
         response = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
         assert response.status_code == 400 and "local model" in response.json()["error"]["message"]
+        plain = httpx.post(f"{base}/v1/chat/completions", json={**body, "logprobs": False}, timeout=60)
+        assert plain.status_code == 200 and plain.json()["choices"][0]["message"]["content"]
 
 
 def test_langchain_bind_tools_and_structured_output(url):

@@ -164,11 +164,11 @@ def test_room_left_in_the_context_window_and_the_prompt_fits(engine):
     assert len(prepared.ids) + params.max_new_tokens <= engine.context_window
 
 
-def test_remote_estimate_errs_high():
+def test_remote_estimate_errs_high(tmp_path):
+    from internlm_app.remote import RemoteBackend
+    from internlm_app.settings import Settings
+
     assert estimate_tokens("你好世界") == 4 and estimate_tokens("abcdefg") == 3
-
-    class Remote:  # no tokenizer: the estimate
-        context_window = 1000
-
-    assert token_counter(Remote()) is estimate_tokens
-    assert room_for_attachments(Remote(), [{"role": "user", "content": "abc"}], 100) == 1000 - 100 - (1 + 5) - 5
+    remote = RemoteBackend(Settings(backend="openai", max_length=1000, db_path=tmp_path / "c.db"))  # no request yet
+    assert token_counter(remote)("你好世界abcdefg") == 7  # no tokenizer here: the estimate
+    assert room_for_attachments(remote, [{"role": "user", "content": "abc"}], 100) == 1000 - 100 - (1 + 5) - 5

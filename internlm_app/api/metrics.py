@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ..chat_types import ReplyStats
+from ..chat_types import ReplyQueue, ReplyStats
 
 ENDPOINTS = frozenset({"/", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -47,7 +47,7 @@ class Metrics:
         self.busy = Gauge("internlm_generation_busy", "1 while a reply is being generated.", registry=registry)
         self.active = Gauge("internlm_generation_active", "Replies being generated now.", registry=registry)
 
-    def watch_queue(self, queue: object | None) -> None:
+    def watch_queue(self, queue: ReplyQueue | None) -> None:
         """Read the queue gauges from the backend's GPU queue at scrape time (none for a remote backend)."""
         if queue is not None:
             self.queue_waiting.set_function(queue.waiting)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import anyio
 from fastapi import FastAPI
@@ -24,7 +25,7 @@ LOAD_FAILED_HINT = (
 def bind_backend(app: FastAPI, backend: ChatBackend) -> None:
     """Serve `backend` from now on: the routes, the generation thread limit and the queue metrics."""
     settings = app.state.settings
-    queue = getattr(backend, "queue", None)
+    queue = backend.queue
     places = settings.queue_limit if queue is None or queue.max_waiting is None else queue.max_waiting
     app.state.generation_limiter = anyio.CapacityLimiter(places + 1 + SPARE_WORKER_THREADS)
     app.state.metrics.watch_queue(queue)
@@ -63,7 +64,7 @@ class ModelGateMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        api = scope.get("app")
+        api = cast(FastAPI, scope.get("app"))  # Starlette puts the app in every request's scope
         if scope["type"] != "http" or not needs_model(scope["method"], scope["path"]) or bound_backend(api):
             await self.app(scope, receive, send)
             return

@@ -36,7 +36,7 @@ async def health(request: Request) -> dict | JSONResponse:
         return body
     if not details:
         return {"status": "ok", "model_loaded": True}  # liveness for anyone; the model, GPU and queue for key holders
-    info, queue = backend.info, getattr(backend, "queue", None)
+    info, queue = backend.info, backend.queue
     waiting = None
     if queue is not None:
         waiting = {
@@ -46,7 +46,7 @@ async def health(request: Request) -> dict | JSONResponse:
             "busy": queue.busy,  # every slot taken: a new request waits
             "limit": queue.max_waiting,
         }
-    plan = getattr(backend, "plan", None)
+    decoding = backend.decoding()
     return {
         "status": "ok",
         "model_loaded": True,
@@ -58,7 +58,7 @@ async def health(request: Request) -> dict | JSONResponse:
         "context_window": info.context_window,
         "gpu_memory": [device.to_dict() for device in gpu.memory_report()],
         "queue": waiting,
-        "decoding": None if plan is None else plan.to_dict(),
+        "decoding": None if decoding is None else decoding.to_dict(),
         "uptime_seconds": round(time.time() - state.started_at, 1),
         "models_loaded_by_process": backends_created(),  # 1 when the web app and the API share one model
     }
