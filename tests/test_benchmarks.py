@@ -29,9 +29,11 @@ RUNS = {
     "one_port_memory": [],
 }
 NEEDS_CHROMIUM = {"one_port_memory"}  # its web face is driven by a browser, like tests/test_browser_app.py
+# Over 50 s each on 2 cores (many servers and page loads even at these sizes): `pytest -m "not slow"` leaves them out.
+SLOW = {"fault_load", "one_port_memory"}
 
 
-@pytest.mark.parametrize("run", list(RUNS))
+@pytest.mark.parametrize("run", [pytest.param(r, marks=pytest.mark.slow) if r in SLOW else r for r in RUNS])
 def test_benchmark_runs_and_prints_its_headline(run):
     name = run.split()[0]
     if name in NEEDS_CHROMIUM and not CHROMIUM.exists():
