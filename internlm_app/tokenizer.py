@@ -14,9 +14,10 @@ import sentencepiece as spm
 from .chat_types import InvalidRequestError, Message
 from .prompt import build_prompt_ids, validate_messages
 
-# Invalid UTF-8 becomes one U+FFFD per byte, as sentencepiece's own decoder does.
-_PER_BYTE_REPLACE = "internlm_app.per_byte_replace"
-codecs.register_error(_PER_BYTE_REPLACE, lambda err: ("\ufffd" * (err.end - err.start), err.end))
+# Invalid UTF-8 becomes one U+FFFD per byte, as sentencepiece's own decoder does: "surrogateescape" turns each invalid
+# byte into one lone surrogate U+DC80..U+DCFF (which valid UTF-8 never decodes to), then each becomes U+FFFD. No
+# process-wide codec error handler is registered.
+_ESCAPED_BYTE_TO_REPLACEMENT = dict.fromkeys(range(0xDC80, 0xDD00), "\ufffd")
 
 # transformers' `clean_up_tokenization`, in its order (the replacements are chained, not simultaneous).
 _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"))
@@ -89,13 +90,13 @@ class _ByteStreamDecoder:
 
     def __init__(self, token_bytes: Callable[[int], bytes]):
         self._token_bytes = token_bytes
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=_PER_BYTE_REPLACE)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
 
     def push(self, token_id: int) -> str:
-        return self._utf8.decode(self._token_bytes(token_id))
+        return self._utf8.decode(self._token_bytes(token_id)).translate(_ESCAPED_BYTE_TO_REPLACEMENT)
 
     def flush(self) -> str:
-        return self._utf8.decode(b"", final=True)
+        return self._utf8.decode(b"", final=True).translate(_ESCAPED_BYTE_TO_REPLACEMENT)
 
 
 class InternLM2Tokenizer:
