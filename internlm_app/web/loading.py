@@ -4,13 +4,16 @@ as one translated sentence with what to do, the English details behind an expand
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import streamlit as st
 
 from ..backend import BackendLoader, LoadStatus
 from ..chat_types import ChatBackend
 from ..load_progress import LoadStep, human_bytes
-from .page import PageContext
+
+if TYPE_CHECKING:  # page.py calls into this module
+    from .page import PageContext
 
 POLL_SECONDS = 0.25
 
