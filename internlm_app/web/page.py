@@ -104,6 +104,9 @@ def navigate() -> None:
     opens (or with invalid settings) the links are hidden and the chat page shows the gate.
     """
     lang = st.session_state.get(_LANG_KEY) or _first_language()
+    # The tab's icon is this file before the navigation names pages with Material icons: else the browser fetches
+    # the page's icon from fonts.gstatic.com.
+    st.set_page_config(page_icon=PAGE_ICON)
     settings = _settings_or_none()
     hosted = hosting.current()
     visible = settings is not None and is_logged_in(settings, hosted.login if hosted is not None else None)
