@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from internlm_app.web import chat, sidebar
+from internlm_app.web import attachments_view, chat, presets, sidebar, tools_view
 from internlm_app.web.page import exit_unless_streamlit, start_page
 
 exit_unless_streamlit("pages/chat.py")
@@ -15,7 +15,8 @@ live = chat.live_reply(conv)
 with st.sidebar:
     sidebar.conversations(ctx, store, conv)
     sidebar.model_panel(ctx, backend)
-    sidebar.sampling_controls(ctx, backend)
+    sidebar.sampling_controls(ctx, backend, extra=lambda: presets.picker(ctx, store))
+    tools_view.sidebar(ctx, backend)
 
 if conv is None:
     st.caption(ctx.t("chat_intro"))
@@ -25,12 +26,25 @@ chat.show_queued(ctx, conv)
 # Typing never ends a reply: a message sent while one runs (here or in the background) waits in a queue, shown, and
 # goes out when it ends. Only a Stop button ends a reply.
 busy = live is not None or pending
-prompt = st.chat_input(ctx.t("chat_queue_here" if busy else "chat_placeholder"), key="prompt")
+prompt, files = attachments_view.split_input(
+    st.chat_input(
+        ctx.t("chat_queue_here" if busy else "chat_placeholder"),
+        key="prompt",
+        accept_file="multiple",
+        file_type=attachments_view.FILE_TYPES,
+    )
+)
+if files:  # files are sent only after their token cost was shown: held in a panel with the text, to confirm
+    attachments_view.hold(backend, prompt or "", files)
+    prompt = None
+outgoing = attachments_view.confirm_panel(ctx, backend, store, conv, busy)
 
 if prompt and conv is not None and live is not None:
     chat.queue_message(conv, prompt)
 elif prompt:
     chat.send(ctx, backend, store, conv, prompt)
+elif outgoing is not None:
+    chat.send(ctx, backend, store, conv, outgoing.text, outgoing.attachments)
 elif action and conv is not None:
     chat.act(ctx, store, conv, action)
 elif pending:

@@ -9,7 +9,8 @@ import streamlit as st
 from ..chat_types import ChatBackend
 from ..sampling import SamplingParams
 from ..store import Conversation, ConversationStore, StoreFault
-from . import state, storage
+from ..store_tree import Attachment
+from . import attachments_view, state, storage, tools_view
 from .page import PageContext
 from .render import CURSOR, message_markdown, show_message
 from .reply import WATCH_SECONDS, ReplyNotSaved, run_reply
@@ -118,16 +119,23 @@ def show_history(ctx: PageContext, conv: Conversation | None, live: int | None, 
 
 
 def send(
-    ctx: PageContext, backend: ChatBackend, store: ConversationStore, conv: Conversation | None, prompt: str
+    ctx: PageContext,
+    backend: ChatBackend,
+    store: ConversationStore,
+    conv: Conversation | None,
+    prompt: str,
+    attachments: list[Attachment] | None = None,
 ) -> NoReturn:
     """Save the user's message (before anything is generated), show it, and stream the reply."""
     _stop_edit()
     params = state.sampling_params(ctx.settings)
     with storage.writing(keep={PROMPT_KEY: prompt}):  # a full disk or read-only file: the text goes back in the box
         cid = _prepare_conversation(store, conv, params)
-        store.add_message(cid, "user", prompt)
+        store.add_message(cid, "user", prompt, attachments=attachments or ())
+    attachments_view.sent()  # the files' confirmation panel is done with
     with st.chat_message("user"):
         st.markdown(message_markdown(prompt))
+        attachments_view.show_attachments(attachments or [], ctx.t)
     stream(ctx, backend, store, cid, params)
 
 
@@ -197,20 +205,28 @@ def stream(
         st.button(
             ctx.t("stop"), key="stop_reply", icon=":material/stop_circle:", on_click=live_replies().stop, args=(cid,)
         )
+        steps: list[dict] = []  # the tool calls of this reply, when tools are on
+        live_steps = tools_view.LiveSteps(steps, ctx.t)
         box = st.empty()
         box.markdown(CURSOR)
+
+        def show(text: str) -> None:
+            live_steps.refresh()
+            box.markdown(message_markdown(text) + CURSOR)
+
         try:
             run_reply(
                 backend,
                 store,
                 cid,
                 params,
-                show=lambda text: box.markdown(message_markdown(text) + CURSOR),
+                show=show,
                 on_queue=lambda place: box.info(ctx.t("queue_place", place=place)),
                 live=live_replies(),
                 on_start=lambda: rerun_when_finished(cid),  # a stop ends the script; this then redraws it stopped
                 poll=state.stop_point,
                 max_length=max_length,
+                stream=tools_view.reply_stream(ctx, backend, steps),
             )
         except StoreFault as fault:  # the reply could not be saved: it stays on screen (this run) with the reason
             if isinstance(fault, ReplyNotSaved):

@@ -8,7 +8,9 @@ from collections.abc import Callable
 import streamlit as st
 
 from ..store import StoredMessage
+from .attachments_view import show_attachments
 from .safe_markdown import plain, safe_markdown
+from .tools_view import show_steps
 
 _CODE = re.compile(r"(```.*?(?:```|$)|`[^`\n]*`)", re.DOTALL)
 _DISPLAY_MATH = re.compile(r"\\\[(.+?)\\\]", re.DOTALL)
@@ -53,11 +55,14 @@ def stats_caption(stats: dict | None, status: str, t: Translate) -> str:
 
 def show_message(message: StoredMessage, t: Translate, *, live: bool = False) -> None:
     """Draw one stored message in a chat bubble (the caller adds buttons inside the same bubble)."""
+    stats = message.stats or {}
+    if stats.get("tool_steps"):  # the reply's tool calls, before its text (tools_view)
+        show_steps(stats["tool_steps"], t)
     if message.content:
         st.markdown(message_markdown(message.content))
+    show_attachments(message.attachments, t)
     if message.role != "assistant":
         return
-    stats = message.stats or {}
     if message.status == "streaming":
         st.caption(t("generating") if live else t("interrupted"))
         return

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from streamlit.runtime.scriptrunner_utils.exceptions import RerunException, StopException
 
+from ..chat_context import model_messages
 from ..chat_types import ChatBackend, EngineError, ReplyEvents, ReplyStats
 from ..sampling import SamplingParams
 from ..store import ConversationStore, StoreFault
@@ -120,6 +121,7 @@ def run_reply(
     on_start: Callable[[], None] | None = None,
     poll: Callable[[], None] | None = None,
     max_length: int | None = None,
+    stream: Callable[..., Iterator[str]] | None = None,
 ) -> ReplyOutcome:
     """Generate the reply to `cid`: `show` gets the growing text (throttled), the store every state of the reply."""
     # Streamlit ends a running script on any interaction (a sidebar button, the language, another page, a message
@@ -132,7 +134,8 @@ def run_reply(
     # `poll` runs for every chunk (a token, or the tokens of one stream interval), between throttled updates, so that
     # a stop is noticed at the next chunk, not at the next page update.
     # `on_start` runs once the reply is saved as streaming and registered in `live`.
-    messages = store.messages_for_model(cid)
+    # `stream`: another source of the reply's chunks with `backend.stream_reply`'s signature (a reply with tools).
+    messages = model_messages(store, cid)  # with the files attached and the tool calls made
     events = ReplyEvents(on_queue=on_queue)
     mid = store.add_message(cid, "assistant", "", status="streaming")
     cancel = threading.Event()
@@ -145,7 +148,9 @@ def run_reply(
         try:
             if on_start is not None:
                 on_start()
-            chunks = backend.stream_reply(messages, params, cancel=cancel, events=events, max_length=max_length)
+            chunks = (stream or backend.stream_reply)(
+                messages, params, cancel=cancel, events=events, max_length=max_length
+            )
             saver = Throttle(SAVE_INTERVAL_SECONDS)
             saver.ready()  # the first periodic save is due one interval after the start
             for text in throttled_text(_recorded(chunks, received, poll)):

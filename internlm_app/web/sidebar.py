@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import streamlit as st
 
 from .. import gpu
@@ -90,8 +92,9 @@ def _memory(d: gpu.DeviceMemory) -> dict[str, str]:
     return {k: gpu.format_bytes(getattr(d, k)) for k in ("allocated", "reserved", "total")}
 
 
-def sampling_controls(ctx: PageContext, backend: ChatBackend) -> None:
-    """Sliders for every sampling bound, the context budget, and the system prompt (used from the next message on)."""
+def sampling_controls(ctx: PageContext, backend: ChatBackend, extra: Callable[[], None] | None = None) -> None:
+    """Sliders for every sampling bound, the context budget, and the system prompt (used from the next message on);
+    `extra` draws more under the system prompt (the presets)."""
     state.init_widget_defaults(ctx.settings, backend)
     with st.expander(ctx.t("sampling"), icon=":material/tune:"):
         for name, bound in BOUNDS.items():
@@ -126,6 +129,8 @@ def sampling_controls(ctx: PageContext, backend: ChatBackend) -> None:
             persist_state="session",
         )
         st.button(ctx.t("system_prompt_reset"), key="reset_system_prompt", on_click=_reset_prompt, args=(ctx,))
+        if extra is not None:
+            extra()
 
 
 def _reset_prompt(ctx: PageContext) -> None:

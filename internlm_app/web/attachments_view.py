@@ -1,0 +1,192 @@
+"""Documents in the chat: files from the chat input are not sent at once. A panel shows each file's token cost and
+whether it fits the context budget (when not, what part would go: the leading pages or lines, or the parts that match
+the message best), with the message still editable; Send sends it, Cancel puts the text back in the chat input and
+saves nothing. A sent file shows under its message with the part used, its tokens and its text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import streamlit as st
+
+from ..attachments import (
+    JOIN_TOKENS,
+    TEXT_SUFFIXES,
+    Attachment,
+    AttachmentError,
+    FittedAttachment,
+    fit_attachments,
+    read_attachment,
+    room_for_attachments,
+    token_counter,
+)
+from ..chat_context import model_messages, stored_attachment
+from ..chat_types import ChatBackend, Message
+from ..store import Conversation, ConversationStore
+from ..store_tree import Attachment as StoredAttachment
+from . import state
+from .safe_markdown import code_span, plain
+
+FILE_TYPES = sorted({suffix.lstrip(".") for suffix in TEXT_SUFFIXES} | {"pdf"})
+PROMPT_KEY = "prompt"  # the chat input's key (chat.PROMPT_KEY)
+TEXT_KEY = "attach_text"  # the message in the panel, editable
+STRATEGY_KEY = "attach_strategy"
+STRATEGIES = ("leading", "best_matching")
+_PENDING_KEY = "_attach_pending"
+WHOLE = 10**12  # a budget every file fits in: its whole cost
+
+
+@dataclass
+class HeldFile:
+    """A file from the chat input, read (or why not), waiting for Send or Cancel."""
+
+    name: str
+    mime_type: str
+    attachment: Attachment | None
+    reason: str | None = None  # AttachmentError.reason
+    whole: FittedAttachment | None = None  # the file whole, counted once
+
+
+@dataclass
+class Outgoing:
+    """What Send sends: the message and its files as the store keeps them."""
+
+    text: str
+    attachments: list[StoredAttachment]
+
+
+def split_input(value) -> tuple[str | None, list]:
+    """The chat input's value (a ChatInputValue with accept_file) as its text (None when empty) and its files."""
+    if value is None or isinstance(value, str):
+        return value or None, []
+    return value.text or None, list(value.files or [])
+
+
+def hold(backend: ChatBackend, text: str, files: list) -> None:
+    """Keep the typed text and the files for the confirmation panel; each file is read and counted here, once."""
+    count = token_counter(backend)
+    held = []
+    for file in files:
+        try:
+            attachment = read_attachment(file.name, file.getvalue())
+        except AttachmentError as exc:
+            held.append(HeldFile(file.name, file.type, None, exc.reason))
+            continue
+        whole = fit_attachments([attachment], count, WHOLE)[0]
+        held.append(HeldFile(attachment.name, file.type, attachment, whole=whole))
+    st.session_state[_PENDING_KEY] = {"text": text, "files": held}
+    st.session_state[TEXT_KEY] = text
+
+
+def pending() -> bool:
+    return bool(st.session_state.get(_PENDING_KEY))
+
+
+def sent() -> None:
+    """The panel's message went out: close the panel."""
+    st.session_state.pop(_PENDING_KEY, None)
+    st.session_state.pop(TEXT_KEY, None)
+
+
+def _cancel() -> None:
+    """Nothing is saved; the message goes back into the chat input, to edit and send."""
+    held = st.session_state.pop(_PENDING_KEY, None) or {}
+    text = st.session_state.pop(TEXT_KEY, None) or held.get("text") or ""
+    if text:
+        st.session_state[PROMPT_KEY] = text
+
+
+def context_now(store: ConversationStore, conv: Conversation | None, text: str) -> list[Message]:
+    """The prompt the message would go out with: the sidebar's system prompt, the conversation, the message."""
+    history = [m for m in (model_messages(store, conv.id) if conv else []) if m["role"] != "system"]
+    system = st.session_state.get(state.SYSTEM_PROMPT_KEY, "")
+    return [*([{"role": "system", "content": system}] if system else []), *history, {"role": "user", "content": text}]
+
+
+def room(backend: ChatBackend, store: ConversationStore, conv: Conversation | None, text: str, settings) -> int:
+    """Tokens the context budget leaves for files: the window (or the sidebar's max length) less the prompt and the
+    reply's max new tokens."""
+    params = state.sampling_params(settings)
+    messages = context_now(store, conv, text)
+    return room_for_attachments(backend, messages, params.max_new_tokens, st.session_state.get(state.MAX_LENGTH_KEY))
+
+
+def plan(files: list[HeldFile], backend: ChatBackend, budget: int, text: str, strategy: str) -> list[FittedAttachment]:
+    """What of each readable file would be sent: all of each when they fit, else what fits by `strategy`."""
+    readable = [f for f in files if f.attachment is not None]
+    if sum(f.whole.tokens for f in readable) + JOIN_TOKENS * len(readable) <= budget:
+        return [f.whole for f in readable]
+    count = token_counter(backend)
+    return fit_attachments([f.attachment for f in readable], count, budget, question=text, strategy=strategy)
+
+
+def confirm_panel(ctx, backend: ChatBackend, store: ConversationStore, conv: Conversation | None, busy: bool):
+    """The files waiting to be sent, their cost and what fits, with Send and Cancel; returns an Outgoing on Send."""
+    held = st.session_state.get(_PENDING_KEY)
+    if not held:
+        return None
+    files: list[HeldFile] = held["files"]
+    with st.container(border=True, key="attach_panel"):
+        st.markdown(f"**{ctx.t('attach_title')}**")
+        text = st.text_area(ctx.t("attach_message"), key=TEXT_KEY, height=80)
+        for f in files:
+            if f.attachment is None:
+                st.error(ctx.t(f"attach_error_{f.reason}", name=plain(f.name)), icon=":material/block:")
+        readable = [f for f in files if f.attachment is not None]
+        budget = room(backend, store, conv, text, ctx.settings)
+        total = sum(f.whole.tokens for f in readable)
+        for f in readable:
+            size = ctx.t("attach_pages", n=len(f.attachment.pages)) if f.attachment.kind == "pdf" else ""
+            size = size or ctx.t("attach_lines", n=f.attachment.text.count("\n") + 1)
+            st.markdown(ctx.t("attach_file_cost", name=code_span(f.name), size=size, n=f"{f.whole.tokens:,}"))
+        fitted: list[FittedAttachment] = []
+        if readable:
+            fits = total + JOIN_TOKENS * len(readable) <= budget
+            if fits:
+                st.success(ctx.t("attach_fits", n=f"{total:,}", room=f"{budget:,}"), icon=":material/check:")
+            else:
+                st.warning(ctx.t("attach_over", n=f"{total:,}", room=f"{budget:,}"), icon=":material/warning:")
+                st.radio(
+                    ctx.t("attach_strategy"),
+                    STRATEGIES,
+                    key=STRATEGY_KEY,
+                    format_func=lambda s: ctx.t(f"attach_strategy_{s}"),
+                    horizontal=True,
+                )
+            fitted = plan(files, backend, budget, text, st.session_state.get(STRATEGY_KEY, STRATEGIES[0]))
+            if not fits:
+                for f in fitted:
+                    if f.block:
+                        parts = code_span(", ".join(f.parts))
+                        line = ctx.t("attach_part", name=code_span(f.name), parts=parts, n=f"{f.tokens:,}")
+                    else:
+                        line = ctx.t("attach_nothing_fits", name=code_span(f.name))
+                    st.caption(line)
+        can_send = bool(text.strip() or any(f.block for f in fitted))
+        send, cancel = st.columns(2)
+        clicked = send.button(
+            ctx.t("attach_send"), key="attach_send", type="primary", disabled=busy or not can_send, width="stretch"
+        )
+        cancel.button(ctx.t("attach_cancel"), key="attach_cancel", on_click=_cancel, width="stretch")
+        if busy:
+            st.caption(ctx.t("attach_wait"))
+    if not clicked:
+        return None
+    mime = {f.name: f.mime_type for f in readable}
+    return Outgoing(text, [stored_attachment(f, mime.get(f.name, "")) for f in fitted if f.block])
+
+
+def note_of(attachment: StoredAttachment) -> str:
+    """What of the file was sent, as its block's header says ("page 1, page 2 of 12 pages"); "" when whole text."""
+    header = attachment.text.split("\n", 1)[0]
+    prefix = f"File: {attachment.name} ("
+    return header[len(prefix) : -1] if header.startswith(prefix) and header.endswith(")") else ""
+
+
+def show_attachments(attachments: list[StoredAttachment], t) -> None:
+    """Each file of a message: its name, the part sent and its tokens; the text the model read inside."""
+    for a in attachments:
+        note = note_of(a) or t("attach_whole")
+        label = t("attachment_label", name=plain(a.name), note=plain(note), n=f"{a.tokens:,}")
+        with st.expander(label, icon=":material/attach_file:"):
+            st.code(a.text, language=None, wrap_lines=True)

@@ -1,0 +1,157 @@
+"""AppTest tests of documents, tools and prompt presets in the chat page, on the real tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from internlm_app.chat_context import model_messages
+from internlm_app.sampling import SamplingParams
+from internlm_app.store import ConversationStore
+from internlm_app.web.i18n import t
+from internlm_app.web.safe_markdown import plain
+from tests.app_helpers import MAX_NEW_TOKENS, chat, run_page, set_app_env, texts
+from tests.pdf_helpers import make_pdf
+
+NOTES = "The launch code word is PELICAN.\nThe meeting moved to Thursday.\n"
+PICK_COLOR = '''
+def pick_color(color: str) -> str:
+    """Pick a color for the user.
+
+    Args:
+        color: The color to pick. (choices: ["red", "blue"])
+    """
+    return f"picked {color}"
+'''
+
+
+@pytest.fixture
+def store(app_env):
+    return ConversationStore(app_env / "conversations.db")
+
+
+def attach(at, text: str, *files: tuple[str, bytes, str]):
+    box = at.chat_input(key="prompt")
+    for name, data, mime in files:
+        box.upload(name, data, mime)
+    box.set_value(text).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_a_file_shows_its_cost_before_sending_and_the_model_reads_it(app_env, store, engine):
+    at = run_page()
+    at.slider(key="temperature").set_value(0.0)
+    attach(at, "What is the code word?", ("notes.txt", NOTES.encode(), "text/plain"))
+    assert chat(at) == [] and store.list_conversations() == []  # nothing sent yet
+    panel = texts(at.markdown) + texts(at.success)
+    assert "notes.txt" in panel and "tokens" in panel and "放得下" in panel
+    assert at.text_area(key="attach_text").value == "What is the code word?"
+
+    at.button(key="attach_send").click().run()
+    assert not at.exception
+    (summary,) = store.list_conversations()
+    conv = store.get_conversation(summary.id)
+    user = conv.messages[0]
+    assert user.content == "What is the code word?" and [a.name for a in user.attachments] == ["notes.txt"]
+    assert user.attachments[0].text.startswith("File: notes.txt\n```\nThe launch code word is PELICAN.")
+    assert user.attachments[0].tokens > 0
+    # What the model read: the file's block, then the message (and so again on a reload or regenerate).
+    messages = model_messages(store, conv.id)[:2]
+    assert messages[1]["content"] == user.attachments[0].text + "\n\nWhat is the code word?"
+    expected, _ = engine.reply(messages, SamplingParams.greedy_params(MAX_NEW_TOKENS))
+    assert chat(at)[1] == ("assistant", expected)
+    label = t("attachment_label", "zh", name=plain("notes.txt"), note="全文", n=user.attachments[0].tokens)
+    assert at.chat_message[0].expander[0].label == label  # shown under the message, with its tokens
+
+    at.button(key="regenerate").click().run()  # the regenerated reply reads the file too
+    assert chat(at)[1] == ("assistant", expected)
+    again = run_page(query={"c": conv.id})  # a reload shows the attachment
+    assert again.chat_message[0].expander[0].label == label
+
+
+def test_cancel_saves_nothing_and_gives_the_text_back(app_env, store):
+    at = attach(run_page(), "Summarize this", ("a.md", b"# Title\n\nSome text.", "text/markdown"))
+    at.text_area(key="attach_text").set_value("Summarize this, briefly")
+    at.button(key="attach_cancel").click().run()
+    assert store.list_conversations() == [] and chat(at) == []
+    assert at.chat_input(key="prompt").proto.value == "Summarize this, briefly"  # back in the box, to edit
+    assert "attach_text" not in [box.key for box in at.text_area]  # the panel is gone
+
+
+def test_an_oversized_pdf_offers_what_fits(app_env, store):
+    pages = [
+        f"Page {i} is about {'rivers' if i == 7 else 'mountains'}. " + "Filler words here. " * 30 for i in range(1, 13)
+    ]
+    at = attach(run_page(), "Which one mentions rivers?", ("big.pdf", make_pdf(pages), "application/pdf"))
+    assert "超出预算" in texts(at.warning)
+    at.radio(key="attach_strategy").set_value("best_matching").run()
+    assert "page 7" in texts(at.caption)
+    at.button(key="attach_send").click().run()
+    (summary,) = store.list_conversations()
+    (sent,) = store.get_conversation(summary.id).messages[0].attachments
+    assert sent.text.startswith("File: big.pdf (page 7") and "Page 7 is about rivers" in sent.text
+    assert "of 12 pages" in at.chat_message[0].expander[0].label
+
+
+def test_unreadable_files_are_named_in_the_page_language(app_env, store):
+    at = attach(run_page(), "look", ("data.txt", b"\x00\x01\x02\xff\xfe\x00", "text/plain"))
+    assert t("attach_error_not_text", "zh", name=plain("data.txt")) in texts(at.error)
+    assert "data.txt" not in texts(at.markdown)
+
+
+def test_a_forced_tool_call_runs_shows_and_is_in_the_next_context(monkeypatch, tmp_path, app_cache, store):
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "colors.py").write_text(PICK_COLOR)
+    set_app_env(monkeypatch, tmp_path, app_cache, INTERNLM_TOOLS_DIR=str(tools))
+    at = run_page()
+    at.toggle(key="tools_on").set_value(True).run()
+    assert at.selectbox(key="tool_choice").options == [
+        t("tool_choice_auto", "zh"),
+        *["current_time", "calculate", "convert_units", "pick_color"],
+    ]
+    at.selectbox(key="tool_choice").set_value("pick_color")  # offered alone; the first step must call it
+    at.slider(key="max_new_tokens").set_value(100)  # room for the call and a reply after it
+    at.chat_input(key="prompt").set_value("Pick a color").run()
+    assert not at.exception, [e.value for e in at.exception]
+    (summary,) = store.list_conversations()
+    conv = store.get_conversation(summary.id)
+    reply = conv.messages[1]
+    (step,) = reply.stats["tool_steps"]
+    color = json.loads(step["arguments"])["color"]
+    assert step["name"] == "pick_color" and step["result"] == f"picked {color}" and reply.status == "complete"
+    expander = at.chat_message[1].expander[0]
+    assert expander.label == plain(t("tool_step", "zh", name="pick_color"))
+    assert f"picked {color}" in texts(expander.code)
+    context = model_messages(store, conv.id)
+    assert context[2] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"id": step["id"], "name": "pick_color", "arguments": step["arguments"]}],
+    }
+    assert context[3] == {"role": "environment", "name": "plugin", "content": f"picked {color}"}
+    assert context[4] == {"role": "assistant", "content": reply.content}
+
+
+def test_presets_fill_the_system_prompt_save_and_delete(app_env, store):
+    at = run_page()
+    picker = at.selectbox(key="preset_pick")
+    names = picker.options
+    assert "翻译" in names and "Translator" not in names  # this language's presets (and those for both)
+    translator = next(p for p in store.list_presets("zh") if p.name == "翻译")
+    picker.set_value(translator.id).run()
+    assert at.text_area(key="system_prompt").value == translator.system_prompt
+
+    at.text_area(key="system_prompt").set_value("Answer in rhymes.")
+    at.text_input(key="preset_name").set_value("Poet")
+    at.button(key="preset_save").click().run()
+    saved = next(p for p in store.list_presets() if p.name == "Poet")
+    assert saved.system_prompt == "Answer in rhymes." and at.selectbox(key="preset_pick").value == saved.id
+
+    at.button(key="preset_delete").click().run()
+    at.button(key="preset_delete_confirm").click().run()
+    assert "Poet" not in [p.name for p in store.list_presets()]
+    assert at.selectbox(key="preset_pick").value is None
+    assert at.text_area(key="system_prompt").value == "Answer in rhymes."  # the prompt itself stays
