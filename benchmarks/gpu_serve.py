@@ -30,9 +30,8 @@ from common import FIXTURE_DIR, headline, parser, run_together, set_threads
 from gpu_decode import build_model, generate_seconds, gpu_or_smoke, sync, weight_bytes_per_token
 from transformers import GenerationConfig
 
-from internlm_app.chat_types import ReplyEvents
+from internlm_app.chat_types import ModelInfo, ReplyEvents
 from internlm_app.engine import ChatEngine, reply_stop_ids
-from internlm_app.chat_types import ModelInfo
 from internlm_app.sampling import SamplingParams
 from internlm_app.settings import Settings
 from internlm_app.tokenizer import load_tokenizer

@@ -31,8 +31,8 @@ from common import FIXTURE_DIR, headline, parser, set_threads, tiny_settings, ve
 from transformers import GenerationConfig, LlamaConfig
 
 from internlm_app.backends.decode_plan import DecodePlan
-from internlm_app.engine import ChatEngine
 from internlm_app.chat_types import ModelInfo
+from internlm_app.engine import ChatEngine
 from internlm_app.sampling import SamplingParams
 from internlm_app.tokenizer import load_tokenizer
 

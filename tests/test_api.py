@@ -13,7 +13,6 @@ from internlm_app.api import create_app
 from internlm_app.chat_types import InvalidRequestError
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
 from internlm_app.stop_strings import StopFilter
-from tests.faults import FailOnForward
 from tests.api_helpers import (
     API_KEY,
     REPLY_TOKENS,
@@ -25,6 +24,7 @@ from tests.api_helpers import (
     take_all_slots,
     with_default_system,
 )
+from tests.faults import FailOnForward
 
 CHAT = "/v1/chat/completions"
 

@@ -25,8 +25,8 @@ from internlm_app.web import reply as reply_module
 from internlm_app.web.render import stats_caption, to_markdown
 from internlm_app.web.reply import LiveReplies, run_reply
 from internlm_app.web.throttle import UI_UPDATES_PER_SECOND, Throttle, throttled_text
-from tests.app_helpers import ROOT
 from tests.api_helpers import engine_copy, free_all_slots, take_all_slots, wait_until
+from tests.app_helpers import ROOT
 
 # A greedy reply of ~220 tokens on the tiny model (repetition penalty keeps it from ending early).
 LONG = SamplingParams(temperature=0.0, repetition_penalty=2.0, max_new_tokens=200)

@@ -10,8 +10,8 @@ import pytest
 from internlm_app.chat_types import GenerationError, QueueFullError, ReplyEvents
 from internlm_app.engine import ChatEngine, history_to_messages
 from internlm_app.sampling import SamplingParams
-from tests.faults import FailOnForward
 from tests.api_helpers import free_all_slots, take_all_slots, wait_until
+from tests.faults import FailOnForward
 
 # Greedy replies of the tiny model that run 70+ tokens: they are still decoding while a shorter reply joins them.
 BACKGROUND = ["abc", "hi", "why"]
