@@ -104,6 +104,22 @@ _BOUNDED = {
 }
 
 
+MAX_TOOL_STEPS = 16  # tool calls of one reply (the runner makes at most a few)
+
+
+class ToolStepIn(_Strict):
+    """One tool call of an imported reply (chat_context.ToolReplyStats.tool_steps): the call, the text the model
+    wrote before it, and the result (absent: the call was stopped before its tool ran)."""
+
+    id: Annotated[str, StringConstraints(max_length=200)] = ""
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    arguments: Annotated[str, StringConstraints(max_length=MAX_VALUE_CHARS)] = ""
+    text: Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)] = ""
+    result: Annotated[str, StringConstraints(max_length=MAX_VALUE_CHARS)] | None = None
+    error: Annotated[str, StringConstraints(max_length=MAX_VALUE_CHARS)] | None = None  # why the tool failed
+    seconds: Seconds = 0.0
+
+
 class _StatsBase(_Strict):
     model_config = ConfigDict(strict=False, extra="forbid", frozen=True)  # numbers may come as JSON ints or floats
 
@@ -113,6 +129,7 @@ StatsIn = create_model(
     __base__=_StatsBase,
     __doc__="The reply stats of an imported message: ReplyStats's fields, bounded, so the UI can always show them.",
     **{f.name: (_BOUNDED[f.type], f.default) for f in dataclasses.fields(ReplyStats)},
+    tool_steps=(Annotated[list[ToolStepIn], Field(max_length=MAX_TOOL_STEPS)], []),
 )
 
 

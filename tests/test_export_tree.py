@@ -196,3 +196,19 @@ def test_a_tree_without_selected_shows_its_last_message(store: ConversationStore
     conv = store.get_conversation(cid)
     assert [m.content for m in conv.messages] == ["edit"] and len(conv.tree) == 3 and conv.title == "edit"
     assert store.versions(conv.messages[0].id).index == 1
+
+
+def test_a_reply_with_tool_calls_round_trips_and_bad_steps_are_refused(tmp_path):
+    from internlm_app.store import ConversationStore
+
+    store = ConversationStore(tmp_path / "c.db")
+    cid = store.create_conversation("")
+    store.add_message(cid, "user", "what is 1+1?")
+    steps = [{"id": "c1", "name": "calculate", "arguments": '{"expression": "1+1"}', "text": "", "result": "2"}]
+    store.add_message(cid, "assistant", "2", stats={"completion_tokens": 9, "tool_steps": steps})
+    data = export_json(store, [cid])
+    (copy,) = import_json(store, data)
+    assert store.get_conversation(copy).messages[1].stats["tool_steps"][0]["result"] == "2"
+    bad = data.replace('"name": "calculate"', '"name": ""')
+    with pytest.raises(ImportValidationError, match="tool_steps"):
+        import_json(store, bad)
