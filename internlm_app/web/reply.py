@@ -120,8 +120,11 @@ def run_reply(
     on_start: Callable[[], None] | None = None,
     poll: Callable[[], None] | None = None,
     max_length: int | None = None,
+    version_of: int | None = None,
 ) -> ReplyOutcome:
-    """Generate the reply to `cid`: `show` gets the growing text (throttled), the store every state of the reply."""
+    """Generate the reply to `cid`: `show` gets the growing text (throttled), the store every state of the reply.
+
+    `version_of`: regenerate that reply; the new one is another version of it (the old ones stay)."""
     # Streamlit ends a running script on any interaction (a sidebar button, the language, another page, a message
     # typed meanwhile, a closed tab) by raising StopException or RerunException from the next st call, i.e. from
     # `show`, `poll` or `on_queue`. With `live` (the page), that ends only the page's part: the reply goes on in a
@@ -132,9 +135,13 @@ def run_reply(
     # `poll` runs for every chunk (a token, or the tokens of one stream interval), between throttled updates, so that
     # a stop is noticed at the next chunk, not at the next page update.
     # `on_start` runs once the reply is saved as streaming and registered in `live`.
-    messages = store.messages_for_model(cid)
+    # The reply is made first: a regenerated one is a new version, which selects the path the model reads
+    # (`messages_for_model` leaves the empty streaming reply out).
+    if version_of is None:
+        mid = store.add_message(cid, "assistant", "", status="streaming")
+    else:
+        mid = store.add_version(version_of, "", "streaming")
     events = ReplyEvents(on_queue=on_queue)
-    mid = store.add_message(cid, "assistant", "", status="streaming")
     cancel = threading.Event()
     if live is not None:
         live.start(cid, mid, cancel)
@@ -145,6 +152,7 @@ def run_reply(
         try:
             if on_start is not None:
                 on_start()
+            messages = store.messages_for_model(cid)  # a read that fails ends the reply as an error, not streaming
             chunks = backend.stream_reply(messages, params, cancel=cancel, events=events, max_length=max_length)
             saver = Throttle(SAVE_INTERVAL_SECONDS)
             saver.ready()  # the first periodic save is due one interval after the start
