@@ -58,7 +58,7 @@ def switcher(
         on_click=_select,
         args=(store, cid, ids[max(index - 1, 0)], busy),
     )
-    st.caption(f"{index + 1} / {len(ids)}")
+    st.caption(f"{index + 1} / {len(ids)}", width="content")
     st.button(
         "›",
         key=f"version_next_{mid}",
