@@ -95,3 +95,35 @@ def test_feedback_on_an_earlier_reply_while_another_streams_leaves_it_running(se
         expect(page.get_by_text("1 / 2")).to_be_visible(timeout=10_000)
         page.screenshot(path=str(db.parent / "versions.png"), full_page=True)
         page.close()
+
+
+def test_editing_an_earlier_message_hides_the_old_branch_while_the_new_reply_streams(server):
+    """The old branch's later bubbles (with live buttons) leave the screen at once, not when the reply ends; after
+    it, ‹ on the edited message brings the old branch back."""
+    from playwright.sync_api import expect
+
+    url, db, _, _ = server
+    store = ConversationStore(db)
+    cid = store.create_conversation(DEFAULT_SYSTEM_PROMPT, {"temperature": 0.0})
+    first = store.add_message(cid, "user", "OLD FIRST QUESTION")
+    for text in ("OLD FIRST ANSWER", "OLD SECOND QUESTION", "OLD SECOND ANSWER"):
+        store.add_message(cid, "assistant" if text.endswith("ANSWER") else "user", text)
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{url}/?c={cid}")
+        bubbles = page.locator('[data-testid="stChatMessage"]')
+        expect(bubbles).to_have_count(4, timeout=60_000)
+        button(page, f"edit_{first}").click()
+        page.locator(".st-key-edit_text textarea").fill("hello")
+        button(page, "edit_send").click()
+        wait_for_text(page, 1, min_chars=3)  # the new reply streams right under the edited message
+        expect(bubbles).to_have_count(2)
+        expect(page.get_by_text("OLD SECOND QUESTION")).to_have_count(0)
+        assert _last_reply(db)[1] == "streaming"  # checked while it streams
+        expect(page.get_by_text("tokens ·")).to_have_count(1, timeout=60_000)
+        edited = store.get_conversation(cid).messages[0].id
+        button(page, f"version_prev_{edited}").click()
+        expect(page.get_by_text("OLD SECOND ANSWER")).to_be_visible(timeout=10_000)
+        expect(bubbles).to_have_count(4)
+        page.close()
+    store.close()
