@@ -21,11 +21,11 @@ with st.sidebar:
 if conv is None:
     st.caption(ctx.t("chat_intro"))
 pending = chat.take_pending(conv)  # a regenerated or edited reply streams in this run
-action = chat.show_history(ctx, conv, live, busy=pending)
+action = chat.show_history(ctx, store, conv, live, pending)
 chat.show_queued(ctx, conv)
 # Typing never ends a reply: a message sent while one runs (here or in the background) waits in a queue, shown, and
 # goes out when it ends. Only a Stop button ends a reply.
-busy = live is not None or pending
+busy = live is not None or pending is not None
 prompt, files = attachments_view.split_input(
     st.chat_input(
         ctx.t("chat_queue_here" if busy else "chat_placeholder"),
@@ -47,7 +47,7 @@ elif outgoing is not None:
     chat.send(ctx, backend, store, conv, outgoing.text, outgoing.attachments)
 elif action and conv is not None:
     chat.act(ctx, store, conv, action)
-elif pending:
-    chat.stream(ctx, backend, store, conv.id)
+elif pending is not None:
+    chat.stream(ctx, backend, store, conv.id, version_of=pending.version_of)
 elif live is None and (queued := chat.take_queued(conv)) is not None:
     chat.send(ctx, backend, store, conv, queued)

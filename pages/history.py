@@ -12,7 +12,14 @@ st.title(ctx.t("nav_history"))
 history.show_notice(ctx.t("load_error_details"))
 
 query = st.text_input(ctx.t("search"), key="search", placeholder=ctx.t("search_placeholder"))
-items = history.find(ctx, store, query)
+feedback = st.radio(
+    ctx.t("feedback_filter"),
+    history.FEEDBACK_FILTERS,
+    format_func=lambda value: history.feedback_label(ctx.t, value),
+    key="feedback_filter",
+    horizontal=True,
+)
+items = history.find(ctx, store, query, feedback)
 by_id = {item.id: item for item in items}
 history.keep_selection_valid("selected", list(by_id))
 cid = st.selectbox(

@@ -1,7 +1,9 @@
-"""The chat page's flow: the conversation in the URL, its history, send, regenerate, edit-and-resend, streaming."""
+"""The chat page's flow: the conversation in the URL, its history, send, regenerate and edit (as new versions),
+streaming."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NoReturn
 
 import streamlit as st
@@ -10,17 +12,20 @@ from ..chat_types import ChatBackend
 from ..sampling import SamplingParams
 from ..store import Conversation, ConversationStore, StoreFault
 from ..store_tree import Attachment
-from . import attachments_view, state, storage, tools_view
+from . import attachments_view, feedback, state, storage, tools_view
+from . import versions as versions_ui
 from .page import PageContext
 from .render import CURSOR, message_markdown, show_message
 from .reply import WATCH_SECONDS, ReplyNotSaved, run_reply
 from .resources import live_replies
 from .safe_markdown import plain
+from .versions import versions_on_path
 
 LIVE_VIEW_SECONDS = 0.5  # how often a reply generated outside this run is redrawn
 _QUEUED_KEY = "_queued_messages"  # per conversation: messages typed while its reply ran, sent when it ends
 _PENDING_KEY = "_pending_reply"  # a conversation whose reply should stream in this run (after regenerate/edit)
-_EDITING_KEY = "_editing"
+_EDITING_KEY = "_editing"  # the id of the user message being edited
+_SHOWN_KEY = "_messages_shown"  # how many messages the last run drew
 EDIT_KEY = "edit_text"
 PROMPT_KEY = "prompt"  # the chat input's key (app.py)
 SHOWN_ID_CHARS = 64  # of a conversation id from the URL quoted in the "not found" warning
@@ -67,55 +72,107 @@ def live_reply_view(ctx: PageContext, cid: str, stored: str) -> None:
     st.button(ctx.t("stop"), key="stop_live", icon=":material/stop_circle:", on_click=live.stop, args=(cid,))
 
 
-def _start_edit(text: str) -> None:
-    st.session_state[_EDITING_KEY] = True
+def _start_edit(mid: int, text: str) -> None:
+    st.session_state[_EDITING_KEY] = mid
     st.session_state[EDIT_KEY] = text
 
 
 def _stop_edit() -> None:
-    st.session_state[_EDITING_KEY] = False
+    st.session_state[_EDITING_KEY] = None
 
 
-def show_history(ctx: PageContext, conv: Conversation | None, live: int | None, busy: bool = False) -> str | None:
-    """Draw the conversation; returns "regenerate" or "edit" when the user asked for one in this run.
+@dataclass(frozen=True)
+class Action:
+    """What the user asked for in this run: "regenerate" or "edit" message `mid`."""
 
-    `busy`: a reply starts streaming in this run (after regenerate or edit), so no edit or regenerate buttons.
+    kind: str
+    mid: int
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A reply to stream in this run (after regenerate or edit); `version_of`: the reply it regenerates."""
+
+    cid: str
+    version_of: int | None = None
+
+
+def show_history(
+    ctx: PageContext,
+    store: ConversationStore,
+    conv: Conversation | None,
+    live: int | None,
+    pending: Pending | None = None,
+) -> Action | None:
+    """Draw the conversation with each message's actions; returns the regenerate or edit asked for in this run.
+
+    With `pending` (a reply starts streaming in this run) there are no edit or regenerate buttons, and the reply it
+    regenerates is left out (its new version streams below).
     """
     messages = conv.messages if conv else []
-    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
-    busy = busy or live is not None
-    editing = st.session_state.get(_EDITING_KEY, False) and not busy and last_user is not None
+    if pending is not None and pending.version_of is not None:
+        messages = messages[: next((i for i, m in enumerate(messages) if m.id == pending.version_of), len(messages))]
+    last_user = max((m.id for m in messages if m.role == "user"), default=None)
+    busy = pending is not None or live is not None
+    editing = None if busy else st.session_state.get(_EDITING_KEY)
+    if editing not in {m.id for m in messages if m.role == "user"}:
+        editing = None
+    versions = versions_on_path(conv)
     action = None
     for i, message in enumerate(messages):
         with st.chat_message(message.role):
-            if editing and i == last_user:
+            if message.id == editing:
                 st.text_area(ctx.t("edit_label"), key=EDIT_KEY)
                 send, cancel, _ = st.columns([1, 1, 3])
                 if send.button(ctx.t("edit_send"), key="edit_send", type="primary"):
-                    action = "edit"
+                    action = Action("edit", message.id)
                 cancel.button(ctx.t("edit_cancel"), key="edit_cancel", on_click=_stop_edit)
                 continue
             if message.id == live and conv is not None:
                 live_reply_view(ctx, conv.id, message.content)
                 continue
             show_message(message, ctx.t)
-            if busy or editing:
-                # Empty slots where the buttons were: Streamlit keeps the last run's elements on screen until a run
-                # replaces them, and a streaming run ends late, so stale buttons would stay clickable meanwhile.
-                st.empty()
-                st.empty()
+            if conv is None:
                 continue
-            if i == last_user:
-                st.button(
-                    ctx.t("edit"),
-                    key="edit_last",
-                    icon=":material/edit:",
-                    on_click=_start_edit,
-                    args=(message.content,),
-                )
-            if i == len(messages) - 1 and st.button(ctx.t("regenerate"), key="regenerate", icon=":material/refresh:"):
-                action = "regenerate"
+            # Edit and regenerate change the path: while a reply streams or a message is edited their places hold
+            # empty slots (Streamlit keeps the last run's elements on screen until a run replaces them, and a
+            # streaming run ends late, so stale buttons would stay clickable meanwhile).
+            locked = busy or editing is not None
+            with st.container(horizontal=True, gap="small", vertical_alignment="center"):
+                versions_ui.switcher(ctx.t, store, conv.id, versions.get(message.id), locked)
+                if message.role == "assistant":
+                    feedback.thumbs(store, message)
+                    feedback.copy_button(ctx.t, message)
+                    versions_ui.fork_button(ctx.t, store, conv.id, message.id)
+                if locked:
+                    st.empty()
+                    st.empty()
+                    continue
+                if message.role == "user":
+                    st.button(
+                        ctx.t("edit"),
+                        key="edit_last" if message.id == last_user else f"edit_{message.id}",
+                        icon=":material/edit:",
+                        type="tertiary",
+                        on_click=_start_edit,
+                        args=(message.id, message.content),
+                    )
+                if i == len(messages) - 1 and st.button(
+                    ctx.t("regenerate"), key="regenerate", icon=":material/refresh:", type="tertiary"
+                ):
+                    action = Action("regenerate", message.id)
+    _cover_stale_bubbles(len(messages), pending is not None)
     return action
+
+
+def _cover_stale_bubbles(shown: int, pending: bool) -> None:
+    """Before a reply streams in this run, put empty slots where the last run drew more messages (an edit of an early
+    message cuts the path short): their old bubbles, with live buttons, would stay on screen until the run ends."""
+    before = st.session_state.get(_SHOWN_KEY, 0)
+    st.session_state[_SHOWN_KEY] = shown
+    if pending:
+        for _ in range(before - shown):
+            st.empty()
 
 
 def send(
@@ -139,21 +196,22 @@ def send(
     stream(ctx, backend, store, cid, params)
 
 
-def act(ctx: PageContext, store: ConversationStore, conv: Conversation, action: str) -> NoReturn:
-    """Regenerate the last reply, or replace the last user message by the edited text; the reply streams next run."""
-    if action == "edit":
+def act(ctx: PageContext, store: ConversationStore, conv: Conversation, action: Action) -> NoReturn:
+    """Regenerate a reply (a new version of it), or send an edited user message as a new version of it (a branch);
+    the reply streams next run. The old versions stay, reachable with ‹ ›."""
+    version_of = None
+    if action.kind == "edit":
         text = st.session_state.get(EDIT_KEY, "").strip()
         if not text:
             st.toast(ctx.t("edit_empty"))
             st.stop()
-        last_user = next(m for m in reversed(conv.messages) if m.role == "user")  # show_history drew its editor
-        with storage.writing(keep={EDIT_KEY: text}):
-            store.replace_from(conv.id, last_user.id, "user", text)
+        edited = next(m for m in conv.messages if m.id == action.mid)
+        with storage.writing(keep={EDIT_KEY: text}):  # the edited text goes with the files the message had
+            store.add_version(action.mid, text, attachments=edited.attachments)
         _stop_edit()
-    elif conv.messages[-1].role == "assistant":
-        with storage.writing():
-            store.delete_messages_from(conv.id, conv.messages[-1].id)
-    st.session_state[_PENDING_KEY] = conv.id
+    elif next(m for m in conv.messages if m.id == action.mid).role == "assistant":
+        version_of = action.mid  # the new version is made when it starts streaming (run_reply)
+    st.session_state[_PENDING_KEY] = Pending(conv.id, version_of)
     st.rerun()
 
 
@@ -177,9 +235,10 @@ def take_queued(conv: Conversation | None) -> str | None:
     return waiting.pop(0) if waiting else None
 
 
-def take_pending(conv: Conversation | None) -> bool:
-    """True once after act(): this run should stream the reply to `conv`."""
-    return conv is not None and st.session_state.pop(_PENDING_KEY, None) == conv.id
+def take_pending(conv: Conversation | None) -> Pending | None:
+    """Once after act(): the reply to `conv` this run should stream."""
+    pending = st.session_state.pop(_PENDING_KEY, None)
+    return pending if conv is not None and isinstance(pending, Pending) and pending.cid == conv.id else None
 
 
 def stream(
@@ -188,8 +247,10 @@ def stream(
     store: ConversationStore,
     cid: str,
     params: SamplingParams | None = None,
+    version_of: int | None = None,
 ) -> NoReturn:
-    """Stream the reply into an assistant bubble, then redraw the page from the store."""
+    """Stream the reply into an assistant bubble (with `version_of`: a new version of that reply), then redraw the
+    page from the store."""
     params = params or state.sampling_params(ctx.settings)
     system_prompt = st.session_state.get(state.SYSTEM_PROMPT_KEY, "")
     with storage.writing():
@@ -227,6 +288,7 @@ def stream(
                 poll=state.stop_point,
                 max_length=max_length,
                 stream=tools_view.reply_stream(ctx, backend, steps),
+                version_of=version_of,
             )
         except StoreFault as fault:  # the reply could not be saved: it stays on screen (this run) with the reason
             if isinstance(fault, ReplyNotSaved):

@@ -29,10 +29,20 @@ def when(ts: float) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
 
 
+FEEDBACK_FILTERS = (None, 1, 0)  # any, thumbs up, thumbs down: the History page's feedback filter
+
+
 @storage.stops_on_fault
-def find(ctx, store: ConversationStore, query: str) -> list[ConversationSummary]:
-    """Every conversation matching `query` (all when it is blank), most recent first."""
-    return store.search(query, limit=None) if query.strip() else store.list_conversations(limit=None)
+def find(ctx, store: ConversationStore, query: str, feedback: int | None = None) -> list[ConversationSummary]:
+    """Every conversation matching `query` (all when it is blank), most recent first; with `feedback` (1 or 0) only
+    those with a reply given that feedback."""
+    if query.strip():
+        return store.search(query, limit=None, feedback=feedback)
+    return store.list_conversations(limit=None, feedback=feedback)
+
+
+def feedback_label(t: Callable[..., str], value: int | None) -> str:
+    return t({None: "feedback_any", 1: "feedback_up", 0: "feedback_down"}[value])
 
 
 def describe(item: ConversationSummary, untitled: str, count: str) -> str:

@@ -180,7 +180,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "finish_error": ("出错", "error"),
     "regenerate": ("重新生成", "Regenerate"),
     "edit": ("编辑", "Edit"),
-    "edit_label": ("编辑最后一条消息", "Edit the last message"),
+    "edit_label": ("编辑这条消息", "Edit this message"),
     "edit_send": ("发送", "Send"),
     "edit_cancel": ("取消", "Cancel"),
     "edit_empty": ("消息不能为空", "The message is empty"),
@@ -453,6 +453,22 @@ LABELS: dict[str, tuple[str, str]] = {
     "preset_prompt_needed": ("系统提示词是空的。", "The system prompt is empty."),
     "preset_delete": ("删除预设", "Delete preset"),
     "preset_delete_confirm": ("删除预设“{name}”？", "Delete the preset “{name}”?"),
+    # reply versions, branches, fork, feedback and copy (issue #16)
+    "version_prev": ("上一个版本", "Previous version"),
+    "version_next": ("下一个版本", "Next version"),
+    "versions_busy": ("正在生成回复：结束后再切换版本", "A reply is being generated: switch versions when it ends"),
+    "fork": ("分叉", "Fork"),
+    "fork_help": (
+        "把到这里为止的对话复制为一个新对话并打开",
+        "Copy the conversation up to here into a new conversation and open it",
+    ),
+    "forked": ("已复制为新对话", "Forked into a new conversation"),
+    "copy": ("复制", "Copy"),
+    "copy_help": ("整条回复：用右上角的按钮复制", "The whole reply: copy it with the button at its top right"),
+    "feedback_filter": ("反馈", "Feedback"),
+    "feedback_any": ("全部", "any"),
+    "feedback_up": ("👍 有帮助", "👍 thumbs up"),
+    "feedback_down": ("👎 没帮助", "👎 thumbs down"),
 }
 
 

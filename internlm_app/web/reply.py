@@ -122,8 +122,11 @@ def run_reply(
     poll: Callable[[], None] | None = None,
     max_length: int | None = None,
     stream: Callable[..., Iterator[str]] | None = None,
+    version_of: int | None = None,
 ) -> ReplyOutcome:
-    """Generate the reply to `cid`: `show` gets the growing text (throttled), the store every state of the reply."""
+    """Generate the reply to `cid`: `show` gets the growing text (throttled), the store every state of the reply.
+
+    `version_of`: regenerate that reply; the new one is another version of it (the old ones stay)."""
     # Streamlit ends a running script on any interaction (a sidebar button, the language, another page, a message
     # typed meanwhile, a closed tab) by raising StopException or RerunException from the next st call, i.e. from
     # `show`, `poll` or `on_queue`. With `live` (the page), that ends only the page's part: the reply goes on in a
@@ -135,9 +138,13 @@ def run_reply(
     # a stop is noticed at the next chunk, not at the next page update.
     # `on_start` runs once the reply is saved as streaming and registered in `live`.
     # `stream`: another source of the reply's chunks with `backend.stream_reply`'s signature (a reply with tools).
-    messages = model_messages(store, cid)  # with the files attached and the tool calls made
+    # The reply is made first: a regenerated one is a new version, which selects the path the model reads
+    # (`messages_for_model` leaves the empty streaming reply out).
+    if version_of is None:
+        mid = store.add_message(cid, "assistant", "", status="streaming")
+    else:
+        mid = store.add_version(version_of, "", "streaming")
     events = ReplyEvents(on_queue=on_queue)
-    mid = store.add_message(cid, "assistant", "", status="streaming")
     cancel = threading.Event()
     if live is not None:
         live.start(cid, mid, cancel)
@@ -148,6 +155,8 @@ def run_reply(
         try:
             if on_start is not None:
                 on_start()
+            # With the files attached and the tool calls made; a read that fails ends the reply as an error.
+            messages = model_messages(store, cid)
             chunks = (stream or backend.stream_reply)(
                 messages, params, cancel=cancel, events=events, max_length=max_length
             )
