@@ -1,6 +1,6 @@
 """Web UI updates per second while a reply streams, at token rates from 50/s to as fast as Python can yield.
 
-The web app's own reply path is driven: `internlm_app.web.reply.run_reply` (the function the chat page calls) with
+The web app's own reply path is driven: `internlm_app.web.reply.WebReply` (the reply object the chat page runs) with
 its `throttled_text` helper, a real SQLite ConversationStore (periodic saves included), and a `show` callback that
 does what the page's does apart from the Streamlit call: `to_markdown(text) + CURSOR`, noting the time. Token sources,
 each behind the ChatBackend seam: a paced source yielding one word per token at a set rate (sleep or spin until
@@ -21,7 +21,7 @@ from internlm_app.chat_types import ReplyEvents
 from internlm_app.sampling import SamplingParams
 from internlm_app.store import ConversationStore
 from internlm_app.web.render import CURSOR, to_markdown
-from internlm_app.web.reply import run_reply
+from internlm_app.web.reply import ReplyView, WebReply
 
 TARGET = 20
 WORDS = ["Shang", "hai ", "is ", "a ", "city ", "by ", "the ", "sea", ", ", "and ", "its ", "\\(x^2\\) ", "view ", "\n"]
@@ -79,7 +79,7 @@ def busiest_second(stamps: list[float]) -> int:
 
 
 def measure(backend, store: ConversationStore, max_new_tokens: int) -> dict:
-    """Stream one reply through run_reply; update figures."""
+    """Stream one reply through WebReply.run; update figures."""
     cid = store.create_conversation("")
     store.add_message(cid, "user", "Tell me about Shanghai.")
     stamps: list[float] = []
@@ -89,8 +89,8 @@ def measure(backend, store: ConversationStore, max_new_tokens: int) -> dict:
         stamps.append(time.perf_counter())
 
     started = time.perf_counter()
-    outcome = run_reply(backend, store, cid, SamplingParams.greedy_params(max_new_tokens), show=show)
-    if outcome.status != "complete":  # run_reply keeps an error in the store: here it must end the benchmark
+    outcome = WebReply(backend, store, cid, SamplingParams.greedy_params(max_new_tokens)).run(ReplyView(show=show))
+    if outcome.status != "complete":  # WebReply keeps an error in the store: here it must end the benchmark
         raise RuntimeError(f"the reply did not complete ({outcome.status}): {outcome.stats.error}")
     streaming = [t for t in stamps if t <= backend.ended]
     seconds = backend.ended - started
@@ -113,7 +113,7 @@ def main() -> None:
     )
     args = args_parser.parse_args()
     set_threads(args.threads)
-    print("ui_updates: web.reply.run_reply + throttled_text, real store, show = to_markdown + cursor")
+    print("ui_updates: web.reply.WebReply + throttled_text, real store, show = to_markdown + cursor")
     worst = 0
     with workdir("ui") as tmp:
         store = ConversationStore(Path(tmp) / "conversations.db")

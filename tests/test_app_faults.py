@@ -9,7 +9,7 @@ import pytest
 from internlm_app import export
 from internlm_app.sampling import SamplingParams
 from internlm_app.store import ConversationStore
-from internlm_app.web.reply import ReplyNotSaved, run_reply
+from internlm_app.web.reply import ReplyNotSaved, ReplyView, WebReply
 from internlm_app.web.safe_markdown import plain
 from tests.app_helpers import chat, run_page, send, texts
 from tests.store_faults import LONG_TEXT, damage_pages, fingerprint, make_disk_full, make_read_only, not_a_database
@@ -145,6 +145,6 @@ def test_a_reply_the_database_stops_taking_mid_stream_is_reported_with_its_whole
         shown.append(text)
 
     with pytest.raises(ReplyNotSaved) as caught:
-        run_reply(engine, store, cid, params, show=show)
+        WebReply(engine, store, cid, params).run(ReplyView(show=show))
     assert caught.value.kind == "read_only" and caught.value.text == expected  # nothing generated is lost
     assert len(shown) > 1 and engine.queue.active == 0  # it streamed on after the first failed save

@@ -23,7 +23,7 @@ from internlm_app.store import ConversationStore
 from internlm_app.web import auth, i18n
 from internlm_app.web import reply as reply_module
 from internlm_app.web.render import stats_caption, to_markdown
-from internlm_app.web.reply import LiveReplies, run_reply
+from internlm_app.web.reply import LiveReplies, ReplyView, WebReply
 from internlm_app.web.throttle import UI_UPDATES_PER_SECOND, Throttle, throttled_text
 from tests.api_helpers import engine_copy, free_all_slots, take_all_slots, wait_until
 from tests.app_helpers import ROOT
@@ -97,7 +97,9 @@ def test_a_real_reply_updates_the_page_at_most_20_times_a_second(engine, store, 
 
     monkeypatch.setattr(reply_module, "throttled_text", throttled)
     shown: list[str] = []
-    outcome = run_reply(engine, store, _conversation(store, "hello"), LONG, show=shown.append)  # 200 tokens long
+    outcome = WebReply(engine, store, _conversation(store, "hello"), LONG).run(
+        ReplyView(show=shown.append)
+    )  # 200 tokens long
     assert used == [1]  # the page's updates went through the throttle
     assert outcome.status == "complete" and outcome.stats.completion_tokens > 100
     assert shown[-1] == outcome.text and all(b.startswith(a) for a, b in zip(shown, shown[1:], strict=False))
@@ -116,14 +118,14 @@ def test_a_stop_keeps_the_partial_reply_marked_stopped_and_frees_the_gpu(engine,
         raise StopException()
 
     with pytest.raises(StopException):
-        run_reply(engine, store, cid, LONG, show=show, live=live)
+        WebReply(engine, store, cid, LONG).run(ReplyView(show=show), live=live)
     assert wait_until(lambda: live.reply_of(cid) is None, timeout=30)  # it ended at its next token
     assert engine.queue.active == 0
     reply = store.get_conversation(cid).messages[-1]
     assert reply.status == "stopped" and reply.content.startswith(shown[0]) and reply.content
     assert reply.stats["finish_reason"] == "cancelled" and reply.stats["completion_tokens"] < LONG.max_new_tokens
     store.add_message(cid, "user", "and now?")
-    again = run_reply(engine, store, cid, SamplingParams(max_new_tokens=8), show=lambda text: None)
+    again = WebReply(engine, store, cid, SamplingParams(max_new_tokens=8)).run(ReplyView(show=lambda text: None))
     assert again.status == "complete"  # the next message is served at once
 
 
@@ -131,7 +133,7 @@ def test_a_stop_keeps_the_partial_reply_marked_stopped_and_frees_the_gpu(engine,
 def test_any_other_interaction_leaves_the_reply_running_in_the_background(engine, store, interruption):
     """A sidebar button, the language, another page or a closed tab ends the page's script, not the reply: it goes on
     in the background, visible in `live`, and is saved whole, exactly as if nothing had happened."""
-    expected = run_reply(engine, store, _conversation(store, "hello"), LONG, show=lambda text: None)
+    expected = WebReply(engine, store, _conversation(store, "hello"), LONG).run(ReplyView(show=lambda text: None))
     cid = _conversation(store, "hello")
     live = LiveReplies()
     shown: list[str] = []
@@ -141,7 +143,7 @@ def test_any_other_interaction_leaves_the_reply_running_in_the_background(engine
         raise interruption()
 
     with pytest.raises((StopException, RerunException)):
-        run_reply(engine, store, cid, LONG, show=show, live=live)
+        WebReply(engine, store, cid, LONG).run(ReplyView(show=show), live=live)
     assert live.reply_of(cid) is not None or store.get_conversation(cid).messages[-1].status == "complete"
     assert wait_until(lambda: live.reply_of(cid) is None, timeout=60)
     reply = store.get_conversation(cid).messages[-1]
@@ -160,7 +162,7 @@ def test_a_stop_between_page_updates_is_noticed_at_the_next_token(engine, store)
             raise StopException()
 
     with pytest.raises(StopException):
-        run_reply(engine, store, cid, LONG, show=lambda text: None, poll=poll)
+        WebReply(engine, store, cid, LONG).run(ReplyView(show=lambda text: None, poll=poll))
     reply = store.get_conversation(cid).messages[-1]
     assert reply.status == "stopped" and reply.stats["completion_tokens"] <= 3 and engine.queue.active == 0
 
@@ -172,7 +174,9 @@ def test_waiting_for_the_gpu_reports_the_place_and_a_stop_while_waiting_leaves_t
         outcome: list = []
         worker = threading.Thread(
             target=lambda: outcome.append(
-                run_reply(engine, store, _conversation(store), LONG, show=lambda t: None, on_queue=places.append)
+                WebReply(engine, store, _conversation(store), LONG).run(
+                    ReplyView(show=lambda t: None, on_queue=places.append)
+                )
             )
         )
         worker.start()
@@ -186,7 +190,7 @@ def test_waiting_for_the_gpu_reports_the_place_and_a_stop_while_waiting_leaves_t
 
         cid = _conversation(store)
         with pytest.raises(StopException):
-            run_reply(engine, store, cid, LONG, show=lambda t: None, on_queue=stop_while_waiting)
+            WebReply(engine, store, cid, LONG).run(ReplyView(show=lambda t: None, on_queue=stop_while_waiting))
         reply = store.get_conversation(cid).messages[-1]
         assert (reply.status, reply.content, reply.stats["finish_reason"]) == ("stopped", "", "cancelled")
         assert engine.queue.waiting() == 1  # only the first waiter is still in line
@@ -198,7 +202,7 @@ def test_waiting_for_the_gpu_reports_the_place_and_a_stop_while_waiting_leaves_t
 
 def test_a_prompt_that_does_not_fit_is_an_error_reply_and_the_conversation_is_kept(engine, store):
     cid = _conversation(store, "sea " * 600)
-    outcome = run_reply(engine, store, cid, LONG, show=lambda text: None)
+    outcome = WebReply(engine, store, cid, LONG).run(ReplyView(show=lambda text: None))
     assert outcome.status == "error" and "context budget" in outcome.stats.error
     messages = store.get_conversation(cid).messages
     assert [(m.role, m.status) for m in messages] == [("user", "complete"), ("assistant", "error")]
@@ -221,7 +225,7 @@ class FailingBackend:
 
 def test_a_failure_mid_reply_keeps_the_partial_text_with_the_error(store):
     cid = _conversation(store, "hello")
-    outcome = run_reply(FailingBackend(), store, cid, LONG, show=lambda text: None)
+    outcome = WebReply(FailingBackend(), store, cid, LONG).run(ReplyView(show=lambda text: None))
     reply = store.get_conversation(cid).messages[-1]
     assert (outcome.status, reply.status, reply.content) == ("error", "error", "Hello wor")
     assert "out of memory" in reply.stats["error"]

@@ -16,7 +16,7 @@ from . import attachments_view, feedback, state, storage, tools_view
 from . import versions as versions_ui
 from .page import PageContext
 from .render import CURSOR, message_markdown, show_message
-from .reply import WATCH_SECONDS, ReplyNotSaved, run_reply
+from .reply import WATCH_SECONDS, ReplyNotSaved, ReplyView, WebReply
 from .resources import live_replies
 from .safe_markdown import plain
 from .versions import versions_on_path
@@ -210,7 +210,7 @@ def act(ctx: PageContext, store: ConversationStore, conv: Conversation, action: 
             store.add_version(action.mid, text, attachments=edited.attachments)
         _stop_edit()
     elif next(m for m in conv.messages if m.id == action.mid).role == "assistant":
-        version_of = action.mid  # the new version is made when it starts streaming (run_reply)
+        version_of = action.mid  # the new version is made when it starts streaming (WebReply.run)
     st.session_state[_PENDING_KEY] = Pending(conv.id, version_of)
     st.rerun()
 
@@ -276,20 +276,22 @@ def stream(
             box.markdown(message_markdown(text) + CURSOR)
 
         try:
-            run_reply(
+            reply = WebReply(
                 backend,
                 store,
                 cid,
                 params,
+                max_length=max_length,
+                version_of=version_of,
+                stream=tools_view.reply_stream(ctx, backend, steps),
+            )
+            view = ReplyView(
                 show=show,
                 on_queue=lambda place: box.info(ctx.t("queue_place", place=place)),
-                live=live_replies(),
                 on_start=lambda: rerun_when_finished(cid),  # a stop ends the script; this then redraws it stopped
                 poll=state.stop_point,
-                max_length=max_length,
-                stream=tools_view.reply_stream(ctx, backend, steps),
-                version_of=version_of,
             )
+            reply.run(view, live=live_replies())
         except StoreFault as fault:  # the reply could not be saved: it stays on screen (this run) with the reason
             if isinstance(fault, ReplyNotSaved):
                 box.markdown(message_markdown(fault.text))

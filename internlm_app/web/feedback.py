@@ -1,7 +1,7 @@
 """Under a finished reply: thumbs up or down (saved with the reply) and a copy of its whole text.
 
 Giving feedback is an interaction like any other: while a reply streams it reruns the page, which hands that reply
-to the background (`reply.run_reply`), so feedback never ends a reply. Only Stop does.
+to the background (`reply.WebReply.run`), so feedback never ends a reply. Only Stop does.
 """
 
 from __future__ import annotations

@@ -109,96 +109,107 @@ def _interrupted(stats: ReplyStats) -> str:
     return "stopped"
 
 
-def run_reply(
-    backend: ChatBackend,
-    store: ConversationStore,
-    cid: str,
-    params: SamplingParams,
-    *,
-    show: Callable[[str], None],
-    on_queue: Callable[[int], None] | None = None,
-    live: LiveReplies | None = None,
-    on_start: Callable[[], None] | None = None,
-    poll: Callable[[], None] | None = None,
-    max_length: int | None = None,
-    stream: Callable[..., Iterator[str]] | None = None,
-    version_of: int | None = None,
-) -> ReplyOutcome:
-    """Generate the reply to `cid`: `show` gets the growing text (throttled), the store every state of the reply.
+@dataclass
+class ReplyView:
+    """Where a reply shows while it streams (the page's side): `show` gets the growing text (throttled); `on_queue`
+    the place in line while it waits for the GPU; `on_start` runs once the reply is saved as streaming and
+    registered as live; `poll` runs for every chunk (a token, or one stream interval's tokens), between throttled
+    updates, so that a stop is noticed at the next chunk rather than at the next page update."""
 
-    `version_of`: regenerate that reply; the new one is another version of it (the old ones stay)."""
-    # Streamlit ends a running script on any interaction (a sidebar button, the language, another page, a message
-    # typed meanwhile, a closed tab) by raising StopException or RerunException from the next st call, i.e. from
-    # `show`, `poll` or `on_queue`. With `live` (the page), that ends only the page's part: the reply goes on in a
-    # background thread (`_finish_in_background`), registered in `live`, where the next run of any page shows it;
-    # only a Stop button (`live.stop`, the cancel event) ends it, within one token, saved as stopped. Without `live`,
-    # or when the reply had already ended (a stop while waiting in line), the engine's iterator is closed at once
-    # (the GPU queue is released) and the partial reply is saved as stopped.
-    # `poll` runs for every chunk (a token, or the tokens of one stream interval), between throttled updates, so that
-    # a stop is noticed at the next chunk, not at the next page update.
-    # `on_start` runs once the reply is saved as streaming and registered in `live`.
-    # `stream`: another source of the reply's chunks with `backend.stream_reply`'s signature (a reply with tools).
-    # The reply is made first: a regenerated one is a new version, which selects the path the model reads
-    # (`messages_for_model` leaves the empty streaming reply out).
-    if version_of is None:
-        mid = store.add_message(cid, "assistant", "", status="streaming")
-    else:
-        mid = store.add_version(version_of, "", "streaming")
-    events = ReplyEvents(on_queue=on_queue)
-    cancel = threading.Event()
-    if live is not None:
-        live.start(cid, mid, cancel)
-    received: list[str] = []  # every chunk, also those a throttled update has not shown yet
-    chunks = None
-    detached = False
-    try:
+    show: Callable[[str], None]
+    on_queue: Callable[[int], None] | None = None
+    on_start: Callable[[], None] | None = None
+    poll: Callable[[], None] | None = None
+
+
+@dataclass
+class WebReply:
+    """One reply to generate for a stored conversation, saved in every state (streaming, complete, stopped, error).
+
+    `version_of`: regenerate that reply, as a new version of it (the old ones stay); `stream`: another source of the
+    chunks with `backend.stream_reply`'s signature (a reply with tools); `max_length`: the context budget.
+    """
+
+    backend: ChatBackend
+    store: ConversationStore
+    cid: str
+    params: SamplingParams
+    max_length: int | None = None
+    version_of: int | None = None
+    stream: Callable[..., Iterator[str]] | None = None
+
+    def run(self, view: ReplyView, live: LiveReplies | None = None) -> ReplyOutcome:
+        """Generate the reply into `view` and the store; the outcome once it ended here.
+
+        Streamlit ends a running script on any interaction (a sidebar button, the language, another page, a message
+        typed meanwhile, a closed tab) by raising StopException or RerunException from the next st call, i.e. from
+        the view's callbacks. With `live` (the page), that ends only the page's part: the reply goes on in a
+        background thread (`_finish_in_background`), registered in `live`, where the next run of any page shows it;
+        only a Stop button (`live.stop`, the cancel event) ends it, within one token, saved as stopped. Without
+        `live`, or when the reply had already ended (a stop while waiting in line), the engine's iterator is closed
+        at once (the GPU queue is released) and the partial reply is saved as stopped.
+        """
+        store, cid = self.store, self.cid
+        # The reply is made first: a regenerated one is a new version, which selects the path the model reads.
+        if self.version_of is None:
+            mid = store.add_message(cid, "assistant", "", status="streaming")
+        else:
+            mid = store.add_version(self.version_of, "", "streaming")
+        events = ReplyEvents(on_queue=view.on_queue)
+        cancel = threading.Event()
+        if live is not None:
+            live.start(cid, mid, cancel)
+        received: list[str] = []  # every chunk, also those a throttled update has not shown yet
+        chunks = None
+        detached = False
         try:
-            if on_start is not None:
-                on_start()
-            # With the files attached and the tool calls made; a read that fails ends the reply as an error.
-            messages = model_messages(store, cid)
-            chunks = (stream or backend.stream_reply)(
-                messages, params, cancel=cancel, events=events, max_length=max_length
-            )
-            saver = Throttle(SAVE_INTERVAL_SECONDS)
-            saver.ready()  # the first periodic save is due one interval after the start
-            for text in throttled_text(_recorded(chunks, received, poll)):
-                if live is not None:
-                    live.update(cid, mid, text)
-                show(text)
-                if saver.ready():
-                    _save_progress(store, mid, text)
-            status = "stopped" if events.stats.finish_reason == "cancelled" else "complete"
-        except Exception as exc:  # EngineError: bad request, context too long, GPU out of memory ...
-            if not isinstance(exc, EngineError):
-                log.exception("reply failed")
-            status = "error"
-            events.stats.finish_reason = "error"
-            events.stats.error = events.stats.error or str(exc) or type(exc).__name__
-        except (StopException, RerunException):
-            if live is None or not _alive(chunks):  # no page to show it, or it ended (e.g. while in line)
+            try:
+                if view.on_start is not None:
+                    view.on_start()
+                # With the files attached and the tool calls made; a read that fails ends the reply as an error.
+                messages = model_messages(store, cid)
+                chunks = (self.stream or self.backend.stream_reply)(
+                    messages, self.params, cancel=cancel, events=events, max_length=self.max_length
+                )
+                saver = Throttle(SAVE_INTERVAL_SECONDS)
+                saver.ready()  # the first periodic save is due one interval after the start
+                for text in throttled_text(_recorded(chunks, received, view.poll)):
+                    if live is not None:
+                        live.update(cid, mid, text)
+                    view.show(text)
+                    if saver.ready():
+                        _save_progress(store, mid, text)
+                status = "stopped" if events.stats.finish_reason == "cancelled" else "complete"
+            except Exception as exc:  # EngineError: bad request, context too long, GPU out of memory ...
+                if not isinstance(exc, EngineError):
+                    log.exception("reply failed")
+                status = "error"
+                events.stats.finish_reason = "error"
+                events.stats.error = events.stats.error or str(exc) or type(exc).__name__
+            except (StopException, RerunException):
+                if live is None or not _alive(chunks):  # no page to show it, or it ended (e.g. while in line)
+                    _close(chunks)
+                    _save(store, mid, "".join(received), _interrupted(events.stats), events.stats)
+                    raise
+                detached = True  # the page's script ended: the reply goes on without it (a Stop button cancels it)
+                _finish_in_background(chunks, received, events, store, cid, mid, live)
+                raise
+            except BaseException:
                 _close(chunks)
                 _save(store, mid, "".join(received), _interrupted(events.stats), events.stats)
                 raise
-            detached = True  # the page's script ended: the reply goes on without it (a Stop button cancels it)
-            _finish_in_background(chunks, received, events, store, cid, mid, live)
-            raise
-        except BaseException:
-            _close(chunks)
-            _save(store, mid, "".join(received), _interrupted(events.stats), events.stats)
-            raise
-        text = "".join(received)
-        try:
-            store.update_message(mid, text, status, events.stats)
-        except StoreFault as fault:
-            log.error("reply %s (%s, %s) could not be saved: %s", mid, status, events.stats.error or "", fault)
-            raise ReplyNotSaved(fault, text) from fault
-        return ReplyOutcome(mid, text, status, events.stats)
-    finally:
-        if not detached:
-            _close(chunks)
-            if live is not None:
-                live.finish(cid, mid)
+            text = "".join(received)
+            try:
+                store.update_message(mid, text, status, events.stats)
+            except StoreFault as fault:
+                log.error("reply %s (%s, %s) could not be saved: %s", mid, status, events.stats.error or "", fault)
+                raise ReplyNotSaved(fault, text) from fault
+            return ReplyOutcome(mid, text, status, events.stats)
+        finally:
+            if not detached:
+                _close(chunks)
+                if live is not None:
+                    live.finish(cid, mid)
 
 
 def _finish_in_background(chunks, received, events, store, cid, mid, live) -> threading.Thread:

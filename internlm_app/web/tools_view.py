@@ -72,7 +72,7 @@ def enabled(backend: ChatBackend) -> bool:
 def tool_stream(
     backend: ChatBackend, tools: ToolSet, tool_choice: str, steps: list[dict]
 ) -> Callable[..., Iterator[str]]:
-    """A source of reply chunks for `reply.run_reply` (`stream_reply`'s signature) that runs the tools: it yields the
+    """A source of reply chunks for `reply.WebReply` (`stream_reply`'s signature) that runs the tools: it yields the
     text, appends each call and then its result to `steps`, and leaves the summed stats, steps included, in
     `events.stats` (a ToolReplyStats: the reply is saved with its steps, also when it finishes in the background)."""
 
