@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             stream=sys.stderr,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-        command: Command = get_subcommand(cli)
+        command = cast(Command, get_subcommand(cli))  # every subcommand model has run()
         return command.run()
     except ValidationError as exc:  # before ValueError: a bad setting or sampling value, one line naming it
         print("error: invalid setting " + "; ".join(describe_settings_error(exc).splitlines()), file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,7 +32,7 @@ INT_PARAMS = frozenset({"top_k", "max_new_tokens"})
 GREEDY_BELOW = 1e-5  # a temperature under this samples greedily: 1e-45 made the probabilities inf/nan
 
 
-def sampling_field(name: str, *, default: object = ..., show_range: bool = False) -> object:
+def sampling_field(name: str, *, default: object = ..., show_range: bool = False) -> Any:
     """A pydantic Field carrying the bound of `name` (default taken from the bound unless given); `show_range` adds
     the range to the description (settings: their `--help` and the README table say it)."""
     bound = BOUNDS[name]
