@@ -201,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             stream=sys.stderr,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-        command = cast(Command, get_subcommand(cli))  # every subcommand model has run()
+        command = cast(Command | None, get_subcommand(cli, is_required=False))  # every subcommand model has run()
+        if command is None:
+            names = ", ".join(name for name in Cli.model_fields if name != "verbose")
+            print(f"error: name a command: {names} (python -m internlm_app --help)", file=sys.stderr)
+            return 2
         return command.run()
     except ValidationError as exc:  # before ValueError: a bad setting or sampling value, one line naming it
         print("error: invalid setting " + "; ".join(describe_settings_error(exc).splitlines()), file=sys.stderr)

@@ -144,6 +144,11 @@ def test_flags_override_the_environment_and_the_model_part_leaves_secrets_behind
     assert not hasattr(model, "api_keys") and not hasattr(model, "web_password")
 
 
+def test_no_command_is_an_error_naming_them(capsys):
+    assert main([]) == 2
+    assert capsys.readouterr().err.startswith("error: name a command: serve, api, download, convert, chat, doctor")
+
+
 @pytest.mark.parametrize(
     ("args", "env", "named"),
     [
