@@ -46,6 +46,7 @@ from common import (
     parser,
     set_threads,
     timed,
+    tiny_settings,
     verdict,
     workdir,
 )
@@ -90,10 +91,11 @@ def serve(port: int, model_path: Path, context_window: int, threads: int) -> Non
 
     threading.Thread(target=exit_with_parent, daemon=True).start()
     with workdir("sse-server") as tmp:
-        engine = load_engine(Path(tmp), model_path, context_window=context_window, system_prompt="")
+        engine = load_engine(Path(tmp), model_path, context_window=context_window)
         make_stop_tokens_unreachable(engine.model, engine.stop_ids)
         threading.Thread(target=answer_local_runs, args=(engine,), daemon=True).start()
-        app = create_app(engine.settings, backend=engine)
+        # The engine keeps only the model settings; the API's (and its empty system prompt) are the app's.
+        app = create_app(tiny_settings(Path(tmp), model_path, system_prompt=""), backend=engine)
         uvicorn.run(app, host="127.0.0.1", port=port, access_log=False, log_config=None, log_level="warning")
 
 

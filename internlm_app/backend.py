@@ -3,6 +3,7 @@ once per process in a background thread that reports progress; a failed load can
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -10,10 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from pydantic import SecretStr
+
 from .chat_types import ChatBackend
 from .errors import load_error_message, load_error_reason
 from .load_progress import LoadStep, Progress, TerminalProgress, describe
-from .settings import Settings
+from .settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +26,10 @@ _created = 0
 _created_lock = threading.Lock()
 
 
-def create_backend(settings: Settings, progress: Progress | None = None) -> ChatBackend:
-    """The backend the settings ask for (INTERNLM_BACKEND)."""
+def create_backend(settings: ModelSettings, progress: Progress | None = None) -> ChatBackend:
+    """The backend the settings ask for (INTERNLM_BACKEND); it receives their model part only (`settings.model`)."""
     global _created
+    settings = settings.model
     if settings.backend == "openai":
         from .remote import RemoteBackend
 
@@ -49,30 +53,9 @@ def backends_created() -> int:
         return _created
 
 
-# Settings that change what gets loaded; two sessions with the same values share one backend.
-LOAD_FIELDS = (
-    "backend",
-    "model_id",
-    "model_revision",
-    "model_path",
-    "cache_dir",
-    "converted_dir",
-    "dtype",
-    "device",
-    "device_map",
-    "quantization",
-    "attn_implementation",
-    "max_length",
-    "queue_limit",
-    "empty_cache_after_reply",
-    "static_cache",
-    "max_batch_size",
-    "kv_cache_memory_share",
-    "kv_reuse_tokens",
-    "stream_interval_ms",
-    "openai_base_url",
-    "openai_model",
-)
+# Settings that change what gets loaded: all of ModelSettings (sampling defaults too: they are the engine's default).
+# Two sessions with the same values share one backend.
+LOAD_FIELDS = tuple(ModelSettings.model_fields)
 State = Literal["idle", "loading", "ready", "failed"]
 
 
@@ -92,9 +75,15 @@ class LoadStatus:
     error_reason: str = ""
 
 
-def fingerprint(settings: Settings) -> str:
-    """The part of the settings that decides which backend is loaded."""
-    return repr([(name, str(getattr(settings, name))) for name in LOAD_FIELDS])
+def fingerprint(settings: ModelSettings) -> str:
+    """The part of the settings that decides which backend is loaded (a secret as its hash, not as `**********`)."""
+    return repr([(name, _comparable(getattr(settings, name))) for name in LOAD_FIELDS])
+
+
+def _comparable(value: object) -> str:
+    if isinstance(value, SecretStr):
+        return "sha256:" + hashlib.sha256(value.get_secret_value().encode()).hexdigest()
+    return str(value)
 
 
 def _show_steps_in_terminal() -> None:
@@ -115,7 +104,7 @@ class BackendLoader:
     log line (the traceback only at DEBUG level, `--verbose`).
     """
 
-    def __init__(self, settings: Settings, create: Callable[..., ChatBackend] = create_backend):
+    def __init__(self, settings: ModelSettings, create: Callable[..., ChatBackend] = create_backend):
         self.settings = settings
         self._create = create
         self._lock = threading.Lock()

@@ -1,33 +1,31 @@
-"""Command line: serve, api, download, convert, chat, doctor, settings (python -m internlm_app ...)."""
+"""Command line: serve, api, download, convert, chat, doctor, settings (python -m internlm_app ...).
+
+Each subcommand is a pydantic model whose flags are the settings fields it inherits (pydantic-settings' CliApp
+builds the parser, `--help` shows each field's description and default). The flags given override the environment:
+`_settings(flags)` builds Settings from INTERNLM_* variables and the flags that were set.
+"""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any, Protocol, cast
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    CliApp,
+    CliImplicitFlag,
+    CliPositionalArg,
+    CliSubCommand,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    get_subcommand,
+)
 
 from .load_progress import TerminalProgress
-from .sampling import BOUNDS, INT_PARAMS, SamplingParams
-from .settings import Settings, add_settings_arguments, settings_from_args
-
-MODEL_FLAGS = [
-    *("model_path", "model_id", "model_revision", "cache_dir", "dtype", "device", "quantization", "max_length"),
-    *("static_cache", "max_batch_size", "kv_reuse_tokens"),
-]
-
-
-def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    for name, bound in BOUNDS.items():
-        kind = int if name in INT_PARAMS else float
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            type=kind,
-            default=None,
-            help=f"{bound.description} [{bound.low:g}..{bound.high:g}]",
-        )
+from .settings import ModelSettings, ServerSettings, Settings
 
 
 def _progress() -> TerminalProgress:
@@ -35,133 +33,180 @@ def _progress() -> TerminalProgress:
     return TerminalProgress(logging.getLogger("internlm_app.cli"))
 
 
-def _load_backend(settings: Settings):
-    from .backend import create_backend
-
-    return create_backend(settings, progress=_progress())
-
-
-def cmd_download(args: argparse.Namespace) -> int:
-    from .model_source import download_model
-
-    settings = settings_from_args(args)
-    path = download_model(settings.model_id, settings.model_revision, Path(settings.cache_dir), _progress())
-    print(path)
-    return 0
+def _settings(flags: BaseModel) -> Settings:
+    """Settings from the environment, overridden by the flags given on the command line (not the flags' defaults)."""
+    given = {name: getattr(flags, name) for name in flags.model_fields_set if name in Settings.model_fields}
+    return Settings(**given)
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_checkpoint
-
-    print(convert_checkpoint(Path(args.src), Path(args.dst), progress=_progress()))
-    return 0
+def _same_field(settings_class: type[BaseModel], name: str) -> Any:
+    """The field `name` of a settings class, for a subcommand that takes a few of its fields only."""
+    return settings_class.model_fields[name]
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    from .terminal_chat import TerminalChat
+class Serve(Settings):
+    """Serve the web app and the HTTP API on one port with one model (guarded by --web-password, --api-keys)."""
 
-    settings = settings_from_args(args)
-    backend = _load_backend(settings)
-    sampling = settings.default_sampling().model_dump()
-    sampling.update({k: v for k, v in vars(args).items() if k in SamplingParams.model_fields and v is not None})
-    system = settings.system_prompt if args.system is None else args.system
-    return TerminalChat(backend, SamplingParams(**sampling), system, jsonl=args.jsonl).run()
+    def run(self) -> int:
+        from .server import serve
 
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import doctor_report, format_report
-
-    report = doctor_report(settings_from_args(args))
-    print(format_report(report))
-    return 0 if not report["problems"] else 1
+        serve(_settings(self))
+        return 0
 
 
-def cmd_api(args: argparse.Namespace) -> int:
-    from .api import serve
+class Api(ModelSettings, ServerSettings):
+    """Serve the HTTP API alone (classic POST / and OpenAI-compatible /v1)."""
 
-    serve(settings_from_args(args))
-    return 0
+    def run(self) -> int:
+        from .api import serve
 
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
-
-    serve(settings_from_args(args))
-    return 0
+        serve(_settings(self))
+        return 0
 
 
-def cmd_settings(args: argparse.Namespace) -> int:
-    from .settings import settings_table
+class Download(BaseModel):
+    """Download the model from ModelScope and print its directory."""
 
-    print(settings_table())
-    return 0
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_id: str = _same_field(ModelSettings, "model_id")
+    model_revision: str = _same_field(ModelSettings, "model_revision")
+    cache_dir: Path = _same_field(ModelSettings, "cache_dir")
+
+    def run(self) -> int:
+        from .model_source import download_model
+
+        settings = _settings(self)
+        print(download_model(settings.model_id, settings.model_revision, Path(settings.cache_dir), _progress()))
+        return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m internlm_app", description="InternLM2 Chat: native runtime.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+class Convert(BaseModel):
+    """Convert an InternLM2 checkpoint to a native Llama checkpoint."""
 
-    p = sub.add_parser("download", help="download the model from ModelScope and print its directory")
-    add_settings_arguments(p, ["model_id", "model_revision", "cache_dir"])
-    p.set_defaults(func=cmd_download)
+    src: CliPositionalArg[Path] = Field(description="InternLM2 checkpoint directory")
+    dst: CliPositionalArg[Path] = Field(description="output directory")
 
-    p = sub.add_parser("convert", help="convert an InternLM2 checkpoint to a native Llama checkpoint")
-    p.add_argument("src", help="InternLM2 checkpoint directory")
-    p.add_argument("dst", help="output directory")
-    p.set_defaults(func=cmd_convert)
+    def run(self) -> int:
+        from .convert import convert_checkpoint
 
-    p = sub.add_parser(
-        "chat",
-        help="chat in the terminal (/help lists the commands); piped, one output line per input line",
-        description="Interactive: /help, /clear, /exit. Piped (stdin not a terminal): each input line is a message "
-        "and gets exactly one output line, the reply with newlines written as \\n and backslashes as \\\\ "
-        '(an empty line gets an empty line); --jsonl reads JSON strings or {"content": ...} and writes '
-        '{"content", "finish_reason", "usage"} objects.',
+        print(convert_checkpoint(self.src, self.dst, progress=_progress()))
+        return 0
+
+
+class Chat(ModelSettings):
+    """Chat in the terminal: interactive (/help, /clear, /exit), or piped: one output line per input line."""
+
+    system: str | None = Field(
+        None,
+        description="System prompt ('' for none; default: INTERNLM_SYSTEM_PROMPT, else the official InternLM2 one).",
     )
-    add_settings_arguments(p, [*MODEL_FLAGS, "backend", "openai_base_url", "openai_model"])
-    p.add_argument("--system", default=None, help="system prompt ('' for none; default: the official InternLM2 one)")
-    p.add_argument("--jsonl", action="store_true", help="piped mode: JSON lines in and out (see above)")
-    _add_sampling_flags(p)
-    p.set_defaults(func=cmd_chat)
-
-    p = sub.add_parser("doctor", help="check Python, torch, CUDA, GPU memory, the model directory and disk")
-    add_settings_arguments(p, ["model_path", "model_id", "cache_dir"])
-    p.set_defaults(func=cmd_doctor)
-
-    server_flags = [*MODEL_FLAGS, "host", "port", "queue_limit", "empty_cache_after_reply", "stream_interval_ms"]
-    server_flags += ["log_prompts", "backend", "openai_base_url", "openai_model"]
-    p = sub.add_parser(
-        "serve",
-        help="serve the web app and the HTTP API on one port with one model (INTERNLM_WEB_PASSWORD guards the page, "
-        "INTERNLM_API_KEYS the API)",
+    jsonl: CliImplicitFlag[bool] = Field(
+        False,
+        description="Piped (stdin not a terminal), each input line is a message and gets exactly one output line, the "
+        "reply with newlines written as \\n and backslashes as \\\\ (an empty line gets an empty line); --jsonl reads "
+        'JSON strings or {"content": ...} and writes {"content", "finish_reason", "usage"} objects instead.',
     )
-    add_settings_arguments(p, server_flags)
-    p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("api", help="serve the HTTP API alone (classic POST / and OpenAI-compatible /v1)")
-    add_settings_arguments(p, server_flags)
-    p.set_defaults(func=cmd_api)
+    def run(self) -> int:
+        from .backend import create_backend
+        from .terminal_chat import TerminalChat
 
-    p = sub.add_parser("settings", help="print every setting (environment variable, default, meaning) as Markdown")
-    p.set_defaults(func=cmd_settings)
-    return parser
+        settings = _settings(self)
+        backend = create_backend(settings.model, progress=_progress())
+        system = settings.system_prompt if self.system is None else self.system
+        return TerminalChat(backend, settings.default_sampling(), system, jsonl=self.jsonl).run()
+
+
+class Doctor(ModelSettings):
+    """Check Python, torch, CUDA, GPU memory, the model directory and disk (exit 1 when a problem is found)."""
+
+    def run(self) -> int:
+        from .doctor import doctor_report, format_report
+
+        report = doctor_report(_settings(self).model)
+        print(format_report(report))
+        return 0 if not report["problems"] else 1
+
+
+class SettingsTable(BaseModel):
+    """Print every setting (environment variable, default, meaning) as Markdown."""
+
+    def run(self) -> int:
+        from .settings import settings_table
+
+        print(settings_table())
+        return 0
+
+
+class Command(Protocol):
+    def run(self) -> int: ...
+
+
+class Cli(BaseSettings):
+    """InternLM2 Chat: native runtime. A flag overrides the INTERNLM_<NAME> variable of the same name (`settings`)."""
+
+    model_config = SettingsConfigDict(
+        cli_prog_name="python -m internlm_app",
+        cli_kebab_case=True,
+        cli_hide_none_type=True,
+        cli_shortcuts={"verbose": "v"},
+        protected_namespaces=(),
+        hide_input_in_errors=True,
+    )
+
+    verbose: CliImplicitFlag[bool] = Field(False, description="Debug logging.")
+    serve: CliSubCommand[Serve] = Field(description="serve the web app and the HTTP API on one port with one model")
+    api: CliSubCommand[Api] = Field(description="serve the HTTP API alone (classic POST / and OpenAI-compatible /v1)")
+    download: CliSubCommand[Download] = Field(description="download the model from ModelScope, print its directory")
+    convert: CliSubCommand[Convert] = Field(description="convert an InternLM2 checkpoint to a native Llama checkpoint")
+    chat: CliSubCommand[Chat] = Field(
+        description="chat in the terminal (/help lists the commands); piped, one output line per input line"
+    )
+    doctor: CliSubCommand[Doctor] = Field(
+        description="check Python, torch, CUDA, GPU memory, the model directory and disk"
+    )
+    settings: CliSubCommand[SettingsTable] = Field(
+        description="print every setting (environment variable, default, meaning) as Markdown"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The command line only: the environment is read by Settings, once the subcommand is known (_settings).
+        return (init_settings,)
+
+
+def parse(argv: list[str] | None = None) -> Cli:
+    """The command line parsed (argparse errors and --help exit here; an invalid value raises ValidationError)."""
+    return CliApp.run(Cli, cli_args=sys.argv[1:] if argv is None else argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     from .api.server import PortInUseError
     from .chat_types import EngineError
     from .errors import UserFacingError
     from .settings import describe_settings_error
 
     try:
-        return args.func(args)
+        cli = parse(argv)
+        logging.basicConfig(
+            level=logging.DEBUG if cli.verbose else logging.INFO,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        command = cast(Command | None, get_subcommand(cli, is_required=False))  # every subcommand model has run()
+        if command is None:
+            names = ", ".join(name for name in Cli.model_fields if name != "verbose")
+            print(f"error: name a command: {names} (python -m internlm_app --help)", file=sys.stderr)
+            return 2
+        return command.run()
     except ValidationError as exc:  # before ValueError: a bad setting or sampling value, one line naming it
         print("error: invalid setting " + "; ".join(describe_settings_error(exc).splitlines()), file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from .backends.decode_plan import estimate_for_checkpoint
 from .convert import is_converted, is_internlm2_checkpoint
 from .loader import checkpoint_bytes
 from .model_source import converted_dir_for
-from .settings import Settings
+from .settings import ModelSettings
 
 PACKAGES = ("torch", "transformers", "accelerate", "sentencepiece", "safetensors", "modelscope", "streamlit", "fastapi")
 MIN_TRANSFORMERS = (5, 3)
@@ -42,7 +42,7 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _model_state(settings: Settings) -> dict:
+def _model_state(settings: ModelSettings) -> dict:
     if settings.model_path is not None:
         src = Path(settings.model_path).expanduser()
     else:
@@ -58,7 +58,7 @@ def _model_state(settings: Settings) -> dict:
     return state
 
 
-def doctor_report(settings: Settings) -> dict:
+def doctor_report(settings: ModelSettings) -> dict:
     """Facts and problems, as a dict (printed by the CLI, shown by the Status page)."""
     problems: list[Problem] = []
     versions = {name: _version(name) for name in PACKAGES}

@@ -43,7 +43,7 @@ from .grammar import GrammarCompiler
 from .load_progress import LoadStep, Progress
 from .loader import ModelLoadError, load_model
 from .sampling import SamplingParams
-from .settings import DEFAULT_SYSTEM_PROMPT, Settings
+from .settings import DEFAULT_SYSTEM_PROMPT, ModelSettings
 from .tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
@@ -84,13 +84,13 @@ class ChatEngine:
         model: torch.nn.Module,
         tokenizer: ChatTokenizer,
         info: ModelInfo,
-        settings: Settings,
+        settings: ModelSettings,
         plan: DecodePlan | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
-        self.settings = settings
+        self.settings = settings = settings.model  # the model part of a Settings only
         pad = model.generation_config.pad_token_id
         self._pad_token_id = pad if pad is not None else tokenizer.stop_ids[0]
         self._stop_ids = reply_stop_ids(tokenizer)
@@ -139,7 +139,8 @@ class ChatEngine:
         return self.scheduler.batch_decoder()
 
     @classmethod
-    def load(cls, settings: Settings, progress: Progress | None = None) -> ChatEngine:
+    def load(cls, settings: ModelSettings, progress: Progress | None = None) -> ChatEngine:
+        settings = settings.model
         model, tokenizer, info = load_model(settings, progress=progress)
         _freeze_long_lived_objects()
         engine = cls(model, tokenizer, info, settings)

@@ -15,7 +15,7 @@ from .convert import read_json
 from .errors import UserFacingError
 from .load_progress import LoadStep, Progress
 from .model_source import resolve_model_dir
-from .settings import Settings
+from .settings import ModelSettings
 from .tokenizer import ChatTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ class ModelLoadError(UserFacingError):
     """The model cannot be loaded here; the message says why and what to do."""
 
 
-def choose_device(settings: Settings) -> str:
+def choose_device(settings: ModelSettings) -> str:
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(
             "INTERNLM_DEVICE=cuda but no CUDA GPU is visible (torch.cuda.is_available() is False). Check nvidia-smi "
@@ -39,7 +39,7 @@ def choose_device(settings: Settings) -> str:
     return settings.device
 
 
-def choose_dtype(settings: Settings, device: str) -> torch.dtype:
+def choose_dtype(settings: ModelSettings, device: str) -> torch.dtype:
     if settings.dtype == "auto":
         return torch.float16 if device == "cuda" else torch.float32
     return _DTYPES[settings.dtype]
@@ -57,7 +57,7 @@ def checkpoint_bytes(model_dir: Path) -> int:
     )
 
 
-def _check_fits(model_dir: Path, device: str, dtype: torch.dtype, settings: Settings) -> None:
+def _check_fits(model_dir: Path, device: str, dtype: torch.dtype, settings: ModelSettings) -> None:
     """Refuse plainly, before loading, a model that cannot fit this machine."""
     disk_bytes = checkpoint_bytes(model_dir)
     stored = read_json(model_dir / "config.json").get("dtype") or "float16"
@@ -85,7 +85,7 @@ def _check_fits(model_dir: Path, device: str, dtype: torch.dtype, settings: Sett
             )
 
 
-def _quantization_config(settings: Settings, dtype: torch.dtype):
+def _quantization_config(settings: ModelSettings, dtype: torch.dtype):
     if settings.quantization == "none":
         return None
     try:
@@ -101,7 +101,7 @@ def _quantization_config(settings: Settings, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
-def context_window(config, settings: Settings) -> int:
+def context_window(config, settings: ModelSettings) -> int:
     """The context budget: the setting, capped by the model's positions unless RoPE scaling extends them."""
     limit = settings.max_length
     positions = getattr(config, "max_position_embeddings", None)
@@ -126,7 +126,7 @@ def _check_complete(model_dir: Path, loading: dict) -> None:
 
 
 def load_model(
-    settings: Settings, progress: Progress | None = None
+    settings: ModelSettings, progress: Progress | None = None
 ) -> tuple[torch.nn.Module, ChatTokenizer, ModelInfo]:
     """Resolve, convert if needed, and load the model and tokenizer described by `settings`."""
     from transformers import AutoModelForCausalLM

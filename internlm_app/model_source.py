@@ -11,7 +11,7 @@ from pathlib import Path
 from .convert import ConversionError, convert_checkpoint, is_converted, is_internlm2_checkpoint
 from .errors import UserFacingError
 from .load_progress import LoadStep, Progress
-from .settings import Settings
+from .settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def download_model(model_id: str, revision: str, cache_dir: Path, progress: Prog
     return Path(path)
 
 
-def converted_dir_for(src: Path, settings: Settings) -> Path:
+def converted_dir_for(src: Path, settings: ModelSettings) -> Path:
     """Where the Llama conversion of `src` lives (stable per source path)."""
     if settings.converted_dir:
         return Path(settings.converted_dir)
@@ -115,7 +115,7 @@ def converted_dir_for(src: Path, settings: Settings) -> Path:
     return Path(settings.cache_dir) / "converted" / f"{src.name}-llama-{digest}"
 
 
-def source_dir(settings: Settings, progress: Progress | None = None) -> Path:
+def source_dir(settings: ModelSettings, progress: Progress | None = None) -> Path:
     """The model directory as given or downloaded, before any conversion."""
     if settings.model_path is not None:
         path = Path(settings.model_path).expanduser()
@@ -129,7 +129,7 @@ def source_dir(settings: Settings, progress: Progress | None = None) -> Path:
     return download_model(settings.model_id, settings.model_revision, Path(settings.cache_dir), progress)
 
 
-def resolve_model_dir(settings: Settings, progress: Progress | None = None) -> Path:
+def resolve_model_dir(settings: ModelSettings, progress: Progress | None = None) -> Path:
     """A directory transformers loads natively: InternLM2 checkpoints are converted once, then reused."""
     src = source_dir(settings, progress)
     if not is_internlm2_checkpoint(src):

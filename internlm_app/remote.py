@@ -30,7 +30,7 @@ from .chat_types import (
 )
 from .prompt import validate_messages
 from .sampling import SamplingParams
-from .settings import Settings
+from .settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ def _as_chunks(texts: Reply[str]) -> Reply[ReplyChunk]:
 class RemoteBackend:
     """Streams replies from `settings.openai_base_url` with the official openai client; no model is loaded here."""
 
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    def __init__(self, settings: ModelSettings):
+        self.settings = settings.model  # the model part of a Settings only
         key = settings.openai_api_key.get_secret_value()
         # The sync client asks what the server serves; replies stream through the async one, as cancellable tasks.
         self.client = openai.OpenAI(base_url=settings.openai_base_url, api_key=key, max_retries=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,7 +19,8 @@ class Bound:
     description: str
 
 
-# Each bound is written once here; pydantic fields, Streamlit sliders and argparse flags are built from it.
+# Each bound is written once here; pydantic fields (the API schema, the settings and so the CLI flags) and the
+# Streamlit sliders are built from it.
 BOUNDS: dict[str, Bound] = {
     "temperature": Bound(0.8, 0.0, 2.0, 0.05, "Sampling temperature; 0 means greedy decoding."),
     "top_p": Bound(0.8, 0.01, 1.0, 0.01, "Nucleus sampling: keep the smallest token set with this probability mass."),
@@ -30,15 +32,16 @@ INT_PARAMS = frozenset({"top_k", "max_new_tokens"})
 GREEDY_BELOW = 1e-5  # a temperature under this samples greedily: 1e-45 made the probabilities inf/nan
 
 
-def sampling_field(name: str, *, default: object = ...) -> object:
-    """A pydantic Field carrying the bound of `name` (default taken from the bound unless given)."""
+def sampling_field(name: str, *, default: object = ..., show_range: bool = False) -> Any:
+    """A pydantic Field carrying the bound of `name` (default taken from the bound unless given); `show_range` adds
+    the range to the description (settings: their `--help` and the README table say it)."""
     bound = BOUNDS[name]
     cast = int if name in INT_PARAMS else float
     return Field(
         default=cast(bound.default) if default is ... else default,
         ge=cast(bound.low),
         le=cast(bound.high),
-        description=bound.description,
+        description=f"{bound.description} [{bound.low:g}..{bound.high:g}]" if show_range else bound.description,
     )
 
 

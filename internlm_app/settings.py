@@ -1,13 +1,14 @@
-"""Settings: one pydantic-settings class (INTERNLM_ prefix) that also feeds CLI flags and the README table."""
+"""Settings by concern (model, server, web app) as pydantic-settings classes (INTERNLM_ prefix); the same fields
+feed the CLI flags (cli.py) and the README table. The backend and the loader receive `ModelSettings` only."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .sampling import SamplingParams, sampling_field
@@ -43,23 +44,28 @@ def parse_list(value: object) -> object:
     return [item.strip() for item in text.split(",")]
 
 
-def _default_home() -> Path:
-    return Path.home() / ".cache" / "internlm_app"
+# A path whose `~` is expanded when the settings are read, so that a default can be shown as it is written.
+HomePath = Annotated[Path, AfterValidator(Path.expanduser)]
 
 
-class Settings(BaseSettings):
-    """Every setting of the app, the API and the CLI."""
+class _InternLMSettings(BaseSettings):
+    """Read from INTERNLM_<NAME> environment variables."""
 
     # hide_input_in_errors: a bad value is never echoed (it may be an API key or the web password).
     model_config = SettingsConfigDict(
         env_prefix="INTERNLM_", extra="ignore", protected_namespaces=(), hide_input_in_errors=True
     )
 
+
+class ModelSettings(_InternLMSettings):
+    """What is loaded and how it decodes: everything the backend (local engine or remote server) is created from."""
+
     # Model source
     model_id: str = Field(DEFAULT_MODEL_ID, description="ModelScope model id downloaded when no model path is given.")
     model_revision: str = Field("master", description="ModelScope revision (branch, tag or commit) of the model.")
-    cache_dir: Path = Field(
-        default_factory=lambda: _default_home() / "models",
+    cache_dir: HomePath = Field(
+        Path("~/.cache/internlm_app/models"),
+        validate_default=True,
         description="ModelScope download cache and converted checkpoints.",
     )
     model_path: Path | None = Field(None, description="Local model directory; skips the download.")
@@ -119,18 +125,39 @@ class Settings(BaseSettings):
         "together, saving a thread wake-up each (0: every token on its own).",
     )
 
-    # Default sampling
-    temperature: float = sampling_field("temperature")
-    top_p: float = sampling_field("top_p")
-    top_k: int = sampling_field("top_k")
-    repetition_penalty: float = sampling_field("repetition_penalty")
-    max_new_tokens: int = sampling_field("max_new_tokens")
-    system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="Default system prompt; empty means none.")
+    queue_limit: int = Field(16, ge=0, le=1024, description="Requests waiting for the GPU before the API answers 503.")
 
-    # Storage
-    db_path: Path = Field(default_factory=lambda: _default_home() / "conversations.db", description="SQLite file.")
+    # Remote backend
+    backend: Literal["local", "openai"] = Field("local", description="local loads the model; openai calls a server.")
+    openai_base_url: str = Field("http://127.0.0.1:6006/v1", description="OpenAI-compatible server for the backend.")
+    openai_api_key: SecretStr = Field(SecretStr("EMPTY"), description="Key sent to the OpenAI-compatible server.")
+    openai_model: str = Field("internlm2-chat-7b", description="Model name sent to the OpenAI-compatible server.")
 
-    # Servers
+    # Default sampling: a reply that names no sampling parameters (the API's defaults, the terminal chat's flags)
+    temperature: float = sampling_field("temperature", show_range=True)
+    top_p: float = sampling_field("top_p", show_range=True)
+    top_k: int = sampling_field("top_k", show_range=True)
+    repetition_penalty: float = sampling_field("repetition_penalty", show_range=True)
+    max_new_tokens: int = sampling_field("max_new_tokens", show_range=True)
+
+    def default_sampling(self) -> SamplingParams:
+        return SamplingParams(**{name: getattr(self, name) for name in SamplingParams.model_fields})
+
+    @property
+    def model(self) -> ModelSettings:
+        """These fields alone, as a ModelSettings: all the backend receives from a Settings (no API keys, no web
+        password); not read from the environment again."""
+        if type(self) is ModelSettings:
+            return self
+        return ModelSettings.model_construct(
+            _fields_set=self.model_fields_set & ModelSettings.model_fields.keys(),
+            **{name: getattr(self, name) for name in ModelSettings.model_fields},
+        )
+
+
+class ServerSettings(_InternLMSettings):
+    """How `serve` and `api` listen and whom the API lets in."""
+
     host: str = Field("0.0.0.0", description="Address `serve` (web app + API) and `api` bind to.")
     port: int = Field(6006, ge=1, le=65535, description="Port `serve` and `api` bind to (AutoDL forwards 6006).")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
@@ -139,20 +166,7 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description=f"Origins allowed by CORS: {LIST_FORMS}."
     )
-    queue_limit: int = Field(16, ge=0, le=1024, description="Requests waiting for the GPU before the API answers 503.")
     log_prompts: bool = Field(False, description="Log prompt text (debug only).")
-    web_password: SecretStr | None = Field(None, description="Password required by the web app.")
-    tools_dir: Path | None = Field(
-        None,
-        description="Folder whose `*.py` files' plain functions the chat offers the model as tools, beside the "
-        "built-in ones (their code runs with the app's rights); unset: built-in tools only.",
-    )
-
-    # Remote backend
-    backend: Literal["local", "openai"] = Field("local", description="local loads the model; openai calls a server.")
-    openai_base_url: str = Field("http://127.0.0.1:6006/v1", description="OpenAI-compatible server for the backend.")
-    openai_api_key: SecretStr = Field(SecretStr("EMPTY"), description="Key sent to the OpenAI-compatible server.")
-    openai_model: str = Field("internlm2-chat-7b", description="Model name sent to the OpenAI-compatible server.")
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
@@ -173,8 +187,36 @@ class Settings(BaseSettings):
             raise ValueError("API keys must not be empty (a stray comma?): an empty key would leave the API open")
         return keys
 
-    def default_sampling(self) -> SamplingParams:
-        return SamplingParams(**{name: getattr(self, name) for name in SamplingParams.model_fields})
+
+class WebSettings(_InternLMSettings):
+    """The web app's own: its password, where conversations are kept, the user's tools."""
+
+    db_path: HomePath = Field(
+        Path("~/.cache/internlm_app/conversations.db"), validate_default=True, description="SQLite file."
+    )
+    web_password: SecretStr | None = Field(None, description="Password required by the web app.")
+    tools_dir: Path | None = Field(
+        None,
+        description="Folder whose `*.py` files' plain functions the chat offers the model as tools, beside the "
+        "built-in ones (their code runs with the app's rights); unset: built-in tools only.",
+    )
+
+
+# Fields are collected in reverse MRO order, so this lists model, server, then web settings (the README table's order).
+class Settings(WebSettings, ServerSettings, ModelSettings):
+    """Every setting: what the entry points (CLI, `streamlit run app.py`) read from the environment."""
+
+    # Read by every front end (web app, API, terminal chat), never by the backend: a conversation's first turn.
+    system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="Default system prompt; empty means none.")
+
+
+# The settings table's sections, by class and who reads them (Settings adds system_prompt to the three).
+SETTINGS_PARTS: tuple[tuple[type[BaseSettings], str], ...] = (
+    (ModelSettings, "the backend: what is loaded and how it decodes (the engine and the loader read only these)"),
+    (ServerSettings, "`serve` and `api`: where they listen, whom the API lets in"),
+    (WebSettings, "the web app"),
+    (Settings, "every front end (web app, API, terminal chat)"),
+)
 
 
 def describe_settings_error(exc: ValidationError) -> str:
@@ -182,7 +224,7 @@ def describe_settings_error(exc: ValidationError) -> str:
     given unless it may be a secret (keys, passwords) or a list."""
     lines = []
     for error in exc.errors(include_url=False):
-        name = str(error["loc"][0]) if error.get("loc") else ""
+        name = _setting_name(error.get("loc", ()))
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
         given = error.get("input")
         if isinstance(given, str | int | float) and not any(w in name for w in ("key", "password", "origin")):
@@ -191,36 +233,33 @@ def describe_settings_error(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _setting_name(loc: tuple[int | str, ...]) -> str:
+    """The setting an error is about: a flag's error is located under its subcommand (`chat.temperature`)."""
+    names = [part for part in loc if isinstance(part, str) and part in Settings.model_fields]
+    return names[0] if names else str(loc[0]) if loc else ""
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, names: list[str]) -> None:
-    """Add `--flag` options for the named settings, with help from their field descriptions."""
-    for name in names:
-        field = Settings.model_fields[name]
-        parser.add_argument(_flag(name), dest=name, default=None, help=field.description, metavar=name.upper())
-
-
-def settings_from_args(args: argparse.Namespace, **overrides: object) -> Settings:
-    """Settings from the environment, overridden by any flag given on the command line."""
-    given = {name: value for name, value in vars(args).items() if name in Settings.model_fields and value is not None}
-    return Settings(**{**given, **overrides})
-
-
 def settings_table() -> str:
-    """Every setting as a Markdown table row: environment variable, default, description (the README's table)."""
+    """Every setting as a Markdown table row, by class: environment variable, default, description (the README's)."""
     rows = ["| Environment variable | Default | Meaning |", "| --- | --- | --- |"]
-    for name, field in Settings.model_fields.items():
-        if field.default_factory is not None:
-            default = {"cache_dir": "~/.cache/internlm_app/models", "db_path": "~/.cache/internlm_app/conversations.db"}
-            shown = default.get(name, "[]")
-        elif name == "system_prompt":
-            shown = "the official InternLM2 one"
-        else:
-            value = field.default
-            shown = (
-                "(none)" if value is None else str(value.get_secret_value() if isinstance(value, SecretStr) else value)
-            )
-        rows.append(f"| `INTERNLM_{name.upper()}` | `{shown}` | {field.description} |")
+    listed: set[str] = set()
+    for part, readers in SETTINGS_PARTS:
+        rows.append(f"| **`{part.__name__}`** | | Read by {readers}. |")
+        for name, field in part.model_fields.items():
+            if name not in listed:
+                listed.add(name)
+                rows.append(f"| `INTERNLM_{name.upper()}` | `{_shown_default(name, field)}` | {field.description} |")
     return "\n".join(rows)
+
+
+def _shown_default(name: str, field: FieldInfo) -> str:
+    if field.default_factory is not None:
+        return "[]"  # the list settings
+    if name == "system_prompt":
+        return "the official InternLM2 one"
+    value = field.default
+    return "(none)" if value is None else str(value.get_secret_value() if isinstance(value, SecretStr) else value)

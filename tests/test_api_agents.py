@@ -15,6 +15,7 @@ import pytest
 from internlm_app.api import create_app, running_server
 from internlm_app.chat_types import ReplyEvents, ReplyOptions
 from internlm_app.sampling import SamplingParams
+from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
 from tests.api_helpers import api_settings, engine_copy
 
 WEATHER = {
@@ -221,7 +222,7 @@ def test_logprobs_are_the_models_distribution(client, engine):
         assert values == sorted(values, reverse=True) and sum(math.exp(v) for v in values) <= 1 + 1e-4
         assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token or not entry.bytes
     # The engine's own logprob of the first token, from the raw logits, agrees.
-    messages = [{"role": "system", "content": engine.settings.system_prompt}, {"role": "user", "content": "hi"}]
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": "hi"}]
     ids = engine.prepare(messages, 6).ids
     import torch
 
@@ -260,7 +261,7 @@ def test_completions_raw_prompt(client, engine):
 def test_prefill_continues_the_assistant_message(client, engine):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, here"}]
     completion = client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
-    system = [{"role": "system", "content": engine.settings.system_prompt}]
+    system = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}]
     ids = engine.prepare(system + messages, 8).ids
     assert ids[-len(engine.tokenizer.encode_plain("assistant\nSure, here")) :] == engine.tokenizer.encode_plain(
         "assistant\nSure, here"

@@ -12,8 +12,9 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from pydantic_settings import get_subcommand
 
-from internlm_app.cli import build_parser
+from internlm_app.cli import main, parse
 from internlm_app.sampling import BOUNDS
 from tests.conftest import FIXTURE_DIR
 
@@ -108,14 +109,60 @@ def test_missing_model_dir_is_a_plain_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_sampling_flags_come_from_the_shared_bounds():
-    parser = build_parser()
-    chat = parser._subparsers._group_actions[0].choices["chat"]
-    helps = {a.dest: a.help for a in chat._actions}
+def test_sampling_flags_come_from_the_shared_bounds(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps help at the terminal's width
+    with pytest.raises(SystemExit) as done:
+        main(["chat", "--help"])
+    assert done.value.code == 0
+    helps: dict[str, str] = {}  # flag: its line and the next one (a long flag's help starts on the next line)
+    for line in capsys.readouterr().out.split("options:")[1].splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0]
+            helps[flag] = line
+        elif helps:
+            helps[flag] += line
     for name, bound in BOUNDS.items():
-        assert bound.description in helps[name]
-    args = parser.parse_args(["chat", "--top-k", "7", "--temperature", "0"])
-    assert (args.top_k, args.temperature) == (7, 0.0)
+        flag = "--" + name.replace("_", "-")
+        assert bound.description in helps[flag] and f"[{bound.low:g}..{bound.high:g}]" in helps[flag]
+    chat = get_subcommand(parse(["chat", "--top-k", "7", "--temperature", "0"]))
+    assert (chat.top_k, chat.temperature) == (7, 0.0)
+
+
+def test_flags_override_the_environment_and_the_model_part_leaves_secrets_behind(monkeypatch):
+    from internlm_app.cli import _settings
+    from internlm_app.settings import ModelSettings
+
+    monkeypatch.setenv("INTERNLM_TEMPERATURE", "0.3")
+    monkeypatch.setenv("INTERNLM_TOP_K", "9")
+    monkeypatch.setenv("INTERNLM_API_KEYS", "sk-env")
+    monkeypatch.setenv("INTERNLM_WEB_PASSWORD", "pw")
+    settings = _settings(get_subcommand(parse(["serve", "--temperature", "0", "--port", "7001"])))
+    assert (settings.temperature, settings.top_k, settings.port) == (0.0, 9, 7001)  # a flag wins, the env fills in
+    assert [key.get_secret_value() for key in settings.api_keys] == ["sk-env"]
+    model = settings.model
+    assert type(model) is ModelSettings and (model.temperature, model.top_k) == (0.0, 9)
+    assert not hasattr(model, "api_keys") and not hasattr(model, "web_password")
+
+
+def test_no_command_is_an_error_naming_them(capsys):
+    assert main([]) == 2
+    assert capsys.readouterr().err.startswith("error: name a command: serve, api, download, convert, chat, doctor")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["chat", "--temperature", "9"], {}, "INTERNLM_TEMPERATURE / --temperature: "),
+        (["serve", "--api-keys", "sk-1,"], {}, "INTERNLM_API_KEYS / --api-keys: "),
+        (["doctor"], {"INTERNLM_DTYPE": "fp16"}, "INTERNLM_DTYPE / --dtype: "),
+    ],
+)
+def test_an_invalid_flag_or_variable_is_one_error_line(capsys, monkeypatch, args, env, named):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid setting " + named) and len(err.splitlines()) == 1 and "sk-1" not in err
 
 
 def test_out_of_bounds_flag_is_rejected(tmp_path):

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from .. import gpu
-from ..settings import Settings
+from ..settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,9 @@ def choose_single_path(
     )
 
 
-def estimate_for_checkpoint(config: dict, settings: Settings, free_gpu_bytes: int | None, weights_bytes: int) -> str:
+def estimate_for_checkpoint(
+    config: dict, settings: ModelSettings, free_gpu_bytes: int | None, weights_bytes: int
+) -> str:
     """What the engine would choose for a checkpoint not loaded yet (`doctor`), from its config.json and free memory.
 
     float16 on CUDA is assumed, as the loader's auto dtype gives; the figure is an estimate, the log at load is final.
@@ -142,7 +144,7 @@ def estimate_for_checkpoint(config: dict, settings: Settings, free_gpu_bytes: in
     return f"one reply: {path} KV cache ({why}); batching: {batch} (estimated before loading)"
 
 
-def plan_decoding(model: torch.nn.Module, settings: Settings, context_window: int) -> DecodePlan:
+def plan_decoding(model: torch.nn.Module, settings: ModelSettings, context_window: int) -> DecodePlan:
     """Choose the one-reply path and the batch size from the settings and the memory left beside the weights."""
     per_token = kv_bytes_per_token(model)
     cuda = model.device.type == "cuda"
