@@ -57,7 +57,7 @@ def tiny_settings(workdir: Path, model_path: Path = FIXTURE_DIR, **overrides):
 
 def load_engine(workdir: Path, model_path: Path = FIXTURE_DIR, context_window: int | None = None, **overrides):
     """A ChatEngine loaded through the real path (resolve, convert if InternLM2, load), optionally a wider context."""
-    from internlm_app.engine import ChatEngine
+    from internlm_app.backends.engine import ChatEngine
 
     engine = ChatEngine.load(tiny_settings(workdir, model_path, **overrides))
     return with_context_window(engine, context_window) if context_window else engine
@@ -65,7 +65,7 @@ def load_engine(workdir: Path, model_path: Path = FIXTURE_DIR, context_window: i
 
 def with_context_window(engine, context_window: int):
     """A second engine over the same weights with another context window (as tests/test_engine.py's _engine_with)."""
-    from internlm_app.engine import ChatEngine
+    from internlm_app.backends.engine import ChatEngine
 
     info = dataclasses.replace(engine.info, context_window=context_window)
     return ChatEngine(engine.model, engine.tokenizer, info, engine.settings)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from common import headline, load_engine, parser, run_together, set_threads, verdict, workdir
 
+from internlm_app.backends.engine import ChatEngine
 from internlm_app.chat_types import ReplyEvents
-from internlm_app.engine import ChatEngine
 from internlm_app.sampling import SamplingParams
 
 TARGET = 3.0

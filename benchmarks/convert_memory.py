@@ -3,7 +3,7 @@
 A synthetic multi-shard InternLM2 checkpoint is written first: the fixture's config scaled up (hidden 2048, 16 heads
 / 4 KV heads, FFN 8192, one layer per shard; embeddings in the first shard, output and final norm in the last),
 random fp16 weights under the real InternLM2 names, safetensors shards plus model.safetensors.index.json, and the
-fixture's tokenizer files. `internlm_app.convert.convert_checkpoint` then runs in a fresh subprocess: after its
+fixture's tokenizer files. `internlm_app.runtime.convert.convert_checkpoint` then runs in a fresh subprocess: after its
 imports it records its RSS (the baseline) and resets the kernel's peak-RSS mark (/proc/self/clear_refs; where that
 is unavailable the lifetime peak ru_maxrss is used and says so), converts, and reads the peak (VmHWM). A sampler
 thread also records the largest anonymous and file-backed RSS seen (every 5 ms), since mmap-ed safetensors pages
@@ -102,7 +102,7 @@ def child(src: Path, dst: Path) -> None:
     """Run in the fresh subprocess: convert and print the memory figures as JSON."""
     import gc
 
-    from internlm_app.convert import convert_checkpoint
+    from internlm_app.runtime.convert import convert_checkpoint
 
     gc.collect()
     baseline = _status("VmRSS")

@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 from common import FIXTURE_DIR, ROOT, free_port, headline, parser, workdir
 
-from internlm_app.store import ConversationStore
+from internlm_app.store.db import ConversationStore
 from tests.store_faults import fingerprint, make_disk_full, make_read_only, not_a_database
 
 PY = sys.executable
@@ -304,12 +304,12 @@ def web_bad_inputs(tmp: Path) -> None:
     }
     for name, data in imports.items():
         before = len(store.list_conversations(limit=None))
-        at = run_page(page="pages/history.py")
+        at = run_page(page="internlm_app/web/pages/history.py")
         at.file_uploader(key="import_file_0").set_value(("x.json", data, "application/json")).run()
         at.button(key="import_button").click().run()
         unchanged = len(store.list_conversations(limit=None)) == before
         note("web", f"import {name}", not at.exception and bool(at.error) and unchanged and rendered_safe(at))
-    at = run_page(page="pages/history.py")
+    at = run_page(page="internlm_app/web/pages/history.py")
     at.file_uploader(key="import_file_0").set_value(("x.json", json.dumps(good).encode(), "application/json")).run()
     at.button(key="import_button").click().run()
     note("web", "import a hostile title", not at.exception and bool(at.success) and rendered_safe(run_page()))
@@ -499,7 +499,8 @@ def cli_part(tmp: Path) -> None:
         result, method = cli(tmp, ["convert", str(FIXTURE_DIR), str(out)], b""), "real tmpfs"
     else:
         inject = (
-            "import sys; from safetensors import SafetensorError; from internlm_app import cli, convert\n"
+            "import sys; from safetensors import SafetensorError; from internlm_app import cli\n"
+            "from internlm_app.runtime import convert\n"
             "def full(*a, **k): raise SafetensorError('Error while serializing: I/O error: No space left on device "
             "(os error 28)')\n"
             "convert.save_file = full; sys.exit(cli.main(sys.argv[1:]))"

@@ -25,7 +25,7 @@ MIB = 2**20
 
 def reproduced(engine, cases: list[dict], default_system: str) -> int:
     """How many reference chat cases the engine's greedy reply reproduces exactly; prints the ones it does not."""
-    from internlm_app.engine import history_to_messages
+    from internlm_app.backends.engine import history_to_messages
     from internlm_app.sampling import SamplingParams
 
     same = 0
@@ -63,8 +63,8 @@ def main() -> None:
         print("gpu_fp16: skipped: no CUDA (torch.cuda.is_available() is False); run it on a GPU machine")
         headline("gpu_fp16", "skipped")
         return
-    from internlm_app import gpu
-    from internlm_app.engine import ChatEngine
+    from internlm_app.backends.engine import ChatEngine
+    from internlm_app.runtime import gpu
 
     reference = json.loads((FIXTURE_DIR / "reference.json").read_text())
     cases, default_system = reference["chat"], reference["meta"]["default_meta_instruction"]

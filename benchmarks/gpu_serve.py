@@ -30,11 +30,11 @@ from common import FIXTURE_DIR, headline, parser, run_together, set_threads
 from gpu_decode import build_model, generate_seconds, gpu_or_smoke, sync, weight_bytes_per_token
 from transformers import GenerationConfig
 
+from internlm_app.backends.engine import ChatEngine, reply_stop_ids
 from internlm_app.chat_types import ModelInfo, ReplyEvents
-from internlm_app.engine import ChatEngine, reply_stop_ids
+from internlm_app.runtime.tokenizer import load_tokenizer
 from internlm_app.sampling import SamplingParams
 from internlm_app.settings import Settings
-from internlm_app.tokenizer import load_tokenizer
 
 WORDS = ["Shanghai", "river", "tea", "harbour", "morning", "market", "lantern", "garden", "bridge", "rain", "music"]
 

@@ -31,10 +31,10 @@ from common import FIXTURE_DIR, headline, parser, set_threads, tiny_settings, ve
 from transformers import GenerationConfig, LlamaConfig
 
 from internlm_app.backends.decode_plan import DecodePlan
+from internlm_app.backends.engine import ChatEngine
 from internlm_app.chat_types import ModelInfo
-from internlm_app.engine import ChatEngine
+from internlm_app.runtime.tokenizer import load_tokenizer
 from internlm_app.sampling import SamplingParams
-from internlm_app.tokenizer import load_tokenizer
 
 TARGET = 1.2
 TEXT = "The quick brown fox jumps over the lazy dog while the city of Shanghai sleeps under a quiet management sky "

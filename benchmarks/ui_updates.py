@@ -19,7 +19,7 @@ from common import headline, load_engine, make_stop_tokens_unreachable, parser, 
 
 from internlm_app.chat_types import ReplyEvents
 from internlm_app.sampling import SamplingParams
-from internlm_app.store import ConversationStore
+from internlm_app.store.db import ConversationStore
 from internlm_app.web.render import CURSOR, to_markdown
 from internlm_app.web.reply import ReplyView, WebReply
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT  # noqa: E402
-from internlm_app.store import ConversationStore  # noqa: E402
+from internlm_app.store.db import ConversationStore  # noqa: E402
 from tests.browser_helpers import chromium, send, streamlit_server, tiny_model_env, wait_for_text  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "screenshot-chat.png"

@@ -14,7 +14,7 @@ from pathlib import Path
 from make_screenshot import DESKTOP, EXAMPLES, OUTPUT
 
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
-from internlm_app.store import ConversationStore
+from internlm_app.store.db import ConversationStore
 from tests.browser_helpers import button, chromium, streamlit_server, tiny_model_env
 
 SHORT = {  # lang -> the second stored answer: shorter, without the code

@@ -7,14 +7,14 @@ from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal, NotRequired, Protocol, TypedDict, TypeVar, get_args
 
-from .sampling import SamplingParams
+from internlm_app.sampling import SamplingParams
 
 T = TypeVar("T")
 
 if TYPE_CHECKING:
     import threading
 
-    from .gpu import DeviceMemory
+    from internlm_app.runtime.gpu import DeviceMemory
 
 # "environment" is InternLM2's role for what a tool returns (chat/chat_format.md); OpenAI's "tool" maps to it.
 Role = Literal["system", "user", "assistant", "environment"]

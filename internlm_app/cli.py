@@ -24,8 +24,8 @@ from pydantic_settings import (
     get_subcommand,
 )
 
-from .load_progress import TerminalProgress
-from .settings import ModelSettings, ServerSettings, Settings
+from internlm_app.load_progress import TerminalProgress
+from internlm_app.settings import ModelSettings, ServerSettings, Settings
 
 
 def _progress() -> TerminalProgress:
@@ -48,7 +48,7 @@ class Serve(Settings):
     """Serve the web app and the HTTP API on one port with one model (guarded by --web-password, --api-keys)."""
 
     def run(self) -> int:
-        from .server import serve
+        from internlm_app.server import serve
 
         serve(_settings(self))
         return 0
@@ -58,7 +58,7 @@ class Api(ModelSettings, ServerSettings):
     """Serve the HTTP API alone (classic POST / and OpenAI-compatible /v1)."""
 
     def run(self) -> int:
-        from .api import serve
+        from internlm_app.api import serve
 
         serve(_settings(self))
         return 0
@@ -74,7 +74,7 @@ class Download(BaseModel):
     cache_dir: Path = _same_field(ModelSettings, "cache_dir")
 
     def run(self) -> int:
-        from .model_source import download_model
+        from internlm_app.runtime.model_source import download_model
 
         settings = _settings(self)
         print(download_model(settings.model_id, settings.model_revision, Path(settings.cache_dir), _progress()))
@@ -88,7 +88,7 @@ class Convert(BaseModel):
     dst: CliPositionalArg[Path] = Field(description="output directory")
 
     def run(self) -> int:
-        from .convert import convert_checkpoint
+        from internlm_app.runtime.convert import convert_checkpoint
 
         print(convert_checkpoint(self.src, self.dst, progress=_progress()))
         return 0
@@ -109,8 +109,8 @@ class Chat(ModelSettings):
     )
 
     def run(self) -> int:
-        from .backend import create_backend
-        from .terminal_chat import TerminalChat
+        from internlm_app.backends.factory import create_backend
+        from internlm_app.terminal_chat import TerminalChat
 
         settings = _settings(self)
         backend = create_backend(settings.model, progress=_progress())
@@ -122,7 +122,7 @@ class Doctor(ModelSettings):
     """Check Python, torch, CUDA, GPU memory, the model directory and disk (exit 1 when a problem is found)."""
 
     def run(self) -> int:
-        from .doctor import doctor_report, format_report
+        from internlm_app.doctor import doctor_report, format_report
 
         report = doctor_report(_settings(self).model)
         print(format_report(report))
@@ -133,7 +133,7 @@ class SettingsTable(BaseModel):
     """Print every setting (environment variable, default, meaning) as Markdown."""
 
     def run(self) -> int:
-        from .settings import settings_table
+        from internlm_app.settings import settings_table
 
         print(settings_table())
         return 0
@@ -189,10 +189,10 @@ def parse(argv: list[str] | None = None) -> Cli:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .api.server import PortInUseError
-    from .chat_types import EngineError
-    from .errors import UserFacingError
-    from .settings import describe_settings_error
+    from internlm_app.api.server import PortInUseError
+    from internlm_app.chat_types import EngineError
+    from internlm_app.errors import UserFacingError
+    from internlm_app.settings import describe_settings_error
 
     try:
         cli = parse(argv)

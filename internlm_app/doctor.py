@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from . import gpu
-from .backends.decode_plan import estimate_for_checkpoint
-from .convert import is_converted, is_internlm2_checkpoint
-from .loader import checkpoint_bytes
-from .model_source import converted_dir_for
-from .settings import ModelSettings
+from internlm_app.backends.decode_plan import estimate_for_checkpoint
+from internlm_app.runtime import gpu
+from internlm_app.runtime.convert import is_converted, is_internlm2_checkpoint
+from internlm_app.runtime.loader import checkpoint_bytes
+from internlm_app.runtime.model_source import converted_dir_for
+from internlm_app.settings import ModelSettings
 
 PACKAGES = ("torch", "transformers", "accelerate", "sentencepiece", "safetensors", "modelscope", "streamlit", "fastapi")
 MIN_TRANSFORMERS = (5, 3)

@@ -11,7 +11,7 @@ from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_va
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .sampling import SamplingParams, sampling_field
+from internlm_app.sampling import SamplingParams, sampling_field
 
 DEFAULT_MODEL_ID = "Shanghai_AI_Laboratory/internlm2-chat-7b"
 # The system prompt of the official `model.chat` (recorded in the fixture's reference.json).

@@ -13,8 +13,8 @@ import json
 import sys
 from typing import TextIO
 
-from .chat_types import ChatBackend, EngineError, InvalidRequestError, Message, ReplyEvents
-from .sampling import SamplingParams
+from internlm_app.chat_types import ChatBackend, EngineError, InvalidRequestError, Message, ReplyEvents
+from internlm_app.sampling import SamplingParams
 
 COMMANDS = {
     "/help": "show this help",

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from internlm_app.engine import ChatEngine
+from internlm_app.backends.engine import ChatEngine
 from internlm_app.sampling import SamplingParams
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
 from tests.conftest import tiny_settings

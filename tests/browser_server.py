@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from internlm_app.engine import ChatEngine
+from internlm_app.backends.engine import ChatEngine
 from internlm_app.load_progress import LoadStep
 
 

@@ -27,7 +27,7 @@ def reference() -> dict:
 @pytest.fixture(scope="session")
 def converted_dir(tmp_path_factory) -> Path:
     """The fixture converted once per test session with the real converter."""
-    from internlm_app.convert import convert_checkpoint
+    from internlm_app.runtime.convert import convert_checkpoint
 
     return convert_checkpoint(FIXTURE_DIR, tmp_path_factory.mktemp("converted") / "internlm2-tiny-llama")
 
@@ -49,7 +49,7 @@ def tiny_settings(tmp_path: Path, **overrides):
 @pytest.fixture(scope="session")
 def engine(tmp_path_factory):
     """A ChatEngine on the tiny model, loaded through the real path (resolve, convert, load)."""
-    from internlm_app.engine import ChatEngine
+    from internlm_app.backends.engine import ChatEngine
 
     return ChatEngine.load(tiny_settings(tmp_path_factory.mktemp("engine")))
 

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from internlm_app.engine import ChatEngine
+from internlm_app.backends.engine import ChatEngine
 from internlm_app.web import history
 from tests.browser_server import paced_load
 

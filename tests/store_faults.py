@@ -15,7 +15,7 @@ import sqlite3
 import urllib.parse
 from pathlib import Path
 
-from internlm_app.store import ConversationStore, _Connection
+from internlm_app.store.db import ConversationStore, _Connection
 
 _open = ConversationStore._open
 

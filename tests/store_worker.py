@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from internlm_app.store import ConversationStore
+from internlm_app.store.db import ConversationStore
 
 
 def wait_for(go: Path) -> None:

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 
 from internlm_app.api import create_app
 from internlm_app.chat_types import InvalidRequestError
+from internlm_app.runtime.stop_strings import StopFilter
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
-from internlm_app.stop_strings import StopFilter
 from tests.api_helpers import (
     API_KEY,
     REPLY_TOKENS,

@@ -126,8 +126,8 @@ def test_tool_call_round_trip_streamed_and_not(client, engine):
 def test_auto_tool_choice_parses_a_call_the_model_writes(engine):
     """With tools offered, <|action_start|><|plugin|> JSON <|action_end|> from the model becomes tool_calls. The
     tiny model does not write calls by itself, so a model whose next tokens are fixed writes one."""
+    from internlm_app.chat.reply_reader import ChoiceBuilder
     from internlm_app.chat_types import ReplyChunk
-    from internlm_app.reply_reader import ChoiceBuilder
 
     builder = ChoiceBuilder(None)
     pieces = [
@@ -331,7 +331,7 @@ def test_history_is_kept_and_the_reply_capped_while_the_prompt_fits(engine, tmp_
 
 def test_remote_backend_refuses_what_it_cannot_honour(url, tmp_path):
     """Through the remote backend (this API served over this API), asking for logprobs is a 400, never ignored."""
-    from internlm_app.remote import RemoteBackend
+    from internlm_app.backends.remote import RemoteBackend
 
     remote = RemoteBackend(api_settings(tmp_path, backend="openai", openai_base_url=f"{url}/v1"))
     with running_server(create_app(api_settings(tmp_path), backend=remote)) as base:
@@ -536,8 +536,8 @@ def test_a_forced_call_cut_short_is_content_with_its_logprobs(client):
 
 
 def test_a_call_to_a_tool_not_offered_is_content():
+    from internlm_app.chat.reply_reader import ChoiceBuilder
     from internlm_app.chat_types import ReplyChunk
-    from internlm_app.reply_reader import ChoiceBuilder
 
     builder = ChoiceBuilder(None, tools=["get_weather"])
     for piece in [

@@ -10,7 +10,7 @@ import pytest
 
 from internlm_app.sampling import BOUNDS, INT_PARAMS, SamplingParams
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT, MAX_LENGTH_BOUNDS
-from internlm_app.store import ConversationStore
+from internlm_app.store.db import ConversationStore
 from internlm_app.web.i18n import t
 from tests.app_helpers import MAX_NEW_TOKENS, ROOT, chat, run_page, send, set_app_env, texts
 from tests.conftest import FIXTURE_DIR

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from internlm_app.chat_context import model_messages
+from internlm_app.chat.context import model_messages
 from internlm_app.sampling import SamplingParams
-from internlm_app.store import ConversationStore
+from internlm_app.store.db import ConversationStore
 from internlm_app.web.i18n import t
 from internlm_app.web.safe_markdown import plain
 from tests.app_helpers import MAX_NEW_TOKENS, chat, run_page, set_app_env, texts

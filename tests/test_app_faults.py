@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from internlm_app import export
 from internlm_app.sampling import SamplingParams
-from internlm_app.store import ConversationStore
+from internlm_app.store import export
+from internlm_app.store.db import ConversationStore
 from internlm_app.web.reply import ReplyNotSaved, ReplyView, WebReply
 from internlm_app.web.safe_markdown import plain
 from tests.app_helpers import chat, run_page, send, texts
 from tests.store_faults import LONG_TEXT, damage_pages, fingerprint, make_disk_full, make_read_only, not_a_database
 
-HISTORY = "pages/history.py"
+HISTORY = "internlm_app/web/pages/history.py"
 
 
 def _seed(db: Path, title: str = "kept", *turns: str) -> str:

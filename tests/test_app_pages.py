@@ -1,4 +1,4 @@
-"""AppTest tests of pages/status.py and pages/history.py against the real tiny model and a real store."""
+"""AppTest tests of the status and history pages against the real tiny model and a real store."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from internlm_app import export
-from internlm_app.store import ConversationStore
+from internlm_app.store import export
+from internlm_app.store.db import ConversationStore
 from tests.app_helpers import chat, run_page, send, set_app_env, texts
 
-STATUS, HISTORY = "pages/status.py", "pages/history.py"
+STATUS, HISTORY = "internlm_app/web/pages/status.py", "internlm_app/web/pages/history.py"
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ def _shown_text(at) -> str:
     return "\n".join(parts)
 
 
-@pytest.mark.parametrize("page", ["app.py", "pages/status.py", "pages/history.py"])
+@pytest.mark.parametrize("page", ["app.py", "internlm_app/web/pages/status.py", "internlm_app/web/pages/history.py"])
 def test_each_page_shows_one_language(app_env, page):
     """In 中文 no English label of this app shows, and in English no Chinese one (the language switch's own label,
     '语言 / Language', and each language's name are meant for both)."""

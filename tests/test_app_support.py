@@ -6,20 +6,20 @@ import logging
 import string
 import threading
 import time
+import tomllib
 
 import pytest
-import tomllib
 from streamlit.runtime.scriptrunner_utils.exceptions import RerunException, StopException
 from streamlit.runtime.scriptrunner_utils.script_requests import RerunData
 
-from internlm_app import backend as loading
 from internlm_app import load_progress
+from internlm_app.backends import factory as loading
 from internlm_app.chat_types import GenerationError, ReplyEvents
 from internlm_app.load_progress import LoadStep, TerminalProgress
-from internlm_app.loader import ModelLoadError
+from internlm_app.runtime.loader import ModelLoadError
 from internlm_app.sampling import SamplingParams
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
-from internlm_app.store import ConversationStore
+from internlm_app.store.db import ConversationStore
 from internlm_app.web import auth, i18n
 from internlm_app.web import reply as reply_module
 from internlm_app.web.render import stats_caption, to_markdown
@@ -253,7 +253,7 @@ def test_a_failed_load_is_kept_until_retry_then_loads(tmp_path, caplog):
     assert failed.error_reason == "no_gpu"  # what the page translates
     assert failed.step == "downloading the model: 3.1 GB of 15.5 GB, file 2/8 (model-00002-of-00008.bin)"
     assert failed.progress.fraction == pytest.approx(0.2)
-    lines = [r.getMessage() for r in caplog.records if r.name == "internlm_app.backend"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "internlm_app.backends.factory"]
     assert lines == [failed.step, "loading the model failed: no CUDA GPU visible: check nvidia-smi"]
     assert not any(r.exc_info for r in caplog.records if r.levelno > logging.DEBUG)  # one line, no traceback
     loader.start()
@@ -297,7 +297,7 @@ def test_the_terminal_gets_a_download_line_every_few_seconds_and_each_new_step_a
 
 
 def test_modelscope_file_callbacks_add_up_to_the_whole_download():
-    from internlm_app.model_source import _DownloadTracker
+    from internlm_app.runtime.model_source import _DownloadTracker
 
     steps: list[LoadStep] = []
     tracker = _DownloadTracker(steps.append, {"config.json": 1_000, "model-1.bin": 9_000})

@@ -7,7 +7,7 @@ import pytest
 
 from internlm_app.sampling import SamplingParams
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
-from internlm_app.store import ConversationStore
+from internlm_app.store.db import ConversationStore
 from tests.app_helpers import MAX_NEW_TOKENS, chat, run_page, send, texts
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": MAX_NEW_TOKENS}  # a conversation's settings: the same reply each run
@@ -115,7 +115,7 @@ def test_history_filters_by_feedback(app_env, store):
     _conversation(store, "the hills", "they are green")
     store.set_feedback(a1, 1)
     store.set_feedback(a2, 0)
-    at = run_page("pages/history.py")
+    at = run_page("internlm_app/web/pages/history.py")
     assert len(at.selectbox(key="selected").options) == 3
     at.radio(key="feedback_filter").set_value(1).run()
     assert [o.split(" · ")[0] for o in at.selectbox(key="selected").options] == ["the sea"]

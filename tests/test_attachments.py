@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from internlm_app.attachments import (
+from internlm_app.chat.attachments import (
     MAX_FILE_BYTES,
     AttachmentError,
     estimate_tokens,
@@ -77,7 +77,7 @@ def test_encrypted_truncated_and_blank_pdfs():
 
 
 def test_too_many_pages(monkeypatch):
-    monkeypatch.setattr("internlm_app.attachments.MAX_PDF_PAGES", 5)
+    monkeypatch.setattr("internlm_app.chat.attachments.MAX_PDF_PAGES", 5)
     with pytest.raises(AttachmentError) as caught:
         read_attachment("report.pdf", _report())
     assert caught.value.reason == "too_many_pages" and "6 pages" in str(caught.value)
@@ -165,7 +165,7 @@ def test_room_left_in_the_context_window_and_the_prompt_fits(engine):
 
 
 def test_remote_estimate_errs_high(tmp_path):
-    from internlm_app.remote import RemoteBackend
+    from internlm_app.backends.remote import RemoteBackend
     from internlm_app.settings import Settings
 
     assert estimate_tokens("你好世界") == 4 and estimate_tokens("abcdefg") == 3

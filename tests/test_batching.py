@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from internlm_app.backends.engine import ChatEngine, history_to_messages
 from internlm_app.chat_types import GenerationError, QueueFullError, ReplyEvents
-from internlm_app.engine import ChatEngine, history_to_messages
 from internlm_app.sampling import SamplingParams
 from tests.api_helpers import free_all_slots, take_all_slots, wait_until
 from tests.faults import FailOnForward

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from internlm_app.chat_context import model_messages
-from internlm_app.store import ConversationStore
+from internlm_app.chat.context import model_messages
+from internlm_app.store.db import ConversationStore
 from tests.browser_helpers import CHROMIUM, button, chromium, streamlit_server, tiny_model_env, wait_for_text
 from tests.pdf_helpers import make_pdf
 

@@ -8,7 +8,7 @@ import urllib.parse
 
 import pytest
 
-from internlm_app.store import ConversationStore
+from internlm_app.store.db import ConversationStore
 from tests.browser_helpers import CHROMIUM, chromium, send, streamlit_server, tiny_model_env, wait_for_text
 from tests.fake_openai import scripted_openai_server
 

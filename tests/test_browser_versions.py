@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
-from internlm_app.store import ConversationStore
+from internlm_app.store.db import ConversationStore
 from tests.browser_helpers import CHROMIUM, button, chromium, send, streamlit_server, tiny_model_env, wait_for_text
 
 pytestmark = [

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from internlm_app.builtin_tools import MAX_INT_BITS, ToolError, calculate, convert_units, current_time
+from internlm_app.chat.builtin_tools import MAX_INT_BITS, ToolError, calculate, convert_units, current_time
+from internlm_app.chat.tool_runner import FinalEvent, TextEvent, ToolCallEvent, ToolResultEvent, run_with_tools
+from internlm_app.chat.tool_set import ToolSet, chat_tools, load_user_tools
 from internlm_app.chat_types import InvalidRequestError
 from internlm_app.sampling import SamplingParams
-from internlm_app.tool_runner import FinalEvent, TextEvent, ToolCallEvent, ToolResultEvent, run_with_tools
-from internlm_app.tool_set import ToolSet, chat_tools, load_user_tools
 
 NO_SYSTEM = {"role": "system", "content": ""}  # the tiny model's window is 512 tokens
 
@@ -80,7 +80,7 @@ def test_current_time_in_a_time_zone():
     shanghai = current_time("Asia/Shanghai")
     stamp = datetime.fromisoformat(shanghai.split(" ")[0])
     assert stamp.utcoffset() == timedelta(hours=8) and "Asia/Shanghai" in shanghai
-    assert abs(stamp - datetime.now(timezone.utc)) < timedelta(seconds=5)
+    assert abs(stamp - datetime.now(UTC)) < timedelta(seconds=5)
     assert stamp.strftime("%A") in shanghai
     assert datetime.fromisoformat(current_time().split(" ")[0]).tzinfo is not None  # the server's zone, named
     with pytest.raises(ToolError, match="unknown time zone"):

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from internlm_app.convert import ConversionError, convert_checkpoint, is_converted, llama_config, split_wqkv
-from internlm_app.model_source import resolve_model_dir
+from internlm_app.runtime.convert import ConversionError, convert_checkpoint, is_converted, llama_config, split_wqkv
+from internlm_app.runtime.model_source import resolve_model_dir
 from tests.conftest import FIXTURE_DIR, tiny_settings
 
 
@@ -119,7 +119,7 @@ def test_two_processes_starting_together_convert_once(tmp_path):
     import sys
 
     script = (
-        "import sys; from pathlib import Path; from internlm_app.model_source import resolve_model_dir;"
+        "import sys; from pathlib import Path; from internlm_app.runtime.model_source import resolve_model_dir;"
         "from tests.conftest import tiny_settings; print(resolve_model_dir(tiny_settings(Path(sys.argv[1]))))"
     )
     root = FIXTURE_DIR.parents[2]

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from internlm_app.backends.engine import ChatEngine, history_to_messages
+from internlm_app.backends.gpu_queue import GpuQueue
 from internlm_app.chat_types import (
     ContextTooLongError,
     GenerationError,
@@ -16,9 +18,7 @@ from internlm_app.chat_types import (
     QueueFullError,
     ReplyEvents,
 )
-from internlm_app.engine import ChatEngine, history_to_messages
-from internlm_app.gpu_queue import GpuQueue
-from internlm_app.loader import ModelLoadError
+from internlm_app.runtime.loader import ModelLoadError
 from internlm_app.sampling import SamplingParams
 from tests.faults import FailOnForward
 

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from internlm_app import gpu
+from internlm_app.backends.engine import ChatEngine
 from internlm_app.chat_types import GenerationError, ReplyEvents
-from internlm_app.engine import ChatEngine
+from internlm_app.runtime import gpu
 from internlm_app.sampling import SamplingParams
 
 GREEDY = SamplingParams.greedy_params(8)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from internlm_app import export
-from internlm_app.export import ImportValidationError, export_json, export_markdown, fingerprint, import_json
-from internlm_app.store import Attachment, ConversationStore
+from internlm_app.store import export
+from internlm_app.store.db import Attachment, ConversationStore
+from internlm_app.store.export import ImportValidationError, export_json, export_markdown, fingerprint, import_json
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -199,7 +199,7 @@ def test_a_tree_without_selected_shows_its_last_message(store: ConversationStore
 
 
 def test_a_reply_with_tool_calls_round_trips_and_bad_steps_are_refused(tmp_path):
-    from internlm_app.store import ConversationStore
+    from internlm_app.store.db import ConversationStore
 
     store = ConversationStore(tmp_path / "c.db")
     cid = store.create_conversation("")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from internlm_app.backends.decode_plan import choose_single_path
+from internlm_app.backends.engine import ChatEngine
 from internlm_app.chat_types import GenerationError, ReplyEvents
-from internlm_app.engine import ChatEngine
 from internlm_app.sampling import SamplingParams
 
 GREEDY = SamplingParams.greedy_params(40)

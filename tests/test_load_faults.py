@@ -14,10 +14,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from internlm_app import cli, convert
-from internlm_app.convert import MARKER, ConversionError, convert_checkpoint, is_converted
-from internlm_app.loader import ModelLoadError, load_model
-from internlm_app.model_source import resolve_model_dir
+from internlm_app import cli
+from internlm_app.runtime import convert
+from internlm_app.runtime.convert import MARKER, ConversionError, convert_checkpoint, is_converted
+from internlm_app.runtime.loader import ModelLoadError, load_model
+from internlm_app.runtime.model_source import resolve_model_dir
 from tests.conftest import FIXTURE_DIR, tiny_settings
 
 

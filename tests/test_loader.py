@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from internlm_app.loader import ModelLoadError, choose_dtype, load_model
+from internlm_app.runtime.loader import ModelLoadError, choose_dtype, load_model
 from tests.conftest import tiny_settings
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from internlm_app.backends.engine import ChatEngine
 from internlm_app.chat_types import ReplyEvents
-from internlm_app.engine import ChatEngine
+from internlm_app.runtime.tokenizer import HFChatTokenizer
 from internlm_app.sampling import SamplingParams
-from internlm_app.tokenizer import HFChatTokenizer
 from tests.conftest import tiny_settings
 from tests.hf_tiny import build_model
 

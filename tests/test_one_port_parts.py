@@ -3,6 +3,9 @@ shared loader (503 while loading, the failure, then the real engine), and export
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,14 +21,15 @@ from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 
 from internlm_app.api import create_app
-from internlm_app.backend import BackendLoader
+from internlm_app.backends.factory import BackendLoader
 from internlm_app.load_progress import LoadStep
-from internlm_app.loader import ModelLoadError
+from internlm_app.runtime.loader import ModelLoadError
 from internlm_app.server.routing import WebGate, api_mounts, api_paths, is_api_request, safe_next
 from internlm_app.server.web_login import COOKIE_NAME, WebLogin
 from internlm_app.web import history
 from internlm_app.web.auth import LoginThrottle
 from tests.api_helpers import API_KEY, api_settings
+from tests.app_helpers import ROOT
 
 PASSWORD = "correct horse"
 
@@ -179,3 +183,20 @@ def test_under_serve_a_page_without_the_login_cookie_shows_only_the_way_to_log_i
         at = run_page()  # AppTest sends no cookie, like a websocket that got past no gate
     assert "login has expired" in texts(at.warning) and not at.chat_input and not at.text_input
     assert loader.status().state == "idle"
+
+
+def test_serve_applies_the_apps_streamlit_options_wherever_it_starts(tmp_path):
+    # An installed package run from another directory has no .streamlit/config.toml beside it: serve sets the app's
+    # options itself (upload limit, no tracebacks for users, ...), keeping any option the user's own config sets.
+    (tmp_path / ".streamlit").mkdir()
+    (tmp_path / ".streamlit" / "config.toml").write_text("[server]\nmaxUploadSize = 7\n")
+    code = (
+        "from streamlit import config; from internlm_app.server import apply_streamlit_config; "
+        "applied = apply_streamlit_config(); "
+        "print(config.get_option('server.maxUploadSize'), config.get_option('client.showErrorDetails'), "
+        "config.get_option('client.showSidebarNavigation'), 'server.maxUploadSize' in applied)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["7", "none", "True", "False"]

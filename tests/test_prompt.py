@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from internlm_app.chat_types import InvalidRequestError, Message
-from internlm_app.prompt import build_prompt_ids
+from internlm_app.runtime.prompt import build_prompt_ids
+from internlm_app.runtime.tokenizer import InternLM2Tokenizer
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
-from internlm_app.tokenizer import InternLM2Tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "internlm2-tiny"
 REF = json.loads((FIXTURE / "reference.json").read_text(encoding="utf-8"))

@@ -11,7 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from internlm_app.api import create_app, running_server
-from internlm_app.backend import create_backend
+from internlm_app.backends.factory import create_backend
+from internlm_app.backends.remote import RemoteBackend, engine_error
 from internlm_app.chat_types import (
     ContextTooLongError,
     GenerationError,
@@ -19,7 +20,6 @@ from internlm_app.chat_types import (
     QueueFullError,
     ReplyEvents,
 )
-from internlm_app.remote import RemoteBackend, engine_error
 from internlm_app.sampling import SamplingParams
 from tests.api_helpers import (
     API_KEY,

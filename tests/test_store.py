@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from internlm_app import export
 from internlm_app.chat_types import ReplyStats
-from internlm_app.export import IMPORT_REASONS, ImportValidationError, export_json, export_markdown, import_json
-from internlm_app.store import MIGRATIONS, SCHEMA_VERSION, TITLE_MAX, ConversationStore, StoreError
+from internlm_app.store import export
+from internlm_app.store.db import MIGRATIONS, SCHEMA_VERSION, TITLE_MAX, ConversationStore, StoreError
+from internlm_app.store.export import IMPORT_REASONS, ImportValidationError, export_json, export_markdown, import_json
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -486,7 +486,7 @@ def test_replace_from_is_one_transaction(store: ConversationStore) -> None:
 
 def test_an_export_imported_again_is_recognised(store):
     """The same conversation (system prompt, creation time, every message) is skipped when asked; kept when not."""
-    from internlm_app.export import export_json, import_json
+    from internlm_app.store.export import export_json, import_json
 
     cid = store.create_conversation("sys")
     store.add_message(cid, "user", "hello")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from internlm_app.store import Attachment, ConversationStore, Preset, StoreFault
+from internlm_app.store.db import Attachment, ConversationStore, Preset, StoreFault
 from tests.store_faults import make_read_only
 
 pytestmark = pytest.mark.timeout(120)

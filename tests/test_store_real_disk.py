@@ -14,7 +14,7 @@ ROOT = FIXTURE_DIR.parents[2]
 
 SCRIPT = r"""
 import json, os, subprocess, sys
-from internlm_app.store import ConversationStore, StoreFault
+from internlm_app.store.db import ConversationStore, StoreFault
 
 disk = sys.argv[1]
 os.makedirs(disk, exist_ok=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from internlm_app.store import MIGRATIONS, SCHEMA_VERSION, ConversationStore, Versions
+from internlm_app.store.db import MIGRATIONS, SCHEMA_VERSION, ConversationStore, Versions
 
 pytestmark = pytest.mark.timeout(120)
 

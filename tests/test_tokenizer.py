@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from internlm_app.tokenizer import HFChatTokenizer, InternLM2Tokenizer, clean_up_tokenization, load_tokenizer
+from internlm_app.runtime.tokenizer import HFChatTokenizer, InternLM2Tokenizer, clean_up_tokenization, load_tokenizer
 from tests.hf_tiny import build_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "internlm2-tiny"
@@ -206,7 +206,7 @@ def test_hf_stream_decoder(hf_tok):
 
 
 def test_hf_stream_decoder_decodes_the_shown_prefix_once(hf_tok):
-    from internlm_app.tokenizer import _WindowStreamDecoder
+    from internlm_app.runtime.tokenizer import _WindowStreamDecoder
 
     calls: list[tuple[int, ...]] = []
 

@@ -7,7 +7,7 @@ import hmac
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import error_response
+from internlm_app.api.errors import error_response
 
 OPEN_PATHS = frozenset({"/health"})
 

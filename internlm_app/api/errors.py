@@ -10,7 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..chat_types import ContextTooLongError, EngineError, GenerationError, InvalidRequestError, QueueFullError
+from internlm_app.chat_types import (
+    ContextTooLongError,
+    EngineError,
+    GenerationError,
+    InvalidRequestError,
+    QueueFullError,
+)
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ..chat_types import ReplyQueue, ReplyStats
+from internlm_app.chat_types import ReplyQueue, ReplyStats
 
 ENDPOINTS = frozenset({"/", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

@@ -9,8 +9,8 @@ import anyio
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import error_response
-from .metrics import Metrics
+from internlm_app.api.errors import error_response
+from internlm_app.api.metrics import Metrics
 
 log = logging.getLogger("internlm_app.api")
 

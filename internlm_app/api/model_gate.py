@@ -9,9 +9,9 @@ import anyio
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..backend import BackendLoader, LoadStatus
-from ..chat_types import ChatBackend
-from .errors import RETRY_AFTER_SECONDS, error_response, is_openai_path
+from internlm_app.api.errors import RETRY_AFTER_SECONDS, error_response, is_openai_path
+from internlm_app.backends.factory import BackendLoader, LoadStatus
+from internlm_app.chat_types import ChatBackend
 
 log = logging.getLogger(__name__)
 

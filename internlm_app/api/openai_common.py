@@ -15,10 +15,10 @@ from fastapi import Request
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from ..chat_types import EngineError, Message, ReplyOptions, TokenLogprob
-from ..sampling import SamplingParams
-from .errors import engine_error_details, openai_error
-from .replies import ReplyRunner
+from internlm_app.api.errors import engine_error_details, openai_error
+from internlm_app.api.replies import ReplyRunner
+from internlm_app.chat_types import EngineError, Message, ReplyOptions, TokenLogprob
+from internlm_app.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..backends.sampler import MAX_TOP_LOGPROBS
-from ..chat_types import InvalidRequestError, Message, ReplyOptions, ToolCall
-from ..sampling import BOUNDS, GREEDY_BELOW, SamplingParams
-from ..settings import Settings
-from ..tools import call_schema, with_tools
-from .schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS, Text, check_stops
+from internlm_app.api.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS, Text, check_stops
+from internlm_app.backends.sampler import MAX_TOP_LOGPROBS
+from internlm_app.chat_types import InvalidRequestError, Message, ReplyOptions, ToolCall
+from internlm_app.runtime.tool_format import call_schema, with_tools
+from internlm_app.sampling import BOUNDS, GREEDY_BELOW, SamplingParams
+from internlm_app.settings import Settings
 
 MAX_CHOICES = 8  # n (and prompts × n on /v1/completions): each choice is a reply on the GPU
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

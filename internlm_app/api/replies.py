@@ -12,9 +12,9 @@ import anyio
 from anyio import to_thread
 from fastapi import Request
 
-from ..chat_types import Message, ReplyChunk, ReplyEvents, ReplyOptions, ReplyStats
-from ..reply_reader import stream_chunks
-from ..sampling import SamplingParams
+from internlm_app.chat.reply_reader import stream_chunks
+from internlm_app.chat_types import Message, ReplyChunk, ReplyEvents, ReplyOptions, ReplyStats
+from internlm_app.sampling import SamplingParams
 
 _END = object()
 DISCONNECT_POLL_SECONDS = 0.1

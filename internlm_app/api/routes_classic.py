@@ -8,11 +8,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from ..chat_types import ReplyOptions
-from .errors import now_text
-from .openai_common import DROPPED_HEADER
-from .replies import ReplyRunner
-from .schemas import ClassicRequest
+from internlm_app.api.errors import now_text
+from internlm_app.api.openai_common import DROPPED_HEADER
+from internlm_app.api.replies import ReplyRunner
+from internlm_app.api.schemas import ClassicRequest
+from internlm_app.chat_types import ReplyOptions
 
 router = APIRouter(tags=["classic"])
 

@@ -13,11 +13,19 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from openai.types import Completion
 
-from ..chat_types import TokenLogprob
-from ..reply_reader import StopCutText
-from .openai_common import ResponseIds, close_all, dropped_headers, event_stream, seeds, start_runners, usage
-from .openai_requests import COMPLETIONS_DEFAULT_MAX_TOKENS, CompletionRequest
-from .replies import ReplyRunner
+from internlm_app.api.openai_common import (
+    ResponseIds,
+    close_all,
+    dropped_headers,
+    event_stream,
+    seeds,
+    start_runners,
+    usage,
+)
+from internlm_app.api.openai_requests import COMPLETIONS_DEFAULT_MAX_TOKENS, CompletionRequest
+from internlm_app.api.replies import ReplyRunner
+from internlm_app.chat.reply_reader import StopCutText
+from internlm_app.chat_types import TokenLogprob
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

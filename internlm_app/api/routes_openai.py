@@ -12,10 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from ..chat_types import ToolCall
-from ..reply_reader import ChoiceBuilder, Delta
-from .errors import error_response
-from .openai_common import (
+from internlm_app.api.errors import error_response
+from internlm_app.api.openai_common import (
     ResponseIds,
     close_all,
     dropped_headers,
@@ -26,8 +24,10 @@ from .openai_common import (
     start_runners,
     usage,
 )
-from .openai_requests import ChatCompletionRequest
-from .replies import ReplyRunner
+from internlm_app.api.openai_requests import ChatCompletionRequest
+from internlm_app.api.replies import ReplyRunner
+from internlm_app.chat.reply_reader import ChoiceBuilder, Delta
+from internlm_app.chat_types import ToolCall
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

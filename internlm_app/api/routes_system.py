@@ -7,10 +7,10 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from .. import gpu
-from ..backend import backends_created
-from .auth import key_matches
-from .model_gate import LOAD_FAILED_HINT, bound_backend
+from internlm_app.api.auth import key_matches
+from internlm_app.api.model_gate import LOAD_FAILED_HINT, bound_backend
+from internlm_app.backends.factory import backends_created
+from internlm_app.runtime import gpu
 
 router = APIRouter(tags=["operations"])
 

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from ..chat_types import Message, history_to_messages, not_unicode
-from ..sampling import SamplingParams, sampling_field
-from ..settings import Settings
+from internlm_app.chat_types import Message, history_to_messages, not_unicode
+from internlm_app.sampling import SamplingParams, sampling_field
+from internlm_app.settings import Settings
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 1000  # per stop string; a stop is matched incrementally, but its prefix is held back while streaming

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import uvicorn
 from fastapi import FastAPI
 
-from ..settings import Settings
+from internlm_app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def serve(settings: Settings | None = None) -> None:
     """Serve the API on settings.host:settings.port until interrupted (`python -m internlm_app api`)."""
-    from . import create_app
+    from internlm_app.api.app import create_app
 
     settings = settings or Settings()
     if not logging.getLogger().handlers:

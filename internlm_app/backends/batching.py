@@ -21,11 +21,11 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-from .. import gpu
-from ..chat_types import GenerationError
-from ..sampling import SamplingParams
-from .forward_lock import ForwardLock
-from .token_stream import TokenStream
+from internlm_app.backends.forward_lock import ForwardLock
+from internlm_app.backends.token_stream import TokenStream
+from internlm_app.chat_types import GenerationError
+from internlm_app.runtime import gpu
+from internlm_app.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Literal
 
 import torch
 
-from .. import gpu
-from ..settings import ModelSettings
+from internlm_app.runtime import gpu
+from internlm_app.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from collections.abc import Callable
 import torch
 from transformers import LogitsProcessor
 
-from .. import grammar
-from ..chat_types import TokenLogprob
-from ..sampling import SamplingParams
+from internlm_app.chat_types import TokenLogprob
+from internlm_app.runtime import grammar
+from internlm_app.sampling import SamplingParams
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 

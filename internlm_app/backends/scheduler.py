@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LogitsProcessor
 
-from ..chat_types import GenerationError
-from ..gpu_queue import GpuQueue
-from ..sampling import SamplingParams
-from .batching import BatchDecoder
-from .decode_plan import DecodePlan
-from .token_stream import TokenStream
-from .worker import GenerationJob, GenerationWorker
+from internlm_app.backends.batching import BatchDecoder
+from internlm_app.backends.decode_plan import DecodePlan
+from internlm_app.backends.gpu_queue import GpuQueue
+from internlm_app.backends.token_stream import TokenStream
+from internlm_app.backends.worker import GenerationJob, GenerationWorker
+from internlm_app.chat_types import GenerationError
+from internlm_app.sampling import SamplingParams
 
 
 @dataclass

@@ -26,10 +26,10 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from .. import gpu
-from .forward_lock import ForwardLock
-from .prefix_cache import PrefixCache
-from .token_stream import TokenStream
+from internlm_app.backends.forward_lock import ForwardLock
+from internlm_app.backends.prefix_cache import PrefixCache
+from internlm_app.backends.token_stream import TokenStream
+from internlm_app.runtime import gpu
 
 log = logging.getLogger(__name__)
 

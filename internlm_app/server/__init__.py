@@ -10,6 +10,7 @@ serve`), built on Streamlit's ASGI entry point `st.App`.
 from __future__ import annotations
 
 import logging
+import tomllib
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -19,19 +20,20 @@ from starlette.middleware import Middleware
 from starlette.responses import RedirectResponse
 from starlette.routing import Route
 
-from ..api import create_app
-from ..api.server import MAX_CONNECTIONS, bind_socket
-from ..backend import BackendLoader
-from ..settings import Settings
-from ..web.hosting import Hosting, hosting
-from .routing import LOGIN_PATH, OnePortRouter, WebGate
-from .web_login import WebLogin
+from internlm_app.api.app import create_app
+from internlm_app.api.server import MAX_CONNECTIONS, bind_socket
+from internlm_app.backends.factory import BackendLoader
+from internlm_app.server.routing import LOGIN_PATH, OnePortRouter, WebGate
+from internlm_app.server.web_login import WebLogin
+from internlm_app.settings import Settings
+from internlm_app.web.hosting import Hosting, hosting
 
 __all__ = ["APP_SCRIPT", "create_server", "serve"]
 
 log = logging.getLogger(__name__)
 
-APP_SCRIPT = Path(__file__).resolve().parents[2] / "app.py"  # the chat page; pages/ beside it
+APP_SCRIPT = Path(__file__).resolve().parents[1] / "web" / "app.py"  # the entry script; web/pages/ beside it
+STREAMLIT_CONFIG = APP_SCRIPT.with_name("streamlit.toml")
 
 
 def create_server(settings: Settings | None = None, loader: BackendLoader | None = None) -> st.App:
@@ -55,11 +57,28 @@ def create_server(settings: Settings | None = None, loader: BackendLoader | None
     return st.App(APP_SCRIPT, lifespan=lifespan, routes=routes, middleware=middleware)
 
 
+def apply_streamlit_config(path: Path = STREAMLIT_CONFIG) -> list[str]:
+    """The app's Streamlit options (web/streamlit.toml; the checkout's .streamlit/config.toml links to it) wherever
+    `serve` starts, also from an installed package: an option a config file or flag of the user set is kept. Returns
+    the options set here."""
+    from streamlit import config
+
+    applied = []
+    for section, options in tomllib.loads(path.read_text()).items():
+        for name, value in options.items():
+            key = f"{section}.{name}"
+            if config.get_where_defined(key) == config.ConfigOption.DEFAULT_DEFINITION:
+                config.set_option(key, value, where_defined=str(path))
+                applied.append(key)
+    return applied
+
+
 def serve(settings: Settings | None = None) -> None:
     """Serve the web app and the API on settings.host:settings.port until interrupted."""
     from streamlit import config
 
     settings = settings or Settings()
+    apply_streamlit_config()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     public = settings.host not in ("127.0.0.1", "localhost", "::1")

@@ -10,7 +10,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..web.hosting import CookieCheck
+from internlm_app.web.hosting import CookieCheck
 
 LOGIN_PATH, LOGOUT_PATH = "/login", "/logout"
 # Streamlit's own paths that stay closed: its metrics (session counts, cache memory) are nobody's business here; the

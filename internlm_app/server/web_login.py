@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from ..web.auth import FAILURE_DELAY_SECONDS, LoginThrottle, password_matches
-from .routing import LOGIN_PATH, LOGOUT_PATH, safe_next
+from internlm_app.server.routing import LOGIN_PATH, LOGOUT_PATH, safe_next
+from internlm_app.web.auth import FAILURE_DELAY_SECONDS, LoginThrottle, password_matches
 
 COOKIE_NAME = "internlm_web"
 SESSION_SECONDS = 7 * 24 * 3600  # a login lasts a week (or until the server restarts)

@@ -1,1 +1,2 @@
-"""Support code for the Streamlit web app (app.py and pages/): labels, session state, loading, streaming, login."""
+"""The Streamlit web app: its entry script (app.py), pages/ (chat, status, history) and their support code:
+labels, session state, loading, streaming, versions, files, tools, login."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-from ..attachments import (
+from internlm_app.chat.attachments import (
     JOIN_TOKENS,
     TEXT_SUFFIXES,
     Attachment,
@@ -20,12 +20,12 @@ from ..attachments import (
     room_for_attachments,
     token_counter,
 )
-from ..chat_context import model_messages, stored_attachment
-from ..chat_types import ChatBackend, Message
-from ..store import Conversation, ConversationStore
-from ..store_tree import Attachment as StoredAttachment
-from . import state
-from .safe_markdown import code_span, plain
+from internlm_app.chat.context import model_messages, stored_attachment
+from internlm_app.chat_types import ChatBackend, Message
+from internlm_app.store.db import Conversation, ConversationStore
+from internlm_app.store.tree import Attachment as StoredAttachment
+from internlm_app.web import state
+from internlm_app.web.safe_markdown import code_span, plain
 
 FILE_TYPES = sorted({suffix.lstrip(".") for suffix in TEXT_SUFFIXES} | {"pdf"})
 PROMPT_KEY = "prompt"  # the chat input's key (chat.PROMPT_KEY)

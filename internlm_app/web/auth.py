@@ -14,8 +14,8 @@ from collections import deque
 
 import streamlit as st
 
-from ..settings import Settings
-from .hosting import CookieCheck
+from internlm_app.settings import Settings
+from internlm_app.web.hosting import CookieCheck
 
 AUTH_KEY = "_web_authenticated"
 FAILURE_DELAY_SECONDS = 0.5  # slows down password guessing within one session

@@ -8,18 +8,18 @@ from typing import NoReturn
 
 import streamlit as st
 
-from ..chat_types import ChatBackend
-from ..sampling import SamplingParams
-from ..store import Conversation, ConversationStore, StoreFault
-from ..store_tree import Attachment
-from . import attachments_view, feedback, state, storage, tools_view
-from . import versions as versions_ui
-from .page import PageContext
-from .render import CURSOR, message_markdown, show_message
-from .reply import WATCH_SECONDS, ReplyNotSaved, ReplyView, WebReply
-from .resources import live_replies
-from .safe_markdown import plain
-from .versions import versions_on_path
+from internlm_app.chat_types import ChatBackend
+from internlm_app.sampling import SamplingParams
+from internlm_app.store.db import Conversation, ConversationStore, StoreFault
+from internlm_app.store.tree import Attachment
+from internlm_app.web import attachments_view, feedback, state, storage, tools_view
+from internlm_app.web import versions as versions_ui
+from internlm_app.web.page import PageContext
+from internlm_app.web.render import CURSOR, message_markdown, show_message
+from internlm_app.web.reply import WATCH_SECONDS, ReplyNotSaved, ReplyView, WebReply
+from internlm_app.web.resources import live_replies
+from internlm_app.web.safe_markdown import plain
+from internlm_app.web.versions import versions_on_path
 
 LIVE_VIEW_SECONDS = 0.5  # how often a reply generated outside this run is redrawn
 _QUEUED_KEY = "_queued_messages"  # per conversation: messages typed while its reply ran, sent when it ends

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import streamlit as st
 
-from ..store import ConversationStore, StoredMessage, StoreFault
-from . import storage
+from internlm_app.store.db import ConversationStore, StoredMessage, StoreFault
+from internlm_app.web import storage
 
 FEEDBACK_STATUSES = ("complete", "stopped")  # a finished reply; an error or an interrupted one gets none
 

@@ -11,10 +11,10 @@ from functools import partial
 import streamlit as st
 from streamlit import runtime
 
-from .. import export
-from ..store import ConversationStore, ConversationSummary, StoreFault
-from . import storage
-from .safe_markdown import plain
+from internlm_app.store import export
+from internlm_app.store.db import ConversationStore, ConversationSummary, StoreFault
+from internlm_app.web import storage
+from internlm_app.web.safe_markdown import plain
 
 _UPLOADS_KEY = "_imports_done"
 NOTICE_KEY = "_history_notice"  # (kind, text) shown once after a callback

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..backend import BackendLoader
-from ..settings import Settings
+from internlm_app.backends.factory import BackendLoader
+from internlm_app.settings import Settings
 
 
 class CookieCheck(Protocol):

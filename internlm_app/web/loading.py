@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 
 import streamlit as st
 
-from ..backend import BackendLoader, LoadStatus
-from ..chat_types import ChatBackend
-from ..load_progress import LoadStep, human_bytes
+from internlm_app.backends.factory import BackendLoader, LoadStatus
+from internlm_app.chat_types import ChatBackend
+from internlm_app.load_progress import LoadStep, human_bytes
 
 if TYPE_CHECKING:  # page.py calls into this module
-    from .page import PageContext
+    from internlm_app.web.page import PageContext
 
 POLL_SECONDS = 0.25
 

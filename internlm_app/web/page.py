@@ -11,15 +11,15 @@ from pathlib import Path
 import streamlit as st
 from pydantic import ValidationError
 
-from ..backend import BackendLoader
-from ..chat_types import ChatBackend
-from ..settings import Settings, describe_settings_error
-from ..store import ConversationStore
-from . import hosting
-from .auth import is_logged_in, login_gate, logout_control
-from .i18n import LANGUAGES, t
-from .resources import backend_loader
-from .storage import open_store
+from internlm_app.backends.factory import BackendLoader
+from internlm_app.chat_types import ChatBackend
+from internlm_app.settings import Settings, describe_settings_error
+from internlm_app.store.db import ConversationStore
+from internlm_app.web import hosting
+from internlm_app.web.auth import is_logged_in, login_gate, logout_control
+from internlm_app.web.i18n import LANGUAGES, t
+from internlm_app.web.resources import backend_loader
+from internlm_app.web.storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,14 @@ LANG_PARAM = "lang"  # ?lang=en keeps the language across refreshes and in share
 _LANG_KEY = "_lang"  # the session's language (not the widget's own state, which a page switch drops)
 
 RUN_COMMAND = "python -m internlm_app serve"  # the web app, the API and one model on one port
-# (script, title label, icon, URL path); the first is the default page, at "/".
+PAGES_DIR = Path(__file__).with_name("pages")
+CHAT_PAGE = PAGES_DIR / "chat.py"
+# (script, title label, icon, URL path); the first is the default page, at "/". Absolute paths: the same pages serve
+# from the package's entry script (`serve`) and from the checkout's app.py (`streamlit run app.py`).
 PAGES = (
-    ("pages/chat.py", "nav_chat", ":material/chat:", ""),
-    ("pages/status.py", "nav_status", ":material/monitor_heart:", "status"),
-    ("pages/history.py", "nav_history", ":material/history:", "history"),
+    (CHAT_PAGE, "nav_chat", ":material/chat:", ""),
+    (PAGES_DIR / "status.py", "nav_status", ":material/monitor_heart:", "status"),
+    (PAGES_DIR / "history.py", "nav_history", ":material/history:", "history"),
 )
 # A file, not ":material/chat:": Streamlit fetches a Material icon for the tab from fonts.gstatic.com, a request to
 # elsewhere from every viewer's browser (and blocked on Chinese networks).
@@ -72,7 +75,7 @@ class PageContext:
 
     def backend(self) -> ChatBackend:
         """The shared backend; while it loads the page shows progress, and a failure stops the page with a message."""
-        from .loading import require_backend
+        from internlm_app.web.loading import require_backend
 
         return require_backend(self)
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ..store import ConversationStore
-from . import state, storage
-from .page import PageContext
-from .safe_markdown import plain
+from internlm_app.store.db import ConversationStore
+from internlm_app.web import state, storage
+from internlm_app.web.page import PageContext
+from internlm_app.web.safe_markdown import plain
 
 PICK_KEY = "preset_pick"
 NAME_KEY = "preset_name"

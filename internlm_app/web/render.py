@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 import streamlit as st
 
-from ..store import StoredMessage
-from .attachments_view import show_attachments
-from .safe_markdown import plain, safe_markdown
-from .tools_view import show_steps
+from internlm_app.store.db import StoredMessage
+from internlm_app.web.attachments_view import show_attachments
+from internlm_app.web.safe_markdown import plain, safe_markdown
+from internlm_app.web.tools_view import show_steps
 
 _CODE = re.compile(r"(```.*?(?:```|$)|`[^`\n]*`)", re.DOTALL)
 _DISPLAY_MATH = re.compile(r"\\\[(.+?)\\\]", re.DOTALL)

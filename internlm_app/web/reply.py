@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 from streamlit.runtime.scriptrunner_utils.exceptions import RerunException, StopException
 
-from ..chat_context import model_messages
-from ..chat_types import ChatBackend, EngineError, ReplyEvents, ReplyStats
-from ..sampling import SamplingParams
-from ..store import ConversationStore, StoreFault
-from .throttle import SAVE_INTERVAL_SECONDS, Throttle, throttled_text
+from internlm_app.chat.context import model_messages
+from internlm_app.chat_types import ChatBackend, EngineError, ReplyEvents, ReplyStats
+from internlm_app.sampling import SamplingParams
+from internlm_app.store.db import ConversationStore, StoreFault
+from internlm_app.web.throttle import SAVE_INTERVAL_SECONDS, Throttle, throttled_text
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from ..backend import BackendLoader, fingerprint
-from ..settings import Settings
-from ..store import ConversationStore
-from .reply import LiveReplies
+from internlm_app.backends.factory import BackendLoader, fingerprint
+from internlm_app.settings import Settings
+from internlm_app.store.db import ConversationStore
+from internlm_app.web.reply import LiveReplies
 
 
 @st.cache_resource(show_spinner=False)

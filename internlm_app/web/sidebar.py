@@ -6,14 +6,14 @@ from collections.abc import Callable
 
 import streamlit as st
 
-from .. import gpu
-from ..chat_types import ChatBackend
-from ..sampling import BOUNDS, INT_PARAMS
-from ..settings import MAX_LENGTH_BOUNDS
-from ..store import Conversation, ConversationStore
-from . import state, storage
-from .page import PageContext, queue_caption
-from .safe_markdown import plain
+from internlm_app.chat_types import ChatBackend
+from internlm_app.runtime import gpu
+from internlm_app.sampling import BOUNDS, INT_PARAMS
+from internlm_app.settings import MAX_LENGTH_BOUNDS
+from internlm_app.store.db import Conversation, ConversationStore
+from internlm_app.web import state, storage
+from internlm_app.web.page import PageContext, queue_caption
+from internlm_app.web.safe_markdown import plain
 
 RECENT_CONVERSATIONS = 8
 _CONFIRM_DELETE_KEY = "_confirm_delete_chat"

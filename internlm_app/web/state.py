@@ -5,10 +5,10 @@ from __future__ import annotations
 import streamlit as st
 from pydantic import ValidationError
 
-from ..chat_types import ChatBackend
-from ..sampling import SamplingParams
-from ..settings import MAX_LENGTH_BOUNDS, Settings
-from ..store import Conversation
+from internlm_app.chat_types import ChatBackend
+from internlm_app.sampling import SamplingParams
+from internlm_app.settings import MAX_LENGTH_BOUNDS, Settings
+from internlm_app.store.db import Conversation
 
 SAMPLING_KEYS = tuple(SamplingParams.model_fields)
 MAX_LENGTH_KEY = "max_length"

@@ -6,11 +6,11 @@ from dataclasses import asdict
 
 import streamlit as st
 
-from .. import gpu
-from ..backend import BackendLoader, backends_created
-from . import hosting
-from .loading import wait_for_backend
-from .page import PageContext, queue_caption
+from internlm_app.backends.factory import BackendLoader, backends_created
+from internlm_app.runtime import gpu
+from internlm_app.web import hosting
+from internlm_app.web.loading import wait_for_backend
+from internlm_app.web.page import PageContext, queue_caption
 
 
 def model_section(ctx: PageContext, loader: BackendLoader) -> None:

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import streamlit as st
 
-from ..store import ConversationStore, StoreFault
-from .resources import conversation_store
-from .safe_markdown import code_span, plain
+from internlm_app.store.db import ConversationStore, StoreFault
+from internlm_app.web.resources import conversation_store
+from internlm_app.web.safe_markdown import code_span, plain
 
 if TYPE_CHECKING:
-    from .page import PageContext
+    from internlm_app.web.page import PageContext
 
 P = ParamSpec("P")
 R = TypeVar("R")

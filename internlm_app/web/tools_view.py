@@ -14,13 +14,13 @@ from pathlib import Path
 
 import streamlit as st
 
-from ..chat_context import ToolReplyStats
-from ..chat_types import ChatBackend, Message, ReplyEvents, ReplyStats
-from ..sampling import SamplingParams
-from ..tool_runner import FinalEvent, TextEvent, ToolCallEvent, ToolResultEvent, run_with_tools
-from ..tool_set import ToolSet, chat_tools
-from .page import PageContext
-from .safe_markdown import plain
+from internlm_app.chat.context import ToolReplyStats
+from internlm_app.chat.tool_runner import FinalEvent, TextEvent, ToolCallEvent, ToolResultEvent, run_with_tools
+from internlm_app.chat.tool_set import ToolSet, chat_tools
+from internlm_app.chat_types import ChatBackend, Message, ReplyEvents, ReplyStats
+from internlm_app.sampling import SamplingParams
+from internlm_app.web.page import PageContext
+from internlm_app.web.safe_markdown import plain
 
 TOOLS_KEY = "tools_on"
 TOOL_CHOICE_KEY = "tool_choice"

@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import streamlit as st
 
-from ..store import Conversation, ConversationStore, StoreFault, Versions
-from . import state, storage
-from .resources import live_replies
+from internlm_app.store.db import Conversation, ConversationStore, StoreFault, Versions
+from internlm_app.web import state, storage
+from internlm_app.web.resources import live_replies
 
 
 def versions_on_path(conv: Conversation | None) -> dict[int, Versions]:

@@ -3,9 +3,9 @@
 import streamlit as st
 
 from internlm_app.web import history
-from internlm_app.web.page import exit_unless_streamlit, start_page
+from internlm_app.web.page import CHAT_PAGE, exit_unless_streamlit, start_page
 
-exit_unless_streamlit("pages/history.py")
+exit_unless_streamlit("internlm_app/web/pages/history.py")
 ctx = start_page("nav_history")
 store = ctx.store()
 st.title(ctx.t("nav_history"))
@@ -33,7 +33,7 @@ cid = st.selectbox(
 )
 if cid is not None:
     open_col, json_col, md_col, delete_col = st.columns(4)
-    open_col.page_link("pages/chat.py", label=ctx.t("open"), icon=":material/chat:", query_params={"c": cid})
+    open_col.page_link(CHAT_PAGE, label=ctx.t("open"), icon=":material/chat:", query_params={"c": cid})
     for col, kind in ((json_col, "json"), (md_col, "md")):
         data = history.exporter(store, kind, [cid])
         col.download_button(

@@ -12,7 +12,7 @@ import json
 import uuid
 from typing import Any
 
-from .chat_types import Message, ToolCall
+from internlm_app.chat_types import Message, ToolCall
 
 
 def tools_turn(functions: list[dict[str, Any]]) -> Message:

@@ -14,8 +14,8 @@ from typing import Any
 
 import xgrammar as xgr
 
-from .chat_types import InvalidRequestError
-from .tokenizer import ChatTokenizer, InternLM2Tokenizer
+from internlm_app.chat_types import InvalidRequestError
+from internlm_app.runtime.tokenizer import ChatTokenizer, InternLM2Tokenizer
 
 MAX_SCHEMA_CHARS = 100_000  # a schema is compiled on the request's thread, before the reply queues: bound its size
 CACHE_BYTES = 64 << 20  # compiled grammars kept for reuse; clients that send a new schema each time cannot grow it

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from .chat_types import TURN_ROLES, Message, ReplyStats
-from .store_errors import FAULT_KINDS as FAULT_KINDS
-from .store_errors import StoreError as StoreError
-from .store_errors import StoreFault, fault_kind
-from .store_schema import MIGRATIONS, SCHEMA_VERSION
-from .store_tree import (
+from internlm_app.chat_types import TURN_ROLES, Message, ReplyStats
+from internlm_app.store.errors import FAULT_KINDS as FAULT_KINDS
+from internlm_app.store.errors import StoreError as StoreError
+from internlm_app.store.errors import StoreFault, fault_kind
+from internlm_app.store.schema import MIGRATIONS, SCHEMA_VERSION
+from internlm_app.store.tree import (
     FEEDBACK_VALUES,
     PRESET_LANGUAGES,
     PRESET_NAME_LIMIT,

@@ -8,10 +8,10 @@ import logging
 import threading
 from pathlib import Path
 
-from .convert import ConversionError, convert_checkpoint, is_converted, is_internlm2_checkpoint
-from .errors import UserFacingError
-from .load_progress import LoadStep, Progress
-from .settings import ModelSettings
+from internlm_app.errors import UserFacingError
+from internlm_app.load_progress import LoadStep, Progress
+from internlm_app.runtime.convert import ConversionError, convert_checkpoint, is_converted, is_internlm2_checkpoint
+from internlm_app.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import json
 import re
 from typing import Protocol
 
-from .chat_types import ROLES, InvalidRequestError, Message, not_unicode
+from internlm_app.chat_types import ROLES, InvalidRequestError, Message, not_unicode
 
 TURN_NAMES = ("plugin", "interpreter")  # the `name=` a system or environment turn may carry
 _SPEAKER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -8,7 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .chat_types import QueueFullError
+from internlm_app.chat_types import QueueFullError
 
 
 class GpuQueue:

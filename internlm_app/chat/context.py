@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .attachments import FittedAttachment, with_attachments
-from .chat_types import Message, ReplyStats
-from .store import ConversationStore, StoredMessage
-from .store_tree import Attachment
+from internlm_app.chat.attachments import FittedAttachment, with_attachments
+from internlm_app.chat_types import Message, ReplyStats
+from internlm_app.store.db import ConversationStore, StoredMessage
+from internlm_app.store.tree import Attachment
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers.utils import get_json_schema
 
-from .builtin_tools import BUILTIN_TOOLS, SCHEMA_LIMITS, ToolError
+from internlm_app.chat.builtin_tools import BUILTIN_TOOLS, SCHEMA_LIMITS, ToolError
 
 log = logging.getLogger(__name__)
 

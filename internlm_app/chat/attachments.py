@@ -24,7 +24,7 @@ from pathlib import PurePath
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from .chat_types import ChatBackend, Message
+    from internlm_app.chat_types import ChatBackend, Message
 
 MAX_FILE_BYTES = 20 << 20  # a file larger than this is refused before it is read
 MAX_PDF_PAGES = 500

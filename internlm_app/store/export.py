@@ -21,9 +21,9 @@ from pydantic import (
     model_validator,
 )
 
-from .chat_types import FinishReason, ReplyStats
-from .store import Attachment, Conversation, ConversationStore, StoredMessage, title_from
-from .store_tree import path_to
+from internlm_app.chat_types import FinishReason, ReplyStats
+from internlm_app.store.db import Attachment, Conversation, ConversationStore, StoredMessage, title_from
+from internlm_app.store.tree import path_to
 
 FORMAT = "internlm-chat-export"
 VERSION = 1

@@ -14,8 +14,8 @@ import time
 import httpx2
 import openai
 
-from .attachments import estimate_tokens
-from .chat_types import (
+from internlm_app.chat.attachments import estimate_tokens
+from internlm_app.chat_types import (
     ContextTooLongError,
     EngineError,
     GenerationError,
@@ -28,9 +28,9 @@ from .chat_types import (
     ReplyEvents,
     ReplyOptions,
 )
-from .prompt import validate_messages
-from .sampling import SamplingParams
-from .settings import ModelSettings
+from internlm_app.runtime.prompt import validate_messages
+from internlm_app.sampling import SamplingParams
+from internlm_app.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .chat_types import InvalidRequestError, Message, ReplyEvents, ReplyOptions, ReplyStats, ToolCall
-from .reply_reader import ChoiceBuilder, stream_chunks
-from .sampling import SamplingParams
-from .tool_set import TOOL_TIMEOUT_SECONDS, ToolResult, ToolSet
-from .tools import call_schema, with_tools
+from internlm_app.chat.reply_reader import ChoiceBuilder, stream_chunks
+from internlm_app.chat.tool_set import TOOL_TIMEOUT_SECONDS, ToolResult, ToolSet
+from internlm_app.chat_types import InvalidRequestError, Message, ReplyEvents, ReplyOptions, ReplyStats, ToolCall
+from internlm_app.runtime.tool_format import call_schema, with_tools
+from internlm_app.sampling import SamplingParams
 
 MAX_TOOL_STEPS = 4  # tool calls in one reply; after the last, the model answers with no tools offered
 

@@ -13,10 +13,10 @@ from typing import Literal
 
 from pydantic import SecretStr
 
-from .chat_types import ChatBackend
-from .errors import load_error_message, load_error_reason
-from .load_progress import LoadStep, Progress, TerminalProgress, describe
-from .settings import ModelSettings
+from internlm_app.chat_types import ChatBackend
+from internlm_app.errors import load_error_message, load_error_reason
+from internlm_app.load_progress import LoadStep, Progress, TerminalProgress, describe
+from internlm_app.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def create_backend(settings: ModelSettings, progress: Progress | None = None) ->
     global _created
     settings = settings.model
     if settings.backend == "openai":
-        from .remote import RemoteBackend
+        from internlm_app.backends.remote import RemoteBackend
 
         remote = RemoteBackend(settings)
         if progress:
@@ -39,7 +39,7 @@ def create_backend(settings: ModelSettings, progress: Progress | None = None) ->
         remote.discover_model()
         backend: ChatBackend = remote
     else:
-        from .engine import ChatEngine
+        from internlm_app.backends.engine import ChatEngine
 
         backend = ChatEngine.load(settings, progress=progress)
     with _created_lock:

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from . import gpu
-from .backends.batching import BatchDecoder
-from .backends.decode_plan import DecodePlan, plan_decoding
-from .backends.sampler import TokenSampler
-from .backends.scheduler import ReplyScheduler
-from .backends.token_stream import END, Empty, TokenStream
-from .backends.worker import GenerationWorker
-from .chat_types import (
+from internlm_app.backends.batching import BatchDecoder
+from internlm_app.backends.decode_plan import DecodePlan, plan_decoding
+from internlm_app.backends.gpu_queue import GpuQueue
+from internlm_app.backends.sampler import TokenSampler
+from internlm_app.backends.scheduler import ReplyScheduler
+from internlm_app.backends.token_stream import END, Empty, TokenStream
+from internlm_app.backends.worker import GenerationWorker
+from internlm_app.chat_types import (
     ContextTooLongError,
     DecodingState,
     EngineError,
@@ -38,13 +38,13 @@ from .chat_types import (
     history_to_messages,
     not_unicode,
 )
-from .gpu_queue import GpuQueue
-from .grammar import GrammarCompiler
-from .load_progress import LoadStep, Progress
-from .loader import ModelLoadError, load_model
-from .sampling import SamplingParams
-from .settings import DEFAULT_SYSTEM_PROMPT, ModelSettings
-from .tokenizer import ChatTokenizer
+from internlm_app.load_progress import LoadStep, Progress
+from internlm_app.runtime import gpu
+from internlm_app.runtime.grammar import GrammarCompiler
+from internlm_app.runtime.loader import ModelLoadError, load_model
+from internlm_app.runtime.tokenizer import ChatTokenizer
+from internlm_app.sampling import SamplingParams
+from internlm_app.settings import DEFAULT_SYSTEM_PROMPT, ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,10 @@ class ChatEngine:
         hi: list[Message] = [{"role": "user", "content": "hi"}]
         params = SamplingParams.greedy_params(8)
         compiling = "compiling the decode step for the static cache" if self.static_cache else ""
-        log.info("warming up the generation worker" + (f" ({compiling})" if compiling else ""))
-        if progress:
+        if progress:  # the load's progress logs it
             progress(LoadStep("warmup", detail=compiling))
+        else:
+            log.info("warming up the generation worker" + (f" ({compiling})" if compiling else ""))
         started = time.perf_counter()
         try:
             self._reply_on("worker", hi, params)
@@ -177,9 +178,10 @@ class ChatEngine:
             return
         log.info("warm-up reply done in %.1fs", time.perf_counter() - started)
         if self.plan.batching:
-            log.info("starting the continuous batch (%s)", self.plan.batch_reason)
             if progress:
-                progress(LoadStep("batch"))
+                progress(LoadStep("batch", detail=self.plan.batch_reason))
+            else:
+                log.info("starting the continuous batch (%s)", self.plan.batch_reason)
             try:
                 self._reply_on("batch", hi, params)
             except Exception as exc:

@@ -11,8 +11,8 @@ from typing import Any, Protocol
 
 import sentencepiece as spm
 
-from .chat_types import InvalidRequestError, Message
-from .prompt import build_prompt_ids, validate_messages
+from internlm_app.chat_types import InvalidRequestError, Message
+from internlm_app.runtime.prompt import build_prompt_ids, validate_messages
 
 # Invalid UTF-8 becomes one U+FFFD per byte, as sentencepiece's own decoder does: "surrogateescape" turns each invalid
 # byte into one lone surrogate U+DC80..U+DCFF (which valid UTF-8 never decodes to), then each becomes U+FFFD. No

@@ -5,7 +5,7 @@ import streamlit as st
 from internlm_app.web import attachments_view, chat, presets, sidebar, tools_view
 from internlm_app.web.page import exit_unless_streamlit, start_page
 
-exit_unless_streamlit("pages/chat.py")
+exit_unless_streamlit("internlm_app/web/pages/chat.py")
 ctx = start_page("nav_chat")
 backend = ctx.backend()
 store = ctx.store()

@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from . import gpu
-from .chat_types import ModelInfo
-from .convert import read_json
-from .errors import UserFacingError
-from .load_progress import LoadStep, Progress
-from .model_source import resolve_model_dir
-from .settings import ModelSettings
-from .tokenizer import ChatTokenizer, load_tokenizer
+from internlm_app.chat_types import ModelInfo
+from internlm_app.errors import UserFacingError
+from internlm_app.load_progress import LoadStep, Progress
+from internlm_app.runtime import gpu
+from internlm_app.runtime.convert import read_json
+from internlm_app.runtime.model_source import resolve_model_dir
+from internlm_app.runtime.tokenizer import ChatTokenizer, load_tokenizer
+from internlm_app.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 

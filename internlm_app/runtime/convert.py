@@ -17,8 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import UserFacingError
-from .load_progress import LoadStep, Progress
+from internlm_app.errors import UserFacingError
+from internlm_app.load_progress import LoadStep, Progress
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .chat_types import ChatBackend, Message, Reply, ReplyChunk, ReplyOptions, TokenLogprob, ToolCall
-from .sampling import SamplingParams
-from .stop_strings import StopFilter
-from .tools import parse_tool_call
+from internlm_app.chat_types import ChatBackend, Message, Reply, ReplyChunk, ReplyOptions, TokenLogprob, ToolCall
+from internlm_app.runtime.stop_strings import StopFilter
+from internlm_app.runtime.tool_format import parse_tool_call
+from internlm_app.sampling import SamplingParams
 
 
 @dataclass

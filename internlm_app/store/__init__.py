@@ -1,0 +1,1 @@
+"""Conversations on disk (SQLite), their tree of versions, export and import."""
