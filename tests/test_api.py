@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -10,6 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from internlm_app.api import create_app
+from internlm_app.api.openai_common import ResponseIds, sse_data
+from internlm_app.api.openai_requests import ChatCompletionRequest
+from internlm_app.api.routes_openai import _chunk, _ContentChunks
 from internlm_app.chat_types import InvalidRequestError
 from internlm_app.runtime.stop_strings import StopFilter
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
@@ -149,6 +153,21 @@ def test_openai_streaming_events(client, engine, include_usage):
         assert all(c["usage"] is None for c in chunks[:-1])
     else:
         assert all("usage" not in c for c in chunks)
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_a_content_chunk_is_the_validated_chunk_s_json(include_usage):
+    """Plain content chunks skip the per-chunk validation: their JSON is still what the ChatCompletionChunk gives."""
+    fields = {"stream_options": {"include_usage": True}} if include_usage else {}
+    body = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "hi"}], "stream": True, **fields}
+    )
+    ids = ResponseIds("chatcmpl", "internlm2-tiny")
+    content_chunk = _ContentChunks(1, ids, body)
+    for text in ["hello", '你好\n"quoted" \\ \t\x01 é 🙂', " ", "\u2028"]:
+        choice = {"index": 1, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+        assert content_chunk(text) == json.dumps(_chunk(ids, [choice], body), ensure_ascii=False)
+        assert sse_data(content_chunk(text)).count(b"\n") == 2  # one event, one line of data
 
 
 def test_stop_strings_cut_the_reply(client, engine):

@@ -102,23 +102,32 @@ async def close_all(runners: list[ReplyRunner]) -> None:
             await runner.close()
 
 
-def event_stream(runners: list[ReplyRunner], events: AsyncIterator[dict]) -> EventSourceResponse:
-    """`data: {json}` events (sse-starlette's framing), an error event if generation fails after the first, then
+def sse_data(data: str) -> bytes:
+    """One `data:` event as sse-starlette frames it with sep "\\n", for data of one line (JSON, `[DONE]`).
+
+    Handed over as bytes, which sse-starlette sends as they are: it would otherwise build and encode a
+    ServerSentEvent per chunk, on the event loop that also hands the chunks over.
+    """
+    return f"data: {data}\n\n".encode()
+
+
+def event_stream(runners: list[ReplyRunner], events: AsyncIterator[dict | str]) -> EventSourceResponse:
+    """`data: {json}` events (a dict, or its JSON already), an error event if generation fails after the first, then
     `data: [DONE]`; leaving early (the client went) stops every reply."""
 
-    async def framed() -> AsyncIterator[dict]:
+    async def framed() -> AsyncIterator[bytes]:
         try:
             async for event in events:
-                yield {"data": json.dumps(event, ensure_ascii=False)}
+                yield sse_data(event if isinstance(event, str) else json.dumps(event, ensure_ascii=False))
         except EngineError as exc:  # e.g. out of memory after the first token: the status line is already sent
             code, param, _ = engine_error_details(exc)
-            yield {"data": json.dumps(openai_error(exc.status, str(exc), code, param), ensure_ascii=False)}
+            yield sse_data(json.dumps(openai_error(exc.status, str(exc), code, param), ensure_ascii=False))
         except Exception as exc:  # a bug: still an error event and [DONE], never a cut connection
             log.exception("a streamed response failed")
-            yield {"data": json.dumps(openai_error(500, f"internal server error: {type(exc).__name__}"))}
+            yield sse_data(json.dumps(openai_error(500, f"internal server error: {type(exc).__name__}")))
         finally:
             await close_all(runners)
-        yield {"data": "[DONE]"}
+        yield sse_data("[DONE]")
 
     headers = {**SSE_HEADERS, **dropped_headers(runners)}
     return EventSourceResponse(framed(), headers=headers, sep="\n", background=BackgroundTask(close_all, runners))

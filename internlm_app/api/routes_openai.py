@@ -1,10 +1,12 @@
 """OpenAI-compatible chat routes: `POST /v1/chat/completions` (plain and server-sent events), `GET /v1/models[/id]`.
 
 Bodies are the `openai` package's own types (ChatCompletion, ChatCompletionChunk), validated before they are sent.
+A streamed reply's plain content chunks differ only in their text: their shape is validated once per choice.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -81,10 +83,33 @@ def _chunk(ids: ResponseIds, choices: list[dict], body: ChatCompletionRequest, *
     return ChatCompletionChunk.model_validate(data).model_dump(mode="json", exclude_unset=True)
 
 
+class _ContentChunks:
+    """The JSON of one choice's plain content chunks (text only: no logprobs, tool call or finish reason).
+
+    The chunk is validated and dumped once, as a ChatCompletionChunk, with a marker for its text; each chunk then costs
+    one `json.dumps` of its text instead of a validation, a dump and a dump of the whole object (about 0.1 ms of
+    event-loop CPU a chunk, which holds the GIL the generation thread needs).
+    """
+
+    _MARKER = "\x00content\x00"  # no id, model name or field of a chunk holds a NUL
+
+    def __init__(self, index: int, ids: ResponseIds, body: ChatCompletionRequest):
+        choice = {"index": index, "delta": {"content": self._MARKER}, "logprobs": None, "finish_reason": None}
+        template = json.dumps(_chunk(ids, [choice], body), ensure_ascii=False)
+        self._head, self._tail = template.split(json.dumps(self._MARKER))
+
+    def __call__(self, text: str) -> str:
+        return self._head + json.dumps(text, ensure_ascii=False) + self._tail
+
+
 async def _choice_events(
     index: int, runner: ReplyRunner, body: ChatCompletionRequest, ids: ResponseIds
-) -> AsyncIterator[dict]:
-    def event(delta: Delta, finish: str | None = None) -> dict:
+) -> AsyncIterator[dict | str]:
+    content_chunk = _ContentChunks(index, ids, body)
+
+    def event(delta: Delta, finish: str | None = None) -> dict | str:
+        if delta.content and delta.tool_call is None and finish is None and not body.logprobs:
+            return content_chunk(delta.content)
         fields: dict = {}
         if delta.content:
             fields["content"] = delta.content
@@ -125,7 +150,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     extra = {"dropped_messages": dropped} if dropped else {}
     if body.stream:
 
-        async def events() -> AsyncIterator[dict]:
+        async def events() -> AsyncIterator[dict | str]:
             for index, runner in enumerate(runners):
                 async for event in _choice_events(index, runner, body, ids):
                     yield event
