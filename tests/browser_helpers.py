@@ -28,6 +28,17 @@ CHROMIUM_ARGS = [
 START_TIMEOUT = 90.0
 
 
+# A slow model for tests that act while a reply streams: "hello" with repetition penalty 2 runs to the limit, 5 s at
+# 10 tokens a second.
+SLOW_REPLY_TOKENS = 50
+SLOW_REPLY_ENV = {
+    "INTERNLM_TEMPERATURE": "0",
+    "INTERNLM_REPETITION_PENALTY": "2.0",
+    "INTERNLM_MAX_NEW_TOKENS": str(SLOW_REPLY_TOKENS),
+    "BROWSER_TEST_TOKEN_DELAY": "0.1",
+}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

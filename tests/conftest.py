@@ -77,3 +77,13 @@ def app_env(monkeypatch, tmp_path, app_cache):
 
     set_app_env(monkeypatch, tmp_path, app_cache)
     return tmp_path
+
+
+@pytest.fixture
+def store(tmp_path):
+    """An empty conversation store in a fresh file (closed after the test)."""
+    from internlm_app.store.db import ConversationStore
+
+    s = ConversationStore(tmp_path / "chats.db")
+    yield s
+    s.close()

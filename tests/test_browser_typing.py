@@ -11,19 +11,12 @@ import time
 import pytest
 
 from tests.browser_helpers import CHROMIUM, button, chromium, send, streamlit_server, tiny_model_env, wait_for_text
+from tests.browser_helpers import SLOW_REPLY_ENV as SERVER_ENV
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium"),
 ]
-
-MAX_TOKENS = 50  # "hello" with repetition penalty 2 runs to the limit: 5 s at 10 tokens a second
-SERVER_ENV = {
-    "INTERNLM_TEMPERATURE": "0",
-    "INTERNLM_REPETITION_PENALTY": "2.0",
-    "INTERNLM_MAX_NEW_TOKENS": str(MAX_TOKENS),
-    "BROWSER_TEST_TOKEN_DELAY": "0.1",
-}
 
 
 @pytest.fixture(scope="module")

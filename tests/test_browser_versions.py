@@ -11,19 +11,14 @@ import pytest
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
 from internlm_app.store.db import ConversationStore
 from tests.browser_helpers import CHROMIUM, button, chromium, send, streamlit_server, tiny_model_env, wait_for_text
+from tests.browser_helpers import SLOW_REPLY_ENV as SERVER_ENV
+from tests.browser_helpers import SLOW_REPLY_TOKENS as MAX_TOKENS
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium"),
 ]
 
-MAX_TOKENS = 50  # "hello" with repetition penalty 2 runs to the limit: 5 s at 10 tokens a second
-SERVER_ENV = {
-    "INTERNLM_TEMPERATURE": "0",
-    "INTERNLM_REPETITION_PENALTY": "2.0",
-    "INTERNLM_MAX_NEW_TOKENS": str(MAX_TOKENS),
-    "BROWSER_TEST_TOKEN_DELAY": "0.1",
-}
 ANSWER = "Like this:\n\n```python\nprint('hi')\n```"
 
 

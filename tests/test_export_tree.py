@@ -43,13 +43,6 @@ LINEAR_EXPORT = {
 }
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> ConversationStore:
-    s = ConversationStore(tmp_path / "chats.db")
-    yield s
-    s.close()
-
-
 def branched(store: ConversationStore) -> str:
     """q1 → (a1 | a1b → q2 → (a2 👍 | a2b 👎)) with attachments, a2b selected, then a1 selected and a1b again."""
     cid = store.create_conversation("SYS", {"temperature": 0.2}, title="Branches")

@@ -25,13 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("store_worker.py")
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> ConversationStore:
-    s = ConversationStore(tmp_path / "chats.db")
-    yield s
-    s.close()
-
-
 def counts(store: ConversationStore) -> tuple[int, int]:
     with sqlite3.connect(store.path) as conn:
         return tuple(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("conversations", "messages"))

@@ -13,13 +13,6 @@ from tests.store_faults import make_read_only
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> ConversationStore:
-    s = ConversationStore(tmp_path / "chats.db")
-    yield s
-    s.close()
-
-
 def test_feedback_is_stored_and_filters_the_lists(store: ConversationStore) -> None:
     liked, disliked, none = (store.create_conversation("") for _ in range(3))
     replies = {}

@@ -12,13 +12,6 @@ from internlm_app.store.db import MIGRATIONS, SCHEMA_VERSION, ConversationStore,
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> ConversationStore:
-    s = ConversationStore(tmp_path / "chats.db")
-    yield s
-    s.close()
-
-
 def path(store: ConversationStore, cid: str) -> list[str]:
     return [m.content for m in store.get_conversation(cid).messages]
 
