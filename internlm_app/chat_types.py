@@ -240,6 +240,7 @@ class ChatBackend(Protocol):
     """
 
     info: ModelInfo
+    local: bool  # the model runs in this process: tools, JSON output, logprobs and penalties need that
 
     @property
     def queue(self) -> ReplyQueue | None: ...  # None: a remote server queues requests itself

@@ -79,6 +79,8 @@ class ChatEngine:
     scheduler's (`backends/scheduler.py`); this class prepares prompts, streams text and keeps the stats.
     """
 
+    local = True  # the model runs here
+
     def __init__(
         self,
         model: torch.nn.Module,

@@ -104,6 +104,8 @@ def _as_chunks(texts: Reply[str]) -> Reply[ReplyChunk]:
 class RemoteBackend:
     """Streams replies from `settings.openai_base_url` with the official openai client; no model is loaded here."""
 
+    local = False  # the model runs on the server
+
     def __init__(self, settings: ModelSettings):
         self.settings = settings.model  # the model part of a Settings only
         key = settings.openai_api_key.get_secret_value()

@@ -293,7 +293,6 @@ LABELS: dict[str, tuple[str, str]] = {
     # status page
     "refresh": ("刷新", "Refresh"),
     "status_model": ("模型", "Model"),
-    "status_backend": ("远程后端", "Remote backend"),
     "status_field": ("项目", "Field"),
     "status_value": ("值", "Value"),
     "status_gpu": ("GPU 显存", "GPU memory"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import streamlit as st
 
@@ -30,7 +31,7 @@ def conversations(ctx: PageContext, store: ConversationStore, conv: Conversation
     for item in store.list_conversations(limit=RECENT_CONVERSATIONS):
         current = conv is not None and item.id == conv.id
         label = plain(" ".join(item.title.split())) or ctx.t("untitled")  # anyone's text: never Markdown
-        kind = "primary" if current else "tertiary"
+        kind: Literal["primary", "tertiary"] = "primary" if current else "tertiary"
         if st.button(label, key=f"open_{item.id}", type=kind, width="stretch") and not current:
             state.set_conversation_id(item.id)
             st.rerun()
@@ -62,24 +63,21 @@ def _ask_delete(cid: str | None) -> None:
 
 def model_panel(ctx: PageContext, backend: ChatBackend) -> None:
     """The model in use, GPU memory (or "CPU"), the engine queue, and a clear-cache button with before/after."""
-    info = getattr(backend, "info", None)
-    if info is not None and info.extra.get("backend") == "openai":  # what the server says it serves, and where
+    info = backend.info
+    if not backend.local:  # what the server says it serves, and where
         st.caption(ctx.t("model_remote", name=info.name, url=info.extra.get("base_url", "")))
-    elif info is not None:
-        st.caption(ctx.t("model_line", name=info.name, dtype=info.dtype, device=info.device))
     else:
-        st.caption(ctx.t("model_remote", name=ctx.settings.openai_model, url=ctx.settings.openai_base_url))
+        st.caption(ctx.t("model_line", name=info.name, dtype=info.dtype, device=info.device))
     devices = gpu.memory_report()
     for d in devices:
         st.caption(ctx.t("gpu_line", name=d.name, **_memory(d)))
     if not devices:
         st.caption(ctx.t("gpu_none"))
-    queue = getattr(backend, "queue", None)
+    queue = backend.queue
     if queue is not None:
         st.caption(queue_caption(ctx, queue))
     if st.button(ctx.t("clear_gpu"), key="clear_gpu", icon=":material/cleaning_services:"):
-        release = getattr(backend, "release_memory", gpu.clear_cache)  # the engine also drops KV kept for reuse
-        before, after = release()
+        before, after = backend.release_memory()  # the engine also drops KV kept for reuse
         if not before:
             st.info(ctx.t("clear_gpu_cpu"))
         for b, a in zip(before, after, strict=True):

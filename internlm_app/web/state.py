@@ -20,9 +20,7 @@ _OPENED_KEY = "_opened_conversation"
 
 def context_limit(backend: ChatBackend) -> int:
     """The largest context budget the backend can use (its window when known)."""
-    info = getattr(backend, "info", None)
-    window = getattr(info, "context_window", None)
-    return min(window, MAX_LENGTH_BOUNDS[1]) if window else MAX_LENGTH_BOUNDS[1]
+    return min(backend.context_window, MAX_LENGTH_BOUNDS[1])
 
 
 def init_widget_defaults(settings: Settings, backend: ChatBackend) -> None:

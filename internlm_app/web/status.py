@@ -7,6 +7,7 @@ from dataclasses import asdict
 import streamlit as st
 
 from internlm_app.backends.factory import BackendLoader, backends_created
+from internlm_app.chat_types import DecodingState
 from internlm_app.runtime import gpu
 from internlm_app.web import hosting
 from internlm_app.web.loading import wait_for_backend
@@ -15,13 +16,10 @@ from internlm_app.web.page import PageContext, queue_caption
 
 def model_section(ctx: PageContext, loader: BackendLoader) -> None:
     """The loaded model's facts and the engine queue (progress while it loads, the error when it failed)."""
-    if wait_for_backend(ctx, loader).state == "failed":
+    backend = loader.backend if wait_for_backend(ctx, loader).state == "ready" else None
+    if backend is None:  # the failure is shown
         return
-    backend = loader.backend
-    info = getattr(backend, "info", None)
-    if info is None:
-        st.table({ctx.t("status_backend"): [ctx.settings.openai_model, ctx.settings.openai_base_url]})
-        return
+    info = backend.info
     facts = asdict(info)
     facts["device_map"] = str(facts["device_map"])  # a dict on multi-GPU machines: one cell is enough
     facts["parameters"] = f"{info.parameters:,}"
@@ -31,16 +29,16 @@ def model_section(ctx: PageContext, loader: BackendLoader) -> None:
     facts["models_loaded_by_process"] = str(backends_created())
     names = [ctx.t(f"field_{name}") for name in facts]
     st.table({ctx.t("status_field"): names, ctx.t("status_value"): [str(v) for v in facts.values()]})
-    plan = getattr(backend, "plan", None)
-    if plan is not None:
+    decoding = backend.decoding()
+    if decoding is not None:
         st.subheader(ctx.t("status_decoding"))
-        st.table(decoding_rows(ctx, plan, backend.worker.kept_tokens))
-    queue = getattr(backend, "queue", None)
+        st.table(decoding_rows(ctx, decoding))
+    queue = backend.queue
     if queue is not None:
         st.caption(queue_caption(ctx, queue))
 
 
-def decoding_rows(ctx: PageContext, plan, kept_tokens: int) -> dict[str, list[str]]:
+def decoding_rows(ctx: PageContext, plan: DecodingState) -> dict[str, list[str]]:
     """How replies are decoded here and why (the decode plan chosen at load)."""
     single = f"{plan.single_path} KV cache" + (" + torch.compile" if plan.single_path == "static" else "")
     return {
@@ -48,7 +46,7 @@ def decoding_rows(ctx: PageContext, plan, kept_tokens: int) -> dict[str, list[st
         ctx.t("status_value"): [
             f"{single}: {plan.single_reason}",
             plan.batch_reason,
-            f"{kept_tokens} / {plan.kv_reuse_tokens} tokens",
+            f"{plan.kept_tokens} / {plan.kv_reuse_tokens} tokens",
         ],
     }
 

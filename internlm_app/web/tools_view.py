@@ -35,7 +35,7 @@ def toolset(tools_dir: Path | None) -> ToolSet:
 
 def local_model(backend: ChatBackend) -> bool:
     """Tools need the local model's tokenizer and grammar; a remote backend refuses tool requests."""
-    return getattr(backend, "tokenizer", None) is not None
+    return backend.local
 
 
 def sidebar(ctx: PageContext, backend: ChatBackend) -> None:
