@@ -350,8 +350,8 @@ def test_password_comparison():
 
 
 def test_the_page_says_each_load_step_in_its_language_with_the_real_numbers():
+    from internlm_app.web.context import PageContext
     from internlm_app.web.loading import step_text
-    from internlm_app.web.page import PageContext
 
     zh, en = PageContext(None, "zh"), PageContext(None, "en")
     download = LoadStep("download", 3_100_000_000, 15_500_000_000, 2, 8, "model-00002-of-00008.bin")

@@ -14,7 +14,7 @@ from internlm_app.store.db import Conversation, ConversationStore, StoreFault
 from internlm_app.store.tree import Attachment
 from internlm_app.web import attachments_view, feedback, state, storage, tools_view
 from internlm_app.web import versions as versions_ui
-from internlm_app.web.page import PageContext
+from internlm_app.web.context import PageContext
 from internlm_app.web.render import CURSOR, message_markdown, show_message
 from internlm_app.web.reply import WATCH_SECONDS, ReplyNotSaved, ReplyView, WebReply
 from internlm_app.web.resources import live_replies

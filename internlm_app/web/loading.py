@@ -4,16 +4,13 @@ as one translated sentence with what to do, the English details behind an expand
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import streamlit as st
 
 from internlm_app.backends.factory import BackendLoader, LoadStatus
 from internlm_app.chat_types import ChatBackend
 from internlm_app.load_progress import LoadStep, human_bytes
-
-if TYPE_CHECKING:  # page.py calls into this module
-    from internlm_app.web.page import PageContext
+from internlm_app.web.context import PageContext
 
 POLL_SECONDS = 0.25
 

@@ -5,21 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
 from pydantic import ValidationError
 
-from internlm_app.backends.factory import BackendLoader
-from internlm_app.chat_types import ChatBackend
 from internlm_app.settings import Settings, describe_settings_error
-from internlm_app.store.db import ConversationStore
 from internlm_app.web import hosting
 from internlm_app.web.auth import is_logged_in, login_gate, logout_control
+from internlm_app.web.context import PageContext
 from internlm_app.web.i18n import LANGUAGES, t
-from internlm_app.web.resources import backend_loader
-from internlm_app.web.storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -52,32 +47,6 @@ def exit_unless_streamlit(script: str = "app.py") -> None:
             "    streamlit run app.py            # the web app alone\n\n"
             "Set INTERNLM_WEB_PASSWORD to require a password (and INTERNLM_API_KEYS for the API)."
         )
-
-
-@dataclass
-class PageContext:
-    """Settings and language of this run, with the labels in that language."""
-
-    settings: Settings
-    lang: str
-
-    def t(self, key: str, **values: object) -> str:
-        return t(key, self.lang, **values)
-
-    def store(self) -> ConversationStore:
-        """The conversation store; a database that cannot be opened stops the page with what is wrong and what to do."""
-        return open_store(self)
-
-    def loader(self) -> BackendLoader:
-        """The process's one loader: the one-port server's, or (web-only) one per load configuration."""
-        hosted = hosting.current()
-        return hosted.loader if hosted is not None else backend_loader(self.settings)
-
-    def backend(self) -> ChatBackend:
-        """The shared backend; while it loads the page shows progress, and a failure stops the page with a message."""
-        from internlm_app.web.loading import require_backend
-
-        return require_backend(self)
 
 
 def _first_language() -> str:

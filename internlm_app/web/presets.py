@@ -8,7 +8,7 @@ import streamlit as st
 
 from internlm_app.store.db import ConversationStore
 from internlm_app.web import state, storage
-from internlm_app.web.page import PageContext
+from internlm_app.web.context import PageContext
 from internlm_app.web.safe_markdown import plain
 
 PICK_KEY = "preset_pick"

@@ -13,7 +13,8 @@ from internlm_app.sampling import BOUNDS, INT_PARAMS
 from internlm_app.settings import MAX_LENGTH_BOUNDS
 from internlm_app.store.db import Conversation, ConversationStore
 from internlm_app.web import state, storage
-from internlm_app.web.page import PageContext, queue_caption
+from internlm_app.web.context import PageContext
+from internlm_app.web.page import queue_caption
 from internlm_app.web.safe_markdown import plain
 
 RECENT_CONVERSATIONS = 8

@@ -10,8 +10,9 @@ from internlm_app.backends.factory import BackendLoader, backends_created
 from internlm_app.chat_types import DecodingState
 from internlm_app.runtime import gpu
 from internlm_app.web import hosting
+from internlm_app.web.context import PageContext
 from internlm_app.web.loading import wait_for_backend
-from internlm_app.web.page import PageContext, queue_caption
+from internlm_app.web.page import queue_caption
 
 
 def model_section(ctx: PageContext, loader: BackendLoader) -> None:

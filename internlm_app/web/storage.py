@@ -12,16 +12,14 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 import streamlit as st
 
 from internlm_app.store.db import ConversationStore, StoreFault
+from internlm_app.web.context import PageContext
 from internlm_app.web.resources import conversation_store
 from internlm_app.web.safe_markdown import code_span, plain
-
-if TYPE_CHECKING:
-    from internlm_app.web.page import PageContext
 
 P = ParamSpec("P")
 R = TypeVar("R")

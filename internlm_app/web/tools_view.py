@@ -19,7 +19,7 @@ from internlm_app.chat.tool_runner import FinalEvent, TextEvent, ToolCallEvent, 
 from internlm_app.chat.tool_set import ToolSet, chat_tools
 from internlm_app.chat_types import ChatBackend, Message, ReplyEvents, ReplyStats
 from internlm_app.sampling import SamplingParams
-from internlm_app.web.page import PageContext
+from internlm_app.web.context import PageContext
 from internlm_app.web.safe_markdown import plain
 
 TOOLS_KEY = "tools_on"

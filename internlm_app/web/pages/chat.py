@@ -3,12 +3,14 @@
 import streamlit as st
 
 from internlm_app.web import attachments_view, chat, presets, sidebar, tools_view
+from internlm_app.web.loading import require_backend
 from internlm_app.web.page import exit_unless_streamlit, start_page
+from internlm_app.web.storage import open_store
 
 exit_unless_streamlit("internlm_app/web/pages/chat.py")
 ctx = start_page("nav_chat")
-backend = ctx.backend()
-store = ctx.store()
+backend = require_backend(ctx)  # while it loads: its progress; a failure stops the page with what to do
+store = open_store(ctx)
 conv = chat.open_conversation(ctx, store)
 live = chat.live_reply(conv)
 

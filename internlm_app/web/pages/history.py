@@ -4,10 +4,11 @@ import streamlit as st
 
 from internlm_app.web import history
 from internlm_app.web.page import CHAT_PAGE, exit_unless_streamlit, start_page
+from internlm_app.web.storage import open_store
 
 exit_unless_streamlit("internlm_app/web/pages/history.py")
 ctx = start_page("nav_history")
-store = ctx.store()
+store = open_store(ctx)
 st.title(ctx.t("nav_history"))
 history.show_notice(ctx.t("load_error_details"))
 
