@@ -191,11 +191,14 @@ def test_disconnect_while_queued_leaves_the_queue(endless, path):
     assert httpx.post(url, json={"prompt": "hi", "max_new_tokens": 2}, timeout=30).status_code == 200
 
 
-def test_cli_defaults_to_all_interfaces_on_6006():
-    from internlm_app.cli import build_parser
-    from internlm_app.settings import settings_from_args
+def test_cli_defaults_to_all_interfaces_on_6006(monkeypatch):
+    from pydantic_settings import get_subcommand
 
-    settings = settings_from_args(build_parser().parse_args(["api"]))
+    from internlm_app.cli import _settings, parse
+
+    monkeypatch.delenv("INTERNLM_HOST", raising=False)
+    monkeypatch.delenv("INTERNLM_PORT", raising=False)
+    settings = _settings(get_subcommand(parse(["api"])))
     assert (settings.host, settings.port) == ("0.0.0.0", 6006)
 
 
