@@ -18,7 +18,6 @@ LOAD_REASONS = (
     "not_writable",  # the converted checkpoint cannot be written where the settings say
     "quantized_checkpoint",  # an AWQ/GPTQ checkpoint, which cannot be converted
     "warmup_failed",  # the first reply on the loaded model failed
-    "remote_unreachable",  # the remote OpenAI-compatible server did not answer
     "unexpected",  # anything else: a bug or an unforeseen environment; the details say what
 )
 

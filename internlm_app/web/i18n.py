@@ -88,10 +88,6 @@ LABELS: dict[str, tuple[str, str]] = {
         "The model loaded, but its first trial reply failed. See the details; `python -m internlm_app doctor` checks "
         "the GPU and the model files.",
     ),
-    "load_error_remote_unreachable": (
-        "无法连接远程模型服务器。请检查 INTERNLM_OPENAI_BASE_URL 以及服务器是否在运行。",
-        "The remote model server cannot be reached. Check INTERNLM_OPENAI_BASE_URL and that the server is running.",
-    ),
     "load_error_unexpected": (
         "模型加载失败，原因未知。详细信息中有错误内容；如果看起来是程序错误，请附上它报告问题。",
         "The model could not be loaded for an unexpected reason. The details show the error; if it looks like a bug, "
