@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import httpx
 import openai
@@ -107,6 +108,38 @@ def test_cancel_and_close_stop_the_remote_generation(engine, tmp_path):
         assert events.stats.finish_reason == "cancelled"
         assert wait_until(lambda: endless.queue.active == 0, timeout=30)
     assert wait_until(lambda: remote.active_requests == 0, timeout=30)
+
+
+def _generated(url: str) -> float:
+    """Tokens the server has generated so far (its /metrics)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return float(
+        next(line.split()[-1] for line in text.splitlines() if line.startswith("internlm_completion_tokens_total"))
+    )
+
+
+@pytest.mark.parametrize("how", ["close", "collect"])
+def test_a_reply_dropped_by_its_reader_stops_on_the_server(engine, tmp_path, how):
+    # Closing the iterator (a page rerun, an API client gone) or dropping it must end the request, not leave the
+    # server generating to max_tokens for nobody.
+    import gc
+
+    settings = api_settings(tmp_path)
+    endless = engine_copy(engine, settings, endless=True)
+    paced = SamplingParams.greedy_params(400)
+    endless.model.register_forward_pre_hook(lambda *_: time.sleep(0.005))  # ~2 s for the whole reply
+    with running_server(create_app(settings, backend=endless)) as url:
+        remote = _remote(url, tmp_path, openai_api_key="EMPTY")
+        stream = remote.stream_reply([{"role": "user", "content": "hello"}], paced, events=ReplyEvents())
+        next(stream)
+        if how == "close":
+            stream.close()
+        else:
+            del stream
+            gc.collect()
+        assert wait_until(lambda: remote.active_requests == 0, timeout=30)
+        assert wait_until(lambda: endless.queue.active == 0, timeout=30)
+        assert _generated(url) < 200  # stopped early, not the 400 asked for
 
 
 def test_cancel_while_the_server_queues_the_request(engine, tmp_path):

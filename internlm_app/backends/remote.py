@@ -244,8 +244,8 @@ class RemoteBackend:
             closed.set()  # a closed iterator (GeneratorExit here) ends the request like a cancel
             if drained:  # the task is ending on its own (done, cancelled by `cancel`, or failed): its error, if any
                 failure = task.exception()
-            else:
-                task.cancel()
+            # Else the consumer went away (closed, or collected): `closed` makes the task cancel its read within
+            # _WATCH_SECONDS and close the connection, which stops the server's generation.
             if isinstance(failure, openai.OpenAIError | httpx2.HTTPError):
                 stats.finish_reason = "error"
                 error = engine_error(failure, self.settings.openai_base_url)
@@ -276,6 +276,8 @@ class RemoteBackend:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
         finally:
+            if not reader.done():  # this task itself was cancelled: the read must not outlive it
+                reader.cancel()
             self._loop.active -= 1
             chunks.put(_END)
 
