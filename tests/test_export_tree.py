@@ -205,3 +205,14 @@ def test_a_reply_with_tool_calls_round_trips_and_bad_steps_are_refused(tmp_path)
     bad = data.replace('"name": "calculate"', '"name": ""')
     with pytest.raises(ImportValidationError, match="tool_steps"):
         import_json(store, bad)
+
+
+def test_long_tool_arguments_and_results_round_trip(store):
+    # A tool's arguments and result are kept whole, as long as a message may be.
+    cid = store.create_conversation("")
+    store.add_message(cid, "user", "go")
+    long = "x" * 12_000
+    steps = [{"id": "c1", "name": "echo", "arguments": long, "text": "", "result": long}]
+    store.add_message(cid, "assistant", "done", stats={"tool_steps": steps})
+    (copy,) = import_json(store, export_json(store, [cid]))
+    assert store.get_conversation(copy).messages[1].stats["tool_steps"][0]["arguments"] == long

@@ -113,9 +113,10 @@ class ToolStepIn(_Strict):
 
     id: Annotated[str, StringConstraints(max_length=200)] = ""
     name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
-    arguments: Annotated[str, StringConstraints(max_length=MAX_VALUE_CHARS)] = ""
+    # As long as a message may be: the model writes the arguments, a tool the result, and both are kept whole.
+    arguments: Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)] = ""
     text: Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)] = ""
-    result: Annotated[str, StringConstraints(max_length=MAX_VALUE_CHARS)] | None = None
+    result: Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)] | None = None
     error: Annotated[str, StringConstraints(max_length=MAX_VALUE_CHARS)] | None = None  # why the tool failed
     seconds: Seconds = 0.0
 

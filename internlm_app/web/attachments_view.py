@@ -23,6 +23,7 @@ from internlm_app.chat.attachments import (
 from internlm_app.chat.context import model_messages, stored_attachment
 from internlm_app.chat_types import ChatBackend, Message
 from internlm_app.store.db import Conversation, ConversationStore
+from internlm_app.store.export import MAX_ATTACHMENTS, MAX_CONTENT_CHARS
 from internlm_app.store.tree import Attachment as StoredAttachment
 from internlm_app.web import state
 from internlm_app.web.safe_markdown import code_span, plain
@@ -66,7 +67,10 @@ def hold(backend: ChatBackend, text: str, files: list) -> None:
     """Keep the typed text and the files for the confirmation panel; each file is read and counted here, once."""
     count = token_counter(backend)
     held = []
-    for file in files:
+    for number, file in enumerate(files):
+        if number >= MAX_ATTACHMENTS:  # the store's (and an export's) limit per message
+            held.append(HeldFile(file.name, file.type, None, "too_many_files"))
+            continue
         try:
             attachment = read_attachment(file.name, file.getvalue())
         except AttachmentError as exc:
@@ -128,7 +132,7 @@ def confirm_panel(ctx, backend: ChatBackend, store: ConversationStore, conv: Con
     files: list[HeldFile] = held["files"]
     with st.container(border=True, key="attach_panel"):
         st.markdown(f"**{ctx.t('attach_title')}**")
-        text = st.text_area(ctx.t("attach_message"), key=TEXT_KEY, height=80)
+        text = st.text_area(ctx.t("attach_message"), key=TEXT_KEY, height=80, max_chars=MAX_CONTENT_CHARS)
         for f in files:
             if f.attachment is None:
                 st.error(ctx.t(f"attach_error_{f.reason}", name=plain(f.name)), icon=":material/block:")

@@ -11,6 +11,7 @@ import streamlit as st
 from internlm_app.chat_types import ChatBackend
 from internlm_app.sampling import SamplingParams
 from internlm_app.store.db import Conversation, ConversationStore, StoreFault
+from internlm_app.store.export import MAX_CONTENT_CHARS
 from internlm_app.store.tree import Attachment
 from internlm_app.web import attachments_view, feedback, state, storage, tools_view
 from internlm_app.web import versions as versions_ui
@@ -122,7 +123,7 @@ def show_history(
     for i, message in enumerate(messages):
         with st.chat_message(message.role):
             if message.id == editing:
-                st.text_area(ctx.t("edit_label"), key=EDIT_KEY)
+                st.text_area(ctx.t("edit_label"), key=EDIT_KEY, max_chars=MAX_CONTENT_CHARS)
                 send, cancel, _ = st.columns([1, 1, 3])
                 if send.button(ctx.t("edit_send"), key="edit_send", type="primary"):
                     action = Action("edit", message.id)

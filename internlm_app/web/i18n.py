@@ -403,6 +403,10 @@ LABELS: dict[str, tuple[str, str]] = {
         "{name}: too large (20 MiB, 2 M characters at most).",
     ),
     "attach_error_too_many_pages": ("{name}：PDF 页数太多（最多 500 页）。", "{name}: too many pages (500 at most)."),
+    "attach_error_too_many_files": (
+        "{name}：一条消息最多附加 20 个文件，这个没有附加。",
+        "{name}: a message takes 20 files at most; this one was left out.",
+    ),
     "attach_error_empty": (
         "{name}：没有文字（扫描的 PDF 只有图片，这里不做文字识别）。",
         "{name}: has no text (a scanned PDF holds images; there is no OCR here).",

@@ -12,6 +12,7 @@ from internlm_app.runtime import gpu
 from internlm_app.sampling import BOUNDS, INT_PARAMS
 from internlm_app.settings import MAX_LENGTH_BOUNDS
 from internlm_app.store.db import Conversation, ConversationStore
+from internlm_app.store.export import MAX_PROMPT_CHARS
 from internlm_app.web import state, storage
 from internlm_app.web.context import PageContext
 from internlm_app.web.page import queue_caption
@@ -123,6 +124,7 @@ def sampling_controls(ctx: PageContext, backend: ChatBackend, extra: Callable[[]
             ctx.t("system_prompt"),
             key=state.SYSTEM_PROMPT_KEY,
             height=160,
+            max_chars=MAX_PROMPT_CHARS,  # what an export may hold: the conversation stays importable
             label_visibility="collapsed",
             on_change="ignore",
             persist_state="session",

@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from internlm_app.store.export import MAX_CONTENT_CHARS
 from internlm_app.web import attachments_view, chat, presets, sidebar, tools_view
 from internlm_app.web.loading import require_backend
 from internlm_app.web.page import exit_unless_streamlit, start_page
@@ -32,6 +33,7 @@ prompt, files = attachments_view.split_input(
     st.chat_input(
         ctx.t("chat_queue_here" if busy else "chat_placeholder"),
         key="prompt",
+        max_chars=MAX_CONTENT_CHARS,  # what the store exports and imports again
         accept_file="multiple",
         file_type=attachments_view.FILE_TYPES,
     )
