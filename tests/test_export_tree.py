@@ -216,3 +216,13 @@ def test_long_tool_arguments_and_results_round_trip(store):
     store.add_message(cid, "assistant", "done", stats={"tool_steps": steps})
     (copy,) = import_json(store, export_json(store, [cid]))
     assert store.get_conversation(copy).messages[1].stats["tool_steps"][0]["arguments"] == long
+
+
+def test_an_imported_selection_of_an_inner_message_goes_on_to_a_leaf(store):
+    cid = store.create_conversation("")
+    store.add_message(cid, "user", "q")
+    store.add_message(cid, "assistant", "a")
+    doc = json.loads(export_json(store, [cid]))
+    doc["conversations"][0]["selected"] = doc["conversations"][0]["messages"][0]["id"]  # the question, not the reply
+    (copy,) = import_json(store, json.dumps(doc))
+    assert [m.content for m in store.get_conversation(copy).messages] == ["q", "a"]  # as select() shows it

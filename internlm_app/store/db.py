@@ -615,6 +615,8 @@ class ConversationStore:
                     leaf = new_ids.get(conv.leaf_id) if conv.leaf_id is not None else None
                     if conv.leaf_id is not None and leaf is None:
                         raise ValueError(f"the selected message {conv.leaf_id} is not a message of the conversation")
+                    if leaf is not None:  # a selected inner message: its path goes on to a leaf, as select() does
+                        leaf = latest_below(conn, leaf)
                 select_leaf(conn, cid, leaf)
                 ids.append(cid)
             return ids
