@@ -10,6 +10,7 @@ import pytest
 
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
 from internlm_app.store.db import ConversationStore
+from tests.api_helpers import wait_until
 from tests.browser_helpers import CHROMIUM, button, chromium, send, streamlit_server, tiny_model_env, wait_for_text
 from tests.browser_helpers import SLOW_REPLY_ENV as SERVER_ENV
 from tests.browser_helpers import SLOW_REPLY_TOKENS as MAX_TOKENS
@@ -66,7 +67,8 @@ def test_feedback_on_an_earlier_reply_while_another_streams_leaves_it_running(se
         expect(page.locator(f".st-key-feedback_{earlier} [data-testid='stFeedbackButtonActive']")).to_have_count(
             1, timeout=10_000
         )
-        assert _row(db, earlier)[2] == 1  # saved while the reply runs on
+        # The button lights up in the browser at once; the page's run that saves it follows.
+        assert wait_until(lambda: _row(db, earlier)[2] == 1, timeout=15)  # saved while the reply runs on
         mid, status, _ = _last_reply(db)
         assert status == "streaming"  # not ended by the click
         # It runs to its length limit, then the page redraws it as saved.
