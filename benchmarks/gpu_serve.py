@@ -30,7 +30,8 @@ from common import FIXTURE_DIR, headline, parser, run_together, set_threads
 from gpu_decode import build_model, generate_seconds, gpu_or_smoke, sync, weight_bytes_per_token
 from transformers import GenerationConfig
 
-from internlm_app.backends.engine import ChatEngine, reply_stop_ids
+from internlm_app.backends.engine import ChatEngine
+from internlm_app.backends.reply_stream import reply_stop_ids
 from internlm_app.chat_types import ModelInfo, ReplyEvents
 from internlm_app.runtime.tokenizer import load_tokenizer
 from internlm_app.sampling import SamplingParams

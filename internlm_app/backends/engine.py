@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
-import gc
 import logging
 import threading
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
@@ -18,14 +15,13 @@ from transformers import GenerationConfig
 from internlm_app.backends.batching import BatchDecoder
 from internlm_app.backends.decode_plan import DecodePlan, plan_decoding
 from internlm_app.backends.gpu_queue import GpuQueue
+from internlm_app.backends.prompt_fit import PreparedPrompt, fit_prompt
+from internlm_app.backends.reply_stream import ReplyPlan, describe_failure, reply_chunks, reply_stop_ids, texts_of
 from internlm_app.backends.sampler import TokenSampler
 from internlm_app.backends.scheduler import ReplyScheduler
-from internlm_app.backends.token_stream import END, Empty, TokenStream
 from internlm_app.backends.worker import GenerationWorker
 from internlm_app.chat_types import (
-    ContextTooLongError,
     DecodingState,
-    EngineError,
     GenerationError,
     InvalidRequestError,
     Message,
@@ -36,40 +32,19 @@ from internlm_app.chat_types import (
     ReplyOptions,
     ReplyStats,
     history_to_messages,
-    not_unicode,
 )
 from internlm_app.load_progress import LoadStep, Progress
 from internlm_app.runtime import gpu
 from internlm_app.runtime.grammar import GrammarCompiler
-from internlm_app.runtime.loader import ModelLoadError, load_model
+from internlm_app.runtime.loader import ModelLoadError, freeze_long_lived_objects, load_model
 from internlm_app.runtime.tokenizer import ChatTokenizer
 from internlm_app.sampling import SamplingParams
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT, ModelSettings
 
 log = logging.getLogger(__name__)
 
-_CANCEL_POLL_SECONDS = 0.25  # how often a consumer waiting for a token checks its cancel event
-
 
 NO_OPTIONS = ReplyOptions()
-
-
-@dataclass
-class PreparedPrompt:
-    """Prompt ids that fit the context budget, how many history messages were left out, the reply's token cap."""
-
-    ids: list[int]
-    dropped_messages: int
-    max_new_tokens: int
-
-
-@dataclass
-class _ReplyPlan:
-    """How one reply decodes: the ids that end it, the tool tokens it carries as control chunks, its sampler."""
-
-    stop_ids: list[int]
-    controls: dict[int, str]
-    sampler: TokenSampler | None = None
 
 
 class ChatEngine:
@@ -144,7 +119,7 @@ class ChatEngine:
     def load(cls, settings: ModelSettings, progress: Progress | None = None) -> ChatEngine:
         settings = settings.model
         model, tokenizer, info = load_model(settings, progress=progress)
-        _freeze_long_lived_objects()
+        freeze_long_lived_objects()
         engine = cls(model, tokenizer, info, settings)
         engine.warm_up(progress)
         return engine
@@ -230,60 +205,13 @@ class ChatEngine:
         max_length: int | None = None,
         options: ReplyOptions = NO_OPTIONS,
     ) -> PreparedPrompt:
-        """Validate messages and build prompt ids that fit the context budget.
+        """Validate `messages` and build prompt ids that fit the context window (see `prompt_fit.fit_prompt`).
 
-        The leading system messages are always kept. By default (the web app) the oldest turns are left out while
-        prompt + `max_new_tokens` exceeds the budget; with `options.keep_history` (the API) turns are left out only
-        when the prompt itself does not fit (then enough for min(max_new_tokens, a quarter of the budget) of reply),
-        and otherwise the reply is capped to the room left. With no history left to drop, the reply is capped too;
-        only a prompt that leaves no room at all is an error (ContextTooLongError).
-        `max_length` narrows the budget for this request (never beyond the model's window).
+        `max_length` narrows the budget for this request (never beyond the model's window). Raises
+        InvalidRequestError or ContextTooLongError.
         """
         window = self.context_window if max_length is None else min(max_length, self.context_window)
-        _check_unicode(messages)
-        if options.raw_prompt:
-            ids = self.tokenizer.encode(messages[0]["content"] if messages else "")
-            if len(ids) >= window:
-                raise ContextTooLongError(len(ids) + 1, window)
-            return PreparedPrompt(ids, 0, min(max_new_tokens, window - len(ids)))
-        if not messages or messages[-1].get("role") not in ("user", "environment", "assistant"):
-            raise InvalidRequestError("the conversation must end with a user message, a tool result or a prefill")
-        continue_final = messages[-1]["role"] == "assistant"
-        if continue_final and messages[-1].get("tool_calls"):
-            raise InvalidRequestError("the last message has tool calls: send their results before asking again")
-        lead = 0
-        while lead < len(messages) - 1 and messages[lead].get("role") == "system":
-            lead += 1
-        users = [i for i in range(lead, len(messages)) if messages[i].get("role") == "user"]
-        start = users[-1] if users else len(messages) - 1  # the newest user message and what answers it so far
-        system, history, new = messages[:lead], list(messages[lead:start]), messages[start:]
-        suffix = self._tool_call_prefix() if options.force_tool_call else []
-        dropped, room_wanted = 0, max_new_tokens
-        while True:
-            ids = self.tokenizer.build_prompt_ids(system + history + new, continue_final=continue_final) + suffix
-            room = window - len(ids)
-            if room >= room_wanted:
-                return PreparedPrompt(ids, dropped, min(max_new_tokens, room))
-            if room > 0 and ((options.keep_history and not dropped) or not history):
-                return PreparedPrompt(ids, dropped, room)
-            if not history:
-                raise ContextTooLongError(len(ids) + 1, window)
-            if options.keep_history:  # the prompt does not fit: once turns go, leave a useful reply room too
-                room_wanted = min(max_new_tokens, window // 4)
-            excess = len(ids) + room_wanted - window
-            cut, freed = 0, 0
-            while cut < len(history) and freed < excess:
-                freed += self.tokenizer.count_message_tokens(history[cut])
-                cut += 1
-            while cut < len(history) and history[cut]["role"] != "user":  # keep whole user/assistant turns
-                cut += 1
-            history, dropped = history[cut:], dropped + cut
-
-    def _tool_call_prefix(self) -> list[int]:
-        tools = self.tokenizer.tool_ids
-        if not {"<|action_start|>", "<|plugin|>"} <= tools.keys():
-            raise InvalidRequestError("this model's vocabulary has no tool tokens: it cannot call tools")
-        return [tools["<|action_start|>"], tools["<|plugin|>"], *self.tokenizer.encode_plain("\n")]
+        return fit_prompt(self.tokenizer, messages, max_new_tokens, window, options)
 
     def stream_reply(
         self,
@@ -300,7 +228,7 @@ class ChatEngine:
         within one token. A failed generation raises GenerationError from the iterator.
         """
         chunks = self.stream_chunks(messages, params, cancel=cancel, events=events, max_length=max_length)
-        return _texts(chunks)
+        return texts_of(chunks)
 
     def stream_chunks(
         self,
@@ -320,14 +248,14 @@ class ChatEngine:
         plan = self._reply_plan(params, options)
         return self._stream(prepared, params, cancel, events or ReplyEvents(), plan=plan)
 
-    def _reply_plan(self, params: SamplingParams, options: ReplyOptions) -> _ReplyPlan:
+    def _reply_plan(self, params: SamplingParams, options: ReplyOptions) -> ReplyPlan:
         tools = options.tools or options.force_tool_call
         if tools and "<|action_end|>" not in self.tokenizer.tool_ids:
             raise InvalidRequestError("tools: this model's vocabulary has no tool tokens, so it cannot call tools")
         stop_ids = self._tool_stop_ids if tools else self._stop_ids
         controls = {i: name for name, i in self.tokenizer.tool_ids.items()} if tools else {}
         if not options.needs_sampler:
-            return _ReplyPlan(stop_ids, controls)
+            return ReplyPlan(stop_ids, controls)
         compiled = None
         if options.json_schema is not None:
             param = "tool_choice" if options.force_tool_call else "response_format"
@@ -342,7 +270,7 @@ class ChatEngine:
             compiled_grammar=compiled,
             describe=self.describe_token,
         )
-        return _ReplyPlan(stop_ids, controls, sampler)
+        return ReplyPlan(stop_ids, controls, sampler)
 
     def describe_token(self, token_id: int) -> tuple[str, bytes]:
         """One id's text and UTF-8 bytes, as logprobs show it (a special token by its name, with no bytes)."""
@@ -366,7 +294,7 @@ class ChatEngine:
         cancel: threading.Event | None,
         events: ReplyEvents,
         *,
-        plan: _ReplyPlan,
+        plan: ReplyPlan,
         path: str | None = None,
     ) -> Reply[ReplyChunk]:
         stats = events.stats
@@ -379,94 +307,22 @@ class ChatEngine:
             )
         except BaseException as exc:
             stats.queue_seconds = time.perf_counter() - queued
-            stats.finish_reason, stats.error = "error", _describe(exc)
+            stats.finish_reason, stats.error = "error", describe_failure(exc)
             raise
         stats.queue_seconds = time.perf_counter() - queued
         if reply is None:  # cancelled while waiting
             stats.finish_reason = "cancelled"
             return
-        started = time.perf_counter()
-        stream, end, stop = reply.stream, reply.end, reply.stop
-        decoder = self.tokenizer.stream_decoder()
-        interval = self.settings.stream_interval_ms / 1000
-        stops, controls, sampler = frozenset(plan.stop_ids), plan.controls, plan.sampler
-        records = sampler is not None and sampler.logprobs is not None
-        piece = ReplyChunk(logprobs=[] if records else None)  # text (and ids) not sent yet
-        count, first_at, last_token, next_at, done = 0, None, None, 0.0, False
-        try:
-            while not done:
-                if (wait := next_at - time.perf_counter()) > 0:
-                    # Tokens that come meanwhile go out together (one wake-up, not one per token); the end of the
-                    # reply, an error or a cancel ends the wait at once.
-                    stream.finished.wait(wait)
-                out: list[ReplyChunk] = []
-                token = self._next_token(stream, cancel, end)
-                while token is not END:
-                    count, last_token = count + 1, token
-                    if first_at is None:
-                        first_at = time.perf_counter()
-                        stats.time_to_first_token = first_at - started
-                    record = sampler.pop_record() if records else None
-                    if token in controls:  # a tool token: its own chunk, between the text before and after it
-                        if piece.token_ids:
-                            out.append(piece)
-                            piece = ReplyChunk(logprobs=[] if records else None)
-                        out.append(ReplyChunk(token_ids=[token], control=controls[token]))
-                    elif token not in stops:
-                        piece.text += decoder.push(token)
-                        piece.token_ids.append(token)
-                        if record is not None:
-                            piece.logprobs.append(record)
-                    if not interval or stream.empty():  # interval 0: a chunk per token, even when some queued up
-                        break
-                    token = stream.get()
-                done = token is END
-                if done:
-                    piece.text += decoder.flush()
-                if piece.text or (done and piece.token_ids):  # ids of half a character wait for the rest
-                    out.append(piece)
-                    piece = ReplyChunk(logprobs=[] if records else None)
-                if out:
-                    next_at = time.perf_counter() + interval
-                    yield from out
-        finally:
-            stopped_here = not done  # the consumer went away (closed iterator) before the end: it stops generation
-            stop.set()
-            while not stream.finished.wait(_CANCEL_POLL_SECONDS):  # the worker lets go at its next token
-                end()  # (again, should the reply have moved to the batch meanwhile)
-            ended = time.perf_counter()
-            stats.batched = reply.batched
-            stats.completion_tokens, stats.total_seconds = count, ended - queued
-            stats.cached_tokens = stream.cached_tokens
-            if first_at is not None and count > 1 and ended > first_at:
-                stats.tokens_per_second = (count - 1) / (ended - first_at)
-            finish = self._finish_reason(last_token in stops, count, params, stopped_here, cancel, stream.failure)
-            stats.finish_reason = finish
-        if stream.failure is not None:
-            stats.error = _describe(stream.failure)
-            raise GenerationError(stats.error) from stream.failure
-
-    @staticmethod
-    def _next_token(stream: TokenStream, cancel: threading.Event | None, end) -> object:
-        """The next token or END; a cancel set meanwhile stops the reply even when no token comes."""
-        while True:
-            try:
-                return stream.get(timeout=_CANCEL_POLL_SECONDS)
-            except Empty:
-                if cancel is not None and cancel.is_set():
-                    end()
-
-    @staticmethod
-    def _finish_reason(stopped_by_token: bool, count, params, stopped_here: bool, cancel, failure) -> str:
-        if failure is not None:
-            return "error"
-        if stopped_by_token:
-            return "stop"
-        if count >= params.max_new_tokens:
-            return "length"
-        if stopped_here or (cancel is not None and cancel.is_set()):
-            return "cancelled"
-        return "stop"
+        yield from reply_chunks(
+            reply,
+            self.tokenizer,
+            plan,
+            params,
+            stats,
+            cancel=cancel,
+            queued=queued,
+            interval=self.settings.stream_interval_ms / 1000,
+        )
 
     def generation_config(
         self, params: SamplingParams, stop_ids: list[int] | None = None, own_sampler: bool = False
@@ -523,22 +379,6 @@ class ChatEngine:
             yield response, [*(history or []), (query, response)]
 
 
-def reply_stop_ids(tokenizer: ChatTokenizer, tools: bool = False) -> list[int]:
-    """The ids that end a reply: end of turn, a turn header (the model opened the next turn without closing its own),
-    and, without tools, <|action_start|>; with tools, <|action_end|> after the call."""
-    base = [*tokenizer.stop_ids, *(i for i in tokenizer.header_ids if i not in tokenizer.stop_ids)]
-    marker = "<|action_end|>" if tools else "<|action_start|>"
-    return base + [tokenizer.tool_ids[marker]] if marker in tokenizer.tool_ids else base
-
-
-def _texts(chunks: Reply[ReplyChunk]) -> Reply[str]:
-    """The chunks' text; closing this closes them (which stops generation)."""
-    with contextlib.closing(chunks):
-        for chunk in chunks:
-            if chunk.text:
-                yield chunk.text
-
-
 _ENGINES: weakref.WeakSet[ChatEngine] = weakref.WeakSet()
 
 
@@ -551,31 +391,3 @@ def _close_at_exit(engine: ChatEngine) -> None:
 def _close_engines() -> None:
     for engine in list(_ENGINES):
         engine.close()
-
-
-def _freeze_long_lived_objects() -> None:
-    """Move what is alive once the model is loaded out of the cyclic garbage collector's sight.
-
-    torch, transformers and the web or API stack leave some 300-400k tracked objects; a full collection scans them all
-    while holding the GIL (0.2-0.3 s on this project's 2-core test VM), a stall in the middle of a streamed reply.
-    Frozen, a collection scans only the objects made since. Frozen objects stay out of every collection until
-    `gc.unfreeze()`: nothing unloads a model today; a feature that does must unfreeze first.
-    """
-    gc.collect()
-    gc.freeze()
-
-
-def _check_unicode(messages: list[Message]) -> None:
-    """Refuse text the tokenizer cannot take; raises InvalidRequestError naming the message."""
-    for index, message in enumerate(messages):
-        content = message.get("content")
-        if isinstance(content, str) and (why := not_unicode(content)):
-            raise InvalidRequestError(f"message {index + 1} ({message.get('role')}) is not valid Unicode text: {why}")
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, EngineError):
-        return str(exc)  # worded for people already (the batch's errors, a full queue, a closed engine)
-    if isinstance(exc, torch.OutOfMemoryError):
-        return f"GPU out of memory: {exc}. The cache was cleared; try fewer max new tokens or a shorter conversation."
-    return f"{type(exc).__name__}: {exc}"
