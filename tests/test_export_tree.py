@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from internlm_app.store import export
-from internlm_app.store.db import Attachment, ConversationStore
+from internlm_app.store.db import ConversationStore
 from internlm_app.store.export import ImportValidationError, export_json, export_markdown, fingerprint, import_json
+from internlm_app.store.tree import Attachment
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,8 +16,11 @@ import pytest
 
 from internlm_app.chat_types import ReplyStats
 from internlm_app.store import export
-from internlm_app.store.db import MIGRATIONS, SCHEMA_VERSION, TITLE_MAX, ConversationStore, StoreError
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.errors import StoreError
 from internlm_app.store.export import IMPORT_REASONS, ImportValidationError, export_json, export_markdown, import_json
+from internlm_app.store.records import TITLE_MAX
+from internlm_app.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 pytestmark = pytest.mark.timeout(120)
 

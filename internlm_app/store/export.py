@@ -22,8 +22,9 @@ from pydantic import (
 )
 
 from internlm_app.chat_types import FinishReason, ReplyStats
-from internlm_app.store.db import Attachment, Conversation, ConversationStore, StoredMessage, title_from
-from internlm_app.store.tree import path_to
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.records import Conversation, StoredMessage, title_from
+from internlm_app.store.tree import Attachment, path_to
 
 FORMAT = "internlm-chat-export"
 VERSION = 1

@@ -12,7 +12,9 @@ import streamlit as st
 from streamlit import runtime
 
 from internlm_app.store import export
-from internlm_app.store.db import ConversationStore, ConversationSummary, StoreFault
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.errors import StoreFault
+from internlm_app.store.records import ConversationSummary
 from internlm_app.web import storage
 from internlm_app.web.safe_markdown import plain
 
