@@ -15,7 +15,8 @@ import sqlite3
 import urllib.parse
 from pathlib import Path
 
-from internlm_app.store.db import ConversationStore, _Connection
+from internlm_app.store.connection import _Connection
+from internlm_app.store.db import ConversationStore
 
 _open = ConversationStore._open
 

@@ -8,7 +8,7 @@ import pytest
 
 from internlm_app.chat.context import model_messages
 from internlm_app.sampling import SamplingParams
-from internlm_app.store import export
+from internlm_app.store import export, export_format
 from internlm_app.store.db import ConversationStore
 from internlm_app.web.i18n import t
 from internlm_app.web.safe_markdown import plain
@@ -162,15 +162,15 @@ def test_what_the_chat_keeps_an_export_can_carry_back(app_env, store, engine):
     # Every input is bounded by what an export imports again: 20 files a message, the message and system prompt
     # lengths; a conversation made in the page always survives export -> import.
     at = run_page()
-    assert at.chat_input(key="prompt").proto.max_chars == export.MAX_CONTENT_CHARS
-    assert at.text_area(key="system_prompt").proto.max_chars == export.MAX_PROMPT_CHARS
+    assert at.chat_input(key="prompt").proto.max_chars == export_format.MAX_CONTENT_CHARS
+    assert at.text_area(key="system_prompt").proto.max_chars == export_format.MAX_PROMPT_CHARS
     at.text_area(key="system_prompt").set_value("")  # room for 20 small files in the tiny model's 512 tokens
     at.slider(key="max_new_tokens").set_value(8)
-    files = [(f"n{i}.txt", b"x", "text/plain") for i in range(export.MAX_ATTACHMENTS + 1)]
+    files = [(f"n{i}.txt", b"x", "text/plain") for i in range(export_format.MAX_ATTACHMENTS + 1)]
     attach(at, "hi", *files)
     assert plain("n20.txt") + "：一条消息最多附加 20 个文件" in texts(at.error)
     at.button(key="attach_send").click().run()
     (summary,) = store.list_conversations()
-    assert len(store.get_conversation(summary.id).messages[0].attachments) == export.MAX_ATTACHMENTS
+    assert len(store.get_conversation(summary.id).messages[0].attachments) == export_format.MAX_ATTACHMENTS
     (copy,) = export.import_json(store, export.export_json(store, [summary.id]))
-    assert len(store.get_conversation(copy).messages[0].attachments) == export.MAX_ATTACHMENTS
+    assert len(store.get_conversation(copy).messages[0].attachments) == export_format.MAX_ATTACHMENTS

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from internlm_app.store import export
-from internlm_app.store.db import Attachment, ConversationStore
-from internlm_app.store.export import ImportValidationError, export_json, export_markdown, fingerprint, import_json
+from internlm_app.store import export_format
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.export import export_json, export_markdown, fingerprint, import_json
+from internlm_app.store.export_format import ImportValidationError
+from internlm_app.store.tree import Attachment
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -139,7 +141,7 @@ def test_markdown_shows_the_selected_path_with_feedback_and_attachments(store: C
 
 def doc(*messages: dict, **conversation: object) -> str:
     conv = {"messages": list(messages), **conversation}
-    return json.dumps({"format": export.FORMAT, "version": 1, "conversations": [conv]})
+    return json.dumps({"format": export_format.FORMAT, "version": 1, "conversations": [conv]})
 
 
 def msg(**fields: object) -> dict:
@@ -165,12 +167,14 @@ BAD_TREES = {
     "feedback as bool": doc(msg(role="assistant", feedback=True)),
     "feedback on a user message": doc(msg(feedback=1)),
     "attachment without a name": doc(attached(name="")),
-    "attachment name too long": doc(attached(name="n" * (export.MAX_FILE_NAME_CHARS + 1))),
-    "attachment MIME type too long": doc(attached(mime_type="t" * (export.MAX_MIME_CHARS + 1))),
-    "attachment text too long": doc(attached(text="x" * (export.MAX_ATTACHMENT_CHARS + 1))),
+    "attachment name too long": doc(attached(name="n" * (export_format.MAX_FILE_NAME_CHARS + 1))),
+    "attachment MIME type too long": doc(attached(mime_type="t" * (export_format.MAX_MIME_CHARS + 1))),
+    "attachment text too long": doc(attached(text="x" * (export_format.MAX_ATTACHMENT_CHARS + 1))),
     "negative token count": doc(attached(tokens=-1)),
     "unknown attachment field": doc(attached(path="/etc/passwd")),
-    "too many attachments": doc(msg(attachments=[{"name": "a", "mime_type": "b"}] * (export.MAX_ATTACHMENTS + 1))),
+    "too many attachments": doc(
+        msg(attachments=[{"name": "a", "mime_type": "b"}] * (export_format.MAX_ATTACHMENTS + 1))
+    ),
 }
 
 

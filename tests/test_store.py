@@ -15,9 +15,13 @@ from pathlib import Path
 import pytest
 
 from internlm_app.chat_types import ReplyStats
-from internlm_app.store import export
-from internlm_app.store.db import MIGRATIONS, SCHEMA_VERSION, TITLE_MAX, ConversationStore, StoreError
-from internlm_app.store.export import IMPORT_REASONS, ImportValidationError, export_json, export_markdown, import_json
+from internlm_app.store import export_format
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.errors import StoreError
+from internlm_app.store.export import export_json, export_markdown, import_json
+from internlm_app.store.export_format import IMPORT_REASONS, ImportValidationError
+from internlm_app.store.records import TITLE_MAX
+from internlm_app.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -330,7 +334,7 @@ def fill(store: ConversationStore) -> list[str]:
 def test_export_import_round_trip(store: ConversationStore, tmp_path: Path) -> None:
     ids = fill(store)
     document = json.loads(export_json(store))
-    assert (document["format"], document["version"], len(document["conversations"])) == (export.FORMAT, 1, 2)
+    assert (document["format"], document["version"], len(document["conversations"])) == (export_format.FORMAT, 1, 2)
 
     other = ConversationStore(tmp_path / "other.db")
     new_ids = import_json(other, export_json(store).encode())
@@ -365,7 +369,7 @@ def valid_conversation(**extra: object) -> dict:
 
 
 def doc(*conversations: dict, **top: object) -> str:
-    return json.dumps({"format": export.FORMAT, "version": 1, "conversations": list(conversations), **top})
+    return json.dumps({"format": export_format.FORMAT, "version": 1, "conversations": list(conversations), **top})
 
 
 def message(**fields: object) -> dict:
@@ -376,11 +380,11 @@ BAD_IMPORTS = {
     "not json": "{not json",
     "not utf-8": b"\xff\xfe\x00{",
     "top level list": "[]",
-    "wrong format tag": doc(valid_conversation()).replace(export.FORMAT, "other-export"),
-    "wrong version": json.dumps({"format": export.FORMAT, "version": 2, "conversations": []}),
-    "version as bool": json.dumps({"format": export.FORMAT, "version": True, "conversations": []}),
-    "version as string": json.dumps({"format": export.FORMAT, "version": "1", "conversations": []}),
-    "missing conversations": json.dumps({"format": export.FORMAT, "version": 1}),
+    "wrong format tag": doc(valid_conversation()).replace(export_format.FORMAT, "other-export"),
+    "wrong version": json.dumps({"format": export_format.FORMAT, "version": 2, "conversations": []}),
+    "version as bool": json.dumps({"format": export_format.FORMAT, "version": True, "conversations": []}),
+    "version as string": json.dumps({"format": export_format.FORMAT, "version": "1", "conversations": []}),
+    "missing conversations": json.dumps({"format": export_format.FORMAT, "version": 1}),
     "unknown role": doc(message(role="tool")),
     "unknown status": doc(message(status="done")),
     "content number": doc(message(content=123)),
@@ -390,10 +394,10 @@ BAD_IMPORTS = {
     "extra conversation field": doc(valid_conversation(owner="x")),
     "extra top field": doc(valid_conversation(), extra=1),
     "too many messages": doc(
-        valid_conversation(messages=[{"role": "user", "content": "x"}] * (export.MAX_MESSAGES + 1))
+        valid_conversation(messages=[{"role": "user", "content": "x"}] * (export_format.MAX_MESSAGES + 1))
     ),
-    "huge string": doc(message(content="x" * (export.MAX_CONTENT_CHARS + 1))),
-    "huge title": doc(valid_conversation(title="t" * (export.MAX_TITLE_CHARS + 1))),
+    "huge string": doc(message(content="x" * (export_format.MAX_CONTENT_CHARS + 1))),
+    "huge title": doc(valid_conversation(title="t" * (export_format.MAX_TITLE_CHARS + 1))),
     "nested garbage in stats": doc(message(stats={"a": {"b": [1, {"c": None}]}})),
     "system role among messages": doc(message(role="system")),
     "unknown finish reason in stats": doc(message(role="assistant", stats={"finish_reason": "bogus"})),
@@ -407,7 +411,7 @@ BAD_IMPORTS = {
     "lone surrogate": doc(valid_conversation()).replace('"ok"', '"\\ud800"'),
     "negative timestamp": doc(message(created_at=-5)),
     "timestamp as string": doc(valid_conversation(created_at="2024-01-01")),
-    "conversations not a list": json.dumps({"format": export.FORMAT, "version": 1, "conversations": {"a": 1}}),
+    "conversations not a list": json.dumps({"format": export_format.FORMAT, "version": 1, "conversations": {"a": 1}}),
     "valid then invalid": doc(valid_conversation(), valid_conversation(), message(role="root")),
 }
 
@@ -424,12 +428,12 @@ def test_bad_import_rejected_and_nothing_changes(store: ConversationStore, data:
 
 
 def test_import_size_limits(store: ConversationStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(export, "MAX_IMPORT_BYTES", 1000)
+    monkeypatch.setattr(export_format, "MAX_IMPORT_BYTES", 1000)
     with pytest.raises(ImportValidationError, match="larger than") as info:
         import_json(store, doc(message(content="x" * 2000)))
     assert info.value.reason == "too_large"
-    monkeypatch.setattr(export, "MAX_TOTAL_MESSAGES", 3)
-    monkeypatch.setattr(export, "MAX_IMPORT_BYTES", 10**6)
+    monkeypatch.setattr(export_format, "MAX_TOTAL_MESSAGES", 3)
+    monkeypatch.setattr(export_format, "MAX_IMPORT_BYTES", 10**6)
     with pytest.raises(ImportValidationError, match="at most 3"):
         import_json(store, doc(valid_conversation(), valid_conversation(), valid_conversation(), valid_conversation()))
     assert counts(store) == (0, 0)
@@ -451,7 +455,7 @@ def test_import_is_one_transaction(store: ConversationStore) -> None:
 
 def test_import_defaults_and_bom(store: ConversationStore) -> None:
     minimal = {
-        "format": export.FORMAT,
+        "format": export_format.FORMAT,
         "version": 1,
         "conversations": [{"messages": [{"role": "user", "content": "a"}]}],
     }

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from internlm_app.store.db import ConversationStore, StoreFault
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.errors import StoreFault
 from tests.store_faults import LONG_TEXT, damage_pages, fingerprint, make_disk_full, make_read_only, not_a_database
 
 

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from internlm_app.store.db import Attachment, ConversationStore, Preset, StoreFault
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.errors import StoreFault
+from internlm_app.store.presets import Preset
+from internlm_app.store.tree import Attachment
 from tests.store_faults import make_read_only
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,7 +14,8 @@ ROOT = FIXTURE_DIR.parents[2]
 
 SCRIPT = r"""
 import json, os, subprocess, sys
-from internlm_app.store.db import ConversationStore, StoreFault
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.errors import StoreFault
 
 disk = sys.argv[1]
 os.makedirs(disk, exist_ok=True)

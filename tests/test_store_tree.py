@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from internlm_app.store.db import MIGRATIONS, SCHEMA_VERSION, ConversationStore, Versions
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.schema import MIGRATIONS, SCHEMA_VERSION
+from internlm_app.store.tree import Versions
 
 pytestmark = pytest.mark.timeout(120)
 

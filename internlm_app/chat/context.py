@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from internlm_app.chat.attachments import FittedAttachment, with_attachments
 from internlm_app.chat_types import Message, ReplyStats
-from internlm_app.store.db import ConversationStore, StoredMessage
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.records import StoredMessage
 from internlm_app.store.tree import Attachment
 
 

@@ -8,8 +8,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 FEEDBACK_VALUES = (0, 1)  # thumbs down, thumbs up: the values of Streamlit's st.feedback("thumbs"); None is no feedback
-PRESET_LANGUAGES = ("zh", "en", "both")
-PRESET_NAME_LIMIT = 60  # characters of a preset's name
 
 _SUBTREE = (
     "WITH RECURSIVE subtree(id) AS (SELECT ? UNION ALL"
@@ -33,16 +31,6 @@ class Versions:
 
     ids: tuple[int, ...]
     index: int
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named system prompt for one language ('zh', 'en') or both."""
-
-    id: int
-    name: str
-    system_prompt: str
-    language: str
 
 
 def next_seq(conn: sqlite3.Connection, cid: str) -> int:

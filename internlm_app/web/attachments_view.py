@@ -22,8 +22,9 @@ from internlm_app.chat.attachments import (
 )
 from internlm_app.chat.context import model_messages, stored_attachment
 from internlm_app.chat_types import ChatBackend, Message
-from internlm_app.store.db import Conversation, ConversationStore
-from internlm_app.store.export import MAX_ATTACHMENTS, MAX_CONTENT_CHARS
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.export_format import MAX_ATTACHMENTS, MAX_CONTENT_CHARS
+from internlm_app.store.records import Conversation
 from internlm_app.store.tree import Attachment as StoredAttachment
 from internlm_app.web import state
 from internlm_app.web.safe_markdown import code_span, plain

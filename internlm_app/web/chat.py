@@ -10,8 +10,10 @@ import streamlit as st
 
 from internlm_app.chat_types import ChatBackend
 from internlm_app.sampling import SamplingParams
-from internlm_app.store.db import Conversation, ConversationStore, StoreFault
-from internlm_app.store.export import MAX_CONTENT_CHARS
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.errors import StoreFault
+from internlm_app.store.export_format import MAX_CONTENT_CHARS
+from internlm_app.store.records import Conversation
 from internlm_app.store.tree import Attachment
 from internlm_app.web import attachments_view, feedback, state, storage, tools_view
 from internlm_app.web import versions as versions_ui

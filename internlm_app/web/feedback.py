@@ -10,7 +10,9 @@ from collections.abc import Callable
 
 import streamlit as st
 
-from internlm_app.store.db import ConversationStore, StoredMessage, StoreFault
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.errors import StoreFault
+from internlm_app.store.records import StoredMessage
 from internlm_app.web import storage
 
 FEEDBACK_STATUSES = ("complete", "stopped")  # a finished reply; an error or an interrupted one gets none

@@ -11,8 +11,10 @@ from functools import partial
 import streamlit as st
 from streamlit import runtime
 
-from internlm_app.store import export
-from internlm_app.store.db import ConversationStore, ConversationSummary, StoreFault
+from internlm_app.store import export, export_format
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.errors import StoreFault
+from internlm_app.store.records import ConversationSummary
 from internlm_app.web import storage
 from internlm_app.web.safe_markdown import plain
 
@@ -94,7 +96,7 @@ def import_upload(store: ConversationStore, t: Callable[..., str], skip_existing
     st.session_state[_UPLOADS_KEY] = st.session_state.get(_UPLOADS_KEY, 0) + 1
     try:
         ids = export.import_json(store, upload.getvalue(), skip_existing=skip_existing)
-    except export.ImportValidationError as exc:  # it may quote the file: plain text
+    except export_format.ImportValidationError as exc:  # it may quote the file: plain text
         # One translated sentence; the English detail (it may quote the file: plain text) behind an expander.
         st.session_state[NOTICE_KEY] = ("error", t(f"import_error_{exc.reason}"), plain(str(exc)))
     except StoreFault as fault:  # shown at the top of the page, which runs right after this callback

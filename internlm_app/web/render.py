@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import streamlit as st
 
-from internlm_app.store.db import StoredMessage
+from internlm_app.store.records import StoredMessage
 from internlm_app.web.attachments_view import show_attachments
 from internlm_app.web.safe_markdown import plain, safe_markdown
 from internlm_app.web.tools_view import show_steps

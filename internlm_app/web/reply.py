@@ -12,7 +12,8 @@ from streamlit.runtime.scriptrunner_utils.exceptions import RerunException, Stop
 from internlm_app.chat.context import model_messages
 from internlm_app.chat_types import ChatBackend, EngineError, ReplyEvents, ReplyStats
 from internlm_app.sampling import SamplingParams
-from internlm_app.store.db import ConversationStore, StoreFault
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.errors import StoreFault
 from internlm_app.web.throttle import SAVE_INTERVAL_SECONDS, Throttle, throttled_text
 
 log = logging.getLogger(__name__)

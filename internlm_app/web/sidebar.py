@@ -11,8 +11,9 @@ from internlm_app.chat_types import ChatBackend
 from internlm_app.runtime import gpu
 from internlm_app.sampling import BOUNDS, INT_PARAMS
 from internlm_app.settings import MAX_LENGTH_BOUNDS
-from internlm_app.store.db import Conversation, ConversationStore
-from internlm_app.store.export import MAX_PROMPT_CHARS
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.export_format import MAX_PROMPT_CHARS
+from internlm_app.store.records import Conversation
 from internlm_app.web import state, storage
 from internlm_app.web.context import PageContext
 from internlm_app.web.page import queue_caption

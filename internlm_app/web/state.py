@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from internlm_app.chat_types import ChatBackend
 from internlm_app.sampling import SamplingParams
 from internlm_app.settings import MAX_LENGTH_BOUNDS, Settings
-from internlm_app.store.db import Conversation
+from internlm_app.store.records import Conversation
 
 SAMPLING_KEYS = tuple(SamplingParams.model_fields)
 MAX_LENGTH_KEY = "max_length"

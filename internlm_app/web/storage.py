@@ -16,7 +16,8 @@ from typing import ParamSpec, TypeVar
 
 import streamlit as st
 
-from internlm_app.store.db import ConversationStore, StoreFault
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.errors import StoreFault
 from internlm_app.web.context import PageContext
 from internlm_app.web.resources import conversation_store
 from internlm_app.web.safe_markdown import code_span, plain

@@ -10,7 +10,10 @@ from collections.abc import Callable
 
 import streamlit as st
 
-from internlm_app.store.db import Conversation, ConversationStore, StoreFault, Versions
+from internlm_app.store.db import ConversationStore
+from internlm_app.store.errors import StoreFault
+from internlm_app.store.records import Conversation
+from internlm_app.store.tree import Versions
 from internlm_app.web import state, storage
 from internlm_app.web.resources import live_replies
 

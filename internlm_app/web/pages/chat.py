@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from internlm_app.store.export import MAX_CONTENT_CHARS
+from internlm_app.store.export_format import MAX_CONTENT_CHARS
 from internlm_app.web import attachments_view, chat, presets, sidebar, tools_view
 from internlm_app.web.loading import require_backend
 from internlm_app.web.page import exit_unless_streamlit, start_page
