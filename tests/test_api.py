@@ -31,6 +31,7 @@ from tests.api_helpers import (
 from tests.faults import FailOnForward
 
 CHAT = "/v1/chat/completions"
+TOKENS = "internlm_completion_tokens_total"
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,11 @@ def test_classic_history_and_system(client, engine):
 
 def test_classic_sampling_fields_and_lenient_content_type(client):
     body = {"prompt": "hi", "temperature": 1.2, "top_p": 0.9, "top_k": 20, "max_new_tokens": 5, "unknown": 1}
+    before = client.get("/metrics").text
     response = client.post("/", json=body)
-    assert response.status_code == 200 and isinstance(response.json()["response"], str)
+    tokens = _metric(client.get("/metrics").text, TOKENS) - _metric(before, TOKENS)  # recorded before the response
+    assert response.status_code == 200 and response.json()["history"] == [["hi", response.json()["response"]]]
+    assert 1 <= tokens <= 5  # sampled: its text is not known, its length is (max_new_tokens)
     form_typed = client.post(
         "/",
         content=b'{"prompt": "hi", "max_new_tokens": 3}',

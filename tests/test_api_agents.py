@@ -16,7 +16,7 @@ from internlm_app.api import create_app, running_server
 from internlm_app.chat_types import ReplyEvents, ReplyOptions
 from internlm_app.sampling import SamplingParams
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT
-from tests.api_helpers import api_settings, engine_copy
+from tests.api_helpers import REPLY_TOKENS, api_settings, engine_copy
 
 WEATHER = {
     "type": "function",
@@ -156,7 +156,7 @@ def test_action_start_ends_a_reply_without_tools_and_im_start_always(engine):
     assert tools["<|action_end|>"] in engine._tool_stop_ids and tools["<|action_start|>"] not in engine._tool_stop_ids
 
 
-def test_response_format_json_schema_and_json_object(client):
+def test_response_format_json_schema_and_json_object(client, engine):
     completion = client.chat.completions.create(
         model="m",
         messages=[{"role": "user", "content": "Describe a person."}],
@@ -172,7 +172,13 @@ def test_response_format_json_schema_and_json_object(client):
         response_format={"type": "json_object"},
         temperature=0,
     )
-    assert isinstance(json.loads(plain.choices[0].message.content), dict)
+    # Greedy: the engine's own reply under the JSON-object grammar, as many tokens as the server's default
+    messages = [NO_SYSTEM, {"role": "user", "content": "hi"}]
+    params = SamplingParams.greedy_params(REPLY_TOKENS)
+    expected = "".join(
+        c.text for c in engine.stream_chunks(messages, params, ReplyOptions(json_schema={"type": "object"}))
+    )
+    assert plain.choices[0].message.content == expected and isinstance(json.loads(expected), dict)
 
 
 def test_unconstrained_output_is_not_json(client):

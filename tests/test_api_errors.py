@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from internlm_app.api import create_app, running_server
-from tests.api_helpers import API_KEY, api_settings, greedy_reply
+from tests.api_helpers import API_KEY, api_settings, greedy_reply, with_default_system
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = "/v1/chat/completions"
@@ -54,7 +54,13 @@ CASES = [
     ("classic-history-not-pairs", "POST", "/", {"json": {"prompt": "hi", "history": [["only one"]]}}, 422),
     ("classic-history-not-a-list", "POST", "/", {"json": {"prompt": "hi", "history": "abc"}}, 422),
     ("classic-over-context-window", "POST", "/", {"json": {"prompt": LONG_PROMPT}}, 400),
-    ("classic-control-tokens-are-text", "POST", "/", {"json": {"prompt": CONTROL_TEXT, "max_new_tokens": 8}}, 200),
+    (
+        "classic-control-tokens-are-text",
+        "POST",
+        "/",
+        {"json": {"prompt": CONTROL_TEXT, "max_new_tokens": 8, "temperature": 0}},
+        200,
+    ),
     (
         "openai-malformed-json",
         "POST",
@@ -106,7 +112,13 @@ CASES = [
     ("completions-over-context", "POST", "/v1/completions", {"json": {"prompt": LONG_PROMPT * 2}}, 400),
     ("unknown-model", "GET", "/v1/models/gpt-4", {}, 404),
     ("openai-over-context-window", "POST", CHAT, _chat(messages=[{"role": "user", "content": LONG_PROMPT}]), 400),
-    ("openai-control-tokens-are-text", "POST", CHAT, _chat(messages=[{"role": "user", "content": CONTROL_TEXT}]), 200),
+    (
+        "openai-control-tokens-are-text",
+        "POST",
+        CHAT,
+        _chat(messages=[{"role": "user", "content": CONTROL_TEXT}], temperature=0),
+        200,
+    ),
     ("missing-api-key", "POST", "/", {"json": {"prompt": "hi"}, "headers": {}}, 401),
     ("wrong-api-key", "POST", CHAT, {**_chat(), "headers": {"Authorization": "Bearer nope"}}, 401),
     ("basic-auth-scheme", "GET", "/v1/models", {"headers": {"Authorization": f"Basic {API_KEY}"}}, 401),
@@ -135,7 +147,7 @@ def _assert_error_body(path: str, status: int, body: dict) -> None:
 
 
 @pytest.mark.parametrize(("method", "path", "kwargs", "status"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_request_table(server, method, path, kwargs, status):
+def test_bad_request_table(server, engine, method, path, kwargs, status):
     kwargs = {"headers": AUTH, **kwargs}
     if "chunked" in kwargs:  # no Content-Length: the limit is enforced while the body arrives
         kwargs["content"] = _chunks(kwargs.pop("chunked"))
@@ -143,9 +155,17 @@ def test_bad_request_table(server, method, path, kwargs, status):
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    if status == 200:  # control tokens typed as text: a normal reply
-        reply = body["response"] if path == "/" else body["choices"][0]["message"]["content"]
-        assert isinstance(reply, str) and (path == "/" or body["usage"]["completion_tokens"] >= 1)
+    if status == 200:  # control tokens typed as text: a normal reply, the engine's own (greedy, 8 tokens)
+        expected, stats = greedy_reply(engine, with_default_system(CONTROL_TEXT), max_new_tokens=8)
+        if path == "/":
+            assert body["response"] == expected and body["history"] == [[CONTROL_TEXT, expected]]
+        else:
+            choice, usage = body["choices"][0], body["usage"]
+            assert choice["message"]["content"] == expected and choice["finish_reason"] == stats.finish_reason
+            assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
+                stats.prompt_tokens,
+                stats.completion_tokens,
+            )
     else:
         _assert_error_body(path, status, body)
     assert server.get("/health").status_code == 200

@@ -11,8 +11,11 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import openai
@@ -35,6 +38,8 @@ from tests.api_helpers import (
 )
 
 CHAT = "/v1/chat/completions"
+TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")  # the classic reply's "time"
+T = TypeVar("T")
 PROMPTS = ["hello", "你好", "What is 1+1?", "tell me a story", "hi", "abc", "书生浦语", "Write a poem"]
 
 
@@ -61,7 +66,8 @@ def test_tutorial_requests_snippet(server, engine):
         response = requests.post(url=server, headers=headers, data=json.dumps(data))
         return response.json()["response"]
 
-    assert isinstance(get_completion("你好"), str)  # sampled with the server's defaults
+    reply = _one_sampled_reply(server, lambda: get_completion("你好"), REPLY_TOKENS)  # with the server's defaults
+    assert isinstance(reply, str)  # sampled: its text is not known, its tokens and its end are (above)
     body = requests.post(server, json={"prompt": "你好", "temperature": 0}).json()
     assert body["status"] == 200 and body["response"] == greedy_reply(engine, with_default_system("你好"))[0]
 
@@ -69,8 +75,9 @@ def test_tutorial_requests_snippet(server, engine):
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_tutorial_curl_command(server):
     command = ["curl", "-s", "-X", "POST", server, "-H", "Content-Type: application/json", "-d", '{"prompt": "你好"}']
-    body = json.loads(subprocess.run(command, capture_output=True, check=True, timeout=30).stdout)
-    assert body["status"] == 200 and isinstance(body["response"], str) and body["time"]
+    run = partial(subprocess.run, command, capture_output=True, check=True, timeout=30)
+    body = _one_sampled_reply(server, lambda: json.loads(run().stdout), REPLY_TOKENS)  # with the server's defaults
+    assert body["status"] == 200 and body["history"] == [["你好", body["response"]]] and TIME.fullmatch(body["time"])
 
 
 def test_official_openai_client(server, engine):
@@ -126,6 +133,8 @@ def test_eight_concurrent_streaming_clients(server, engine):
 CANCELLED = 'internlm_replies_total{finish_reason="cancelled"}'
 LENGTH = 'internlm_replies_total{finish_reason="length"}'
 TOKENS = "internlm_completion_tokens_total"
+REPLIES = "internlm_replies_total"
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
 def _metric(text: str, name: str) -> float:
@@ -134,6 +143,25 @@ def _metric(text: str, name: str) -> float:
 
 def _metrics(url: str) -> str:
     return httpx.get(f"{url}/metrics", timeout=30).text
+
+
+def _finished(text: str) -> dict[str, float]:
+    """Replies by how they ended, from a /metrics text."""
+    return {reason: _metric(text, f'{REPLIES}{{finish_reason="{reason}"}}') for reason in FINISH_REASONS}
+
+
+def _one_sampled_reply(url: str, send: Callable[[], T], max_tokens: int) -> T:
+    """What `send()` returns, once /metrics of the server at `url` shows what is known of the one sampled classic
+    reply it asked for (recorded before its response is sent): 1 to `max_tokens` tokens, ended by a stop token or at
+    `max_tokens`."""
+    before = _metrics(url)
+    result = send()
+    after = _metrics(url)
+    ended = [reason for reason, n in _finished(after).items() if n != _finished(before)[reason]]
+    tokens = _metric(after, TOKENS) - _metric(before, TOKENS)
+    assert sum(_finished(after).values()) == sum(_finished(before).values()) + 1, ended  # one reply
+    assert (ended == ["stop"] and 1 <= tokens <= max_tokens) or (ended == ["length"] and tokens == max_tokens), tokens
+    return result
 
 
 def test_health_and_metrics_answer_while_a_reply_streams(endless):
@@ -221,8 +249,9 @@ def test_python_m_internlm_app_api_serves(fixture_dir, tmp_path):
                 return process.poll() is not None  # stop waiting if it died
 
         assert wait_until(healthy, timeout=90, interval=0.2) and process.poll() is None, log_path.read_text()
-        body = httpx.post(url, json={"prompt": "你好", "max_new_tokens": 4}, timeout=30).json()
-        assert body["status"] == 200 and isinstance(body["response"], str)
+        send = partial(httpx.post, url, json={"prompt": "你好", "max_new_tokens": 4}, timeout=30)
+        body = _one_sampled_reply(url, lambda: send().json(), 4)
+        assert body["status"] == 200 and body["history"] == [["你好", body["response"]]]
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)

@@ -9,8 +9,7 @@ import time
 import tomllib
 
 import pytest
-from streamlit.runtime.scriptrunner_utils.exceptions import RerunException, StopException
-from streamlit.runtime.scriptrunner_utils.script_requests import RerunData
+from streamlit.testing.v1 import AppTest
 
 from internlm_app import load_progress
 from internlm_app.backends import factory as loading
@@ -26,7 +25,7 @@ from internlm_app.web.render import stats_caption, to_markdown
 from internlm_app.web.reply import LiveReplies, ReplyView, WebReply
 from internlm_app.web.throttle import UI_UPDATES_PER_SECOND, Throttle, throttled_text
 from tests.api_helpers import engine_copy, free_all_slots, take_all_slots, wait_until
-from tests.app_helpers import ROOT
+from tests.app_helpers import ROOT, RUN_TIMEOUT
 
 # A greedy reply of ~220 tokens on the tiny model (repetition penalty keeps it from ending early).
 LONG = SamplingParams(temperature=0.0, repetition_penalty=2.0, max_new_tokens=200)
@@ -107,6 +106,19 @@ def test_a_real_reply_updates_the_page_at_most_20_times_a_second(engine, store, 
     assert len(shown) < outcome.stats.completion_tokens / 3  # far fewer updates than tokens
 
 
+class PageStop(BaseException):
+    """The page's run ends, as Streamlit ends it after a Stop click: raised from a view's callback."""
+
+
+class PageRerun(BaseException):
+    """The page's run ends, as Streamlit ends it for any other interaction (a rerun)."""
+
+
+def page_view(show, **callbacks) -> ReplyView:
+    """A view whose page's run is ended by PageStop and PageRerun, as Streamlit's is by PAGE_INTERRUPTIONS."""
+    return ReplyView(show=show, interrupted_by=(PageStop, PageRerun), **callbacks)
+
+
 def test_a_stop_keeps_the_partial_reply_marked_stopped_and_frees_the_gpu(engine, store):
     cid = _conversation(store)
     shown: list[str] = []
@@ -115,10 +127,10 @@ def test_a_stop_keeps_the_partial_reply_marked_stopped_and_frees_the_gpu(engine,
     def show(text: str) -> None:  # the Stop button's callback, then Streamlit ends the script from the next st call
         shown.append(text)
         live.stop(cid)
-        raise StopException()
+        raise PageStop()
 
-    with pytest.raises(StopException):
-        WebReply(engine, store, cid, LONG).run(ReplyView(show=show), live=live)
+    with pytest.raises(PageStop):
+        WebReply(engine, store, cid, LONG).run(page_view(show), live=live)
     assert wait_until(lambda: live.reply_of(cid) is None, timeout=30)  # it ended at its next token
     assert engine.queue.active == 0
     reply = store.get_conversation(cid).messages[-1]
@@ -129,7 +141,7 @@ def test_a_stop_keeps_the_partial_reply_marked_stopped_and_frees_the_gpu(engine,
     assert again.status == "complete"  # the next message is served at once
 
 
-@pytest.mark.parametrize("interruption", [StopException, lambda: RerunException(RerunData())], ids=["stop", "rerun"])
+@pytest.mark.parametrize("interruption", [PageStop, PageRerun], ids=["stop", "rerun"])
 def test_any_other_interaction_leaves_the_reply_running_in_the_background(engine, store, interruption):
     """A sidebar button, the language, another page or a closed tab ends the page's script, not the reply: it goes on
     in the background, visible in `live`, and is saved whole, exactly as if nothing had happened."""
@@ -142,13 +154,51 @@ def test_any_other_interaction_leaves_the_reply_running_in_the_background(engine
         shown.append(text)
         raise interruption()
 
-    with pytest.raises((StopException, RerunException)):
-        WebReply(engine, store, cid, LONG).run(ReplyView(show=show), live=live)
+    with pytest.raises(interruption):
+        WebReply(engine, store, cid, LONG).run(page_view(show), live=live)
     assert live.reply_of(cid) is not None or store.get_conversation(cid).messages[-1].status == "complete"
     assert wait_until(lambda: live.reply_of(cid) is None, timeout=60)
     reply = store.get_conversation(cid).messages[-1]
     assert (reply.status, reply.content) == ("complete", expected.text) and len(reply.content) > len(shown[0])
     assert reply.stats["completion_tokens"] == expected.stats.completion_tokens and engine.queue.active == 0
+
+
+def _interrupted_page(engine, store, cid, live, params, how, runs):
+    """An AppTest page: stream a reply with the default view and, at its first update, end the run as an
+    interaction does (st.stop() or st.rerun()); `runs` records what ran after that."""
+    import streamlit as st
+
+    from internlm_app.web.reply import ReplyView, WebReply
+
+    if st.session_state.get("replied"):  # the run st.rerun() asked for
+        runs.append("next run")
+        return
+    st.session_state["replied"] = True
+
+    def show(text: str) -> None:
+        if how == "stop":
+            st.stop()
+        st.rerun()
+
+    WebReply(engine, store, cid, params).run(ReplyView(show=show), live=live)
+    runs.append("after the reply")  # never: the interruption ends the run here
+
+
+@pytest.mark.parametrize("how", ["stop", "rerun"])
+def test_streamlits_own_stop_and_rerun_are_page_interruptions(engine, store, how):
+    """The same as above through Streamlit itself: what st.stop() and st.rerun() raise (PAGE_INTERRUPTIONS, a view's
+    default) ends the page's run, not the reply: it goes on in the background (had the view taken it for another
+    exception, the reply would have been closed and saved as stopped)."""
+    expected = WebReply(engine, store, _conversation(store, "hello"), LONG).run(ReplyView(show=lambda text: None))
+    cid, live, runs = _conversation(store, "hello"), LiveReplies(), []
+    args = (engine, store, cid, live, LONG, how, runs)
+    at = AppTest.from_function(_interrupted_page, args=args, default_timeout=RUN_TIMEOUT).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert runs == (["next run"] if how == "rerun" else [])  # nothing ran after the reply in the interrupted run
+    assert wait_until(lambda: live.reply_of(cid) is None, timeout=60)
+    reply = store.get_conversation(cid).messages[-1]
+    assert (reply.status, reply.content) == ("complete", expected.text) and engine.queue.active == 0
+    assert reply.stats["completion_tokens"] == expected.stats.completion_tokens
 
 
 def test_a_stop_between_page_updates_is_noticed_at_the_next_token(engine, store):
@@ -159,10 +209,10 @@ def test_a_stop_between_page_updates_is_noticed_at_the_next_token(engine, store)
     def poll() -> None:  # the chat page reads session state here: Streamlit raises there once stopped
         polls.append(1)
         if len(polls) == 3:
-            raise StopException()
+            raise PageStop()
 
-    with pytest.raises(StopException):
-        WebReply(engine, store, cid, LONG).run(ReplyView(show=lambda text: None, poll=poll))
+    with pytest.raises(PageStop):
+        WebReply(engine, store, cid, LONG).run(page_view(lambda text: None, poll=poll))
     reply = store.get_conversation(cid).messages[-1]
     assert reply.status == "stopped" and reply.stats["completion_tokens"] <= 3 and engine.queue.active == 0
 
@@ -186,11 +236,11 @@ def test_waiting_for_the_gpu_reports_the_place_and_a_stop_while_waiting_leaves_t
         assert places and places[0] == 1
 
         def stop_while_waiting(place: int) -> None:
-            raise StopException()
+            raise PageStop()
 
         cid = _conversation(store)
-        with pytest.raises(StopException):
-            WebReply(engine, store, cid, LONG).run(ReplyView(show=lambda t: None, on_queue=stop_while_waiting))
+        with pytest.raises(PageStop):
+            WebReply(engine, store, cid, LONG).run(page_view(lambda t: None, on_queue=stop_while_waiting))
         reply = store.get_conversation(cid).messages[-1]
         assert (reply.status, reply.content, reply.stats["finish_reason"]) == ("stopped", "", "cancelled")
         assert engine.queue.waiting() == 1  # only the first waiter is still in line

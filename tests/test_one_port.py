@@ -48,8 +48,8 @@ API_TOKENS = 60
 def one_port_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
     """tests/one_port_server.py (`python -m internlm_app serve`) on a free port until the block ends."""
     port = free_port()
-    command = [sys.executable, "tests/one_port_server.py", "--host", "127.0.0.1", "--port", str(port)]
-    with local_server(command, "/health", port, env, log_path) as url:
+    env = {**env, "INTERNLM_HOST": "127.0.0.1", "INTERNLM_PORT": str(port)}
+    with local_server([sys.executable, "tests/one_port_server.py"], "/health", port, env, log_path) as url:
         yield url
 
 

@@ -7,9 +7,8 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import SecretStr
 
@@ -45,6 +44,13 @@ def create_backend(settings: ModelSettings, progress: Progress | None = None) ->
     with _created_lock:
         _created += 1
     return backend
+
+
+class BackendFactory(Protocol):
+    """How a BackendLoader makes its backend: `create_backend`, or a launcher's wrapper around it (the browser tests
+    hold the load and pace the real model's forward passes: tests/browser_server.py)."""
+
+    def __call__(self, settings: ModelSettings, progress: Progress | None = None) -> ChatBackend: ...
 
 
 def backends_created() -> int:
@@ -104,7 +110,7 @@ class BackendLoader:
     log line (the traceback only at DEBUG level, `--verbose`).
     """
 
-    def __init__(self, settings: ModelSettings, create: Callable[..., ChatBackend] = create_backend):
+    def __init__(self, settings: ModelSettings, create: BackendFactory = create_backend):
         self.settings = settings
         self._create = create
         self._lock = threading.Lock()

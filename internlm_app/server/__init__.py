@@ -73,8 +73,9 @@ def apply_streamlit_config(path: Path = STREAMLIT_CONFIG) -> list[str]:
     return applied
 
 
-def serve(settings: Settings | None = None) -> None:
-    """Serve the web app and the API on settings.host:settings.port until interrupted."""
+def serve(settings: Settings | None = None, loader: BackendLoader | None = None) -> None:
+    """Serve the web app and the API on settings.host:settings.port until interrupted; `loader` loads the one
+    backend (by default `BackendLoader(settings)`: the model the settings name, through `create_backend`)."""
     from streamlit import config
 
     settings = settings or Settings()
@@ -87,7 +88,7 @@ def serve(settings: Settings | None = None) -> None:
     if public and not settings.api_keys:
         log.warning("the API listens on %s without API keys: set INTERNLM_API_KEYS to require one", settings.host)
     sock = bind_socket(settings.host, settings.port)  # a port in use fails now, before anything loads
-    app = create_server(settings)
+    app = create_server(settings, loader)
     log.info("serving the web app and the API on http://%s:%d (one model, loading now)", settings.host, settings.port)
     server_config = uvicorn.Config(
         app,

@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 1.0
 
+# How Streamlit ends a page's script run before its end (a stop; a rerun: any interaction, another page, a closed
+# tab): it raises one of these from the next st call. The only place the app names them; a ReplyView's default.
+PAGE_INTERRUPTIONS: tuple[type[BaseException], ...] = (StopException, RerunException)
+
 
 class LiveReplies:
     """Which conversation is generating which message in this process right now, its text so far, and how to stop
@@ -115,12 +119,14 @@ class ReplyView:
     """Where a reply shows while it streams (the page's side): `show` gets the growing text (throttled); `on_queue`
     the place in line while it waits for the GPU; `on_start` runs once the reply is saved as streaming and
     registered as live; `poll` runs for every chunk (a token, or one stream interval's tokens), between throttled
-    updates, so that a stop is noticed at the next chunk rather than at the next page update."""
+    updates, so that a stop is noticed at the next chunk rather than at the next page update. `interrupted_by`: the
+    exceptions by which the page ends its run from one of these callbacks (Streamlit's, PAGE_INTERRUPTIONS)."""
 
     show: Callable[[str], None]
     on_queue: Callable[[int], None] | None = None
     on_start: Callable[[], None] | None = None
     poll: Callable[[], None] | None = None
+    interrupted_by: tuple[type[BaseException], ...] = PAGE_INTERRUPTIONS
 
 
 @dataclass
@@ -143,12 +149,12 @@ class WebReply:
         """Generate the reply into `view` and the store; the outcome once it ended here.
 
         Streamlit ends a running script on any interaction (a sidebar button, the language, another page, a message
-        typed meanwhile, a closed tab) by raising StopException or RerunException from the next st call, i.e. from
-        the view's callbacks. With `live` (the page), that ends only the page's part: the reply goes on in a
-        background thread (`_finish_in_background`), registered in `live`, where the next run of any page shows it;
-        only a Stop button (`live.stop`, the cancel event) ends it, within one token, saved as stopped. Without
-        `live`, or when the reply had already ended (a stop while waiting in line), the engine's iterator is closed
-        at once (the GPU queue is released) and the partial reply is saved as stopped.
+        typed meanwhile, a closed tab) by raising one of PAGE_INTERRUPTIONS from the next st call, i.e. from the
+        view's callbacks (`view.interrupted_by`). With `live` (the page), that ends only the page's part: the reply
+        goes on in a background thread (`_finish_in_background`), registered in `live`, where the next run of any
+        page shows it; only a Stop button (`live.stop`, the cancel event) ends it, within one token, saved as
+        stopped. Without `live`, or when the reply had already ended (a stop while waiting in line), the engine's
+        iterator is closed at once (the GPU queue is released) and the partial reply is saved as stopped.
         """
         store, cid = self.store, self.cid
         # The reply is made first: a regenerated one is a new version, which selects the path the model reads.
@@ -187,7 +193,7 @@ class WebReply:
                 status = "error"
                 events.stats.finish_reason = "error"
                 events.stats.error = events.stats.error or str(exc) or type(exc).__name__
-            except (StopException, RerunException):
+            except view.interrupted_by:
                 if live is None or not _alive(chunks):  # no page to show it, or it ended (e.g. while in line)
                     _close(chunks)
                     _save(store, mid, "".join(received), _interrupted(events.stats), events.stats)

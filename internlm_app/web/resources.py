@@ -6,15 +6,26 @@ from pathlib import Path
 
 import streamlit as st
 
-from internlm_app.backends.factory import BackendLoader, fingerprint
+from internlm_app.backends.factory import BackendFactory, BackendLoader, create_backend, fingerprint
 from internlm_app.settings import Settings
 from internlm_app.store.db import ConversationStore
 from internlm_app.web.reply import LiveReplies
 
+_backend_factory: BackendFactory = create_backend
+
+
+def use_backend_factory(create: BackendFactory) -> None:
+    """Web-only mode (`streamlit run app.py`) loads its backends with `create` instead of `create_backend`, for a
+    launcher that starts Streamlit in its own process and calls this before the first page runs (the browser tests
+    hold the load and pace the real model: tests/browser_server.py). The one-port server takes a loader instead:
+    `server.serve(settings, loader)`."""
+    global _backend_factory
+    _backend_factory = create
+
 
 @st.cache_resource(show_spinner=False)
 def _loader(key: str, _settings: Settings) -> BackendLoader:
-    return BackendLoader(_settings)
+    return BackendLoader(_settings, create=_backend_factory)
 
 
 def backend_loader(settings: Settings) -> BackendLoader:
