@@ -53,14 +53,23 @@ def attach(page, attached: list[dict], text: str) -> None:
 
 def force_tool(page, tools_label: str, tool: str) -> None:
     """Open the sidebar's tools, switch them on and pick `tool` (its first step calls it)."""
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import expect
 
     page.locator('[data-testid="stSidebar"] summary').get_by_text(tools_label, exact=True).click()
     page.locator(".st-key-tools_on label").click()
     choice = page.locator(".st-key-tool_choice")
     expect(choice.locator("input")).to_be_enabled(timeout=15_000)
-    choice.click()
-    page.get_by_role("option", name=tool, exact=True).click()
+    # The switch's rerun may still redraw the sidebar after the box is enabled, closing an open list under the click
+    # (Playwright: "element is detached"); open it again then, a few times at most.
+    for attempt in range(3):
+        choice.click()
+        try:
+            page.get_by_role("option", name=tool, exact=True).click(timeout=10_000)
+            break
+        except PlaywrightError:
+            if attempt == 2:
+                raise
     expect(choice.get_by_role("combobox")).to_have_value(tool)
 
 
