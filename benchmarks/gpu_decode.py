@@ -155,9 +155,8 @@ def measure_engine(model: LlamaForCausalLM, new_tokens: int, reps: int, static_c
     was first run on, any thread but the main one took about three times the CPU per token on the dynamic path.
     """
     from internlm_app.backends.engine import ChatEngine
-    from internlm_app.backends.reply_stream import reply_stop_ids
     from internlm_app.chat_types import ModelInfo, ReplyEvents
-    from internlm_app.runtime.tokenizer import load_tokenizer
+    from internlm_app.runtime.tokenizer import load_tokenizer, reply_stop_ids
     from internlm_app.sampling import SamplingParams
     from internlm_app.settings import Settings
 

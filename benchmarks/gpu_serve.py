@@ -31,9 +31,8 @@ from gpu_decode import build_model, generate_seconds, gpu_or_smoke, sync, weight
 from transformers import GenerationConfig
 
 from internlm_app.backends.engine import ChatEngine
-from internlm_app.backends.reply_stream import reply_stop_ids
 from internlm_app.chat_types import ModelInfo, ReplyEvents
-from internlm_app.runtime.tokenizer import load_tokenizer
+from internlm_app.runtime.tokenizer import load_tokenizer, reply_stop_ids
 from internlm_app.sampling import SamplingParams
 from internlm_app.settings import Settings
 

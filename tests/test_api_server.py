@@ -230,11 +230,14 @@ def test_cli_defaults_to_all_interfaces_on_6006(monkeypatch):
     assert (settings.host, settings.port) == ("0.0.0.0", 6006)
 
 
-def test_python_m_internlm_app_api_serves(fixture_dir, tmp_path):
+@pytest.mark.parametrize("subcommand", ["api", "serve"])
+def test_python_m_internlm_app_serves(subcommand, fixture_dir, tmp_path):
+    """The README's commands as users type them: `api` (the API alone) and `serve` (the web app and the API on one
+    port), flags read by the real CLI, the model loaded by the default loader."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "internlm_app", "api", "--model-path", str(fixture_dir), "--device", "cpu"]
+    command = [sys.executable, "-m", "internlm_app", subcommand, "--model-path", str(fixture_dir), "--device", "cpu"]
     command += ["--host", "127.0.0.1", "--port", str(port)]
     log_path = tmp_path / "api.log"
     with open(log_path, "wb") as log_file:
@@ -242,16 +245,20 @@ def test_python_m_internlm_app_api_serves(fixture_dir, tmp_path):
     try:
         url = f"http://127.0.0.1:{port}"
 
-        def healthy() -> bool:
+        def loaded() -> bool:  # `serve` answers /health at once, with the load's progress until the model is in
             try:
-                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+                health = httpx.get(f"{url}/health", timeout=1)
+                return health.status_code == 200 and health.json()["model_loaded"]
             except httpx.HTTPError:
                 return process.poll() is not None  # stop waiting if it died
 
-        assert wait_until(healthy, timeout=90, interval=0.2) and process.poll() is None, log_path.read_text()
+        assert wait_until(loaded, timeout=90, interval=0.2) and process.poll() is None, log_path.read_text()
         send = partial(httpx.post, url, json={"prompt": "你好", "max_new_tokens": 4}, timeout=30)
         body = _one_sampled_reply(url, lambda: send().json(), 4)
         assert body["status"] == 200 and body["history"] == [["你好", body["response"]]]
+        if subcommand == "serve":  # the web app on the same port
+            page = httpx.get(url, timeout=30)
+            assert page.status_code == 200 and "<title>Streamlit</title>" in page.text, page.text[:300]
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)

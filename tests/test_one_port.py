@@ -46,7 +46,8 @@ API_TOKENS = 60
 
 @contextmanager
 def one_port_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
-    """tests/one_port_server.py (`python -m internlm_app serve`) on a free port until the block ends."""
+    """tests/one_port_server.py (`server.serve`, as `python -m internlm_app serve` runs it, on the paced tiny model) on
+    a free port until the block ends."""
     port = free_port()
     env = {**env, "INTERNLM_HOST": "127.0.0.1", "INTERNLM_PORT": str(port)}
     with local_server([sys.executable, "tests/one_port_server.py"], "/health", port, env, log_path) as url:

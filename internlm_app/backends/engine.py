@@ -16,7 +16,7 @@ from internlm_app.backends.batching import BatchDecoder
 from internlm_app.backends.decode_plan import DecodePlan, plan_decoding
 from internlm_app.backends.gpu_queue import GpuQueue
 from internlm_app.backends.prompt_fit import PreparedPrompt, fit_prompt
-from internlm_app.backends.reply_stream import ReplyPlan, describe_failure, reply_chunks, reply_stop_ids, texts_of
+from internlm_app.backends.reply_stream import ReplyPlan, describe_failure, reply_chunks, texts_of
 from internlm_app.backends.sampler import TokenSampler
 from internlm_app.backends.scheduler import ReplyScheduler
 from internlm_app.backends.worker import GenerationWorker
@@ -37,7 +37,7 @@ from internlm_app.load_progress import LoadStep, Progress
 from internlm_app.runtime import gpu
 from internlm_app.runtime.grammar import GrammarCompiler
 from internlm_app.runtime.loader import ModelLoadError, freeze_long_lived_objects, load_model
-from internlm_app.runtime.tokenizer import ChatTokenizer
+from internlm_app.runtime.tokenizer import ChatTokenizer, reply_stop_ids
 from internlm_app.sampling import SamplingParams
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT, ModelSettings
 

@@ -150,14 +150,6 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def reply_stop_ids(tokenizer: ChatTokenizer, tools: bool = False) -> list[int]:
-    """The ids that end a reply: end of turn, a turn header (the model opened the next turn without closing its own),
-    and, without tools, <|action_start|>; with tools, <|action_end|> after the call."""
-    base = [*tokenizer.stop_ids, *(i for i in tokenizer.header_ids if i not in tokenizer.stop_ids)]
-    marker = "<|action_end|>" if tools else "<|action_start|>"
-    return base + [tokenizer.tool_ids[marker]] if marker in tokenizer.tool_ids else base
-
-
 def texts_of(chunks: Reply[ReplyChunk]) -> Reply[str]:
     """The chunks' text; closing this closes them (which stops generation)."""
     with contextlib.closing(chunks):

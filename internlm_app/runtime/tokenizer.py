@@ -63,6 +63,14 @@ class ChatTokenizer(Protocol):
     def stream_decoder(self) -> StreamDecoder: ...
 
 
+def reply_stop_ids(tokenizer: ChatTokenizer, tools: bool = False) -> list[int]:
+    """The ids that end a reply: end of turn, a turn header (the model opened the next turn without closing its own),
+    and, without tools, <|action_start|>; with tools, <|action_end|> after the call."""
+    base = [*tokenizer.stop_ids, *(i for i in tokenizer.header_ids if i not in tokenizer.stop_ids)]
+    marker = "<|action_end|>" if tools else "<|action_start|>"
+    return base + [tokenizer.tool_ids[marker]] if marker in tokenizer.tool_ids else base
+
+
 def clean_up_tokenization(text: str) -> str:
     """transformers' `clean_up_tokenization` (" ," -> "," ...), which the official slow tokenizer always applies."""
     for old, new in _CLEAN_UP:
