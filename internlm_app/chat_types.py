@@ -14,13 +14,25 @@ T = TypeVar("T")
 if TYPE_CHECKING:
     import threading
 
-    from internlm_app.runtime.gpu import DeviceMemory
-
 # "environment" is InternLM2's role for what a tool returns (chat/chat_format.md); OpenAI's "tool" maps to it.
 Role = Literal["system", "user", "assistant", "environment"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 ROLES: tuple[str, ...] = get_args(Role)
 TURN_ROLES = ("user", "assistant")  # roles of stored conversation messages (the system prompt is a conversation field)
+
+
+@dataclass
+class DeviceMemory:
+    """Memory of one CUDA device in bytes (`runtime.gpu.memory_report`; what `release_memory` returns)."""
+
+    index: int
+    name: str
+    allocated: int
+    reserved: int
+    total: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class ToolCall(TypedDict):

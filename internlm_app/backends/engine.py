@@ -22,6 +22,7 @@ from internlm_app.backends.scheduler import ReplyScheduler
 from internlm_app.backends.worker import GenerationWorker
 from internlm_app.chat_types import (
     DecodingState,
+    DeviceMemory,
     GenerationError,
     InvalidRequestError,
     Message,
@@ -174,7 +175,7 @@ class ChatEngine:
         """
         self.scheduler.close()
 
-    def release_memory(self) -> tuple[list[gpu.DeviceMemory], list[gpu.DeviceMemory]]:
+    def release_memory(self) -> tuple[list[DeviceMemory], list[DeviceMemory]]:
         """Drop the KV caches kept for reuse across turns and release cached CUDA blocks; GPU memory before, after.
 
         Replies that run keep their caches: only idle ones go (the next turn of those chats prefills again).

@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import gc
-from dataclasses import asdict, dataclass
 
 import torch
 
-
-@dataclass
-class DeviceMemory:
-    """Memory of one device in bytes."""
-
-    index: int
-    name: str
-    allocated: int
-    reserved: int
-    total: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from internlm_app.chat_types import DeviceMemory
 
 
 def memory_report() -> list[DeviceMemory]:

@@ -7,7 +7,7 @@ from typing import Literal
 
 import streamlit as st
 
-from internlm_app.chat_types import ChatBackend
+from internlm_app.chat_types import ChatBackend, DeviceMemory
 from internlm_app.runtime import gpu
 from internlm_app.sampling import BOUNDS, INT_PARAMS
 from internlm_app.settings import MAX_LENGTH_BOUNDS
@@ -89,7 +89,7 @@ def model_panel(ctx: PageContext, backend: ChatBackend) -> None:
             )
 
 
-def _memory(d: gpu.DeviceMemory) -> dict[str, str]:
+def _memory(d: DeviceMemory) -> dict[str, str]:
     return {k: gpu.format_bytes(getattr(d, k)) for k in ("allocated", "reserved", "total")}
 
 

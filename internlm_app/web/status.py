@@ -7,7 +7,7 @@ from dataclasses import asdict
 import streamlit as st
 
 from internlm_app.backends.factory import BackendLoader, backends_created
-from internlm_app.chat_types import DecodingState
+from internlm_app.chat_types import DecodingState, DeviceMemory
 from internlm_app.runtime import gpu
 from internlm_app.web import hosting
 from internlm_app.web.context import PageContext
@@ -52,7 +52,7 @@ def decoding_rows(ctx: PageContext, plan: DecodingState) -> dict[str, list[str]]
     }
 
 
-def memory_rows(ctx: PageContext, devices: list[gpu.DeviceMemory]) -> dict[str, list[str]]:
+def memory_rows(ctx: PageContext, devices: list[DeviceMemory]) -> dict[str, list[str]]:
     """One column per fact, one row per GPU."""
     return {
         "GPU": [f"{d.index}: {d.name}" for d in devices],
