@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any
 
 import torch
 
@@ -79,8 +79,8 @@ def reply_chunks(
                         piece = ReplyChunk(logprobs=[] if records else None)
                     out.append(ReplyChunk(token_ids=[token], control=controls[token]))
                 elif token not in stops:
-                    piece.text += decoder.push(cast(int, token))
-                    piece.token_ids.append(cast(int, token))
+                    piece.text += decoder.push(token)
+                    piece.token_ids.append(token)
                     if record is not None and piece.logprobs is not None:
                         piece.logprobs.append(record)
                 if not interval or stream.empty():  # interval 0: a chunk per token, even when some queued up
@@ -112,7 +112,7 @@ def reply_chunks(
         raise GenerationError(stats.error) from stream.failure
 
 
-def _next_token(stream: TokenStream, cancel: threading.Event | None, end) -> object:
+def _next_token(stream: TokenStream, cancel: threading.Event | None, end) -> Any:  # a token id (int) or END
     """The next token or END; a cancel set meanwhile stops the reply even when no token comes."""
     while True:
         try:
