@@ -64,20 +64,13 @@ class BatchDecoder:
         ForwardLock.for_model(model)  # the batch's forwards and the worker's decode steps take turns
         self.slots = slots
         self._vocab_size = model.config.get_text_config().vocab_size
-        # The values here only make transformers create the per-request temperature, top-k and top-p processors;
-        # every request passes its own.
-        self._config = GenerationConfig(
-            do_sample=True, temperature=0.5, top_p=0.5, top_k=2, eos_token_id=list(stop_ids), pad_token_id=pad_token_id
-        )
-        self._cb_config = ContinuousBatchingConfig(
+        self._config, self._cb_config = manager_configs(
+            model,
+            stop_ids=stop_ids,
+            pad_token_id=pad_token_id,
+            slots=slots,
+            cache_tokens=cache_tokens,
             page_size=page_size,
-            num_blocks=max(2, cache_tokens // page_size),
-            max_batch_tokens=min(2048, cache_tokens) if model.device.type == "cuda" else min(512, cache_tokens),
-            max_requests_per_batch=slots,
-            per_request_processors=True,
-            drop_unsupported_processors=False,
-            auto_switch_to_flash=False,  # the one-reply path shares the model and its sdpa attention
-            allow_block_sharing=True,
         )
         self._lock = threading.Lock()
         self._requests: dict[str, _Request] = {}
@@ -112,11 +105,7 @@ class BatchDecoder:
         """Add a reply to the running batch; its token ids go to `stream`. Returns the request id for `cancel`."""
         if (field_name := self.unsupported(params)) is not None:
             raise ValueError(f"the batch cannot apply {field_name}")
-        if params.greedy:
-            sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 1}
-        else:
-            top_k = params.top_k if params.top_k > 0 else self._vocab_size
-            sampling = {"temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": int(top_k)}
+        sampling = request_sampling(params, self._vocab_size)
         request_id = f"reply-{next(self._ids)}"
         with self._lock:
             if self._closed.is_set():
@@ -217,6 +206,38 @@ class BatchDecoder:
                 self._end(output.request_id, failure)
             elif request.should_stop():
                 self.cancel(output.request_id)
+
+
+def manager_configs(
+    model: torch.nn.Module, *, stop_ids: list[int], pad_token_id: int, slots: int, cache_tokens: int, page_size: int
+) -> tuple[GenerationConfig, ContinuousBatchingConfig]:
+    """The generation and batching configs of a `BatchDecoder`'s manager: `slots` replies at most, a paged KV cache of
+    `cache_tokens` tokens in pages of `page_size`. (benchmarks/concurrency_gain.py builds a manager from them too, to
+    time the library without the engine.)"""
+    # The sampling values only make transformers create the per-request temperature, top-k and top-p processors;
+    # every request passes its own (`request_sampling`).
+    config = GenerationConfig(
+        do_sample=True, temperature=0.5, top_p=0.5, top_k=2, eos_token_id=list(stop_ids), pad_token_id=pad_token_id
+    )
+    cb_config = ContinuousBatchingConfig(
+        page_size=page_size,
+        num_blocks=max(2, cache_tokens // page_size),
+        max_batch_tokens=min(2048, cache_tokens) if model.device.type == "cuda" else min(512, cache_tokens),
+        max_requests_per_batch=slots,
+        per_request_processors=True,
+        drop_unsupported_processors=False,
+        auto_switch_to_flash=False,  # the one-reply path shares the model and its sdpa attention
+        allow_block_sharing=True,
+    )
+    return config, cb_config
+
+
+def request_sampling(params: SamplingParams, vocab_size: int) -> dict[str, float | int]:
+    """The per-request sampling arguments of `add_request` for `params`; greedy is top-k 1 (see the module's note)."""
+    if params.greedy:
+        return {"temperature": 1.0, "top_p": 1.0, "top_k": 1}
+    top_k = params.top_k if params.top_k > 0 else vocab_size
+    return {"temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": int(top_k)}
 
 
 def _describe_batch_error(error: str) -> str:
