@@ -1,0 +1,63 @@
+"""Edge cases of the engine on the real tiny model: failures while recovering, close, tight budgets."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from internlm_app.backends.engine import ChatEngine
+from internlm_app.chat_types import GenerationError
+from internlm_app.runtime import gpu
+from internlm_app.sampling import SamplingParams
+from tests.faults import FailOnForward
+
+HI = [{"role": "user", "content": "hi"}]
+GREEDY = SamplingParams.greedy_params(8)
+
+
+def _in_thread(fn, timeout: float = 30.0):
+    """fn() in a thread; its result or exception, or TimeoutError when it never returns (a wedged engine)."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError("the call never returned")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@pytest.fixture
+def subject(engine):
+    fresh = ChatEngine(engine.model, engine.tokenizer, engine.info, engine.settings)
+    yield fresh
+    fresh.close()
+
+
+def _failing_clear_cache():
+    raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_failing_cache_release_after_a_failed_batch_step_never_wedges_the_batch(subject, monkeypatch):
+    subject.batch_decoder()
+    monkeypatch.setattr(gpu, "clear_cache", _failing_clear_cache)
+    handle = subject.model.register_forward_hook(FailOnForward(2))
+    try:
+        with pytest.raises(GenerationError, match="out of memory"):  # its own error, not the failed release's
+            _in_thread(lambda: subject._reply_on("batch", HI, GREEDY))
+    finally:
+        handle.remove()
+    monkeypatch.undo()
+    text, stats = _in_thread(lambda: subject._reply_on("batch", HI, GREEDY))
+    assert stats.finish_reason in {"stop", "length"} and stats.batched
+    assert subject.queue.active == 0
