@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from internlm_app.backends.engine import ChatEngine
+from internlm_app.backends.token_stream import TokenStream
+from internlm_app.backends.worker import GenerationJob
 from internlm_app.chat_types import GenerationError
 from internlm_app.runtime import gpu
 from internlm_app.sampling import SamplingParams
+from tests.api_helpers import wait_until
 from tests.faults import FailOnForward
 
 HI = [{"role": "user", "content": "hi"}]
@@ -61,3 +64,37 @@ def test_a_failing_cache_release_after_a_failed_batch_step_never_wedges_the_batc
     text, stats = _in_thread(lambda: subject._reply_on("batch", HI, GREEDY))
     assert stats.finish_reason in {"stop", "length"} and stats.batched
     assert subject.queue.active == 0
+
+
+def test_a_reply_that_reaches_the_worker_while_it_closes_is_refused_never_left_waiting(engine):
+    # close() puts the worker's end in its line and waits for the reply it decodes; a reply that was already past
+    # the engine's closed check (waiting for the worker) reaches the worker now. Queued behind the end, it would
+    # never run and its caller would wait forever, cancel included.
+    settings = engine.settings.model_copy(update={"max_batch_size": 1})
+    subject = ChatEngine(engine.model, engine.tokenizer, engine.info, settings)
+    release = threading.Event()
+
+    def hold(module, args, output):
+        if threading.current_thread() is subject.worker._thread:
+            release.wait(30)
+
+    handle = subject.model.register_forward_hook(hook=hold)
+    try:
+        running = threading.Thread(target=lambda: subject._reply_on("worker", HI, GREEDY), daemon=True)
+        running.start()
+        assert wait_until(lambda: subject.queue.active == 1, 10)
+        closing = threading.Thread(target=subject.close, daemon=True)
+        closing.start()
+        assert wait_until(lambda: subject.scheduler.closed, 10)
+        stream = TokenStream()
+        job = GenerationJob(
+            subject.tokenizer.encode_plain("hi"), subject.generation_config(GREEDY), stream, threading.Event()
+        )
+        with pytest.raises(GenerationError, match="stopped"):
+            subject.worker.submit(job)
+    finally:
+        release.set()
+        handle.remove()
+    closing.join(30)
+    running.join(30)
+    assert not closing.is_alive() and not running.is_alive() and not subject.worker.alive
