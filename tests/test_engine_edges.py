@@ -10,7 +10,7 @@ import torch
 from internlm_app.backends.engine import ChatEngine
 from internlm_app.backends.token_stream import TokenStream
 from internlm_app.backends.worker import GenerationJob
-from internlm_app.chat_types import GenerationError
+from internlm_app.chat_types import GenerationError, ReplyEvents
 from internlm_app.runtime import gpu
 from internlm_app.sampling import SamplingParams
 from tests.api_helpers import wait_until
@@ -18,6 +18,8 @@ from tests.faults import FailOnForward
 
 HI = [{"role": "user", "content": "hi"}]
 GREEDY = SamplingParams.greedy_params(8)
+# Greedy with a strong repetition penalty: the tiny model answers "hi" with 245 tokens, on the worker.
+LONG = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=2.0, max_new_tokens=400)
 
 
 def _in_thread(fn, timeout: float = 30.0):
@@ -38,6 +40,14 @@ def _in_thread(fn, timeout: float = 30.0):
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def _raised(fn, *args) -> BaseException | None:
+    try:
+        fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - handed to the test
+        return exc
+    return None
 
 
 @pytest.fixture
@@ -80,7 +90,8 @@ def test_a_reply_that_reaches_the_worker_while_it_closes_is_refused_never_left_w
 
     handle = subject.model.register_forward_hook(hook=hold)
     try:
-        running = threading.Thread(target=lambda: subject._reply_on("worker", HI, GREEDY), daemon=True)
+        cut: list[BaseException] = []
+        running = threading.Thread(target=lambda: cut.append(_raised(subject._reply_on, "worker", HI, GREEDY)))
         running.start()
         assert wait_until(lambda: subject.queue.active == 1, 10)
         closing = threading.Thread(target=subject.close, daemon=True)
@@ -98,3 +109,16 @@ def test_a_reply_that_reaches_the_worker_while_it_closes_is_refused_never_left_w
     closing.join(30)
     running.join(30)
     assert not closing.is_alive() and not running.is_alive() and not subject.worker.alive
+    assert isinstance(cut[0], GenerationError)  # the reply close() cut short
+
+
+def test_a_reply_cut_short_by_close_ends_with_an_error_never_as_a_whole_reply(engine):
+    subject = ChatEngine(engine.model, engine.tokenizer, engine.info, engine.settings)
+    events = ReplyEvents()
+    stream = subject.stream_reply(HI, LONG, events=events)  # alone: on the worker
+    next(stream)
+    subject.close()
+    with pytest.raises(GenerationError, match="closed"):
+        list(stream)
+    assert events.stats.finish_reason == "error" and events.stats.completion_tokens < 100
+    subject.close()  # again: nothing left to stop
