@@ -1,4 +1,4 @@
-"""Edge cases of the engine on the real tiny model: failures while recovering, close, tight budgets."""
+"""Edge cases of the engine on the real tiny model: a failure while recovering from a failure, and close()."""
 
 from __future__ import annotations
 
