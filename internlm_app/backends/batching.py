@@ -191,21 +191,31 @@ class BatchDecoder:
                             self._fail_all_locked("the batch decoder stopped")
                     self._closed.wait(_POLL_SECONDS)  # get_result does not wait once the manager has stopped
                 continue
-            with self._lock:
-                request = self._requests.get(output.request_id)
-            if request is None:
-                continue  # cancelled, or failed already
-            request.stream.put(output.generated_tokens[request.delivered :])
-            request.delivered = len(output.generated_tokens)
-            if output.is_finished():
-                failure = None
-                if output.error is not None:
-                    log.error("batched generation failed: %s", output.error)
-                    failure = GenerationError(_describe_batch_error(output.error))
+            try:
+                self._deliver(output)
+            except Exception as exc:  # this thread never dies: every reply in the batch would then wait forever
+                log.exception("handing out a batched output failed")
+                self._end(output.request_id, exc)
+
+    def _deliver(self, output) -> None:
+        with self._lock:
+            request = self._requests.get(output.request_id)
+        if request is None:
+            return  # cancelled, or failed already
+        request.stream.put(output.generated_tokens[request.delivered :])
+        request.delivered = len(output.generated_tokens)
+        if output.is_finished():
+            failure = None
+            if output.error is not None:
+                log.error("batched generation failed: %s", output.error)
+                failure = GenerationError(_describe_batch_error(output.error))
+                try:
                     gpu.clear_cache()
-                self._end(output.request_id, failure)
-            elif request.should_stop():
-                self.cancel(output.request_id)
+                except Exception:  # a sticky CUDA error raises again here: the reply still ends with its own error
+                    log.exception("releasing the CUDA cache after the failed batch step failed")
+            self._end(output.request_id, failure)
+        elif request.should_stop():
+            self.cancel(output.request_id)
 
 
 def manager_configs(

@@ -214,7 +214,8 @@ class ReplyScheduler:
         with self._lock:
             self.closed = True
             running, batch, self._batch = self._worker_reply, self._batch, None
-        if running is not None:
+        if running is not None:  # cut short: it ends with an error, as the batch's replies do, never as a whole reply
+            running.stream.finish(GenerationError("the engine was closed"))
             running.end()
         self.worker.close()
         if batch is not None:

@@ -29,6 +29,7 @@ from transformers.generation.streamers import BaseStreamer
 from internlm_app.backends.forward_lock import ForwardLock
 from internlm_app.backends.prefix_cache import PrefixCache
 from internlm_app.backends.token_stream import TokenStream
+from internlm_app.chat_types import GenerationError
 from internlm_app.runtime import gpu
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,8 @@ class GenerationWorker:
         self._lock = ForwardLock.for_model(model)
         self._static_window = static_window  # asked per job: the static cache's length, or None for dynamic
         self._jobs: SimpleQueue[GenerationJob | None] = SimpleQueue()
+        self._closing = False  # the end (None) is in the line: a job put after it would never run
+        self._submit_lock = threading.Lock()
         self._empty_cache_after_reply = empty_cache_after_reply
         self._dynamic = PrefixCache(lambda: DynamicCache(config=model.config), kv_reuse_tokens)
         self._static: PrefixCache | None = None
@@ -140,15 +143,19 @@ class GenerationWorker:
         return self._dynamic.tokens + (self._static.tokens if self._static is not None else 0)
 
     def submit(self, job: GenerationJob) -> None:
-        if not self._thread.is_alive():
-            raise RuntimeError("the generation worker has stopped")
-        self._jobs.put(job)
+        """Queue a job; raises GenerationError once the worker stops or is closing (the job would never run)."""
+        with self._submit_lock:
+            if self._closing or not self._thread.is_alive():
+                raise GenerationError("the generation worker has stopped")
+            self._jobs.put(job)
 
     def close(self) -> None:
-        """Stop the thread after the jobs already queued (idempotent)."""
-        if self._thread.is_alive():
+        """Stop the thread after the jobs already queued (idempotent); later jobs are refused."""
+        with self._submit_lock:
+            closing, self._closing = self._closing, True
+        if not closing and self._thread.is_alive():
             self._jobs.put(None)
-            self._thread.join()
+        self._thread.join()
 
     def drop_static_cache(self) -> None:
         """Free the static cache's buffer (the engine went back to the dynamic cache)."""
