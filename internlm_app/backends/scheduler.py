@@ -186,7 +186,9 @@ class ReplyScheduler:
                 on_done=worker_done,
                 logits_processor=logits_processor,
             )
-            with self._lock:
+            with self._lock:  # either close() finds this reply and cuts it, or this finds the engine closed
+                if self.closed:
+                    raise GenerationError("the engine was closed")
                 self._worker_reply = reply
             self.worker.submit(reply.job)
         except BaseException:
