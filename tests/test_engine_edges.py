@@ -66,7 +66,8 @@ def test_a_failing_cache_release_after_a_failed_batch_step_never_wedges_the_batc
     monkeypatch.setattr(gpu, "clear_cache", _failing_clear_cache)
     handle = subject.model.register_forward_hook(FailOnForward(2))
     try:
-        with pytest.raises(GenerationError, match="out of memory"):  # its own error, not the failed release's
+        # its own error (not the failed release's), which does not claim the cache was cleared
+        with pytest.raises(GenerationError, match="out of memory.*Releasing the cache failed too"):
             _in_thread(lambda: subject._reply_on("batch", HI, GREEDY))
     finally:
         handle.remove()

@@ -208,11 +208,13 @@ class BatchDecoder:
             failure = None
             if output.error is not None:
                 log.error("batched generation failed: %s", output.error)
-                failure = GenerationError(_describe_batch_error(output.error))
+                cleared = True
                 try:
                     gpu.clear_cache()
                 except Exception:  # a sticky CUDA error raises again here: the reply still ends with its own error
                     log.exception("releasing the CUDA cache after the failed batch step failed")
+                    cleared = False
+                failure = GenerationError(_describe_batch_error(output.error, cleared))
             self._end(output.request_id, failure)
         elif request.should_stop():
             self.cancel(output.request_id)
@@ -250,10 +252,11 @@ def request_sampling(params: SamplingParams, vocab_size: int) -> dict[str, float
     return {"temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": int(top_k)}
 
 
-def _describe_batch_error(error: str) -> str:
+def _describe_batch_error(error: str, cleared: bool) -> str:
     if "out of memory" in error.lower():
+        cache = "The cache was cleared" if cleared else "Releasing the cache failed too (see the server log)"
         return (
-            f"GPU out of memory in the batch: {error}. The cache was cleared; try fewer max new tokens, a shorter "
-            "conversation or a smaller INTERNLM_MAX_BATCH_SIZE."
+            f"GPU out of memory in the batch: {error}. {cache}; try fewer max new tokens, a shorter conversation or a "
+            "smaller INTERNLM_MAX_BATCH_SIZE."
         )
     return f"batched generation failed: {error}"
