@@ -8,7 +8,8 @@ import time
 import pytest
 
 from internlm_app.backends.engine import ChatEngine, history_to_messages
-from internlm_app.chat_types import GenerationError, QueueFullError, ReplyEvents
+from internlm_app.backends.token_stream import END
+from internlm_app.chat_types import GenerationError, QueueFullError, ReplyEvents, ReplyOptions
 from internlm_app.sampling import SamplingParams
 from tests.api_helpers import free_all_slots, take_all_slots, wait_until
 from tests.faults import FailOnForward
@@ -186,6 +187,40 @@ def test_replies_the_batch_cannot_sample_wait_for_the_worker_and_still_run(engin
     text = "".join(engine.stream_reply(_user("hello"), penalized, events=events))
     background.join()
     assert text == expected and not events.stats.batched  # the penalty was applied, by the worker, not dropped
+
+
+def _token_ids(engine: ChatEngine, prompt_ids: list[int], path: str, stop_ids: list[int] | None) -> list[int]:
+    """The ids of one greedy reply of 40 tokens at most, decoded on `path` with `stop_ids` (None: the model's)."""
+    reply = engine.scheduler.start(prompt_ids, SamplingParams.greedy_params(40), None, None, path, stop_ids=stop_ids)
+    ids = []
+    while (token := reply.stream.get(timeout=60)) is not END:
+        ids.append(token)
+    assert reply.stream.failure is None
+    return ids
+
+
+def test_a_replys_own_stop_ids_end_it_in_the_batch_as_on_the_worker(engine):
+    """Stop ids other than the model's (a reply offered tools stops at <|action_end|>) go with the reply into the
+    batch, as the worker applies them; the batch's other replies keep the model's."""
+    prompt = engine.prepare(_user("hello"), 40).ids
+    full = _token_ids(engine, prompt, "worker", None)
+    assert full == _token_ids(engine, prompt, "batch", None)
+    at = next(i for i in range(3, len(full)) if full[i] not in full[:i])  # a token the reply makes once, mid-way
+    own = [*engine.stop_ids, full[at]]
+    assert _token_ids(engine, prompt, "worker", own) == full[: at + 1]
+    assert _token_ids(engine, prompt, "batch", own) == full[: at + 1]
+
+
+def test_a_reply_offered_tools_joins_the_batch(engine, solo):
+    """Tools change only the stop ids (and which tokens are control chunks): such a reply is batched, unchanged."""
+    params, tools = SamplingParams.greedy_params(40), ReplyOptions(tools=True)
+    expected = [c.token_ids for c in engine.stream_chunks(_user("hello"), params, tools)]
+    background = Running(engine, ["abc"], SamplingParams.greedy_params(SOLO_TOKENS))  # holds the worker
+    events = ReplyEvents()
+    chunks = [c.token_ids for c in engine.stream_chunks(_user("hello"), params, tools, events=events)]
+    background.join()
+    assert sum(chunks, []) == sum(expected, []) and events.stats.batched
+    assert background.texts[0] == solo["abc"]
 
 
 def test_beyond_the_batch_size_requests_wait_in_line_and_the_limit_refuses(engine):

@@ -101,8 +101,12 @@ class BatchDecoder:
         stream: TokenStream,
         stop: threading.Event,
         cancel: threading.Event | None = None,
+        stop_ids: list[int] | None = None,
     ) -> str:
-        """Add a reply to the running batch; its token ids go to `stream`. Returns the request id for `cancel`."""
+        """Add a reply to the running batch; its token ids go to `stream`. Returns the request id for `cancel`.
+
+        `stop_ids` end this reply instead of the batch's own (a reply offered tools stops at <|action_end|>).
+        """
         if (field_name := self.unsupported(params)) is not None:
             raise ValueError(f"the batch cannot apply {field_name}")
         sampling = request_sampling(params, self._vocab_size)
@@ -122,6 +126,7 @@ class BatchDecoder:
                 request_id=request_id,
                 max_new_tokens=params.max_new_tokens,
                 streaming=True,
+                eos_token_id=list(stop_ids) if stop_ids is not None else None,  # None: the generation config's
                 **sampling,
             )
         except Exception as exc:

@@ -5,8 +5,8 @@ that reports their place. A reply that starts while nothing runs goes to the wor
 cache on CUDA, KV reuse across turns). One that starts while another runs joins the batch, and the worker's reply
 moves in with it: the worker stops at its next token and the batch continues from prompt + reply so far, so one
 forward pass decodes them all (two paths side by side would read every weight twice per round). A reply the batch
-cannot sample (a repetition penalty, the engine's own sampler, stop ids of its own) or that would not fit its paged
-cache waits for the worker instead.
+cannot sample (a repetition penalty, the engine's own sampler) or that would not fit its paged cache waits for the
+worker instead; stop ids of a reply's own (tools offered) go with it on either path.
 """
 
 from __future__ import annotations
@@ -113,15 +113,17 @@ class ReplyScheduler:
         while waiting. Raises QueueFullError when too many wait, GenerationError when the engine is closed.
 
         `path` forces "worker" or "batch" (the warm-up uses it); by default the scheduler chooses. A reply with a
-        `logits_processor` (the engine's sampler) or `stop_ids` other than the model's decodes on the worker.
+        `logits_processor` (the engine's sampler) decodes on the worker; `stop_ids` other than the model's (a reply
+        offered tools) go with the reply on either path.
         """
         if self.closed:
             raise GenerationError("the engine was closed")
         if not self.queue.acquire(on_wait=on_wait, cancel=cancel):
             return None
-        own = logits_processor is not None or (stop_ids is not None and stop_ids != self._stop_ids)
+        if stop_ids is not None and stop_ids == self._stop_ids:
+            stop_ids = None
         try:
-            if path or own:
+            if path or logits_processor is not None:
                 path, holding = path or "worker", False
             else:
                 path, holding = self._choose_path(prompt_ids, params)
@@ -156,16 +158,15 @@ class ReplyScheduler:
         stream = TokenStream(on_finish=self.queue.release)
         if path == "batch":
             reply = Reply(stream, stop, batch=self.batch_decoder(), batched=True)
-            reply.request_id = reply.batch.submit(prompt_ids, params, stream, stop, cancel)
+            reply.request_id = reply.batch.submit(prompt_ids, params, stream, stop, cancel, stop_ids)
             return reply
-        own = logits_processor is not None or stop_ids is not None
-        reply = Reply(stream, stop, batchable=not own and self._batchable(prompt_ids, params))
+        reply = Reply(stream, stop, batchable=logits_processor is None and self._batchable(prompt_ids, params))
 
         def hand_off(ids: list[int], generated: int) -> bool:  # in the worker's thread, once preempted
             # Raises if the batch cannot take it: the reply then ends with that error, never silently cut short.
             rest = params.model_copy(update={"max_new_tokens": params.max_new_tokens - generated})
             reply.batch = self.batch_decoder()
-            reply.request_id = reply.batch.submit(ids, rest, stream, stop, cancel)
+            reply.request_id = reply.batch.submit(ids, rest, stream, stop, cancel, stop_ids)
             reply.batched = True
             return True
 
