@@ -211,6 +211,25 @@ def test_a_replys_own_stop_ids_end_it_in_the_batch_as_on_the_worker(engine):
     assert _token_ids(engine, prompt, "batch", own) == full[: at + 1]
 
 
+def test_a_reply_with_its_own_stop_ids_keeps_them_when_it_moves_into_the_batch(engine):
+    prompt = engine.prepare(_user("hello"), 40).ids
+    full = _token_ids(engine, prompt, "worker", None)
+    at = next(i for i in range(20, len(full)) if full[i] not in full[:i])  # late: it moves before reaching it
+    own = [*engine.stop_ids, full[at]]
+    slow = engine.model.register_forward_pre_hook(lambda module, args: time.sleep(0.005))  # both paths alike
+    try:
+        moved = engine.scheduler.start(prompt, SamplingParams.greedy_params(40), None, None, stop_ids=own)
+        ids = [moved.stream.get(timeout=60), moved.stream.get(timeout=60)]  # decoding alone, on the worker
+        assert not moved.batched
+        other = Running(engine, ["abc"], SamplingParams.greedy_params(SOLO_TOKENS))  # it arrives: both batched
+        while (token := moved.stream.get(timeout=60)) is not END:
+            ids.append(token)
+        other.join()
+    finally:
+        slow.remove()
+    assert moved.batched and ids == full[: at + 1]
+
+
 def test_a_reply_offered_tools_joins_the_batch(engine, solo):
     """Tools change only the stop ids (and which tokens are control chunks): such a reply is batched, unchanged."""
     params, tools = SamplingParams.greedy_params(40), ReplyOptions(tools=True)
