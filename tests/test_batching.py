@@ -242,6 +242,36 @@ def test_a_reply_offered_tools_joins_the_batch(engine, solo):
     assert background.texts[0] == solo["abc"]
 
 
+def test_replies_waiting_for_the_worker_hold_no_slot_so_the_batch_goes_on(engine, solo):
+    """Replies only the worker can decode (a repetition penalty) wait in the worker's line without a slot: a plain
+    reply that comes after a batch size of them decodes in the batch at once; the waiting count covers both lines."""
+    penalized = PENALIZED.model_copy(update={"max_new_tokens": 40})
+    expected = engine.reply(_user("hello"), penalized)[0]
+    texts: dict[int, str] = {}
+
+    def run(i: int) -> None:
+        texts[i] = "".join(engine.stream_reply(_user("hello"), penalized))
+
+    slow = engine.model.register_forward_pre_hook(lambda module, args: time.sleep(0.005))  # both paths alike
+    try:
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(engine.queue.slots)]
+        for thread in threads:
+            thread.start()
+        # One decodes on the worker; the rest wait for it, counted as waiting, holding no slot.
+        assert wait_until(lambda: engine.queue.waiting() == engine.queue.slots - 1, 30)
+        assert engine.queue.active == 1
+        places: list[int] = []
+        events = ReplyEvents(on_queue=places.append)
+        text = "".join(engine.stream_reply(_user("abc"), SamplingParams.greedy_params(SOLO_TOKENS), events=events))
+        assert text == solo["abc"] and events.stats.batched and not places  # it never waited
+        for thread in threads:
+            thread.join(60)
+    finally:
+        slow.remove()
+    assert list(texts.values()) == [expected] * engine.queue.slots  # the penalty applied to every one
+    assert engine.queue.active == 0 and engine.queue.waiting() == 0
+
+
 def test_beyond_the_batch_size_requests_wait_in_line_and_the_limit_refuses(engine):
     settings = engine.settings.model_copy(update={"max_batch_size": 2, "queue_limit": 1})
     small = ChatEngine(engine.model, engine.tokenizer, engine.info, settings)

@@ -302,6 +302,27 @@ def test_gpu_queue_is_first_come_first_served():
     assert order == [0, 1, 2, 3]
 
 
+def test_two_lines_that_share_a_limit_count_each_others_waiters():
+    worker_line = GpuQueue(max_waiting=2)
+    slots = GpuQueue(max_waiting=2, shares_limit_with=worker_line)
+    assert worker_line.acquire() and slots.acquire()  # both busy: the next on either line waits
+    waiters = [threading.Thread(target=line.acquire, daemon=True) for line in (worker_line, slots)]
+    for waiter in waiters:
+        waiter.start()
+    deadline = time.monotonic() + 30
+    while worker_line.in_line() + slots.in_line() < 2:
+        assert time.monotonic() < deadline, "a waiter did not get in line"
+        time.sleep(0.005)
+    assert worker_line.waiting() == slots.waiting() == 2  # one in each line
+    for line in (worker_line, slots):
+        with pytest.raises(QueueFullError, match="2 requests are already waiting"):
+            line.acquire()
+    worker_line.release(), slots.release()
+    for waiter in waiters:
+        waiter.join(30)
+    assert worker_line.waiting() == 0 and worker_line.active == slots.active == 1
+
+
 def test_queue_limit_and_cancel_while_waiting(engine, serial_engine):
     settings = engine.settings.model_copy(update={"queue_limit": 0, "max_batch_size": 1})
     limited = ChatEngine(engine.model, engine.tokenizer, engine.info, settings)  # nobody may wait

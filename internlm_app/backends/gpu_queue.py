@@ -14,7 +14,15 @@ from internlm_app.chat_types import QueueFullError
 class GpuQueue:
     """FIFO admission: at most `slots` replies generate at once, waiters are served in arrival order."""
 
-    def __init__(self, max_waiting: int | None = None, poll_seconds: float = 0.25, slots: int = 1):
+    def __init__(
+        self,
+        max_waiting: int | None = None,
+        poll_seconds: float = 0.25,
+        slots: int = 1,
+        shares_limit_with: GpuQueue | None = None,
+    ):
+        """`shares_limit_with`: another line whose waiters count here too (in `waiting()` and against `max_waiting`),
+        and ours there: two lines, one limit."""
         if slots < 1:
             raise ValueError("a GPU queue needs at least one slot")
         self._cond = threading.Condition()
@@ -24,6 +32,9 @@ class GpuQueue:
         self.slots = slots
         self.max_waiting = max_waiting
         self.poll_seconds = poll_seconds
+        self._other: GpuQueue | None = None
+        if shares_limit_with is not None:
+            self._other, shares_limit_with._other = shares_limit_with, self
 
     @property
     def busy(self) -> bool:
@@ -35,8 +46,12 @@ class GpuQueue:
         return self._active
 
     def waiting(self) -> int:
-        with self._cond:
-            return len(self._waiting)
+        """Replies waiting in this line, and in the line it shares its limit with."""
+        return self.in_line() + (self._other.in_line() if self._other is not None else 0)
+
+    def in_line(self) -> int:
+        """Replies waiting in this line alone."""
+        return len(self._waiting)
 
     def try_acquire(self) -> bool:
         """Take a slot only if one is free and nobody waits; never queues."""
@@ -57,8 +72,8 @@ class GpuQueue:
             if self._active < self.slots and not self._waiting:
                 self._active += 1
                 return True
-            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
-                raise QueueFullError(f"the model is busy and {len(self._waiting)} requests are already waiting")
+            if self.max_waiting is not None and (waiting := self.waiting()) >= self.max_waiting:
+                raise QueueFullError(f"the model is busy and {waiting} requests are already waiting")
             ticket = next(self._tickets)
             self._waiting.append(ticket)
         deadline = None if timeout is None else time.monotonic() + timeout

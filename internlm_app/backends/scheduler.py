@@ -6,7 +6,8 @@ cache on CUDA, KV reuse across turns). One that starts while another runs joins 
 moves in with it: the worker stops at its next token and the batch continues from prompt + reply so far, so one
 forward pass decodes them all (two paths side by side would read every weight twice per round). A reply the batch
 cannot sample (a repetition penalty, the engine's own sampler) or that would not fit its paged cache waits for the
-worker instead; stop ids of a reply's own (tools offered) go with it on either path.
+worker instead, in the worker's line and holding no slot until the worker is its own; stop ids of a reply's own
+(tools offered) go with it on either path. The two lines share one limit on waiting replies.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ class ReplyScheduler:
         self._stop_ids, self._pad_token_id = stop_ids, pad_token_id
         self._queue_limit = queue_limit
         self._generation_config = generation_config
-        self.queue = GpuQueue(max_waiting=queue_limit, slots=plan.batch_slots)
-        self._worker_line = GpuQueue()  # the worker decodes one reply at a time
+        self._worker_line = GpuQueue(max_waiting=queue_limit)  # the worker decodes one reply at a time
+        self.queue = GpuQueue(max_waiting=queue_limit, slots=plan.batch_slots, shares_limit_with=self._worker_line)
         self.worker = GenerationWorker(
             model,
             static_window=lambda: context_window if self.static_cache else None,
@@ -118,34 +119,50 @@ class ReplyScheduler:
         """
         if self.closed:
             raise GenerationError("the engine was closed")
-        if not self.queue.acquire(on_wait=on_wait, cancel=cancel):
-            return None
         if stop_ids is not None and stop_ids == self._stop_ids:
             stop_ids = None
+        own = (logits_processor, stop_ids)
+        if (
+            path == "worker"
+            or logits_processor is not None
+            or (path is None and not self._batchable(prompt_ids, params))
+        ):
+            return self._start_on_worker(prompt_ids, params, cancel, on_wait, *own)
+        if not self.queue.acquire(on_wait=on_wait, cancel=cancel):
+            return None
         try:
-            if path or logits_processor is not None:
-                path, holding = path or "worker", False
-            else:
-                path, holding = self._choose_path(prompt_ids, params)
-            if path == "worker" and not holding and not self._worker_line.acquire(on_wait=on_wait, cancel=cancel):
-                self.queue.release()
-                return None
-            return self._start(path, prompt_ids, params, threading.Event(), cancel, logits_processor, stop_ids)
+            # The worker when nothing else runs (its line taken only if free at once: never waited for while
+            # holding a slot, the order the worker's own replies take them in); the batch otherwise.
+            if path is None and (self._batch is None or self._batch.active == 0) and self._worker_line.try_acquire():
+                return self._start("worker", prompt_ids, params, threading.Event(), cancel, *own)
+            with self._lock:
+                running = self._worker_reply
+            if running is not None and running.batchable:
+                running.job.preempt.set()  # the worker stops at its next token and hands the reply to the batch
+            return self._start("batch", prompt_ids, params, threading.Event(), cancel, *own)
         except BaseException:
             self.queue.release()
             raise
 
-    def _choose_path(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, bool]:
-        """The worker when nothing else runs; the batch otherwise. Also says whether it took the worker's line."""
-        if not self._batchable(prompt_ids, params):
-            return "worker", False
-        if (self._batch is None or self._batch.active == 0) and self._worker_line.try_acquire():
-            return "worker", True
-        with self._lock:
-            running = self._worker_reply
-        if running is not None and running.batchable:
-            running.job.preempt.set()  # the worker stops at its next token and hands the reply to the batch
-        return "batch", False
+    def _start_on_worker(self, prompt_ids, params, cancel, on_wait, logits_processor, stop_ids) -> Reply | None:
+        """A reply only the worker can decode takes the worker's line first, then a slot: while it waits for the
+        worker it holds no slot, so the replies the batch can decode go on beside the one the worker decodes. Its
+        place meanwhile counts the replies in both lines ahead of it (those waiting for a slot will get one first)."""
+        in_both = None if on_wait is None else (lambda place: on_wait(place + self.queue.in_line()))
+        if not self._worker_line.acquire(on_wait=in_both, cancel=cancel):
+            return None
+        try:
+            if not self.queue.acquire(on_wait=on_wait, cancel=cancel):
+                self._worker_line.release()
+                return None
+        except BaseException:
+            self._worker_line.release()
+            raise
+        try:
+            return self._start("worker", prompt_ids, params, threading.Event(), cancel, logits_processor, stop_ids)
+        except BaseException:  # _start gave the worker's line back
+            self.queue.release()
+            raise
 
     def _batchable(self, prompt_ids: list[int], params: SamplingParams) -> bool:
         """Whether the batch can decode this reply: its sampling, and its length within the paged cache."""
@@ -202,7 +219,7 @@ class ReplyScheduler:
         with self._lock:
             batch, self._batch = self._batch, None
             self.plan = self.plan.without_batching(reason)
-            self.queue = GpuQueue(max_waiting=self._queue_limit, slots=1)
+            self.queue = GpuQueue(max_waiting=self._queue_limit, slots=1, shares_limit_with=self._worker_line)
         if batch is not None:
             batch.close()
 
