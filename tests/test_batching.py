@@ -366,3 +366,25 @@ def test_a_closed_engine_refuses_replies_and_starts_no_threads(engine):
     with pytest.raises(GenerationError, match="closed"):
         subject.batch_decoder()
     assert threading.active_count() == threads and not subject.worker.alive
+
+
+def test_a_reply_only_the_worker_can_decode_moves_the_workers_plain_reply_into_the_batch(engine, solo):
+    """A plain reply decoding alone on the worker moves into the batch when a reply only the worker can decode (a
+    repetition penalty) arrives, as it does for a plain one: the penalized reply starts at once, never waiting for
+    the whole of the other."""
+    penalized = PENALIZED.model_copy(update={"max_new_tokens": 40})
+    expected = engine.reply(_user("hello"), penalized)[0]
+    slow = engine.model.register_forward_pre_hook(lambda module, args: time.sleep(0.01))  # both paths alike
+    try:
+        first = Running(engine, ["abc"], SamplingParams.greedy_params(SOLO_TOKENS))  # alone: on the worker
+        events = ReplyEvents()
+        chunks = engine.stream_reply(_user("hello"), penalized, events=events)
+        parts = [next(chunks)]
+        assert 0 not in first.texts, "the penalized reply waited for the whole plain reply on the worker"
+        parts.extend(chunks)
+        first.join()
+    finally:
+        slow.remove()
+    assert "".join(parts) == expected and not events.stats.batched  # the penalty applied, on the worker
+    assert first.texts[0] == solo["abc"] and first.stats[0].batched  # moved into the batch, unchanged
+    assert engine.queue.active == 0 and engine.queue.waiting() == 0

@@ -6,8 +6,9 @@ cache on CUDA, KV reuse across turns). One that starts while another runs joins 
 moves in with it: the worker stops at its next token and the batch continues from prompt + reply so far, so one
 forward pass decodes them all (two paths side by side would read every weight twice per round). A reply the batch
 cannot sample (a repetition penalty, the engine's own sampler) or that would not fit its paged cache waits for the
-worker instead, in the worker's line and holding no slot until the worker is its own; stop ids of a reply's own
-(tools offered) go with it on either path. The two lines share one limit on waiting replies.
+worker instead, in the worker's line and holding no slot until the worker is its own (a reply the batch can decode
+that runs there moves into the batch, as for any newcomer); stop ids of a reply's own (tools offered) go with it on
+either path. The two lines share one limit on waiting replies.
 """
 
 from __future__ import annotations
@@ -135,10 +136,7 @@ class ReplyScheduler:
             # holding a slot, the order the worker's own replies take them in); the batch otherwise.
             if path is None and (self._batch is None or self._batch.active == 0) and self._worker_line.try_acquire():
                 return self._start("worker", prompt_ids, params, threading.Event(), cancel, *own)
-            with self._lock:
-                running = self._worker_reply
-            if running is not None and running.batchable:
-                running.job.preempt.set()  # the worker stops at its next token and hands the reply to the batch
+            self._move_worker_reply_to_batch()
             return self._start("batch", prompt_ids, params, threading.Event(), cancel, *own)
         except BaseException:
             self.queue.release()
@@ -147,7 +145,9 @@ class ReplyScheduler:
     def _start_on_worker(self, prompt_ids, params, cancel, on_wait, logits_processor, stop_ids) -> Reply | None:
         """A reply only the worker can decode takes the worker's line first, then a slot: while it waits for the
         worker it holds no slot, so the replies the batch can decode go on beside the one the worker decodes. Its
-        place meanwhile counts the replies in both lines ahead of it (those waiting for a slot will get one first)."""
+        place meanwhile counts the replies in both lines ahead of it (those waiting for a slot will get one first).
+        A reply the batch can decode that runs on the worker now moves into the batch rather than be waited for."""
+        self._move_worker_reply_to_batch()
         in_both = None if on_wait is None else (lambda place: on_wait(place + self.queue.in_line()))
         if not self._worker_line.acquire(on_wait=in_both, cancel=cancel):
             return None
@@ -163,6 +163,13 @@ class ReplyScheduler:
         except BaseException:  # _start gave the worker's line back
             self.queue.release()
             raise
+
+    def _move_worker_reply_to_batch(self) -> None:
+        """The worker's reply, if the batch can decode it, stops at its next token and goes on in the batch."""
+        with self._lock:
+            running = self._worker_reply
+        if running is not None and running.batchable:
+            running.job.preempt.set()  # the worker hands the reply to the batch (see `hand_off`)
 
     def _batchable(self, prompt_ids: list[int], params: SamplingParams) -> bool:
         """Whether the batch can decode this reply: its sampling, and its length within the paged cache."""
