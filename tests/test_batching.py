@@ -388,3 +388,44 @@ def test_a_reply_only_the_worker_can_decode_moves_the_workers_plain_reply_into_t
     assert "".join(parts) == expected and not events.stats.batched  # the penalty applied, on the worker
     assert first.texts[0] == solo["abc"] and first.stats[0].batched  # moved into the batch, unchanged
     assert engine.queue.active == 0 and engine.queue.waiting() == 0
+
+
+def test_a_reply_that_waited_for_the_worker_keeps_its_turn_for_a_slot(engine):
+    """Batch full (two slots: a penalized reply on the worker, a plain one in the batch): a penalized reply that
+    comes next waits for the worker, and plain replies that come after it wait for a slot. When the worker is free,
+    the penalized reply takes a slot before the plain replies that came after it (first come, first served across
+    both lines), and its place in line never counts them."""
+    settings = engine.settings.model_copy(update={"max_batch_size": 2})
+    small = ChatEngine(engine.model, engine.tokenizer, engine.info, settings)
+    penalized = PENALIZED.model_copy(update={"max_new_tokens": 30})
+    started: dict[str, float] = {}
+    places: list[int] = []
+
+    def run(name: str, prompt: str, params: SamplingParams, events: ReplyEvents | None = None) -> threading.Thread:
+        def body() -> None:
+            for _ in small.stream_reply(_user(prompt), params, events=events):
+                started.setdefault(name, time.perf_counter())
+
+        thread = threading.Thread(target=body, daemon=True)
+        thread.start()
+        return thread
+
+    slow = small.model.register_forward_pre_hook(lambda module, args: time.sleep(0.01))  # both paths alike
+    try:
+        threads = [run("worker", "hello", penalized)]
+        assert wait_until(lambda: "worker" in started, 30)
+        threads.append(run("batch", "abc", SamplingParams.greedy_params(SOLO_TOKENS)))
+        assert wait_until(lambda: "batch" in started, 30) and small.queue.active == 2
+        threads.append(run("next", "hello", penalized, ReplyEvents(on_queue=places.append)))
+        assert wait_until(lambda: small.scheduler._worker_line.in_line() == 1, 30)
+        for i, name in enumerate(["later", "last"]):
+            threads.append(run(name, "hi", SamplingParams.greedy_params(SOLO_TOKENS)))
+            assert wait_until(lambda i=i: small.queue.in_line() == i + 1, 30)
+        for thread in threads:
+            thread.join(120)
+            assert not thread.is_alive()
+    finally:
+        slow.remove()
+        small.close()
+    assert started["next"] < started["last"], "a reply that came later took the slot first"
+    assert places and set(places) == {1}, places  # the plain replies that came after it are never ahead of it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
 import time
@@ -22,7 +23,7 @@ class GpuQueue:
         shares_limit_with: GpuQueue | None = None,
     ):
         """`shares_limit_with`: another line whose waiters count here too (in `waiting()` and against `max_waiting`),
-        and ours there: two lines, one limit."""
+        and ours there: two lines, one limit, and one order of arrival (`ticket`)."""
         if slots < 1:
             raise ValueError("a GPU queue needs at least one slot")
         self._cond = threading.Condition()
@@ -35,6 +36,7 @@ class GpuQueue:
         self._other: GpuQueue | None = None
         if shares_limit_with is not None:
             self._other, shares_limit_with._other = shares_limit_with, self
+            self._tickets = shares_limit_with._tickets
 
     @property
     def busy(self) -> bool:
@@ -49,9 +51,17 @@ class GpuQueue:
         """Replies waiting in this line, and in the line it shares its limit with."""
         return self.in_line() + (self._other.in_line() if self._other is not None else 0)
 
-    def in_line(self) -> int:
-        """Replies waiting in this line alone."""
-        return len(self._waiting)
+    def in_line(self, before: int | None = None) -> int:
+        """Replies waiting in this line alone; with `before`, only those whose ticket is older than that one."""
+        if before is None:
+            return len(self._waiting)
+        with self._cond:
+            return bisect.bisect_left(self._waiting, before)
+
+    def ticket(self) -> int:
+        """A place in the order of arrival, for `acquire(ticket=...)`: a reply that waits in the line this one shares
+        its limit with first, then here, keeps the place it took when it came."""
+        return next(self._tickets)
 
     def try_acquire(self) -> bool:
         """Take a slot only if one is free and nobody waits; never queues."""
@@ -66,16 +76,19 @@ class GpuQueue:
         on_wait: Callable[[int], None] | None = None,
         cancel: threading.Event | None = None,
         timeout: float | None = None,
+        ticket: int | None = None,
     ) -> bool:
-        """Wait for a slot; False when cancelled or timed out. Raises QueueFullError when the line is too long."""
+        """Wait for a slot; False when cancelled or timed out. Raises QueueFullError when the line is too long.
+
+        `ticket` (from `ticket()`): wait ahead of those that came after it took it, rather than behind everyone."""
         with self._cond:
             if self._active < self.slots and not self._waiting:
                 self._active += 1
                 return True
             if self.max_waiting is not None and (waiting := self.waiting()) >= self.max_waiting:
                 raise QueueFullError(f"the model is busy and {waiting} requests are already waiting")
-            ticket = next(self._tickets)
-            self._waiting.append(ticket)
+            ticket = next(self._tickets) if ticket is None else ticket
+            bisect.insort(self._waiting, ticket)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:

@@ -145,14 +145,16 @@ class ReplyScheduler:
     def _start_on_worker(self, prompt_ids, params, cancel, on_wait, logits_processor, stop_ids) -> Reply | None:
         """A reply only the worker can decode takes the worker's line first, then a slot: while it waits for the
         worker it holds no slot, so the replies the batch can decode go on beside the one the worker decodes. Its
-        place meanwhile counts the replies in both lines ahead of it (those waiting for a slot will get one first).
+        place meanwhile counts the replies in both lines ahead of it (those that came before it and wait for a slot
+        will get one first); once it has the worker, it waits for a slot ahead of the replies that came after it.
         A reply the batch can decode that runs on the worker now moves into the batch rather than be waited for."""
         self._move_worker_reply_to_batch()
-        in_both = None if on_wait is None else (lambda place: on_wait(place + self.queue.in_line()))
-        if not self._worker_line.acquire(on_wait=in_both, cancel=cancel):
+        arrived = self._worker_line.ticket()  # one order of arrival for both lines
+        in_both = None if on_wait is None else (lambda place: on_wait(place + self.queue.in_line(before=arrived)))
+        if not self._worker_line.acquire(on_wait=in_both, cancel=cancel, ticket=arrived):
             return None
         try:
-            if not self.queue.acquire(on_wait=on_wait, cancel=cancel):
+            if not self.queue.acquire(on_wait=on_wait, cancel=cancel, ticket=arrived):
                 self._worker_line.release()
                 return None
         except BaseException:
