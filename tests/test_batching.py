@@ -429,3 +429,38 @@ def test_a_reply_that_waited_for_the_worker_keeps_its_turn_for_a_slot(engine):
         small.close()
     assert started["next"] < started["last"], "a reply that came later took the slot first"
     assert places and set(places) == {1}, places  # the plain replies that came after it are never ahead of it
+
+
+def test_two_replies_that_start_together_both_decode_in_the_batch(engine, solo, monkeypatch):
+    """Two plain replies at the same moment on an idle engine: one takes the worker, the other the batch. However
+    their starts interleave (here the worker's is slowed while it builds its config), the worker's reply moves into
+    the batch; it never decodes beside the batch to its end, reading every weight twice per round."""
+    config = engine.scheduler._generation_config
+
+    def slow_config(*args):
+        time.sleep(0.2)  # the other reply goes into the batch meanwhile
+        return config(*args)
+
+    monkeypatch.setattr(engine.scheduler, "_generation_config", slow_config)
+    barrier = threading.Barrier(2)
+    results: dict[int, tuple[str, object]] = {}
+
+    def run(i: int, prompt: str) -> None:
+        barrier.wait(10)
+        events = ReplyEvents()
+        results[i] = (
+            "".join(engine.stream_reply(_user(prompt), SamplingParams.greedy_params(SOLO_TOKENS), events=events)),
+            events.stats,
+        )
+
+    threads = [threading.Thread(target=run, args=(i, p), daemon=True) for i, p in enumerate(["abc", "hi"])]
+    slow = engine.model.register_forward_pre_hook(lambda module, args: time.sleep(0.01))  # both paths alike
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        slow.remove()
+    assert [results[i][0] for i in range(2)] == [solo["abc"], solo["hi"]]
+    assert all(results[i][1].batched for i in range(2)), "a reply stayed on the worker beside the batch"

@@ -14,7 +14,8 @@ either path. The two lines share one limit on waiting replies.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,7 @@ class ReplyScheduler:
         self._batch: BatchDecoder | None = None
         self._lock = threading.Lock()
         self._worker_reply: Reply | None = None  # the reply the worker decodes now
+        self._moving = 0  # replies joining the batch or waiting for the worker now: the worker's reply moves
         self.closed = False
 
     def batch_decoder(self) -> BatchDecoder | None:
@@ -136,8 +138,8 @@ class ReplyScheduler:
             # holding a slot, the order the worker's own replies take them in); the batch otherwise.
             if path is None and (self._batch is None or self._batch.active == 0) and self._worker_line.try_acquire():
                 return self._start("worker", prompt_ids, params, threading.Event(), cancel, *own)
-            self._move_worker_reply_to_batch()
-            return self._start("batch", prompt_ids, params, threading.Event(), cancel, *own)
+            with self._worker_reply_moves_to_batch():
+                return self._start("batch", prompt_ids, params, threading.Event(), cancel, *own)
         except BaseException:
             self.queue.release()
             raise
@@ -148,11 +150,11 @@ class ReplyScheduler:
         place meanwhile counts the replies in both lines ahead of it (those that came before it and wait for a slot
         will get one first); once it has the worker, it waits for a slot ahead of the replies that came after it.
         A reply the batch can decode that runs on the worker now moves into the batch rather than be waited for."""
-        self._move_worker_reply_to_batch()
         arrived = self._worker_line.ticket()  # one order of arrival for both lines
         in_both = None if on_wait is None else (lambda place: on_wait(place + self.queue.in_line(before=arrived)))
-        if not self._worker_line.acquire(on_wait=in_both, cancel=cancel, ticket=arrived):
-            return None
+        with self._worker_reply_moves_to_batch():
+            if not self._worker_line.acquire(on_wait=in_both, cancel=cancel, ticket=arrived):
+                return None
         try:
             if not self.queue.acquire(on_wait=on_wait, cancel=cancel, ticket=arrived):
                 self._worker_line.release()
@@ -166,12 +168,20 @@ class ReplyScheduler:
             self.queue.release()
             raise
 
-    def _move_worker_reply_to_batch(self) -> None:
-        """The worker's reply, if the batch can decode it, stops at its next token and goes on in the batch."""
+    @contextmanager
+    def _worker_reply_moves_to_batch(self) -> Iterator[None]:
+        """While a reply joins the batch or waits for the worker: the worker's reply, if the batch can decode it,
+        stops at its next token and goes on in the batch, also one that starts on the worker meanwhile (`_start`)."""
         with self._lock:
             running = self._worker_reply
+            self._moving += 1
         if running is not None and running.batchable:
             running.job.preempt.set()  # the worker hands the reply to the batch (see `hand_off`)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._moving -= 1
 
     def _batchable(self, prompt_ids: list[int], params: SamplingParams) -> bool:
         """Whether the batch can decode this reply: its sampling, and its length within the paged cache."""
@@ -217,6 +227,8 @@ class ReplyScheduler:
                 if self.closed:
                     raise GenerationError("the engine was closed")
                 self._worker_reply = reply
+                if reply.batchable and (self._moving or (self._batch is not None and self._batch.active)):
+                    reply.job.preempt.set()  # another reply joined the batch since this one chose the worker
             self.worker.submit(reply.job)
         except BaseException:
             worker_done()
