@@ -20,6 +20,7 @@ from internlm_app.chat_types import (
 )
 from internlm_app.runtime.loader import ModelLoadError
 from internlm_app.sampling import SamplingParams
+from tests.api_helpers import wait_until
 from tests.faults import FailOnForward
 
 # Greedy with a strong repetition penalty: the tiny model answers "hi" with 245 tokens, deterministically.
@@ -321,6 +322,31 @@ def test_two_lines_that_share_a_limit_count_each_others_waiters():
     for waiter in waiters:
         waiter.join(30)
     assert worker_line.waiting() == 0 and worker_line.active == slots.active == 1
+
+
+def test_a_reply_that_waited_in_one_line_is_not_refused_by_the_other():
+    """Two lines, one limit of 1: a reply that waited for the worker and now needs a slot waits for it, even with
+    someone already waiting there; a newcomer is refused."""
+    worker_line = GpuQueue(max_waiting=1)
+    slots = GpuQueue(max_waiting=1, shares_limit_with=worker_line)
+    arrived = worker_line.ticket()
+    assert worker_line.acquire(ticket=arrived) and slots.acquire()  # it has the worker; every slot is taken
+    later = threading.Thread(target=slots.acquire, daemon=True)  # came after it, waits for a slot: the limit is full
+    later.start()
+    assert wait_until(lambda: slots.in_line() == 1, 30)
+    with pytest.raises(QueueFullError):
+        slots.acquire()
+    places: list[int] = []
+    waited = threading.Thread(target=lambda: slots.acquire(on_wait=places.append, ticket=arrived, admitted=True))
+    waited.start()
+    assert wait_until(lambda: slots.in_line() == 2 and places, 30)
+    assert places[0] == 1  # ahead of the one that came after it
+    slots.release()
+    waited.join(30)
+    assert not waited.is_alive() and slots.in_line() == 1  # it got the slot; the later one still waits
+    slots.release()
+    later.join(30)
+    assert slots.active == 1 and slots.in_line() == 0
 
 
 def test_queue_limit_and_cancel_while_waiting(engine, serial_engine):

@@ -77,15 +77,18 @@ class GpuQueue:
         cancel: threading.Event | None = None,
         timeout: float | None = None,
         ticket: int | None = None,
+        admitted: bool = False,
     ) -> bool:
         """Wait for a slot; False when cancelled or timed out. Raises QueueFullError when the line is too long.
 
-        `ticket` (from `ticket()`): wait ahead of those that came after it took it, rather than behind everyone."""
+        `ticket` (from `ticket()`): wait ahead of those that came after it took it, rather than behind everyone.
+        `admitted`: it already waited in the line this one shares its limit with, so the limit is not checked again
+        (a reply that waited its turn is never refused for those that came after it)."""
         with self._cond:
             if self._active < self.slots and not self._waiting:
                 self._active += 1
                 return True
-            if self.max_waiting is not None and (waiting := self.waiting()) >= self.max_waiting:
+            if not admitted and self.max_waiting is not None and (waiting := self.waiting()) >= self.max_waiting:
                 raise QueueFullError(f"the model is busy and {waiting} requests are already waiting")
             ticket = next(self._tickets) if ticket is None else ticket
             bisect.insort(self._waiting, ticket)

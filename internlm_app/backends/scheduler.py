@@ -153,10 +153,12 @@ class ReplyScheduler:
         arrived = self._worker_line.ticket()  # one order of arrival for both lines
         in_both = None if on_wait is None else (lambda place: on_wait(place + self.queue.in_line(before=arrived)))
         with self._worker_reply_moves_to_batch():
-            if not self._worker_line.acquire(on_wait=in_both, cancel=cancel, ticket=arrived):
+            waited = not self._worker_line.try_acquire()
+            if waited and not self._worker_line.acquire(on_wait=in_both, cancel=cancel, ticket=arrived):
                 return None
         try:
-            if not self.queue.acquire(on_wait=on_wait, cancel=cancel, ticket=arrived):
+            # One that waited for the worker has passed the limit: it is not refused now for those behind it.
+            if not self.queue.acquire(on_wait=on_wait, cancel=cancel, ticket=arrived, admitted=waited):
                 self._worker_line.release()
                 return None
         except BaseException:
