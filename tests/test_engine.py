@@ -324,6 +324,42 @@ def test_two_lines_that_share_a_limit_count_each_others_waiters():
     assert worker_line.waiting() == 0 and worker_line.active == slots.active == 1
 
 
+def test_two_lines_that_share_a_limit_never_both_take_its_last_place(monkeypatch):
+    """Checking the shared limit and getting in line is one step across both lines: with one place left, two
+    arrivals at once (one per line) get one place and one QueueFullError. Counting a line is made slow here, so that
+    without one lock both would count the other's line as empty and both get in (the limit overshot by one)."""
+    counted = GpuQueue.in_line
+
+    def slow_in_line(self, before=None):
+        count = counted(self, before)
+        time.sleep(0.05)  # the count may be out of date when it is used
+        return count
+
+    monkeypatch.setattr(GpuQueue, "in_line", slow_in_line)
+    worker_line = GpuQueue(max_waiting=1)
+    slots = GpuQueue(max_waiting=1, shares_limit_with=worker_line)
+    assert worker_line.acquire() and slots.acquire()  # both busy: a newcomer on either line has to wait
+    start = threading.Barrier(2)
+    refused: list[GpuQueue] = []
+
+    def arrive(line: GpuQueue) -> None:
+        start.wait()
+        try:
+            line.acquire(timeout=5.0)
+        except QueueFullError:
+            refused.append(line)
+
+    arrivals = [threading.Thread(target=arrive, args=(line,), daemon=True) for line in (worker_line, slots)]
+    for arrival in arrivals:
+        arrival.start()
+    assert wait_until(lambda: refused or counted(worker_line) + counted(slots) == 2, 30)
+    in_line_now = counted(worker_line) + counted(slots)
+    worker_line.release(), slots.release()  # whoever got in line is served
+    for arrival in arrivals:
+        arrival.join(30)
+    assert (len(refused), in_line_now) == (1, 1)
+
+
 def test_a_reply_that_waited_in_one_line_is_not_refused_by_the_other():
     """Two lines, one limit of 1: a reply that waited for the worker and now needs a slot waits for it, even with
     someone already waiting there; a newcomer is refused."""

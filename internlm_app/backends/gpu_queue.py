@@ -23,10 +23,13 @@ class GpuQueue:
         shares_limit_with: GpuQueue | None = None,
     ):
         """`shares_limit_with`: another line whose waiters count here too (in `waiting()` and against `max_waiting`),
-        and ours there: two lines, one limit, and one order of arrival (`ticket`)."""
+        and ours there: two lines, one limit, one order of arrival (`ticket`) and one lock, so that checking the limit
+        and getting in line is one step across both lines (two arrivals, one per line, never both take the last place).
+        """
         if slots < 1:
             raise ValueError("a GPU queue needs at least one slot")
-        self._cond = threading.Condition()
+        # Reentrant: acquire() holds it while waiting() takes it again.
+        self._cond = threading.Condition(threading.RLock())
         self._waiting: deque[int] = deque()
         self._tickets = itertools.count()
         self._active = 0
@@ -37,6 +40,7 @@ class GpuQueue:
         if shares_limit_with is not None:
             self._other, shares_limit_with._other = shares_limit_with, self
             self._tickets = shares_limit_with._tickets
+            self._cond = shares_limit_with._cond
 
     @property
     def busy(self) -> bool:
@@ -49,7 +53,8 @@ class GpuQueue:
 
     def waiting(self) -> int:
         """Replies waiting in this line, and in the line it shares its limit with."""
-        return self.in_line() + (self._other.in_line() if self._other is not None else 0)
+        with self._cond:
+            return self.in_line() + (self._other.in_line() if self._other is not None else 0)
 
     def in_line(self, before: int | None = None) -> int:
         """Replies waiting in this line alone; with `before`, only those whose ticket is older than that one."""
