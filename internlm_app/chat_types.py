@@ -221,7 +221,7 @@ class ReplyQueue(Protocol):
     def active(self) -> int: ...  # replies generating now
 
     @property
-    def busy(self) -> bool: ...  # every slot taken: a new reply waits
+    def busy(self) -> bool: ...  # every slot taken: a new reply waits (one only the worker decodes may wait anyway)
 
     def waiting(self) -> int: ...
 

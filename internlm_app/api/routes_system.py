@@ -43,7 +43,7 @@ async def health(request: Request) -> dict | JSONResponse:
             "waiting": queue.waiting(),
             "active": queue.active,  # replies generating now
             "slots": queue.slots,  # most replies generating at once (the batch size)
-            "busy": queue.busy,  # every slot taken: a new request waits
+            "busy": queue.busy,  # every slot taken: a new request waits (see README, "Serving one user and many")
             "limit": queue.max_waiting,
         }
     decoding = backend.decoding()
