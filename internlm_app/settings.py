@@ -38,6 +38,8 @@ def parse_list(value: object) -> object:
             items = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"starts with '[' but is not a JSON list ({exc.msg} at character {exc.pos})") from None
+        except RecursionError:
+            raise ValueError("starts with '[' but is nested too deeply") from None
         if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
             raise ValueError("a JSON list here must hold strings only")
         return items

@@ -99,7 +99,7 @@ class TerminalChat:
                 content = data["content"] if isinstance(data, dict) else data
                 if not isinstance(content, str):
                     raise ValueError("a line must be a JSON string or an object with a string 'content'")
-            except (json.JSONDecodeError, KeyError, ValueError) as exc:
+            except (KeyError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
                 self._write(json.dumps({"error": f"bad input line: {exc}"}, ensure_ascii=False))
                 return
         else:

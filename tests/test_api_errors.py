@@ -41,6 +41,15 @@ CASES = [
     ("classic-empty-body", "POST", "/", {"content": b""}, 422),
     ("classic-invalid-utf8", "POST", "/", {"content": b'{"prompt": "\xff\xfe"}'}, 422),
     ("classic-nested-too-deeply", "POST", "/", {"content": b"[" * 100_000 + b"]" * 100_000}, 422),
+    # Valid JSON that Python refuses to read: an integer over sys.get_int_max_str_digits() (4300) digits.
+    (
+        "classic-integer-too-long",
+        "POST",
+        "/",
+        {"content": b'{"prompt": "a", "max_new_tokens": ' + b"9" * 5000 + b"}"},
+        422,
+    ),
+    ("openai-integer-too-long", "POST", CHAT, {"content": b'{"model": "m", "n": ' + b"9" * 5000 + b"}"}, 400),
     ("classic-missing-prompt", "POST", "/", {"json": {"history": []}}, 422),
     ("classic-prompt-not-a-string", "POST", "/", {"json": {"prompt": 123}}, 422),
     ("classic-empty-prompt", "POST", "/", {"json": {"prompt": ""}}, 422),

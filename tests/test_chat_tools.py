@@ -13,6 +13,7 @@ from internlm_app.chat.builtin_tools import MAX_INT_BITS, ToolError, calculate, 
 from internlm_app.chat.tool_runner import FinalEvent, TextEvent, ToolCallEvent, ToolResultEvent, run_with_tools
 from internlm_app.chat.tool_set import ToolSet, chat_tools, load_user_tools
 from internlm_app.chat_types import InvalidRequestError
+from internlm_app.runtime.tool_format import parse_tool_call
 from internlm_app.sampling import SamplingParams
 
 NO_SYSTEM = {"role": "system", "content": ""}  # the tiny model's window is 512 tokens
@@ -175,6 +176,9 @@ def test_tool_calls_turn_every_failure_into_a_result(tools_dir):
     assert toolset.call("add", '{"a": 40}').content == "42"
     assert toolset.call("add", '{"a": 1, "c": 2}').error == "add: got an unexpected keyword argument 'c'"
     assert toolset.call("add", "[1]").error == "the arguments must be a JSON object"
+    too_long = toolset.call("add", '{"a": ' + "9" * 5000 + "}")  # JSON, but an integer Python will not convert
+    assert too_long.error.startswith("the arguments are not JSON Python can read") and "digits" in too_long.error
+    assert toolset.call("add", "[" * 100_000 + "]" * 100_000).error.endswith("(nested too deeply)")
     assert toolset.call("nope", "{}").content == "Error: there is no tool named 'nope'"
     assert toolset.call("broken", "{}").content == "Error: RuntimeError: the tool broke"
     started = time.perf_counter()
@@ -248,3 +252,19 @@ def test_a_tool_choice_not_offered_is_refused(engine):
                 engine, [{"role": "user", "content": "hi"}], chat_tools(None), SamplingParams(), tool_choice="rm"
             )
         )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name": "add", "parameters": {"a": ' + "9" * 5000 + "}}",  # JSON, but an integer Python will not convert
+        '{"name": "add", "parameters": "{\\"a\\": ' + "9" * 5000 + '}"}',  # the same inside string arguments
+        '{"name": "add", "parameters": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        '{"name": "add", "parameters": "' + "[" * 100_000 + "]" * 100_000 + '"}',
+    ],
+    ids=["integer-too-long", "integer-too-long-in-string", "nested-too-deeply", "nested-too-deeply-in-string"],
+)
+def test_a_call_the_model_wrote_that_python_cannot_read_is_not_a_call(text):
+    """The model's text stays text (no call, no exception ending the reply) when its JSON cannot be read."""
+    assert parse_tool_call(text) is None
+    assert parse_tool_call('{"name": "add", "parameters": {"a": 1}}')["arguments"] == '{"a": 1}'

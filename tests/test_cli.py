@@ -248,11 +248,12 @@ def test_piped_replies_stay_one_line_each_and_jsonl(engine, tmp_path):
     assert out.getvalue().splitlines() == [escape_line("line one\nline \\two"), "", escape_line("line one\nline \\two")]
     assert escape_line("line one\nline \\two") == "line one\\nline \\\\two"
     out = io.StringIO()
-    lines = '"hello"\n{"content": "multi\\nline"}\nnot json\n'
+    deep = "[" * 100_000 + "]" * 100_000  # nested past Python's recursion limit
+    lines = '"hello"\n{"content": "multi\\nline"}\nnot json\n' + deep + "\n"
     TerminalChat(engine, SamplingParams.greedy_params(6), "", jsonl=True, stdin=io.StringIO(lines), stdout=out).run()
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert len(rows) == 3 and rows[0]["finish_reason"] in {"stop", "length"} and rows[0]["usage"]["completion_tokens"]
-    assert "content" in rows[1] and "bad input line" in rows[2]["error"]
+    assert len(rows) == 4 and rows[0]["finish_reason"] in {"stop", "length"} and rows[0]["usage"]["completion_tokens"]
+    assert "content" in rows[1] and "bad input line" in rows[2]["error"] and "bad input line" in rows[3]["error"]
 
 
 def test_doctor_says_a_model_path_does_not_exist(tmp_path):

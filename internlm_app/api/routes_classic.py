@@ -26,9 +26,15 @@ async def _read_classic_request(request: Request) -> ClassicRequest:
     raw = await request.body()
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        reasons = {json.JSONDecodeError: getattr(exc, "msg", ""), RecursionError: "nested too deeply"}
-        reason = reasons.get(type(exc), "not UTF-8")
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        if isinstance(exc, json.JSONDecodeError):
+            reason = exc.msg
+        elif isinstance(exc, UnicodeDecodeError):
+            reason = "not UTF-8"
+        elif isinstance(exc, RecursionError):
+            reason = "nested too deeply"
+        else:  # e.g. an integer longer than Python converts (sys.get_int_max_str_digits())
+            reason = str(exc)
         position = getattr(exc, "pos", getattr(exc, "start", 0))
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ("body", position), "ctx": {"error": reason}}]

@@ -111,6 +111,9 @@ class ToolSet:
                 kwargs = json.loads(arguments) if arguments.strip() else {}
             except json.JSONDecodeError as exc:
                 raise ToolError(f"the arguments are not JSON ({exc.msg})") from None
+            except (ValueError, RecursionError) as exc:  # an integer too long for Python, or nested too deeply
+                why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+                raise ToolError(f"the arguments are not JSON Python can read ({why})") from None
             if not isinstance(kwargs, dict):
                 raise ToolError("the arguments must be a JSON object")
             _check_arguments(tool, kwargs)

@@ -40,7 +40,7 @@ def parse_tool_call(text: str) -> ToolCall | None:
     """
     try:
         data = json.loads(text.strip())
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not JSON, nested too deeply, or an integer too long for Python
         return None
     if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not data["name"]:
         return None
@@ -48,7 +48,7 @@ def parse_tool_call(text: str) -> ToolCall | None:
     if isinstance(arguments, str):  # already JSON text
         try:
             arguments = json.loads(arguments)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(arguments, dict):
         return None
