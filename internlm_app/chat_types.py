@@ -155,6 +155,7 @@ class ReplyOptions:
     force_tool_call: bool = False  # the reply is a tool call: the prompt ends in <|action_start|><|plugin|>\n
     keep_history: bool = False  # cap the reply to the room left rather than drop turns; drop only what cannot fit
     raw_prompt: bool = False  # the one message's content is the whole prompt, special tokens included (completions)
+    admitted: bool = False  # one of a request's n choices, let in as one (`ReplyQueue.check_room`): never refused
 
     @property
     def needs_sampler(self) -> bool:
@@ -224,6 +225,8 @@ class ReplyQueue(Protocol):
     def busy(self) -> bool: ...  # every slot taken: a new reply waits (one only the worker decodes may wait anyway)
 
     def waiting(self) -> int: ...
+
+    def check_room(self) -> None: ...  # raises QueueFullError if a reply arriving now would be refused
 
 
 @dataclass(frozen=True)

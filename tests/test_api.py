@@ -380,6 +380,34 @@ def test_queue_full_is_503_with_retry_after(engine, tmp_path):
         assert client.post("/", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
 
 
+def test_a_request_with_n_choices_is_let_in_or_refused_as_one(engine, tmp_path):
+    """The queue limit counts a request's n choices once: on an idle server with room for 2 replies at once and 1
+    waiting, n=4 (batched), n=3 seeded (one at a time on the worker) and 2 prompts x n=2 all complete, where each
+    choice counted as a waiting request got 503 "busy" forever. With every slot taken and no room to wait, n=2 is
+    still refused, as one 503."""
+    settings = api_settings(tmp_path, queue_limit=1, max_batch_size=2)
+    limited = engine_copy(engine, settings)
+    user = [{"role": "user", "content": "hi"}]
+    with TestClient(create_app(settings, backend=limited)) as client:
+        plain = client.post(CHAT, json={"messages": user, "n": 4, "max_tokens": 4, "temperature": 0})
+        seeded = client.post(CHAT, json={"messages": user, "n": 3, "max_tokens": 4, "seed": 7})
+        prompts = client.post("/v1/completions", json={"prompt": ["a", "b"], "n": 2, "max_tokens": 3, "seed": 1})
+        for response, choices in ((plain, 4), (seeded, 3), (prompts, 4)):
+            assert response.status_code == 200, response.text
+            assert len(response.json()["choices"]) == choices
+        assert limited.queue.active == 0 and limited.queue.waiting() == 0
+    settings = api_settings(tmp_path, queue_limit=0, max_batch_size=2)
+    full = engine_copy(engine, settings)
+    with TestClient(create_app(settings, backend=full)) as client:
+        take_all_slots(full)
+        try:
+            refused = client.post(CHAT, json={"messages": user, "n": 2, "max_tokens": 4})
+        finally:
+            free_all_slots(full)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_busy"
+        assert full.queue.waiting() == 0
+
+
 def test_openapi_documents_both_contracts(client):
     schema = client.get("/openapi.json").json()
     assert {"/", "/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= set(schema["paths"])

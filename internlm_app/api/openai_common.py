@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import anyio
 from fastapi import Request
@@ -54,8 +54,18 @@ async def start_runners(
     """Start one reply per prompt (n choices are n copies), concurrently: they share the batch or the worker's line.
 
     `options(i)` gives choice i's options (its seed). If one fails to start, the others are closed and it raises.
+    The queue limit lets several choices in as one request (QueueFullError here if it would refuse a reply now),
+    so a request's own choices never get it refused, also on an idle server with a limit below n.
     """
-    runners = [ReplyRunner(request, messages, params, options(i)) for i, messages in enumerate(prompts)]
+    queue = request.app.state.backend.queue  # None: a remote server queues requests itself
+    as_one = len(prompts) > 1 and queue is not None
+    if as_one:
+        queue.check_room()
+
+    def options_of(i: int) -> ReplyOptions:
+        return replace(options(i), admitted=True) if as_one else options(i)
+
+    runners = [ReplyRunner(request, messages, params, options_of(i)) for i, messages in enumerate(prompts)]
     results = await asyncio.gather(*(runner.start() for runner in runners), return_exceptions=True)
     failures = [r for r in results if isinstance(r, BaseException)]
     if failures:

@@ -247,7 +247,7 @@ class ChatEngine:
         if prepared.max_new_tokens != params.max_new_tokens:
             params = params.model_copy(update={"max_new_tokens": prepared.max_new_tokens})
         plan = self._reply_plan(params, options)
-        return self._stream(prepared, params, cancel, events or ReplyEvents(), plan=plan)
+        return self._stream(prepared, params, cancel, events or ReplyEvents(), plan=plan, admitted=options.admitted)
 
     def _reply_plan(self, params: SamplingParams, options: ReplyOptions) -> ReplyPlan:
         tools = options.tools or options.force_tool_call
@@ -297,6 +297,7 @@ class ChatEngine:
         *,
         plan: ReplyPlan,
         path: str | None = None,
+        admitted: bool = False,
     ) -> Reply[ReplyChunk]:
         stats = events.stats
         stats.prompt_tokens, stats.dropped_messages = len(prepared.ids), prepared.dropped_messages
@@ -304,7 +305,14 @@ class ChatEngine:
         own_stops = None if plan.stop_ids == self._stop_ids else plan.stop_ids
         try:
             reply = self.scheduler.start(
-                prepared.ids, params, cancel, events.on_queue, path, logits_processor=plan.sampler, stop_ids=own_stops
+                prepared.ids,
+                params,
+                cancel,
+                events.on_queue,
+                path,
+                logits_processor=plan.sampler,
+                stop_ids=own_stops,
+                admitted=admitted,
             )
         except BaseException as exc:
             stats.queue_seconds = time.perf_counter() - queued

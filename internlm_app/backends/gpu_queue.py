@@ -68,6 +68,15 @@ class GpuQueue:
         its limit with first, then here, keeps the place it took when it came."""
         return next(self._tickets)
 
+    def check_room(self) -> None:
+        """Raise QueueFullError if a reply arriving now would be refused: every slot taken (or someone waits) and
+        `max_waiting` replies already wait, in this line and the one it shares its limit with."""
+        with self._cond:
+            if self._active < self.slots and not self._waiting:
+                return
+            if self.max_waiting is not None and (waiting := self.waiting()) >= self.max_waiting:
+                raise QueueFullError(f"the model is busy and {waiting} requests are already waiting")
+
     def try_acquire(self) -> bool:
         """Take a slot only if one is free and nobody waits; never queues."""
         with self._cond:
@@ -87,14 +96,15 @@ class GpuQueue:
         """Wait for a slot; False when cancelled or timed out. Raises QueueFullError when the line is too long.
 
         `ticket` (from `ticket()`): wait ahead of those that came after it took it, rather than behind everyone.
-        `admitted`: it already waited in the line this one shares its limit with, so the limit is not checked again
-        (a reply that waited its turn is never refused for those that came after it)."""
+        `admitted`: the limit is not checked (`check_room`): it already waited in the line this one shares its limit
+        with (a reply that waited its turn is never refused for those that came after it), or it is one of a
+        request's choices and the request was let in."""
         with self._cond:
             if self._active < self.slots and not self._waiting:
                 self._active += 1
                 return True
-            if not admitted and self.max_waiting is not None and (waiting := self.waiting()) >= self.max_waiting:
-                raise QueueFullError(f"the model is busy and {waiting} requests are already waiting")
+            if not admitted:
+                self.check_room()
             ticket = next(self._tickets) if ticket is None else ticket
             bisect.insort(self._waiting, ticket)
         deadline = None if timeout is None else time.monotonic() + timeout
