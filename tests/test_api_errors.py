@@ -216,3 +216,67 @@ def test_control_tokens_in_content_are_plain_text(server, engine):
     prompt_ids = engine.prepare(messages[1:], 16).ids
     assert body["usage"]["prompt_tokens"] == stats.prompt_tokens == len(prompt_ids)
     assert prompt_ids.count(engine.tokenizer.im_start_id) == 2  # the user turn and the reply, none typed
+
+
+_FORCED_NOT = {
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"x": {"not": {}}}}}}],
+    "tool_choice": "required",
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "message"),
+    [
+        # pydantic names a union's members in its locations ("stop.list[str]"): the field is named alone
+        (
+            CHAT,
+            _chat(stop=5)["json"],
+            "stop",
+            "stop: Input should be a valid string; stop: Input should be a valid list",
+        ),
+        (CHAT, _chat(tool_choice="maybe")["json"], "tool_choice", "tool_choice: Input should be 'none', 'auto' or"),
+        ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt", "prompt: token ids are not accepted as a prompt"),
+        ("/v1/completions", {"prompt": [[1, 2]]}, "prompt", "prompt: token ids are not accepted as a prompt"),
+        (
+            "/v1/completions",
+            {"prompt": ["a", 5]},
+            "prompt",
+            "prompt: Input should be a valid string; prompt.1: Input should be a valid string",
+        ),
+        ("/v1/completions", {"prompt": LONG_PROMPT * 2}, "prompt", "the prompt needs"),
+        (CHAT, _chat(messages=[{"role": "user", "content": LONG_PROMPT}])["json"], "messages", "the prompt needs"),
+        # xgrammar's own message, without the time and C++ source location it starts with
+        (
+            CHAT,
+            _chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}})[
+                "json"
+            ],
+            "response_format",
+            'response_format: the schema cannot be used for constrained decoding: Unsupported type "foo"',
+        ),
+        # a forced call's schema is the user's tool's: the keyword is named where the user wrote it
+        (
+            CHAT,
+            _chat(**_FORCED_NOT)["json"],
+            "tools",
+            "tools: tools[0].function.parameters uses properties.x.not, which constrained decoding cannot enforce",
+        ),
+    ],
+    ids=[
+        "union-stop",
+        "union-tool-choice",
+        "token-ids",
+        "token-id-lists",
+        "not-text-in-list",
+        "completions-over-window",
+        "chat-over-window",
+        "xgrammar-message",
+        "forced-tool-keyword",
+    ],
+)
+def test_errors_name_the_field_as_the_client_sent_it(server, path, body, param, message):
+    response = server.post(path, json=body, headers=AUTH)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"].startswith(message), error
+    assert "[" not in error["param"] and ".cc:" not in error["message"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime
 
 from fastapi import FastAPI, Request
@@ -64,11 +65,22 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _union_member(part: object) -> bool:
+    """Whether a location part is pydantic's tag for a member of a union ("str", "list[str]", "NamedToolChoice",
+    "function-after[_unicode(), str]"), not a field name or an index: fields here are snake_case."""
+    return isinstance(part, str) and bool(_UNION_MEMBER.fullmatch(part))
+
+
+_UNION_MEMBER = re.compile(r"[a-z-]+\[.*\]|str|int|float|bool|bytes|none|[A-Z]\w*")
+
+
 def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
-    """A readable message for pydantic/FastAPI errors, and the first offending field."""
-    parts, first = [], None
+    """A readable message for pydantic/FastAPI errors, and the first offending field (a dotted path, without the
+    union members pydantic names in its locations)."""
+    parts: list[str] = []
+    first = None
     for error in errors:
-        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        loc = [str(p) for p in error.get("loc", ()) if p != "body" and not _union_member(p)]
         where = ".".join(loc)
         if error.get("type") == "json_invalid":
             reason = (error.get("ctx") or {}).get("error", "")
@@ -76,16 +88,21 @@ def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
             continue
         first = first or where or None
         msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}" if where else msg)
+        part = f"{where}: {msg}" if where else msg
+        if part not in parts:
+            parts.append(part)
     return "; ".join(parts) or "invalid request", first
 
 
-def engine_error_details(exc: EngineError) -> tuple[str | None, str | None, dict[str, str] | None]:
-    """The OpenAI `code` and `param` of an engine error, and the headers its response carries."""
+def engine_error_details(
+    exc: EngineError, prompt_field: str = "messages"
+) -> tuple[str | None, str | None, dict[str, str] | None]:
+    """The OpenAI `code` and `param` of an engine error, and the headers its response carries; `prompt_field` is
+    the request's field a prompt over the context window is blamed on."""
     if isinstance(exc, QueueFullError):
         return "model_busy", None, {"Retry-After": str(RETRY_AFTER_SECONDS)}
     if isinstance(exc, ContextTooLongError):
-        return "context_length_exceeded", "messages", None
+        return "context_length_exceeded", prompt_field, None
     if isinstance(exc, GenerationError):
         return "generation_failed", None, None
     if isinstance(exc, InvalidRequestError):
@@ -94,7 +111,7 @@ def engine_error_details(exc: EngineError) -> tuple[str | None, str | None, dict
 
 
 def engine_error_response(path: str, exc: EngineError) -> JSONResponse:
-    code, param, headers = engine_error_details(exc)
+    code, param, headers = engine_error_details(exc, "prompt" if path.startswith("/v1/completions") else "messages")
     return error_response(path, exc.status, str(exc), code=code, param=param, headers=headers)
 
 

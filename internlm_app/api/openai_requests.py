@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from internlm_app.api.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS, Text, check_stops
 from internlm_app.backends.sampler import MAX_TOP_LOGPROBS
 from internlm_app.chat_types import InvalidRequestError, Message, ReplyOptions, ToolCall
+from internlm_app.runtime.grammar import unenforced_keyword
 from internlm_app.runtime.tool_format import call_schema, with_tools
 from internlm_app.sampling import BOUNDS, GREEDY_BELOW, SamplingParams
 from internlm_app.settings import Settings
@@ -254,6 +255,14 @@ class ChatCompletionRequest(GenerationRequest):
             raise UnsupportedField("tool_choice", "a forced tool call cannot continue an assistant message")
         if self.messages[-1].role == "assistant" and json_out:
             raise UnsupportedField("response_format", "JSON output cannot continue an assistant message (prefill)")
+        forced = self.forced_tool
+        for index, tool in enumerate(self.tools or []):  # a forced call is decoded under its tool's schema
+            if forced in ("*", tool.function.name) and (where := unenforced_keyword(tool.function.parameters or {})):
+                raise UnsupportedField(
+                    "tools",
+                    f"tools[{index}].function.parameters uses {where}, which constrained decoding cannot enforce in "
+                    "a call tool_choice forces; leave it out",
+                )
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -316,6 +325,13 @@ class CompletionRequest(GenerationRequest):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value: object) -> object:
+        if isinstance(value, list) and value and all(isinstance(item, int | list) for item in value):
+            raise ValueError("token ids are not accepted as a prompt here; send the prompt as text")
+        return value
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()

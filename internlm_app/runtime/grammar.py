@@ -8,6 +8,7 @@ vocabulary directly (byte-fallback pieces), so no transformers tokenizer or remo
 from __future__ import annotations
 
 import json
+import re
 import threading
 from functools import lru_cache
 from typing import Any
@@ -87,8 +88,16 @@ class GrammarCompiler:
             return compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError/InvalidJSONError for schemas it refuses
             raise InvalidRequestError(
-                f"{param}: the schema cannot be used for constrained decoding: {exc}", param
+                f"{param}: the schema cannot be used for constrained decoding: {_reason(exc)}", param
             ) from None
+
+
+def _reason(exc: Exception) -> str:
+    """xgrammar's message without the time and C++ source location its C++ errors start with."""
+    return _CPP_LOG_PREFIX.sub("", str(exc)).strip() or type(exc).__name__
+
+
+_CPP_LOG_PREFIX = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+:\d+: ")
 
 
 def _tokenizer_info(tokenizer: ChatTokenizer, vocab_size: int, stop_ids: tuple[int, ...]) -> xgr.TokenizerInfo:
