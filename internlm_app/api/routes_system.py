@@ -15,7 +15,12 @@ from internlm_app.runtime import gpu
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health", summary="Model, device, GPU memory and queue; or the load's progress", response_model=None)
+@router.api_route(
+    "/health",
+    methods=["GET", "HEAD"],
+    summary="Model, device, GPU memory and queue; or the load's progress",
+    response_model=None,
+)
 async def health(request: Request) -> dict | JSONResponse:
     """Whether the model is loaded (the step while it loads, the error if it failed), where it runs, GPU memory, how
     many requests wait. With API keys set, a request without one learns only whether the server is alive."""
