@@ -202,6 +202,8 @@ def test_streamlits_own_stop_and_rerun_are_page_interruptions(engine, store, how
 
 
 def test_a_stop_between_page_updates_is_noticed_at_the_next_token(engine, store):
+    """The page polls at every chunk (one per token here): a stop at the third poll ends the reply within a token.
+    The reply runs in its own thread, so each step is slowed to 20 ms: the page then keeps pace on any machine."""
     engine = engine_copy(engine, engine.settings.model_copy(update={"stream_interval_ms": 0}))  # a chunk per token
     cid = _conversation(store)
     polls: list[int] = []
@@ -211,10 +213,14 @@ def test_a_stop_between_page_updates_is_noticed_at_the_next_token(engine, store)
         if len(polls) == 3:
             raise PageStop()
 
-    with pytest.raises(PageStop):
-        WebReply(engine, store, cid, LONG).run(page_view(lambda text: None, poll=poll))
+    handle = engine.model.register_forward_hook(lambda *args: time.sleep(0.02))
+    try:
+        with pytest.raises(PageStop):
+            WebReply(engine, store, cid, LONG).run(page_view(lambda text: None, poll=poll))
+    finally:
+        handle.remove()
     reply = store.get_conversation(cid).messages[-1]
-    assert reply.status == "stopped" and reply.stats["completion_tokens"] <= 3 and engine.queue.active == 0
+    assert reply.status == "stopped" and reply.stats["completion_tokens"] <= 4 and engine.queue.active == 0
 
 
 def test_waiting_for_the_gpu_reports_the_place_and_a_stop_while_waiting_leaves_the_line(engine, store):
@@ -248,6 +254,41 @@ def test_waiting_for_the_gpu_reports_the_place_and_a_stop_while_waiting_leaves_t
         free_all_slots(engine)
     worker.join(30)
     assert outcome and outcome[0].status == "complete"
+
+
+@pytest.mark.parametrize("interruption", [PageStop, PageRerun], ids=["stop", "rerun"])
+def test_an_interaction_while_in_line_keeps_the_reply_in_its_place(engine, store, interruption):
+    """A rerun (a click, the language, a reload) or Streamlit's stop while the reply waits for the GPU ends only the
+    page's run: the reply keeps its place in line (shown in `live` for the next run), then runs and is saved whole.
+    A Stop button (`live.stop`) while in line takes it out of the line, saved as stopped."""
+    expected = WebReply(engine, store, _conversation(store, "hello"), LONG).run(ReplyView(show=lambda text: None))
+    cid, stopped_cid, live = _conversation(store, "hello"), _conversation(store, "hello"), LiveReplies()
+
+    def leave_page(place: int) -> None:
+        raise interruption()
+
+    take_all_slots(engine)  # other replies are generating
+    try:
+        with pytest.raises(interruption):
+            WebReply(engine, store, cid, LONG).run(page_view(lambda t: None, on_queue=leave_page), live=live)
+        assert live.reply_of(cid) is not None and live.place_of(cid) == 1 and engine.queue.waiting() == 1
+
+        def stop_button(place: int) -> None:
+            live.stop(stopped_cid)
+            raise interruption()
+
+        with pytest.raises(interruption):
+            WebReply(engine, store, stopped_cid, LONG).run(page_view(lambda t: None, on_queue=stop_button), live=live)
+        assert wait_until(lambda: live.reply_of(stopped_cid) is None, timeout=30)
+        stopped = store.get_conversation(stopped_cid).messages[-1]
+        assert (stopped.status, stopped.content, stopped.stats["finish_reason"]) == ("stopped", "", "cancelled")
+        assert engine.queue.waiting() == 1 and live.place_of(cid) == 1  # the first still waits, in its place
+    finally:
+        free_all_slots(engine)
+    assert wait_until(lambda: live.reply_of(cid) is None, timeout=60)
+    reply = store.get_conversation(cid).messages[-1]
+    assert (reply.status, reply.content) == ("complete", expected.text) and engine.queue.active == 0
+    assert reply.stats["completion_tokens"] == expected.stats.completion_tokens
 
 
 def test_a_prompt_that_does_not_fit_is_an_error_reply_and_the_conversation_is_kept(engine, store):

@@ -98,3 +98,52 @@ def test_stop_still_stops_a_reply_that_went_to_the_background(server):
         expect(page.get_by_text("已停止 ·")).to_be_visible(timeout=15_000)
         assert _rows(db)[-1][2] == "stopped"
         page.close()
+
+
+def _conversation_rows(db, first_user_text: str) -> list[tuple[str, str, str]]:
+    """(role, content, status) of the conversation whose first message is `first_user_text`, in order."""
+    with sqlite3.connect(db) as connection:
+        (cid,) = connection.execute(
+            "SELECT conversation_id FROM messages WHERE content = ? ORDER BY id LIMIT 1", (first_user_text,)
+        ).fetchone()
+        sql = "SELECT role, content, status FROM messages WHERE conversation_id = ? ORDER BY id"
+        return connection.execute(sql, (cid,)).fetchall()
+
+
+def test_a_reply_waiting_in_line_and_a_queued_message_survive_interactions_and_reloads(server):
+    """Two tabs, one model (the slow replies all decode on the one worker): tab B's reply waits in line behind tab
+    A's. B switches the language and reloads while it waits: its reply keeps its place, is shown waiting after the
+    reload, and then runs to its end. A message typed in A while A's reply streams is queued; A reloads (the browser
+    session is gone): the queued message is still shown, and it is sent once the reply ends."""
+    from playwright.sync_api import expect
+
+    url, db = server
+    with chromium() as browser:
+        tab_a = browser.new_context().new_page()
+        tab_b = browser.new_context().new_page()
+        for tab in (tab_a, tab_b):
+            tab.goto(url)
+            expect(tab.locator(".st-key-prompt textarea")).to_be_enabled(timeout=60_000)
+        send(tab_a, "TAB A first")
+        wait_for_text(tab_a, 1, min_chars=3)  # A streams
+        send(tab_b, "TAB B waits")
+        expect(tab_b.get_by_text("你排在第 1 位")).to_be_visible(timeout=10_000)
+        tab_b.locator(".st-key-lang").get_by_text("English").click()  # a rerun while in line
+        time.sleep(0.5)
+        tab_b.reload()  # a new browser session while in line
+        expect(tab_b.get_by_text("number 1 in line").or_(tab_b.get_by_text("你排在第 1 位"))).to_be_visible(
+            timeout=10_000
+        )
+        send(tab_a, "QUEUED in A")
+        expect(tab_a.get_by_text("排队中：当前回复结束后发送")).to_be_visible(timeout=10_000)
+        tab_a.reload()
+        expect(tab_a.get_by_text("排队中：当前回复结束后发送")).to_be_visible(timeout=10_000)  # still queued
+        expect(tab_a.get_by_text("tokens ·")).to_have_count(2, timeout=60_000)  # A's reply, then the queued one's
+        expect(tab_b.get_by_text("tokens ·")).to_have_count(1, timeout=60_000)
+        tab_b.screenshot(path=str(db.parent / "typing-in-line-reload.png"), full_page=True)
+        roles = [(role, status) for role, _, status in _conversation_rows(db, "TAB A first")]
+        assert roles == [("user", "complete"), ("assistant", "complete")] * 2
+        assert ("user", "QUEUED in A", "complete") in _conversation_rows(db, "TAB A first")
+        b_rows = _conversation_rows(db, "TAB B waits")
+        assert [(role, status) for role, _, status in b_rows] == [("user", "complete"), ("assistant", "complete")]
+        assert b_rows[1][1]  # it ran: not "stopped before the first token"

@@ -494,3 +494,28 @@ def test_an_export_imported_again_is_recognised(store):
     assert len(kept) == 1 and kept.skipped == 0 and len(store.list_conversations()) == 2
     store.add_message(cid, "assistant", "a later reply")  # no longer the same conversation as the export
     assert import_json(store, data, skip_existing=True).skipped == 1  # the copy made above still matches
+
+
+def test_messages_queued_during_a_reply_wait_in_the_file_until_sent(tmp_path: Path) -> None:
+    """Typed while a reply runs: kept in the file (a reload, another tab or a restart sees them), oldest first; sent
+    ones are removed, once only (two pages sending the same one: one removes it); deleting the conversation drops
+    them. A file from before the queue gets the table by migration, its conversations kept."""
+    path = tmp_path / "chats.db"
+    with sqlite3.connect(path) as conn:  # a file of the schema before the queue
+        for step in MIGRATIONS[:-1]:
+            for statement in step:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+    store = ConversationStore(path)
+    cid, other = store.create_conversation(""), store.create_conversation("")
+    first, second = store.queue_message(cid, "first"), store.queue_message(cid, "second")
+    store.queue_message(other, "elsewhere")
+    with pytest.raises(KeyError):
+        store.queue_message("nope", "lost?")
+    store.close()
+    reopened = ConversationStore(path)  # a restart
+    assert [(q.id, q.content) for q in reopened.queued_messages(cid)] == [(first, "first"), (second, "second")]
+    assert reopened.remove_queued_message(first) and not reopened.remove_queued_message(first)
+    assert [q.content for q in reopened.queued_messages(cid)] == ["second"]
+    reopened.delete(cid)
+    assert reopened.queued_messages(cid) == [] and [q.content for q in reopened.queued_messages(other)] == ["elsewhere"]

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from internlm_app.chat_types import TURN_ROLES, Message
 from internlm_app.store.messages import MessageQueries
 from internlm_app.store.presets import PresetQueries
+from internlm_app.store.queued import QueuedMessageQueries
 from internlm_app.store.records import (
     STATUSES,
     TITLE_LIMIT,
@@ -51,7 +52,7 @@ def _insert_conversation(
     return cid
 
 
-class ConversationStore(MessageQueries, PresetQueries):
+class ConversationStore(MessageQueries, PresetQueries, QueuedMessageQueries):
     """Conversations and messages in one SQLite file; one connection per thread and process.
 
     `ConversationStore(path)` creates the file (and its folder) or migrates it to the current schema; StoreFault when

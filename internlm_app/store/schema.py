@@ -77,5 +77,16 @@ MIGRATIONS: list[tuple[str, ...]] = [
             ('Concise assistant', 'You are a concise assistant. Answer directly, without pleasantries or restating'
                 || ' the question; use one sentence when one is enough.', 'en')""",
     ),
+    (
+        # Messages typed while a reply of the conversation ran: sent, oldest first, once it has ended; kept here so
+        # that a reload, a closed tab or a restart never loses one (store/queued.py).
+        """CREATE TABLE queued_messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            content TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+        "CREATE INDEX queued_by_conversation ON queued_messages (conversation_id, id)",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -3,6 +3,7 @@ streaming."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -13,6 +14,7 @@ from internlm_app.sampling import SamplingParams
 from internlm_app.store.db import ConversationStore
 from internlm_app.store.errors import StoreFault
 from internlm_app.store.export_format import MAX_CONTENT_CHARS
+from internlm_app.store.queued import QueuedMessage
 from internlm_app.store.records import Conversation
 from internlm_app.store.tree import Attachment
 from internlm_app.web import attachments_view, feedback, state, storage, tools_view
@@ -24,8 +26,9 @@ from internlm_app.web.resources import live_replies
 from internlm_app.web.safe_markdown import plain
 from internlm_app.web.versions import versions_on_path
 
+log = logging.getLogger(__name__)
+
 LIVE_VIEW_SECONDS = 0.5  # how often a reply generated outside this run is redrawn
-_QUEUED_KEY = "_queued_messages"  # per conversation: messages typed while its reply ran, sent when it ends
 _PENDING_KEY = "_pending_reply"  # a conversation whose reply should stream in this run (after regenerate/edit)
 _EDITING_KEY = "_editing"  # the id of the user message being edited
 _SHOWN_KEY = "_messages_shown"  # how many messages the last run drew
@@ -70,7 +73,10 @@ def live_reply_view(ctx: PageContext, cid: str, stored: str) -> None:
     text = live.text_of(cid)
     if text is None:  # it ended: show it as saved
         st.rerun(scope="app")
-    st.markdown(message_markdown(text or stored) + CURSOR)
+    if (place := live.place_of(cid)) is not None:  # still waiting for the GPU, in its place
+        st.info(ctx.t("queue_place", place=place))
+    else:
+        st.markdown(message_markdown(text or stored) + CURSOR)
     st.caption(ctx.t("live_generating"))
     st.button(ctx.t("stop"), key="stop_live", icon=":material/stop_circle:", on_click=live.stop, args=(cid,))
 
@@ -185,12 +191,16 @@ def send(
     conv: Conversation | None,
     prompt: str,
     attachments: list[Attachment] | None = None,
+    queued: QueuedMessage | None = None,
 ) -> NoReturn:
-    """Save the user's message (before anything is generated), show it, and stream the reply."""
+    """Save the user's message (before anything is generated), show it, and stream the reply. `queued`: the message
+    is that queued one, taken out of the queue as it is saved (if another page sent it first, this run only redraws)."""
     _stop_edit()
     params = state.sampling_params(ctx.settings)
     with storage.writing(keep={PROMPT_KEY: prompt}):  # a full disk or read-only file: the text goes back in the box
         cid = _prepare_conversation(store, conv, params)
+        if queued is not None and not store.remove_queued_message(queued.id):
+            st.rerun()
         store.add_message(cid, "user", prompt, attachments=attachments or ())
     attachments_view.sent()  # the files' confirmation panel is done with
     with st.chat_message("user"):
@@ -218,24 +228,31 @@ def act(ctx: PageContext, store: ConversationStore, conv: Conversation, action: 
     st.rerun()
 
 
-def queue_message(conv: Conversation, prompt: str) -> NoReturn:
-    """Keep a message typed while a reply of `conv` runs; it is shown as queued and sent when the reply ends."""
-    st.session_state.setdefault(_QUEUED_KEY, {}).setdefault(conv.id, []).append(prompt)
+def queue_message(store: ConversationStore, conv: Conversation, prompt: str) -> NoReturn:
+    """Keep a message typed while a reply of `conv` runs (in the store: a reload or a closed tab keeps it); it is
+    shown as queued and sent when the reply ends."""
+    with storage.writing(keep={PROMPT_KEY: prompt}):  # a failing file: the text goes back in the box
+        store.queue_message(conv.id, prompt)
     st.rerun()
 
 
-def show_queued(ctx: PageContext, conv: Conversation | None) -> None:
+def queued(store: ConversationStore, conv: Conversation | None) -> list[QueuedMessage]:
+    """The messages waiting for this conversation's reply to end (typed here, in another tab, or before a reload)."""
+    if conv is None:
+        return []
+    try:
+        return store.queued_messages(conv.id)
+    except StoreFault:  # the page shows the file's fault where it reads the conversation; nothing is removed here
+        log.exception("could not read the queued messages of %s", conv.id)
+        return []
+
+
+def show_queued(ctx: PageContext, waiting: list[QueuedMessage]) -> None:
     """The messages waiting for this conversation's reply to end, under the conversation."""
-    for text in st.session_state.get(_QUEUED_KEY, {}).get(conv.id if conv else "", []):
+    for message in waiting:
         with st.chat_message("user"):
-            st.markdown(message_markdown(text))
+            st.markdown(message_markdown(message.content))
             st.caption(ctx.t("queued_message"))
-
-
-def take_queued(conv: Conversation | None) -> str | None:
-    """The oldest message queued for `conv`, removed from the queue (it is being sent)."""
-    waiting = st.session_state.get(_QUEUED_KEY, {}).get(conv.id if conv else "", [])
-    return waiting.pop(0) if waiting else None
 
 
 def take_pending(conv: Conversation | None) -> Pending | None:

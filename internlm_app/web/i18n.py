@@ -139,8 +139,9 @@ LABELS: dict[str, tuple[str, str]] = {
         "Conversation {cid} was not found (deleted?); starting a new one.",
     ),
     "queue_place": (
-        ":material/hourglass_top: 模型正忙（其他标签页正在生成），你排在第 {place} 位…",
-        ":material/hourglass_top: The model is busy with another tab; you are number {place} in line…",
+        ":material/hourglass_top: 模型正忙（正在为其他对话或 API 请求生成），你排在第 {place} 位…",
+        ":material/hourglass_top: The model is busy with other replies (tabs or API clients); you are number {place} "
+        "in line…",
     ),
     "generating": (
         ":material/hourglass_top: 正在生成（另一个标签页）…",

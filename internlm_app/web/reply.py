@@ -1,4 +1,5 @@
-"""Stream one reply into the page and the store; a stop, a rerun or a closed tab keeps the partial reply as stopped."""
+"""Stream one reply into the page and the store. The reply runs in its own thread: a rerun or a closed tab ends only
+the page's part (the reply goes on, also from its place in line); a Stop keeps the partial reply as stopped."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from internlm_app.chat_types import ChatBackend, EngineError, ReplyEvents, Reply
 from internlm_app.sampling import SamplingParams
 from internlm_app.store.db import ConversationStore
 from internlm_app.store.errors import StoreFault
-from internlm_app.web.throttle import SAVE_INTERVAL_SECONDS, Throttle, throttled_text
+from internlm_app.web.throttle import SAVE_INTERVAL_SECONDS, UI_UPDATE_INTERVAL, Throttle, throttled_text
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +27,32 @@ PAGE_INTERRUPTIONS: tuple[type[BaseException], ...] = (StopException, RerunExcep
 
 
 class LiveReplies:
-    """Which conversation is generating which message in this process right now, its text so far, and how to stop
-    it (thread-safe)."""
+    """Which conversation is generating which message in this process right now, its text so far (or its place in
+    line while it waits for the GPU), and how to stop it (thread-safe)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._replies: dict[str, int] = {}
         self._cancels: dict[str, threading.Event] = {}
         self._texts: dict[str, str] = {}
+        self._places: dict[str, int] = {}
 
     def start(self, cid: str, mid: int, cancel: threading.Event | None = None) -> None:
         with self._lock:
             self._replies[cid] = mid
             self._cancels[cid] = cancel or threading.Event()
             self._texts[cid] = ""
+            self._places.pop(cid, None)
+
+    def set_place(self, cid: str, mid: int, place: int) -> None:
+        with self._lock:
+            if self._replies.get(cid) == mid:
+                self._places[cid] = place
+
+    def place_of(self, cid: str) -> int | None:
+        """The place in line (1 = next) of `cid`'s live reply while it waits for the GPU and has no text yet."""
+        with self._lock:
+            return self._places.get(cid) if not self._texts.get(cid) else None
 
     def update(self, cid: str, mid: int, text: str) -> None:
         with self._lock:
@@ -50,6 +63,7 @@ class LiveReplies:
         with self._lock:
             if self._replies.get(cid) == mid:
                 del self._replies[cid], self._cancels[cid], self._texts[cid]
+                self._places.pop(cid, None)
 
     def reply_of(self, cid: str) -> int | None:
         """The message being generated for `cid`, if any."""
@@ -87,25 +101,6 @@ class ReplyOutcome:
     stats: ReplyStats
 
 
-def _close(chunks: Iterator[str] | None) -> None:
-    close = getattr(chunks, "close", None)
-    if close is not None:
-        close()  # the engine stops generating within one token and frees the GPU
-
-
-def _recorded(chunks: Iterator[str], received: list[str], poll: Callable[[], None] | None) -> Iterator[str]:
-    for chunk in chunks:
-        received.append(chunk)
-        if poll is not None:
-            poll()
-        yield chunk
-
-
-def _alive(chunks: Iterator[str] | None) -> bool:
-    """Whether the reply's iterator can go on (a generator that raised, e.g. from its queue callback, cannot)."""
-    return chunks is not None and getattr(chunks, "gi_frame", True) is not None
-
-
 def _interrupted(stats: ReplyStats) -> str:
     """Status of a reply whose consumer went away: complete only if the model had really finished."""
     if stats.finish_reason in ("stop", "length") and stats.completion_tokens:
@@ -118,15 +113,121 @@ def _interrupted(stats: ReplyStats) -> str:
 class ReplyView:
     """Where a reply shows while it streams (the page's side): `show` gets the growing text (throttled); `on_queue`
     the place in line while it waits for the GPU; `on_start` runs once the reply is saved as streaming and
-    registered as live; `poll` runs for every chunk (a token, or one stream interval's tokens), between throttled
-    updates, so that a stop is noticed at the next chunk rather than at the next page update. `interrupted_by`: the
-    exceptions by which the page ends its run from one of these callbacks (Streamlit's, PAGE_INTERRUPTIONS)."""
+    registered as live; `poll` runs at every wake-up of the page (each new chunk, and every PAGE_WAKE_SECONDS while
+    nothing comes, e.g. in line), so that a stop or a rerun is noticed then rather than at the next page update.
+    `interrupted_by`: the exceptions by which the page ends its run from one of these callbacks (Streamlit's,
+    PAGE_INTERRUPTIONS). All of them run in the page's thread, never in the one that drives the reply."""
 
     show: Callable[[str], None]
     on_queue: Callable[[int], None] | None = None
     on_start: Callable[[], None] | None = None
     poll: Callable[[], None] | None = None
     interrupted_by: tuple[type[BaseException], ...] = PAGE_INTERRUPTIONS
+
+
+PAGE_WAKE_SECONDS = 0.1  # the page checks for a stop or a rerun at least this often while nothing else happens
+
+
+class _Generation:
+    """Drives one reply's chunks in its own thread, from the wait in line to the end, and saves the reply (periodic
+    saves, then its end: complete, stopped or error) and shows it in `live`. The page only follows it (`follow`),
+    so the page's run may end at any moment, also while the reply waits in line, without touching the reply."""
+
+    def __init__(self, store: ConversationStore, cid: str, mid: int, events: ReplyEvents, live: LiveReplies | None):
+        self.store, self.cid, self.mid, self.events, self.live = store, cid, mid, events, live
+        self._cond = threading.Condition()
+        self._parts: list[str] = []
+        self._place: int | None = None
+        self._changes = 0
+        self._done = False
+        self.status = "stopped"
+        self.fault: StoreFault | None = None  # the end could not be saved
+        self._thread: threading.Thread | None = None
+
+    @property
+    def text(self) -> str:
+        with self._cond:
+            return "".join(self._parts)
+
+    def set_place(self, place: int) -> None:
+        """The place in line (1 = next), from the engine while the reply waits (ReplyEvents.on_queue)."""
+        with self._cond:
+            self._place = place
+            self._changes += 1
+            self._cond.notify_all()
+        if self.live is not None:
+            self.live.set_place(self.cid, self.mid, place)
+
+    def start(self, chunks: Iterator[str]) -> None:
+        self._thread = threading.Thread(target=self._run, args=(chunks,), name="internlm-web-reply", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self, chunks: Iterator[str]) -> None:
+        stats, saver, shown = self.events.stats, Throttle(SAVE_INTERVAL_SECONDS), Throttle(UI_UPDATE_INTERVAL)
+        saver.ready()  # the first periodic save is due one interval after the start
+        status = "stopped"
+        try:
+            for chunk in chunks:
+                with self._cond:
+                    self._parts.append(chunk)
+                    self._changes += 1
+                    self._cond.notify_all()
+                if self.live is not None and shown.ready():
+                    self.live.update(self.cid, self.mid, self.text)
+                if saver.ready():
+                    _save_progress(self.store, self.mid, self.text)
+            status = "stopped" if stats.finish_reason == "cancelled" else "complete"
+        except Exception as exc:  # EngineError: bad request, context too long, GPU out of memory ...
+            if not isinstance(exc, EngineError):
+                log.exception("reply failed")
+            status = "error"
+            stats.finish_reason = "error"
+            stats.error = stats.error or str(exc) or type(exc).__name__
+        finally:
+            _close(chunks)
+            self.status = status
+            try:
+                self.store.update_message(self.mid, self.text, status, stats)
+            except StoreFault as fault:
+                log.error("reply %s (%s, %s) could not be saved: %s", self.mid, status, stats.error or "", fault)
+                self.fault = fault
+            except Exception:  # never hide the reason the reply ended behind a storage error
+                log.exception("could not save reply %s", self.mid)
+            if self.live is not None:
+                self.live.finish(self.cid, self.mid)
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def follow(self, view: ReplyView) -> Iterator[str]:
+        """In the page's thread: the reply's new text at each wake-up, its place in line shown while it waits, and
+        `view.poll` at every wake-up; ends when the reply has ended."""
+        taken, seen, shown_place = 0, -1, None
+        while True:
+            with self._cond:
+                if self._changes == seen and not self._done:
+                    self._cond.wait(PAGE_WAKE_SECONDS)
+                seen, place, done = self._changes, self._place, self._done
+                new, taken = self._parts[taken:], len(self._parts)
+            if view.on_queue is not None and place is not None and place != shown_place:
+                shown_place = place
+                view.on_queue(place)
+            if view.poll is not None:
+                view.poll()
+            if new:
+                yield "".join(new)
+            if done:
+                return
+
+
+def _close(chunks: Iterator[str] | None) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()  # the engine stops generating within one token and frees the GPU
 
 
 @dataclass
@@ -148,13 +249,14 @@ class WebReply:
     def run(self, view: ReplyView, live: LiveReplies | None = None) -> ReplyOutcome:
         """Generate the reply into `view` and the store; the outcome once it ended here.
 
-        Streamlit ends a running script on any interaction (a sidebar button, the language, another page, a message
-        typed meanwhile, a closed tab) by raising one of PAGE_INTERRUPTIONS from the next st call, i.e. from the
-        view's callbacks (`view.interrupted_by`). With `live` (the page), that ends only the page's part: the reply
-        goes on in a background thread (`_finish_in_background`), registered in `live`, where the next run of any
-        page shows it; only a Stop button (`live.stop`, the cancel event) ends it, within one token, saved as
-        stopped. Without `live`, or when the reply had already ended (a stop while waiting in line), the engine's
-        iterator is closed at once (the GPU queue is released) and the partial reply is saved as stopped.
+        The reply is driven by its own thread (`_Generation`) from its wait in line to its end; the page's thread
+        only shows it. Streamlit ends a running script on any interaction (a sidebar button, the language, another
+        page, a message typed meanwhile, a reload, a closed tab) by raising one of PAGE_INTERRUPTIONS from the next
+        st call, i.e. from the view's callbacks (`view.interrupted_by`). With `live` (the page), that ends only the
+        page's part, also while the reply waits in line: the reply goes on, keeps its place, is registered in `live`,
+        where the next run of any page shows it, and is saved at its end; only a Stop button (`live.stop`, the
+        cancel event) ends it, within one token (or leaves the line), saved as stopped. Without `live` the reply is
+        cancelled at once and saved as stopped.
         """
         store, cid = self.store, self.cid
         # The reply is made first: a regenerated one is a new version, which selects the path the model reads.
@@ -162,96 +264,57 @@ class WebReply:
             mid = store.add_message(cid, "assistant", "", status="streaming")
         else:
             mid = store.add_version(self.version_of, "", "streaming")
-        events = ReplyEvents(on_queue=view.on_queue)
         cancel = threading.Event()
+        events = ReplyEvents()
+        generation = _Generation(store, cid, mid, events, live)
+        events.on_queue = generation.set_place
         if live is not None:
             live.start(cid, mid, cancel)
-        received: list[str] = []  # every chunk, also those a throttled update has not shown yet
-        chunks = None
-        detached = False
         try:
-            try:
-                if view.on_start is not None:
-                    view.on_start()
-                # With the files attached and the tool calls made; a read that fails ends the reply as an error.
-                messages = model_messages(store, cid)
-                chunks = (self.stream or self.backend.stream_reply)(
-                    messages, self.params, cancel=cancel, events=events, max_length=self.max_length
-                )
-                saver = Throttle(SAVE_INTERVAL_SECONDS)
-                saver.ready()  # the first periodic save is due one interval after the start
-                for text in throttled_text(_recorded(chunks, received, view.poll)):
-                    if live is not None:
-                        live.update(cid, mid, text)
-                    view.show(text)
-                    if saver.ready():
-                        _save_progress(store, mid, text)
-                status = "stopped" if events.stats.finish_reason == "cancelled" else "complete"
-            except Exception as exc:  # EngineError: bad request, context too long, GPU out of memory ...
-                if not isinstance(exc, EngineError):
-                    log.exception("reply failed")
-                status = "error"
-                events.stats.finish_reason = "error"
-                events.stats.error = events.stats.error or str(exc) or type(exc).__name__
-            except view.interrupted_by:
-                if live is None or not _alive(chunks):  # no page to show it, or it ended (e.g. while in line)
-                    _close(chunks)
-                    _save(store, mid, "".join(received), _interrupted(events.stats), events.stats)
-                    raise
-                detached = True  # the page's script ended: the reply goes on without it (a Stop button cancels it)
-                _finish_in_background(chunks, received, events, store, cid, mid, live)
-                raise
-            except BaseException:
-                _close(chunks)
-                _save(store, mid, "".join(received), _interrupted(events.stats), events.stats)
-                raise
-            text = "".join(received)
-            try:
-                store.update_message(mid, text, status, events.stats)
-            except StoreFault as fault:
-                log.error("reply %s (%s, %s) could not be saved: %s", mid, status, events.stats.error or "", fault)
-                raise ReplyNotSaved(fault, text) from fault
-            return ReplyOutcome(mid, text, status, events.stats)
-        finally:
-            if not detached:
-                _close(chunks)
-                if live is not None:
-                    live.finish(cid, mid)
-
-
-def _finish_in_background(chunks, received, events, store, cid, mid, live) -> threading.Thread:
-    """Go on with a reply whose page moved on: the rest of its chunks into `live` and the store, then its end."""
-
-    def run() -> None:
-        saver = Throttle(SAVE_INTERVAL_SECONDS)
-        status, text = "complete", "".join(received)
-        try:
-            for chunk in chunks:  # per chunk: the text grows by it, never joined again from the start
-                received.append(chunk)
-                text += chunk
-                live.update(cid, mid, text)
-                if saver.ready():
-                    _save_progress(store, mid, text)
-            status = "stopped" if events.stats.finish_reason == "cancelled" else "complete"
-        except Exception as exc:  # the engine's error ends the reply as it would on the page
-            status = "error"
+            if view.on_start is not None:
+                view.on_start()
+            # With the files attached and the tool calls made; a read that fails ends the reply as an error.
+            messages = model_messages(store, cid)
+            chunks = (self.stream or self.backend.stream_reply)(
+                messages, self.params, cancel=cancel, events=events, max_length=self.max_length
+            )
+        except Exception as exc:  # a bad request, a prompt that does not fit, the store: the reply is an error
+            if not isinstance(exc, EngineError):
+                log.exception("reply failed")
             events.stats.finish_reason = "error"
             events.stats.error = events.stats.error or str(exc) or type(exc).__name__
+            return self._ended_before_start(mid, "error", events.stats, live)
+        except BaseException:  # the page's run ended before anything was generated
+            self._ended_before_start(mid, _interrupted(events.stats), events.stats, live)
+            raise
+        generation.start(chunks)
+        try:
+            for text in throttled_text(generation.follow(view)):
+                view.show(text)
+        except view.interrupted_by:
+            if live is None:  # no page will show it: it stops (within one token, or leaves the line)
+                cancel.set()
+                generation.join()
+            raise  # with `live`, the reply goes on in its thread; a Stop button cancels it
+        except BaseException:
+            cancel.set()
+            generation.join()
+            raise
+        generation.join()
+        if generation.fault is not None:
+            raise ReplyNotSaved(generation.fault, generation.text)
+        return ReplyOutcome(mid, generation.text, generation.status, events.stats)
+
+    def _ended_before_start(self, mid: int, status: str, stats: ReplyStats, live: LiveReplies | None) -> ReplyOutcome:
+        try:
+            self.store.update_message(mid, "", status, stats)
+        except StoreFault as fault:
+            log.error("reply %s (%s, %s) could not be saved: %s", mid, status, stats.error or "", fault)
+            raise ReplyNotSaved(fault, "") from fault
         finally:
-            _close(chunks)
-            _save(store, mid, "".join(received), status, events.stats)
-            live.finish(cid, mid)
-
-    thread = threading.Thread(target=run, name="internlm-web-reply", daemon=True)
-    thread.start()
-    return thread
-
-
-def _save(store: ConversationStore, mid: int, text: str, status: str, stats: ReplyStats) -> None:
-    try:
-        store.update_message(mid, text, status, stats)
-    except Exception:  # never hide the reason the reply ended behind a storage error
-        log.exception("could not save reply %s", mid)
+            if live is not None:
+                live.finish(self.cid, mid)
+        return ReplyOutcome(mid, "", status, stats)
 
 
 def _save_progress(store: ConversationStore, mid: int, text: str) -> None:

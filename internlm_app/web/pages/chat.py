@@ -25,7 +25,8 @@ if conv is None:
     st.caption(ctx.t("chat_intro"))
 pending = chat.take_pending(conv)  # a regenerated or edited reply streams in this run
 action = chat.show_history(ctx, store, conv, live, pending)
-chat.show_queued(ctx, conv)
+waiting = chat.queued(store, conv)
+chat.show_queued(ctx, waiting)
 # Typing never ends a reply: a message sent while one runs (here or in the background) waits in a queue, shown, and
 # goes out when it ends. Only a Stop button ends a reply.
 busy = live is not None or pending is not None
@@ -44,7 +45,7 @@ if files:  # files are sent only after their token cost was shown: held in a pan
 outgoing = attachments_view.confirm_panel(ctx, backend, store, conv, busy)
 
 if prompt and conv is not None and live is not None:
-    chat.queue_message(conv, prompt)
+    chat.queue_message(store, conv, prompt)
 elif prompt:
     chat.send(ctx, backend, store, conv, prompt)
 elif outgoing is not None:
@@ -53,5 +54,5 @@ elif action and conv is not None:
     chat.act(ctx, store, conv, action)
 elif pending is not None:
     chat.stream(ctx, backend, store, conv.id, version_of=pending.version_of)
-elif live is None and (queued := chat.take_queued(conv)) is not None:
-    chat.send(ctx, backend, store, conv, queued)
+elif live is None and waiting:
+    chat.send(ctx, backend, store, conv, waiting[0].content, queued=waiting[0])
