@@ -237,3 +237,101 @@ def test_no_gpu_for_a_cuda_setting_is_a_clear_message(app_env, monkeypatch, app_
     assert "no CUDA GPU is visible" in texts(at.error) and "nvidia-smi" in texts(at.error)
     assert "no CUDA GPU is visible" in at.expander[0].code[0].value and at.expander[0].label == "Details"
     assert at.button(key="retry_load")
+
+
+def _chat_with_queue(db, *queued: str) -> str:
+    """A conversation of one exchange, with `queued` messages typed during a reply that has just ended."""
+    store = ConversationStore(db)
+    cid = store.create_conversation("")
+    store.add_message(cid, "user", "hello")
+    store.add_message(cid, "assistant", "hi there")
+    for text in queued:
+        store.queue_message(cid, text)
+    store.close()
+    return cid
+
+
+def _stored(db, cid) -> tuple[list[str], list[tuple[str, str]]]:
+    store = ConversationStore(db)
+    try:
+        queued = [q.content for q in store.queued_messages(cid)]
+        return queued, [(m.role, m.content) for m in store.get_conversation(cid).messages]
+    finally:
+        store.close()
+
+
+def test_queued_messages_are_sent_after_a_reload_in_order_and_never_overtaken(app_env):
+    """A message queued during a reply is in the file: a new session (a reload) sends it once no reply runs. A
+    message typed while older ones wait goes behind them, also in the moment between a reply's end and the page
+    noticing it."""
+    db = app_env / "conversations.db"
+    cid = _chat_with_queue(db, "queued first")
+    at = run_page(query={"c": cid})  # a reload: the queued message goes out and gets its reply
+    queued, messages = _stored(db, cid)
+    assert queued == [] and [role for role, _ in messages] == ["user", "assistant"] * 2
+    assert messages[2] == ("user", "queued first") and chat(at)[2] == ("user", "queued first")
+    store = ConversationStore(db)
+    store.queue_message(cid, "queued second")  # typed during a reply that has just ended
+    store.close()
+    at.chat_input(key="prompt").set_value("typed third").run()
+    users = [text for role, text in _stored(db, cid)[1] if role == "user"]
+    assert users == ["hello", "queued first", "queued second", "typed third"]
+
+
+def test_two_tabs_never_start_two_replies_of_one_conversation(app_env):
+    """Tab A sends the first queued message; before its reply has started, tab B's page runs: B sees the reply
+    starting (A's claim) and leaves the second queued message waiting, which goes out after A's reply. Never two
+    user turns in a row, never two replies of one conversation at once."""
+    import threading
+
+    from internlm_app.web import attachments_view
+
+    db = app_env / "conversations.db"
+    cid = _chat_with_queue(db, "first queued", "second queued")
+    run_page()  # the model loads once for both tabs
+    real_sent, calls = attachments_view.sent, []
+
+    def tab_b_runs_now() -> None:  # tab A has saved its message and is about to draw its reply
+        calls.append(1)
+        if len(calls) == 1:
+            tab_b = threading.Thread(target=lambda: run_page(query={"c": cid}))
+            tab_b.start()
+            tab_b.join(120)
+        real_sent()
+
+    with pytest.MonkeyPatch.context() as mp:  # (app_env's own patches, the model's settings, stay)
+        mp.setattr(attachments_view, "sent", tab_b_runs_now)
+        run_page(query={"c": cid})
+    run_page(query={"c": cid})  # after A's reply: the second one goes out
+    queued, messages = _stored(db, cid)
+    roles = [role for role, _ in messages]
+    assert queued == [] and roles == ["user", "assistant"] * 3, messages
+    assert [text for role, text in messages if role == "user"] == ["hello", "first queued", "second queued"]
+
+
+def test_a_queued_message_whose_send_fails_stays_queued(app_env):
+    """Out of the queue and into the conversation is one write: when the file fails on it, the message is still
+    queued and never in the conversation half-way; the page says why, and does not try again in a loop (the next
+    message typed, or a reload, does)."""
+    from internlm_app.store import queued as queued_module
+    from internlm_app.store.errors import StoreFault
+
+    db = app_env / "conversations.db"
+    cid = _chat_with_queue(db, "typed while a reply ran")
+
+    def full_disk(*args, **kwargs):
+        raise StoreFault("full", db, "database or disk is full")
+
+    with pytest.MonkeyPatch.context() as mp:  # (app_env's own patches, the model's settings, stay)
+        mp.setattr(queued_module, "append_message", full_disk)
+        at = run_page(query={"c": cid})
+    stored = _stored(db, cid)
+    assert at.error and stored == (["typed while a reply ran"], [("user", "hello"), ("assistant", "hi there")])
+    # The disk has room again: the next message typed goes behind it, and the queued one is sent first.
+    at.chat_input(key="prompt").set_value("typed after").run()
+    queued, messages = _stored(db, cid)
+    assert queued == [] and [text for role, text in messages if role == "user"] == [
+        "hello",
+        "typed while a reply ran",
+        "typed after",
+    ]

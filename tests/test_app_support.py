@@ -257,6 +257,23 @@ def test_waiting_for_the_gpu_reports_the_place_and_a_stop_while_waiting_leaves_t
 
 
 @pytest.mark.parametrize("interruption", [PageStop, PageRerun], ids=["stop", "rerun"])
+def test_an_interaction_as_the_page_starts_following_leaves_the_reply_running(engine, store, interruption):
+    """`on_start` is an st call (the chat page's redraw-when-finished fragment): an interaction raised there ends the
+    page's run, not the reply, which was started before the page drew anything."""
+    expected = WebReply(engine, store, _conversation(store, "hello"), LONG).run(ReplyView(show=lambda text: None))
+    cid, live = _conversation(store, "hello"), LiveReplies()
+
+    def on_start() -> None:
+        raise interruption()
+
+    with pytest.raises(interruption):
+        WebReply(engine, store, cid, LONG).run(page_view(lambda t: None, on_start=on_start), live=live)
+    assert wait_until(lambda: live.reply_of(cid) is None, timeout=60)
+    reply = store.get_conversation(cid).messages[-1]
+    assert (reply.status, reply.content) == ("complete", expected.text) and engine.queue.active == 0
+
+
+@pytest.mark.parametrize("interruption", [PageStop, PageRerun], ids=["stop", "rerun"])
 def test_an_interaction_while_in_line_keeps_the_reply_in_its_place(engine, store, interruption):
     """A rerun (a click, the language, a reload) or Streamlit's stop while the reply waits for the GPU ends only the
     page's run: the reply keeps its place in line (shown in `live` for the next run), then runs and is saved whole.

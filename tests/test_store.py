@@ -515,7 +515,9 @@ def test_messages_queued_during_a_reply_wait_in_the_file_until_sent(tmp_path: Pa
     store.close()
     reopened = ConversationStore(path)  # a restart
     assert [(q.id, q.content) for q in reopened.queued_messages(cid)] == [(first, "first"), (second, "second")]
-    assert reopened.remove_queued_message(first) and not reopened.remove_queued_message(first)
+    mid = reopened.send_queued_message(first)  # out of the queue, into the conversation: one write
+    assert mid is not None and reopened.send_queued_message(first) is None  # a second page finds it gone
     assert [q.content for q in reopened.queued_messages(cid)] == ["second"]
+    assert [(m.id, m.role, m.content) for m in reopened.get_conversation(cid).messages] == [(mid, "user", "first")]
     reopened.delete(cid)
     assert reopened.queued_messages(cid) == [] and [q.content for q in reopened.queued_messages(other)] == ["elsewhere"]

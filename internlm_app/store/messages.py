@@ -24,7 +24,7 @@ from internlm_app.store.tree import (
 )
 
 
-def _append_message(
+def append_message(
     conn: sqlite3.Connection,
     cid: str,
     parent_id: int | None,
@@ -67,7 +67,7 @@ class MessageQueries(SQLiteDatabase):
         stats_text, files = stats_json(stats), check_attachments(attachments)
 
         def body(conn: sqlite3.Connection) -> int:
-            return _append_message(conn, cid, leaf_of(conn, cid), role, content, status, stats_text, files)
+            return append_message(conn, cid, leaf_of(conn, cid), role, content, status, stats_text, files)
 
         return self._write(body)
 
@@ -92,7 +92,7 @@ class MessageQueries(SQLiteDatabase):
             if place is None:
                 raise KeyError(f"no message {mid}")
             cid, parent_id, role = place
-            return _append_message(conn, cid, parent_id, role, content, status, stats_text, files)
+            return append_message(conn, cid, parent_id, role, content, status, stats_text, files)
 
         return self._write(body)
 
@@ -149,9 +149,9 @@ class MessageQueries(SQLiteDatabase):
         def body(conn: sqlite3.Connection) -> int:
             place = message_place(conn, mid)
             if place is None or place[0] != cid:
-                return _append_message(conn, cid, leaf_of(conn, cid), role, content, "complete", None)
+                return append_message(conn, cid, leaf_of(conn, cid), role, content, "complete", None)
             delete_subtree(conn, mid)
-            return _append_message(conn, cid, place[1], role, content, "complete", None)
+            return append_message(conn, cid, place[1], role, content, "complete", None)
 
         return self._write(body)
 

@@ -1,7 +1,7 @@
 """Messages typed while a reply runs: the part of the conversation store that keeps them until they are sent
 (ConversationStore inherits it). In the database, not the browser session, so a reload, a closed tab or a restart
-never loses one; any page that opens the conversation shows them and sends the oldest once no reply runs (it
-removes it with `remove_queued_message` in the write that saves it as the user's message)."""
+never loses one; any page that opens the conversation shows them and sends the oldest once no reply runs
+(`send_queued_message`: out of the queue and into the conversation in one write)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 
 from internlm_app.store.connection import SQLiteDatabase
+from internlm_app.store.messages import append_message
+from internlm_app.store.tree import leaf_of
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,17 @@ class QueuedMessageQueries(SQLiteDatabase):
         sql = "SELECT id, content FROM queued_messages WHERE conversation_id = ? ORDER BY id"
         return [QueuedMessage(*row) for row in self._read(lambda c: c.execute(sql, (cid,)).fetchall())]
 
-    def remove_queued_message(self, qid: int) -> bool:
-        """Remove a queued message as it is sent; False when it is gone already (another page sent it): of two pages
-        that send the same one at once, only one removes it."""
-        return self._write(lambda c: c.execute("DELETE FROM queued_messages WHERE id = ?", (qid,)).rowcount > 0)
+    def send_queued_message(self, qid: int) -> int | None:
+        """Take queued message `qid` out of the queue and append it to its conversation as the user's message, in one
+        write: the id of that message, or None when it is gone already (another page sent it). Of two pages sending
+        the same one, one sends it; a write that fails leaves it queued."""
+
+        def body(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute("SELECT conversation_id, content FROM queued_messages WHERE id = ?", (qid,)).fetchone()
+            if row is None:
+                return None
+            conn.execute("DELETE FROM queued_messages WHERE id = ?", (qid,))
+            cid, content = row
+            return append_message(conn, cid, leaf_of(conn, cid), "user", content, "complete", None)
+
+        return self._write(body)

@@ -4,6 +4,7 @@ streaming."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -21,7 +22,7 @@ from internlm_app.web import attachments_view, feedback, state, storage, tools_v
 from internlm_app.web import versions as versions_ui
 from internlm_app.web.context import PageContext
 from internlm_app.web.render import CURSOR, message_markdown, show_message
-from internlm_app.web.reply import WATCH_SECONDS, ReplyNotSaved, ReplyView, WebReply
+from internlm_app.web.reply import WATCH_SECONDS, LiveReplies, ReplyInProgress, ReplyNotSaved, ReplyView, WebReply
 from internlm_app.web.resources import live_replies
 from internlm_app.web.safe_markdown import plain
 from internlm_app.web.versions import versions_on_path
@@ -29,6 +30,7 @@ from internlm_app.web.versions import versions_on_path
 log = logging.getLogger(__name__)
 
 LIVE_VIEW_SECONDS = 0.5  # how often a reply generated outside this run is redrawn
+_QUEUED_FAILED_KEY = "_queued_send_failed"  # the queued message whose send this session saw fail (not retried alone)
 _PENDING_KEY = "_pending_reply"  # a conversation whose reply should stream in this run (after regenerate/edit)
 _EDITING_KEY = "_editing"  # the id of the user message being edited
 _SHOWN_KEY = "_messages_shown"  # how many messages the last run drew
@@ -51,6 +53,11 @@ def open_conversation(ctx: PageContext, store: ConversationStore) -> Conversatio
         return None
     state.apply_conversation_settings(conv)
     return conv
+
+
+def reply_running(conv: Conversation | None) -> bool:
+    """A reply of `conv` is running, or starting (claimed by a page, in this tab or another)."""
+    return conv is not None and live_replies().busy(conv.id)
 
 
 def live_reply(conv: Conversation | None) -> int | None:
@@ -194,19 +201,42 @@ def send(
     queued: QueuedMessage | None = None,
 ) -> NoReturn:
     """Save the user's message (before anything is generated), show it, and stream the reply. `queued`: the message
-    is that queued one, taken out of the queue as it is saved (if another page sent it first, this run only redraws)."""
+    is that queued one, moved out of the queue in the write that saves it (sent by another page first: this run
+    only redraws). When a reply of the conversation is starting or running already (another tab, at this moment),
+    a typed message is queued instead: one reply per conversation at a time."""
     _stop_edit()
-    params = state.sampling_params(ctx.settings)
-    with storage.writing(keep={PROMPT_KEY: prompt}):  # a full disk or read-only file: the text goes back in the box
-        cid = _prepare_conversation(store, conv, params)
-        if queued is not None and not store.remove_queued_message(queued.id):
-            st.rerun()
-        store.add_message(cid, "user", prompt, attachments=attachments or ())
+    setup = _ReplySetup.read(ctx, backend)
+    live = live_replies()
+    if conv is not None and not live.claim(conv.id):
+        if queued is None and not attachments:  # (files wait in their panel, whose Send is off while a reply runs)
+            queue_message(store, conv, prompt)
+        st.rerun()
+    cid = conv.id if conv is not None else None
+    if queued is not None:
+        st.session_state[_QUEUED_FAILED_KEY] = queued.id  # until it is saved
+    try:
+        # A full disk or read-only file: a typed text goes back in the box; a queued one stays queued.
+        with storage.writing(keep={PROMPT_KEY: prompt} if queued is None else None):
+            if cid is None:
+                cid = _prepare_conversation(store, conv, setup.params)
+                live.claim(cid)  # a new conversation: nobody else has it
+            store.update_settings(cid, setup.system_prompt, state.conversation_settings(setup.params))
+            if queued is None:
+                store.add_message(cid, "user", prompt, attachments=attachments or ())
+            elif store.send_queued_message(queued.id) is None:
+                live.release(cid)
+                st.rerun()
+        reply = setup.start(store, cid, None, live)
+    except BaseException:
+        if cid is not None:
+            live.release(cid)  # no effect once the reply started
+        raise
+    st.session_state.pop(_QUEUED_FAILED_KEY, None)
     attachments_view.sent()  # the files' confirmation panel is done with
     with st.chat_message("user"):
         st.markdown(message_markdown(prompt))
         attachments_view.show_attachments(attachments or [], ctx.t)
-    stream(ctx, backend, store, cid, params)
+    _follow(ctx, cid, reply, setup.steps)
 
 
 def act(ctx: PageContext, store: ConversationStore, conv: Conversation, action: Action) -> NoReturn:
@@ -231,9 +261,18 @@ def act(ctx: PageContext, store: ConversationStore, conv: Conversation, action: 
 def queue_message(store: ConversationStore, conv: Conversation, prompt: str) -> NoReturn:
     """Keep a message typed while a reply of `conv` runs (in the store: a reload or a closed tab keeps it); it is
     shown as queued and sent when the reply ends."""
+    st.session_state.pop(_QUEUED_FAILED_KEY, None)  # a user's action: a queued message that failed is tried again
     with storage.writing(keep={PROMPT_KEY: prompt}):  # a failing file: the text goes back in the box
         store.queue_message(conv.id, prompt)
     st.rerun()
+
+
+def sendable(waiting: list[QueuedMessage]) -> QueuedMessage | None:
+    """The queued message to send now: the oldest, unless its send failed in this session (the file's fault is
+    shown; the next message typed, or a reload, tries again), so a failing file is not retried in a loop."""
+    if waiting and st.session_state.get(_QUEUED_FAILED_KEY) != waiting[0].id:
+        return waiting[0]
+    return None
 
 
 def queued(store: ConversationStore, conv: Conversation | None) -> list[QueuedMessage]:
@@ -261,32 +300,79 @@ def take_pending(conv: Conversation | None) -> Pending | None:
     return pending if conv is not None and isinstance(pending, Pending) and pending.cid == conv.id else None
 
 
+@dataclass
+class _ReplySetup:
+    """What the page's widgets say about the next reply, read before it starts (reading the session is a point where
+    Streamlit may end the run; nothing after `start` should be one before the reply runs)."""
+
+    ctx: PageContext
+    backend: ChatBackend
+    params: SamplingParams
+    system_prompt: str
+    max_length: int | None
+    steps: list[dict]  # the tool calls of the reply, when tools are on
+    source: Callable[..., Iterator[str]] | None
+
+    @classmethod
+    def read(cls, ctx: PageContext, backend: ChatBackend) -> _ReplySetup:
+        steps: list[dict] = []
+        return cls(
+            ctx,
+            backend,
+            state.sampling_params(ctx.settings),
+            st.session_state.get(state.SYSTEM_PROMPT_KEY, ""),
+            st.session_state.get(state.MAX_LENGTH_KEY),
+            steps,
+            tools_view.reply_stream(ctx, backend, steps),
+        )
+
+    def start(self, store: ConversationStore, cid: str, version_of: int | None, live: LiveReplies) -> ReplyInProgress:
+        """Start the reply (the conversation claimed in `live`); StoreFault when it cannot even be created."""
+        reply = WebReply(
+            self.backend,
+            store,
+            cid,
+            self.params,
+            max_length=self.max_length,
+            version_of=version_of,
+            stream=self.source,
+        )
+        return reply.start(live)
+
+
 def stream(
-    ctx: PageContext,
-    backend: ChatBackend,
-    store: ConversationStore,
-    cid: str,
-    params: SamplingParams | None = None,
-    version_of: int | None = None,
+    ctx: PageContext, backend: ChatBackend, store: ConversationStore, cid: str, version_of: int | None
 ) -> NoReturn:
-    """Stream the reply into an assistant bubble (with `version_of`: a new version of that reply), then redraw the
-    page from the store."""
-    params = params or state.sampling_params(ctx.settings)
-    system_prompt = st.session_state.get(state.SYSTEM_PROMPT_KEY, "")
-    with storage.writing():
-        store.update_settings(cid, system_prompt, state.conversation_settings(params))
-    max_length = st.session_state.get(state.MAX_LENGTH_KEY)
+    """Stream a regenerated reply (`version_of`: a new version of it) or the reply to an edited message into an
+    assistant bubble, then redraw the page from the store. When another reply of the conversation is starting or
+    running (another tab), this one is not started: the page redraws and shows that one."""
+    setup = _ReplySetup.read(ctx, backend)
+    live = live_replies()
+    if not live.claim(cid):
+        st.rerun()
+    try:
+        with storage.writing():
+            store.update_settings(cid, setup.system_prompt, state.conversation_settings(setup.params))
+        reply = setup.start(store, cid, version_of, live)
+    except BaseException:
+        live.release(cid)  # no effect once the reply started
+        raise
+    _follow(ctx, cid, reply, setup.steps)
+
+
+def _follow(ctx: PageContext, cid: str, reply: ReplyInProgress, steps: list[dict]) -> NoReturn:
+    """Draw the started reply in an assistant bubble until it ends, then redraw the page from the store. The page's
+    run may end at any point here (any interaction): the reply goes on."""
     # Streamlit keeps the last run's elements on screen until this run replaces them, and a streaming run ends late:
     # this empty slot takes the place of the bubble the reply replaces (a regenerated one, with its buttons), so no
     # stale button stays clickable while the new reply streams in the next slot.
     st.empty()
     with st.chat_message("assistant"):
-        # The click ends this run, which sends the reply to the background like any other interaction; its callback,
-        # run before the next run, stops it there within one token.
+        # The click ends this run like any other interaction; its callback, run before the next run, stops the reply
+        # there within one token.
         st.button(
             ctx.t("stop"), key="stop_reply", icon=":material/stop_circle:", on_click=live_replies().stop, args=(cid,)
         )
-        steps: list[dict] = []  # the tool calls of this reply, when tools are on
         live_steps = tools_view.LiveSteps(steps, ctx.t)
         box = st.empty()
         box.markdown(CURSOR)
@@ -295,23 +381,14 @@ def stream(
             live_steps.refresh()
             box.markdown(message_markdown(text) + CURSOR)
 
+        view = ReplyView(
+            show=show,
+            on_queue=lambda place: box.info(ctx.t("queue_place", place=place)),
+            on_start=lambda: rerun_when_finished(cid),  # a stop ends the script; this then redraws it stopped
+            poll=state.stop_point,
+        )
         try:
-            reply = WebReply(
-                backend,
-                store,
-                cid,
-                params,
-                max_length=max_length,
-                version_of=version_of,
-                stream=tools_view.reply_stream(ctx, backend, steps),
-            )
-            view = ReplyView(
-                show=show,
-                on_queue=lambda place: box.info(ctx.t("queue_place", place=place)),
-                on_start=lambda: rerun_when_finished(cid),  # a stop ends the script; this then redraws it stopped
-                poll=state.stop_point,
-            )
-            reply.run(view, live=live_replies())
+            reply.follow(view)
         except StoreFault as fault:  # the reply could not be saved: it stays on screen (this run) with the reason
             if isinstance(fault, ReplyNotSaved):
                 box.markdown(message_markdown(fault.text))

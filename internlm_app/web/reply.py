@@ -28,7 +28,8 @@ PAGE_INTERRUPTIONS: tuple[type[BaseException], ...] = (StopException, RerunExcep
 
 class LiveReplies:
     """Which conversation is generating which message in this process right now, its text so far (or its place in
-    line while it waits for the GPU), and how to stop it (thread-safe)."""
+    line while it waits for the GPU), and how to stop it (thread-safe). One reply per conversation at a time: a page
+    `claim`s the conversation before it saves the user's message, and the claim becomes the reply (`start`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -36,9 +37,30 @@ class LiveReplies:
         self._cancels: dict[str, threading.Event] = {}
         self._texts: dict[str, str] = {}
         self._places: dict[str, int] = {}
+        self._claims: set[str] = set()
+
+    def claim(self, cid: str) -> bool:
+        """Reserve `cid` for a reply about to start; False when one is starting or running already (another tab):
+        the caller queues its message instead. `start` turns the claim into the reply, `release` gives it up."""
+        with self._lock:
+            if cid in self._replies or cid in self._claims:
+                return False
+            self._claims.add(cid)
+            return True
+
+    def release(self, cid: str) -> None:
+        """Give up a claim whose reply never started (the page's run ended, or the store failed, before it)."""
+        with self._lock:
+            self._claims.discard(cid)
+
+    def busy(self, cid: str) -> bool:
+        """A reply of `cid` is starting or running: a message typed now is queued."""
+        with self._lock:
+            return cid in self._replies or cid in self._claims
 
     def start(self, cid: str, mid: int, cancel: threading.Event | None = None) -> None:
         with self._lock:
+            self._claims.discard(cid)
             self._replies[cid] = mid
             self._cancels[cid] = cancel or threading.Event()
             self._texts[cid] = ""
@@ -128,13 +150,17 @@ class ReplyView:
 PAGE_WAKE_SECONDS = 0.1  # the page checks for a stop or a rerun at least this often while nothing else happens
 
 
-class _Generation:
-    """Drives one reply's chunks in its own thread, from the wait in line to the end, and saves the reply (periodic
-    saves, then its end: complete, stopped or error) and shows it in `live`. The page only follows it (`follow`),
-    so the page's run may end at any moment, also while the reply waits in line, without touching the reply."""
+class ReplyInProgress:
+    """One reply being generated, driven by its own thread from its wait in line to its end (`WebReply.start`): it
+    saves the reply (periodic saves, then its end: complete, stopped or error) and shows it in `live`. The page only
+    follows it (`follow`), so the page's run may end at any moment, also while the reply waits in line, without
+    touching the reply; `cancel` (the Stop button, through `live`) ends it within one token."""
 
-    def __init__(self, store: ConversationStore, cid: str, mid: int, events: ReplyEvents, live: LiveReplies | None):
+    def __init__(
+        self, store: ConversationStore, cid: str, mid: int, events: ReplyEvents, live: LiveReplies | None
+    ) -> None:
         self.store, self.cid, self.mid, self.events, self.live = store, cid, mid, events, live
+        self.cancel = threading.Event()
         self._cond = threading.Condition()
         self._parts: list[str] = []
         self._place: int | None = None
@@ -166,6 +192,10 @@ class _Generation:
         if self._thread is not None:
             self._thread.join()
 
+    def end_before_start(self, status: str) -> None:
+        """The reply ended before generating anything (`status`: error or stopped): saved, and out of `live`."""
+        self._end(status)
+
     def _run(self, chunks: Iterator[str]) -> None:
         stats, saver, shown = self.events.stats, Throttle(SAVE_INTERVAL_SECONDS), Throttle(UI_UPDATE_INTERVAL)
         saver.ready()  # the first periodic save is due one interval after the start
@@ -189,22 +219,52 @@ class _Generation:
             stats.error = stats.error or str(exc) or type(exc).__name__
         finally:
             _close(chunks)
-            self.status = status
-            try:
-                self.store.update_message(self.mid, self.text, status, stats)
-            except StoreFault as fault:
-                log.error("reply %s (%s, %s) could not be saved: %s", self.mid, status, stats.error or "", fault)
-                self.fault = fault
-            except Exception:  # never hide the reason the reply ended behind a storage error
-                log.exception("could not save reply %s", self.mid)
-            if self.live is not None:
-                self.live.finish(self.cid, self.mid)
-            with self._cond:
-                self._done = True
-                self._cond.notify_all()
+            self._end(status)
 
-    def follow(self, view: ReplyView) -> Iterator[str]:
-        """In the page's thread: the reply's new text at each wake-up, its place in line shown while it waits, and
+    def _end(self, status: str) -> None:
+        stats = self.events.stats
+        self.status = status
+        if self.live is not None:
+            self.live.update(self.cid, self.mid, self.text)  # other tabs show the whole text until they redraw
+        try:
+            self.store.update_message(self.mid, self.text, status, stats)
+        except StoreFault as fault:
+            log.error("reply %s (%s, %s) could not be saved: %s", self.mid, status, stats.error or "", fault)
+            self.fault = fault
+        except Exception:  # never hide the reason the reply ended behind a storage error
+            log.exception("could not save reply %s", self.mid)
+        if self.live is not None:
+            self.live.finish(self.cid, self.mid)
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def follow(self, view: ReplyView) -> ReplyOutcome:
+        """In the page's thread: show the reply in `view` until it ends; its outcome. The page's run ending
+        (`view.interrupted_by`) ends only this, not the reply, when the reply is in `live`; without `live` (no page
+        will show it) the reply is cancelled, saved as stopped, and the interruption raised. Raises ReplyNotSaved
+        when the reply's end could not be saved."""
+        try:
+            if view.on_start is not None:
+                view.on_start()
+            for text in throttled_text(self._updates(view)):
+                view.show(text)
+        except view.interrupted_by:
+            if self.live is None:
+                self.cancel.set()
+                self.join()
+            raise  # with `live`, the reply goes on in its thread; a Stop button cancels it
+        except BaseException:
+            self.cancel.set()
+            self.join()
+            raise
+        self.join()
+        if self.fault is not None:
+            raise ReplyNotSaved(self.fault, self.text)
+        return ReplyOutcome(self.mid, self.text, self.status, self.events.stats)
+
+    def _updates(self, view: ReplyView) -> Iterator[str]:
+        """The reply's new text at each wake-up of the page, its place in line shown while it waits, and
         `view.poll` at every wake-up; ends when the reply has ended."""
         taken, seen, shown_place = 0, -1, None
         while True:
@@ -246,75 +306,52 @@ class WebReply:
     version_of: int | None = None
     stream: Callable[..., Iterator[str]] | None = None
 
-    def run(self, view: ReplyView, live: LiveReplies | None = None) -> ReplyOutcome:
-        """Generate the reply into `view` and the store; the outcome once it ended here.
-
-        The reply is driven by its own thread (`_Generation`) from its wait in line to its end; the page's thread
-        only shows it. Streamlit ends a running script on any interaction (a sidebar button, the language, another
-        page, a message typed meanwhile, a reload, a closed tab) by raising one of PAGE_INTERRUPTIONS from the next
-        st call, i.e. from the view's callbacks (`view.interrupted_by`). With `live` (the page), that ends only the
-        page's part, also while the reply waits in line: the reply goes on, keeps its place, is registered in `live`,
-        where the next run of any page shows it, and is saved at its end; only a Stop button (`live.stop`, the
-        cancel event) ends it, within one token (or leaves the line), saved as stopped. Without `live` the reply is
-        cancelled at once and saved as stopped.
-        """
+    def start(self, live: LiveReplies | None = None) -> ReplyInProgress:
+        """Save the reply as streaming, register it in `live` (where a `claim` of the conversation becomes this
+        reply), and start generating it in its own thread. No st call: whatever the page does after this, only Stop
+        ends the reply. A request refused before anything runs (a prompt over the budget, a failed read) ends here
+        as an error reply, saved. Raises StoreFault when the reply cannot even be created (`live` is released)."""
         store, cid = self.store, self.cid
-        # The reply is made first: a regenerated one is a new version, which selects the path the model reads.
-        if self.version_of is None:
-            mid = store.add_message(cid, "assistant", "", status="streaming")
-        else:
-            mid = store.add_version(self.version_of, "", "streaming")
-        cancel = threading.Event()
-        events = ReplyEvents()
-        generation = _Generation(store, cid, mid, events, live)
-        events.on_queue = generation.set_place
-        if live is not None:
-            live.start(cid, mid, cancel)
         try:
-            if view.on_start is not None:
-                view.on_start()
+            # The reply is made first: a regenerated one is a new version, which selects the path the model reads.
+            if self.version_of is None:
+                mid = store.add_message(cid, "assistant", "", status="streaming")
+            else:
+                mid = store.add_version(self.version_of, "", "streaming")
+        except BaseException:
+            if live is not None:
+                live.release(cid)
+            raise
+        events = ReplyEvents()
+        reply = ReplyInProgress(store, cid, mid, events, live)
+        events.on_queue = reply.set_place
+        if live is not None:
+            live.start(cid, mid, reply.cancel)
+        try:
             # With the files attached and the tool calls made; a read that fails ends the reply as an error.
             messages = model_messages(store, cid)
             chunks = (self.stream or self.backend.stream_reply)(
-                messages, self.params, cancel=cancel, events=events, max_length=self.max_length
+                messages, self.params, cancel=reply.cancel, events=events, max_length=self.max_length
             )
         except Exception as exc:  # a bad request, a prompt that does not fit, the store: the reply is an error
             if not isinstance(exc, EngineError):
                 log.exception("reply failed")
             events.stats.finish_reason = "error"
             events.stats.error = events.stats.error or str(exc) or type(exc).__name__
-            return self._ended_before_start(mid, "error", events.stats, live)
-        except BaseException:  # the page's run ended before anything was generated
-            self._ended_before_start(mid, _interrupted(events.stats), events.stats, live)
-            raise
-        generation.start(chunks)
-        try:
-            for text in throttled_text(generation.follow(view)):
-                view.show(text)
-        except view.interrupted_by:
-            if live is None:  # no page will show it: it stops (within one token, or leaves the line)
-                cancel.set()
-                generation.join()
-            raise  # with `live`, the reply goes on in its thread; a Stop button cancels it
+            reply.end_before_start("error")
+            return reply
         except BaseException:
-            cancel.set()
-            generation.join()
+            reply.end_before_start(_interrupted(events.stats))
             raise
-        generation.join()
-        if generation.fault is not None:
-            raise ReplyNotSaved(generation.fault, generation.text)
-        return ReplyOutcome(mid, generation.text, generation.status, events.stats)
+        reply.start(chunks)
+        return reply
 
-    def _ended_before_start(self, mid: int, status: str, stats: ReplyStats, live: LiveReplies | None) -> ReplyOutcome:
-        try:
-            self.store.update_message(mid, "", status, stats)
-        except StoreFault as fault:
-            log.error("reply %s (%s, %s) could not be saved: %s", mid, status, stats.error or "", fault)
-            raise ReplyNotSaved(fault, "") from fault
-        finally:
-            if live is not None:
-                live.finish(self.cid, mid)
-        return ReplyOutcome(mid, "", status, stats)
+    def run(self, view: ReplyView, live: LiveReplies | None = None) -> ReplyOutcome:
+        """Start the reply and follow it in `view` until it ends (see `start` and `ReplyInProgress.follow`): with
+        `live` (the page), any interaction, a reload or a closed tab ends only the page's part, also while the reply
+        waits in line; the reply keeps its place, shows in `live` for the next run of any page, and is saved at its
+        end. Only a Stop button (`live.stop`) ends it, within one token (or out of the line), saved as stopped."""
+        return self.start(live).follow(view)
 
 
 def _save_progress(store: ConversationStore, mid: int, text: str) -> None:

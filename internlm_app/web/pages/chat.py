@@ -28,8 +28,9 @@ action = chat.show_history(ctx, store, conv, live, pending)
 waiting = chat.queued(store, conv)
 chat.show_queued(ctx, waiting)
 # Typing never ends a reply: a message sent while one runs (here or in the background) waits in a queue, shown, and
-# goes out when it ends. Only a Stop button ends a reply.
-busy = live is not None or pending is not None
+# goes out when it ends, after those queued before it. Only a Stop button ends a reply.
+running = chat.reply_running(conv)  # also one another tab is starting right now
+busy = running or pending is not None
 prompt, files = attachments_view.split_input(
     st.chat_input(
         ctx.t("chat_queue_here" if busy else "chat_placeholder"),
@@ -44,7 +45,7 @@ if files:  # files are sent only after their token cost was shown: held in a pan
     prompt = None
 outgoing = attachments_view.confirm_panel(ctx, backend, store, conv, busy)
 
-if prompt and conv is not None and live is not None:
+if prompt and conv is not None and (running or waiting):
     chat.queue_message(store, conv, prompt)
 elif prompt:
     chat.send(ctx, backend, store, conv, prompt)
@@ -54,5 +55,5 @@ elif action and conv is not None:
     chat.act(ctx, store, conv, action)
 elif pending is not None:
     chat.stream(ctx, backend, store, conv.id, version_of=pending.version_of)
-elif live is None and waiting:
-    chat.send(ctx, backend, store, conv, waiting[0].content, queued=waiting[0])
+elif not running and (queued := chat.sendable(waiting)) is not None:
+    chat.send(ctx, backend, store, conv, queued.content, queued=queued)
