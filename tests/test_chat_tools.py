@@ -220,6 +220,40 @@ def test_forced_call_runs_the_tool_and_the_result_is_in_the_next_prompt(engine, 
     assert [i for i in ids if i in tool_ids.values()] == [tool_ids[m] for m in marks]  # offer, call, result
 
 
+def test_a_reply_with_tools_reports_its_place_in_line(engine):
+    """While every slot is taken, a reply with tools waits, and its place in line reaches `on_queue` (the web page
+    shows it), then it runs once a slot is free."""
+    from tests.api_helpers import free_all_slots, take_all_slots, wait_until
+
+    def add(a: int, b: int) -> int:
+        """Add two numbers.
+
+        Args:
+            a: The first.
+            b: The second.
+        """
+        return a + b
+
+    places: list[int] = []
+    events: list = []
+    messages = [NO_SYSTEM, {"role": "user", "content": "What is 2+2?"}]
+    take_all_slots(engine)
+    try:
+        run = threading.Thread(
+            target=lambda: events.extend(
+                run_with_tools(
+                    engine, messages, ToolSet.of([add]), SamplingParams.greedy_params(8), on_queue=places.append
+                )
+            )
+        )
+        run.start()
+        assert wait_until(lambda: places, 30) and places[0] == 1
+    finally:
+        free_all_slots(engine)
+    run.join(60)
+    assert events and isinstance(events[-1], FinalEvent) and engine.queue.active == 0
+
+
 def test_a_cancel_at_the_call_stops_the_reply_before_the_tool_runs(engine):
     ran: list[str] = []
 

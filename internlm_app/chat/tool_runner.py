@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from internlm_app.chat.reply_reader import ChoiceBuilder, stream_chunks
@@ -77,6 +77,7 @@ def run_with_tools(
     cancel: threading.Event | None = None,
     max_length: int | None = None,
     tool_timeout: float = TOOL_TIMEOUT_SECONDS,
+    on_queue: Callable[[int], None] | None = None,
 ) -> Iterator[RunEvent]:
     """Stream a reply to `messages` with `toolset` offered; yields events, the last a FinalEvent.
 
@@ -84,7 +85,8 @@ def run_with_tools(
     one of the tools) or a tool's name (the first step calls it). Setting `cancel`, or closing the iterator, stops
     generation within one token, and no further tool runs. A tool's failure or timeout is its result, never an
     exception; bad input raises InvalidRequestError from the first next(), before anything is generated, and a
-    failed generation GenerationError, as the backend's stream does.
+    failed generation GenerationError, as the backend's stream does. `on_queue` gets the place in line (1 = next)
+    whenever a step waits for the GPU.
     """
     if tool_choice not in ("auto", "none", "required") and tool_choice not in toolset.tools:
         raise InvalidRequestError(f"tool_choice names {tool_choice!r}, which is not among the tools", "tool_choice")
@@ -94,7 +96,7 @@ def run_with_tools(
     for step in range(max_steps + 1):  # the last step offers no tools, so it makes no call: the loop ends in a return
         tools_now = offered and step < max_steps  # after max_steps calls the model answers with their results
         forced = None if step > 0 or not tools_now or tool_choice == "auto" else tool_choice
-        events = ReplyEvents()
+        events = ReplyEvents(on_queue=on_queue)
         stats.append(events.stats)
         prompt = [*messages, *added]
         if tools_now:

@@ -87,7 +87,14 @@ def tool_stream(
         events = events or ReplyEvents()
         events.stats = ToolReplyStats(tool_steps=steps)
         run = run_with_tools(
-            backend, messages, tools, params, tool_choice=tool_choice, cancel=cancel, max_length=max_length
+            backend,
+            messages,
+            tools,
+            params,
+            tool_choice=tool_choice,
+            cancel=cancel,
+            max_length=max_length,
+            on_queue=events.on_queue,  # the place in line, whenever a step waits for the GPU
         )
         return _chunks(run, steps, events)
 
