@@ -40,15 +40,20 @@ def model_section(ctx: PageContext, loader: BackendLoader) -> None:
 
 
 def decoding_rows(ctx: PageContext, plan: DecodingState) -> dict[str, list[str]]:
-    """How replies are decoded here and why (the decode plan chosen at load)."""
-    single = f"{plan.single_path} KV cache" + (" + torch.compile" if plan.single_path == "static" else "")
+    """How replies are decoded here (in the page's language) and why (the decode plan's reason, in the words the
+    log, `doctor` and /health use)."""
+    if plan.batch_slots > 1:
+        batch = ctx.t("decode_batch_on", slots=plan.batch_slots, tokens=plan.batch_cache_tokens)
+    else:
+        batch = ctx.t("decode_batch_off")
     return {
         ctx.t("status_field"): [ctx.t("decode_single"), ctx.t("decode_batch"), ctx.t("decode_reuse")],
         ctx.t("status_value"): [
-            f"{single}: {plan.single_reason}",
-            plan.batch_reason,
-            f"{plan.kept_tokens} / {plan.kv_reuse_tokens} tokens",
+            ctx.t("decode_static" if plan.single_path == "static" else "decode_dynamic"),
+            batch,
+            ctx.t("decode_kept", kept=plan.kept_tokens, budget=plan.kv_reuse_tokens),
         ],
+        ctx.t("decode_why"): [plan.single_reason, plan.batch_reason, ""],
     }
 
 
