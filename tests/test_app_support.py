@@ -485,3 +485,18 @@ def test_every_load_error_reason_and_doctor_problem_is_translated():
     for problem in report["problems"]:
         assert isinstance(problem, Problem)
         assert i18n.t(f"doctor_{problem.key}", "zh", **problem.values) != problem.text
+
+
+def test_one_reply_per_conversation_claim_start_finish_release():
+    """A page claims a conversation before it saves the user's message; a second claim (another tab) fails until
+    the reply has ended; the claim turns into the reply at its start; a claim given up frees the conversation."""
+    live = LiveReplies()
+    assert live.claim("c") and live.busy("c") and not live.claim("c") and live.reply_of("c") is None
+    live.start("c", 7)
+    assert live.reply_of("c") == 7 and not live.claim("c")
+    live.release("c")  # a page's late give-up has no effect on a running reply
+    assert live.busy("c") and not live.claim("c")
+    live.finish("c", 7)
+    assert not live.busy("c") and live.claim("c")
+    live.release("c")
+    assert not live.busy("c") and live.claim("c") and live.claim("d")

@@ -212,9 +212,9 @@ def send(
             queue_message(store, conv, prompt)
         st.rerun()
     cid = conv.id if conv is not None else None
-    if queued is not None:
-        st.session_state[_QUEUED_FAILED_KEY] = queued.id  # until it is saved
-    try:
+    try:  # from the claim on, every way out gives it back unless the reply started
+        if queued is not None:
+            st.session_state[_QUEUED_FAILED_KEY] = queued.id  # until it is saved
         # A full disk or read-only file: a typed text goes back in the box; a queued one stays queued.
         with storage.writing(keep={PROMPT_KEY: prompt} if queued is None else None):
             if cid is None:
