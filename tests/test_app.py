@@ -335,3 +335,66 @@ def test_a_queued_message_whose_send_fails_stays_queued(app_env):
         "typed while a reply ran",
         "typed after",
     ]
+
+
+def _only_conversation(db) -> tuple[str, list[tuple[str, str]]]:
+    store = ConversationStore(db)
+    try:
+        (summary,) = store.list_conversations()
+        return summary.id, [(m.role, m.content) for m in store.get_conversation(summary.id).messages]
+    finally:
+        store.close()
+
+
+def test_an_edit_is_never_dropped_by_an_interaction_or_another_tabs_reply(app_env):
+    """An edit's reply starts once nothing else runs: a run that ends before it started (any click) and a reply of
+    the conversation another tab is starting at that moment only delay it. A message typed while it is pending
+    goes behind it. Each edit gets exactly one reply."""
+    import streamlit as st
+
+    from internlm_app.web import chat as chat_module
+    from internlm_app.web.resources import live_replies
+
+    db = app_env / "conversations.db"
+    at = send(run_page(), "helo")
+    cid, _ = _only_conversation(db)
+    # 1. Another tab is starting a reply of this conversation as the edit is sent: the edit waits, then gets its own.
+    at.button(key="edit_last").click().run()
+    at.text_area(key="edit_text").set_value("hello edited")
+    live = live_replies()
+    assert live.claim(cid)
+    try:
+        at.button(key="edit_send").click().run()
+        assert _only_conversation(db)[1][-1] == ("user", "hello edited")  # saved, its reply not started yet
+    finally:
+        live.release(cid)
+    at.run()  # the page's next redraw (its watcher's, once the other tab's claim is gone)
+    assert [role for role, _ in _only_conversation(db)[1]] == ["user", "assistant"]
+    # 2. A click ends the run that was to start the edit's reply: the next run starts it.
+    at.button(key="edit_last").click().run()
+    at.text_area(key="edit_text").set_value("hello again")
+    real_show_queued, interrupted = chat_module.show_queued, []
+
+    def a_click_now(ctx, waiting):  # in the run that has the edit pending: the user clicks something
+        if not interrupted and st.session_state.get("_pending_reply") is not None:
+            interrupted.append(1)
+            st.rerun()
+        real_show_queued(ctx, waiting)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chat_module, "show_queued", a_click_now)
+        at.button(key="edit_send").click().run()
+    at.run()
+    _, messages = _only_conversation(db)
+    assert interrupted and messages[0][1] == "hello again" and [role for role, _ in messages] == ["user", "assistant"]
+    # 3. A message submitted in the run that has an edit pending goes behind the edit's reply.
+    store = ConversationStore(db)
+    first = store.get_conversation(cid).messages[0].id
+    store.add_version(first, "hello once more")  # what act() saves for an edit
+    store.close()
+    at.session_state["_pending_reply"] = chat_module.Pending(cid)
+    at.chat_input(key="prompt").set_value("typed meanwhile").run()
+    at.run()
+    _, messages = _only_conversation(db)
+    assert [role for role, _ in messages] == ["user", "assistant", "user", "assistant"], messages
+    assert [text for role, text in messages if role == "user"] == ["hello once more", "typed meanwhile"]

@@ -4,8 +4,9 @@ streaming."""
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 import streamlit as st
@@ -73,6 +74,15 @@ def rerun_when_finished(cid: str) -> None:
 
 
 @st.fragment(run_every=LIVE_VIEW_SECONDS)
+def rerun_when_started_or_free(cid: str) -> None:
+    """While another page has claimed `cid` and its reply has yet to start (a moment): redraw once it has started
+    (to show it) or the claim was given up (to send what waits)."""
+    live = live_replies()
+    if live.reply_of(cid) is not None or not live.busy(cid):
+        st.rerun(scope="app")
+
+
+@st.fragment(run_every=LIVE_VIEW_SECONDS)
 def live_reply_view(ctx: PageContext, cid: str, stored: str) -> None:
     """A reply generated outside this run (another tab, or this page before an interaction): its text so far, a stop
     button, and a redraw of the page once it has ended."""
@@ -107,10 +117,12 @@ class Action:
 
 @dataclass(frozen=True)
 class Pending:
-    """A reply to stream in this run (after regenerate or edit); `version_of`: the reply it regenerates."""
+    """A reply to stream after regenerate or edit (`version_of`: the reply it regenerates), kept in the session until
+    its reply has started; `token` tells a started one from a new request (`LiveReplies.taken`)."""
 
     cid: str
     version_of: int | None = None
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 def show_history(
@@ -294,10 +306,18 @@ def show_queued(ctx: PageContext, waiting: list[QueuedMessage]) -> None:
             st.caption(ctx.t("queued_message"))
 
 
-def take_pending(conv: Conversation | None) -> Pending | None:
-    """Once after act(): the reply to `conv` this run should stream."""
-    pending = st.session_state.pop(_PENDING_KEY, None)
-    return pending if conv is not None and isinstance(pending, Pending) and pending.cid == conv.id else None
+def pending_reply(conv: Conversation | None) -> Pending | None:
+    """The regenerate or edit of `conv` whose reply has yet to start (after act()). It stays in the session until
+    `stream` has started it, so a run that ends before (any interaction) or a reply of the conversation running
+    meanwhile (another tab) delays it rather than drop it; one for another conversation, or already started, is
+    dropped."""
+    pending = st.session_state.get(_PENDING_KEY)
+    if not isinstance(pending, Pending):
+        return None
+    if conv is None or pending.cid != conv.id or live_replies().taken(pending.token):
+        st.session_state.pop(_PENDING_KEY, None)
+        return None
+    return pending
 
 
 @dataclass
@@ -340,23 +360,22 @@ class _ReplySetup:
         return reply.start(live)
 
 
-def stream(
-    ctx: PageContext, backend: ChatBackend, store: ConversationStore, cid: str, version_of: int | None
-) -> NoReturn:
-    """Stream a regenerated reply (`version_of`: a new version of it) or the reply to an edited message into an
-    assistant bubble, then redraw the page from the store. When another reply of the conversation is starting or
-    running (another tab), this one is not started: the page redraws and shows that one."""
+def stream(ctx: PageContext, backend: ChatBackend, store: ConversationStore, pending: Pending) -> NoReturn:
+    """Stream the `pending` regenerated reply (a new version of it) or reply to an edited message into an assistant
+    bubble, then redraw the page from the store. The page calls it when no reply of the conversation runs; if one
+    has just started meanwhile (another tab), the request stays pending and the page redraws showing that one."""
     setup = _ReplySetup.read(ctx, backend)
-    live = live_replies()
-    if not live.claim(cid):
+    live, cid = live_replies(), pending.cid
+    if not live.claim(cid, pending.token):
         st.rerun()
     try:
         with storage.writing():
             store.update_settings(cid, setup.system_prompt, state.conversation_settings(setup.params))
-        reply = setup.start(store, cid, version_of, live)
+        reply = setup.start(store, cid, pending.version_of, live)
     except BaseException:
-        live.release(cid)  # no effect once the reply started
+        live.release(cid, pending.token)  # the request may be tried again (no effect once the reply started)
         raise
+    st.session_state.pop(_PENDING_KEY, None)  # started: even if this run ends here, `taken` keeps it from a rerun
     _follow(ctx, cid, reply, setup.steps)
 
 

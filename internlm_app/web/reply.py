@@ -20,6 +20,7 @@ from internlm_app.web.throttle import SAVE_INTERVAL_SECONDS, UI_UPDATE_INTERVAL,
 log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 1.0
+_TAKEN_KEPT = 1000  # request tokens remembered as started: far more than the requests of any page's few runs
 
 # How Streamlit ends a page's script run before its end (a stop; a rerun: any interaction, another page, a closed
 # tab): it raises one of these from the next st call. The only place the app names them; a ReplyView's default.
@@ -38,20 +39,35 @@ class LiveReplies:
         self._texts: dict[str, str] = {}
         self._places: dict[str, int] = {}
         self._claims: set[str] = set()
+        self._taken: dict[str, None] = {}  # request tokens whose reply started (insertion-ordered, bounded)
 
-    def claim(self, cid: str) -> bool:
+    def claim(self, cid: str, token: str | None = None) -> bool:
         """Reserve `cid` for a reply about to start; False when one is starting or running already (another tab):
-        the caller queues its message instead. `start` turns the claim into the reply, `release` gives it up."""
+        the caller queues its message (or keeps its request) instead. `start` turns the claim into the reply,
+        `release` gives it up. `token`: the page's request (a regenerate or an edit), recorded as taken with the
+        claim, so that a run ending after the reply started never starts it a second time (`taken`)."""
         with self._lock:
             if cid in self._replies or cid in self._claims:
                 return False
             self._claims.add(cid)
+            if token is not None:
+                self._taken[token] = None
+                while len(self._taken) > _TAKEN_KEPT:
+                    del self._taken[next(iter(self._taken))]
             return True
 
-    def release(self, cid: str) -> None:
-        """Give up a claim whose reply never started (the page's run ended, or the store failed, before it)."""
+    def release(self, cid: str, token: str | None = None) -> None:
+        """Give up a claim whose reply never started (the page's run ended, or the store failed, before it); its
+        request `token` may be taken again."""
         with self._lock:
             self._claims.discard(cid)
+            if token is not None:
+                self._taken.pop(token, None)
+
+    def taken(self, token: str) -> bool:
+        """Whether the request `token` has had its reply started (or is starting it now)."""
+        with self._lock:
+            return token in self._taken
 
     def busy(self, cid: str) -> bool:
         """A reply of `cid` is starting or running: a message typed now is queued."""

@@ -23,13 +23,16 @@ with st.sidebar:
 
 if conv is None:
     st.caption(ctx.t("chat_intro"))
-pending = chat.take_pending(conv)  # a regenerated or edited reply streams in this run
-action = chat.show_history(ctx, store, conv, live, pending)
+running = chat.reply_running(conv)  # also one another tab is starting right now
+pending = chat.pending_reply(conv)  # a regenerated or edited reply to start, once no other reply runs
+starts_now = pending if pending is not None and not running else None
+action = chat.show_history(ctx, store, conv, live, starts_now)
+if conv is not None and running and live is None:  # another page is starting a reply of it, this moment
+    chat.rerun_when_started_or_free(conv.id)
 waiting = chat.queued(store, conv)
 chat.show_queued(ctx, waiting)
 # Typing never ends a reply: a message sent while one runs (here or in the background) waits in a queue, shown, and
 # goes out when it ends, after those queued before it. Only a Stop button ends a reply.
-running = chat.reply_running(conv)  # also one another tab is starting right now
 busy = running or pending is not None
 prompt, files = attachments_view.split_input(
     st.chat_input(
@@ -45,7 +48,7 @@ if files:  # files are sent only after their token cost was shown: held in a pan
     prompt = None
 outgoing = attachments_view.confirm_panel(ctx, backend, store, conv, busy)
 
-if prompt and conv is not None and (running or waiting):
+if prompt and conv is not None and (running or waiting or pending is not None):
     chat.queue_message(store, conv, prompt)
 elif prompt:
     chat.send(ctx, backend, store, conv, prompt)
@@ -53,7 +56,7 @@ elif outgoing is not None:
     chat.send(ctx, backend, store, conv, outgoing.text, outgoing.attachments)
 elif action and conv is not None:
     chat.act(ctx, store, conv, action)
-elif pending is not None:
-    chat.stream(ctx, backend, store, conv.id, version_of=pending.version_of)
+elif starts_now is not None:
+    chat.stream(ctx, backend, store, starts_now)
 elif not running and (queued := chat.sendable(waiting)) is not None:
     chat.send(ctx, backend, store, conv, queued.content, queued=queued)
