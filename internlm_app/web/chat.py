@@ -325,7 +325,6 @@ class _ReplySetup:
     """What the page's widgets say about the next reply, read before it starts (reading the session is a point where
     Streamlit may end the run; nothing after `start` should be one before the reply runs)."""
 
-    ctx: PageContext
     backend: ChatBackend
     params: SamplingParams
     system_prompt: str
@@ -337,7 +336,6 @@ class _ReplySetup:
     def read(cls, ctx: PageContext, backend: ChatBackend) -> _ReplySetup:
         steps: list[dict] = []
         return cls(
-            ctx,
             backend,
             state.sampling_params(ctx.settings),
             st.session_state.get(state.SYSTEM_PROMPT_KEY, ""),
