@@ -284,6 +284,8 @@ def test_two_tabs_never_start_two_replies_of_one_conversation(app_env):
     user turns in a row, never two replies of one conversation at once."""
     import threading
 
+    from streamlit.runtime import Runtime
+
     from internlm_app.web import attachments_view
 
     db = app_env / "conversations.db"
@@ -294,9 +296,11 @@ def test_two_tabs_never_start_two_replies_of_one_conversation(app_env):
     def tab_b_runs_now() -> None:  # tab A has saved its message and is about to draw its reply
         calls.append(1)
         if len(calls) == 1:
+            outer = Runtime._instance  # AppTest clears the (mock) runtime when its run ends: tab A's is still on
             tab_b = threading.Thread(target=lambda: run_page(query={"c": cid}))
             tab_b.start()
             tab_b.join(120)
+            Runtime._instance = outer
         real_sent()
 
     with pytest.MonkeyPatch.context() as mp:  # (app_env's own patches, the model's settings, stay)
@@ -398,3 +402,58 @@ def test_an_edit_is_never_dropped_by_an_interaction_or_another_tabs_reply(app_en
     _, messages = _only_conversation(db)
     assert [role for role, _ in messages] == ["user", "assistant", "user", "assistant"], messages
     assert [text for role, text in messages if role == "user"] == ["hello once more", "typed meanwhile"]
+
+
+def test_a_reply_that_ends_while_the_page_reads_it_is_shown_ended_not_interrupted(app_env):
+    """A Stop (or the reply's end) saved between the page's read of the conversation and its look at the live
+    replies: the page read the reply as "streaming" and then found it not live. It must read the conversation again
+    and show it stopped, never "interrupted (server restarted?)" with nothing left to redraw it (CI caught this in the
+    browser: the inline Stop of a regenerated reply)."""
+    from internlm_app.web.resources import live_replies
+
+    db = app_env / "conversations.db"
+    run_page()  # the model and the process's live replies
+    store = ConversationStore(db)
+    cid = store.create_conversation("")
+    store.add_message(cid, "user", "hello")
+    mid = store.add_message(cid, "assistant", "", status="streaming")
+    stale = store.get_conversation(cid)  # what the page read, a moment before the reply's end was saved
+    store.update_message(mid, "partial", "stopped")  # the reply's thread: its end saved, then out of the live ones
+    store.close()
+    live = live_replies()
+    live.start(cid, mid)
+    live.finish(cid, mid)
+    reads = []
+
+    def read_once_stale(self, conversation_id):
+        reads.append(conversation_id)
+        return stale if len(reads) == 1 else real_get(self, conversation_id)
+
+    real_get = ConversationStore.get_conversation
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ConversationStore, "get_conversation", read_once_stale)
+        at = run_page(query={"c": cid})
+    captions = [c.value for c in at.chat_message[1].caption]
+    assert len(reads) >= 2 and t("interrupted", "zh") not in captions, captions
+    assert any(t("stopped_mark", "zh") in c for c in captions), captions
+
+
+def test_a_reply_whose_end_was_never_saved_shows_as_interrupted(app_env):
+    """The other side: a reply left "streaming" with no reply of this process behind it (the server restarted, or
+    its end could not be saved) is shown as interrupted, once, without a redraw loop."""
+    from internlm_app.web.resources import live_replies
+
+    db = app_env / "conversations.db"
+    run_page()
+    store = ConversationStore(db)
+    cid = store.create_conversation("")
+    store.add_message(cid, "user", "hello")
+    mid = store.add_message(cid, "assistant", "half a rep", status="streaming")
+    store.close()
+    live = live_replies()
+    live.start(cid, mid)
+    live.finish(cid, mid, saved=False)  # (a reply of the same id in another file did end: ids are per file)
+    live.start("another-conversation", mid)
+    live.finish("another-conversation", mid)
+    at = run_page(query={"c": cid})
+    assert [c.value for c in at.chat_message[1].caption] == [t("interrupted", "zh")]

@@ -15,12 +15,8 @@ from internlm_app.runtime import gpu
 router = APIRouter(tags=["operations"])
 
 
-@router.api_route(
-    "/health",
-    methods=["GET", "HEAD"],
-    summary="Model, device, GPU memory and queue; or the load's progress",
-    response_model=None,
-)
+@router.get("/health", summary="Model, device, GPU memory and queue; or the load's progress", response_model=None)
+@router.head("/health", include_in_schema=False, response_model=None)  # (one documented operation: no duplicate id)
 async def health(request: Request) -> dict | JSONResponse:
     """Whether the model is loaded (the step while it loads, the error if it failed), where it runs, GPU memory, how
     many requests wait. With API keys set, a request without one learns only whether the server is alive."""

@@ -35,6 +35,7 @@ _QUEUED_FAILED_KEY = "_queued_send_failed"  # the queued message whose send this
 _PENDING_KEY = "_pending_reply"  # a conversation whose reply should stream in this run (after regenerate/edit)
 _EDITING_KEY = "_editing"  # the id of the user message being edited
 _SHOWN_KEY = "_messages_shown"  # how many messages the last run drew
+_REREAD_KEY = "_reread_for"  # the replies whose end this session's page read too early (read again once)
 EDIT_KEY = "edit_text"
 PROMPT_KEY = "prompt"  # the chat input's key (app.py)
 SHOWN_ID_CHARS = 64  # of a conversation id from the URL quoted in the "not found" warning
@@ -62,8 +63,18 @@ def reply_running(conv: Conversation | None) -> bool:
 
 
 def live_reply(conv: Conversation | None) -> int | None:
-    """The message of `conv` being generated right now (in this tab or another), if any."""
-    return None if conv is None else live_replies().reply_of(conv.id)
+    """The message of `conv` being generated right now (in this tab or another), if any. When `conv` was read just
+    before one of its replies saved its end (a Stop, or the end, racing this run), the page runs again: it would
+    show that reply as still streaming yet not live, i.e. interrupted, and never redraw it."""
+    if conv is None:
+        return None
+    live = live_replies()
+    mid = live.reply_of(conv.id)
+    stale = [m.id for m in conv.messages if m.status == "streaming" and m.id != mid and live.ended(conv.id, m.id)]
+    if stale and st.session_state.get(_REREAD_KEY) != (conv.id, stale):  # (once: never a loop of redraws)
+        st.session_state[_REREAD_KEY] = (conv.id, stale)
+        st.rerun()  # read again: the store has its end now
+    return mid
 
 
 @st.fragment(run_every=WATCH_SECONDS)

@@ -20,7 +20,7 @@ from internlm_app.web.throttle import SAVE_INTERVAL_SECONDS, UI_UPDATE_INTERVAL,
 log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 1.0
-_TAKEN_KEPT = 1000  # request tokens remembered as started: far more than the requests of any page's few runs
+_KEPT = 1000  # request tokens (replies) remembered as started (ended): far more than any page's few runs see
 
 # How Streamlit ends a page's script run before its end (a stop; a rerun: any interaction, another page, a closed
 # tab): it raises one of these from the next st call. The only place the app names them; a ReplyView's default.
@@ -40,6 +40,7 @@ class LiveReplies:
         self._places: dict[str, int] = {}
         self._claims: set[str] = set()
         self._taken: dict[str, None] = {}  # request tokens whose reply started (insertion-ordered, bounded)
+        self._ended: dict[tuple[str, int], None] = {}  # replies whose end was saved (insertion-ordered, bounded)
 
     def claim(self, cid: str, token: str | None = None) -> bool:
         """Reserve `cid` for a reply about to start; False when one is starting or running already (another tab):
@@ -51,9 +52,7 @@ class LiveReplies:
                 return False
             self._claims.add(cid)
             if token is not None:
-                self._taken[token] = None
-                while len(self._taken) > _TAKEN_KEPT:
-                    del self._taken[next(iter(self._taken))]
+                _remember(self._taken, token)
             return True
 
     def release(self, cid: str, token: str | None = None) -> None:
@@ -97,11 +96,21 @@ class LiveReplies:
             if self._replies.get(cid) == mid:
                 self._texts[cid] = text
 
-    def finish(self, cid: str, mid: int) -> None:
+    def finish(self, cid: str, mid: int, saved: bool = True) -> None:
+        """The reply `mid` has ended; `saved`: its end (complete, stopped or error) is in the store now."""
         with self._lock:
             if self._replies.get(cid) == mid:
                 del self._replies[cid], self._cancels[cid], self._texts[cid]
                 self._places.pop(cid, None)
+            if saved:
+                _remember(self._ended, (cid, mid))
+
+    def ended(self, cid: str, mid: int) -> bool:
+        """Whether the reply `mid` of `cid` ran in this process and its end was saved: a page that read it as
+        "streaming" read the store just before that save (a Stop or an end racing the page's run); it was not
+        interrupted."""
+        with self._lock:
+            return (cid, mid) in self._ended
 
     def reply_of(self, cid: str) -> int | None:
         """The message being generated for `cid`, if any."""
@@ -119,6 +128,13 @@ class LiveReplies:
             cancel = self._cancels.get(cid)
         if cancel is not None:
             cancel.set()
+
+
+def _remember(seen: dict, key: object) -> None:
+    """Add `key` to an insertion-ordered set kept to its newest _KEPT entries."""
+    seen[key] = None
+    while len(seen) > _KEPT:
+        del seen[next(iter(seen))]
 
 
 class ReplyNotSaved(StoreFault):
@@ -242,15 +258,17 @@ class ReplyInProgress:
         self.status = status
         if self.live is not None:
             self.live.update(self.cid, self.mid, self.text)  # other tabs show the whole text until they redraw
+        saved = False
         try:
             self.store.update_message(self.mid, self.text, status, stats)
+            saved = True
         except StoreFault as fault:
             log.error("reply %s (%s, %s) could not be saved: %s", self.mid, status, stats.error or "", fault)
             self.fault = fault
         except Exception:  # never hide the reason the reply ended behind a storage error
             log.exception("could not save reply %s", self.mid)
         if self.live is not None:
-            self.live.finish(self.cid, self.mid)
+            self.live.finish(self.cid, self.mid, saved)
         with self._cond:
             self._done = True
             self._cond.notify_all()
