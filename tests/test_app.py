@@ -366,12 +366,13 @@ def test_an_edit_is_never_dropped_by_an_interaction_or_another_tabs_reply(app_en
     at.button(key="edit_last").click().run()
     at.text_area(key="edit_text").set_value("hello edited")
     live = live_replies()
-    assert live.claim(cid)
+    ticket = live.claim(cid)
+    assert ticket
     try:
         at.button(key="edit_send").click().run()
         assert _only_conversation(db)[1][-1] == ("user", "hello edited")  # saved, its reply not started yet
     finally:
-        live.release(cid)
+        live.release(cid, ticket)
     at.run()  # the page's next redraw (its watcher's, once the other tab's claim is gone)
     assert [role for role, _ in _only_conversation(db)[1]] == ["user", "assistant"]
     # 2. A click ends the run that was to start the edit's reply: the next run starts it.

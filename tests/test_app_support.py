@@ -489,14 +489,33 @@ def test_every_load_error_reason_and_doctor_problem_is_translated():
 
 def test_one_reply_per_conversation_claim_start_finish_release():
     """A page claims a conversation before it saves the user's message; a second claim (another tab) fails until
-    the reply has ended; the claim turns into the reply at its start; a claim given up frees the conversation."""
+    the reply has ended; the claim turns into the reply at its start; a claim given up frees the conversation. A
+    page gives up only its own claim: a late give-up never frees a running reply or another page's later claim."""
     live = LiveReplies()
-    assert live.claim("c") and live.busy("c") and not live.claim("c") and live.reply_of("c") is None
+    first = live.claim("c")
+    assert first and live.busy("c") and live.claim("c") is None and live.reply_of("c") is None
     live.start("c", 7)
-    assert live.reply_of("c") == 7 and not live.claim("c")
-    live.release("c")  # a page's late give-up has no effect on a running reply
-    assert live.busy("c") and not live.claim("c")
+    assert live.reply_of("c") == 7 and live.claim("c") is None
+    live.release("c", first)  # a page's late give-up has no effect on a running reply
+    assert live.busy("c") and live.claim("c") is None
     live.finish("c", 7)
-    assert not live.busy("c") and live.claim("c")
-    live.release("c")
+    assert not live.busy("c")
+    second = live.claim("c")  # another page, once the reply ended
+    live.release("c", first)  # the first page's give-up, late again: the second page keeps its claim
+    assert second and live.busy("c") and live.claim("c") is None
+    live.release("c", second)
     assert not live.busy("c") and live.claim("c") and live.claim("d")
+
+
+def test_a_request_token_is_given_back_only_with_its_own_claim():
+    """A regenerate's token is taken with its claim; giving up that claim before the reply started gives the token
+    back (the request may run later), while a give-up after the start keeps it taken (it never runs twice)."""
+    live = LiveReplies()
+    ticket = live.claim("c", token="regen-1")
+    assert ticket and live.taken("regen-1")
+    live.release("c", ticket, token="regen-1")
+    assert not live.taken("regen-1")
+    ticket = live.claim("c", token="regen-1")
+    live.start("c", 9)
+    live.release("c", ticket, token="regen-1")
+    assert live.taken("regen-1") and live.reply_of("c") == 9

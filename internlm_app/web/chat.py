@@ -230,7 +230,8 @@ def send(
     _stop_edit()
     setup = _ReplySetup.read(ctx, backend)
     live = live_replies()
-    if conv is not None and not live.claim(conv.id):
+    ticket = live.claim(conv.id) if conv is not None else None
+    if conv is not None and ticket is None:
         if queued is None and not attachments:  # (files wait in their panel, whose Send is off while a reply runs)
             queue_message(store, conv, prompt)
         st.rerun()
@@ -242,17 +243,16 @@ def send(
         with storage.writing(keep={PROMPT_KEY: prompt} if queued is None else None):
             if cid is None:
                 cid = _prepare_conversation(store, conv, setup.params)
-                live.claim(cid)  # a new conversation: nobody else has it
+                ticket = live.claim(cid)  # a new conversation: nobody else has it
             store.update_settings(cid, setup.system_prompt, state.conversation_settings(setup.params))
             if queued is None:
                 store.add_message(cid, "user", prompt, attachments=attachments or ())
-            elif store.send_queued_message(queued.id) is None:
-                live.release(cid)
+            elif store.send_queued_message(queued.id) is None:  # sent by another page first: only redraw
                 st.rerun()
         reply = setup.start(store, cid, None, live)
     except BaseException:
-        if cid is not None:
-            live.release(cid)  # no effect once the reply started
+        if cid is not None and ticket is not None:
+            live.release(cid, ticket)  # no effect once the reply started
         raise
     st.session_state.pop(_QUEUED_FAILED_KEY, None)
     attachments_view.sent()  # the files' confirmation panel is done with
@@ -375,14 +375,15 @@ def stream(ctx: PageContext, backend: ChatBackend, store: ConversationStore, pen
     has just started meanwhile (another tab), the request stays pending and the page redraws showing that one."""
     setup = _ReplySetup.read(ctx, backend)
     live, cid = live_replies(), pending.cid
-    if not live.claim(cid, pending.token):
+    ticket = live.claim(cid, pending.token)
+    if ticket is None:
         st.rerun()
     try:
         with storage.writing():
             store.update_settings(cid, setup.system_prompt, state.conversation_settings(setup.params))
         reply = setup.start(store, cid, pending.version_of, live)
     except BaseException:
-        live.release(cid, pending.token)  # the request may be tried again (no effect once the reply started)
+        live.release(cid, ticket, pending.token)  # the request may be tried again (no effect once the reply started)
         raise
     st.session_state.pop(_PENDING_KEY, None)  # started: even if this run ends here, `taken` keeps it from a rerun
     _follow(ctx, cid, reply, setup.steps)

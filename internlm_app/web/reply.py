@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -38,28 +39,32 @@ class LiveReplies:
         self._cancels: dict[str, threading.Event] = {}
         self._texts: dict[str, str] = {}
         self._places: dict[str, int] = {}
-        self._claims: set[str] = set()
+        self._claims: dict[str, str] = {}  # conversation -> the ticket of the page that claimed it
         self._taken: dict[str, None] = {}  # request tokens whose reply started (insertion-ordered, bounded)
         self._ended: dict[tuple[str, int], None] = {}  # replies whose end was saved (insertion-ordered, bounded)
 
-    def claim(self, cid: str, token: str | None = None) -> bool:
-        """Reserve `cid` for a reply about to start; False when one is starting or running already (another tab):
-        the caller queues its message (or keeps its request) instead. `start` turns the claim into the reply,
-        `release` gives it up. `token`: the page's request (a regenerate or an edit), recorded as taken with the
-        claim, so that a run ending after the reply started never starts it a second time (`taken`)."""
+    def claim(self, cid: str, token: str | None = None) -> str | None:
+        """Reserve `cid` for a reply about to start: the claim's ticket, or None when a reply is starting or running
+        already (another tab): the caller queues its message (or keeps its request) instead. `start` turns the claim
+        into the reply, `release` with the ticket gives it up. `token`: the page's request (a regenerate or an edit),
+        recorded as taken with the claim, so that a run ending after the reply started never starts it a second
+        time (`taken`)."""
         with self._lock:
             if cid in self._replies or cid in self._claims:
-                return False
-            self._claims.add(cid)
+                return None
+            ticket = self._claims[cid] = uuid.uuid4().hex
             if token is not None:
                 _remember(self._taken, token)
-            return True
+            return ticket
 
-    def release(self, cid: str, token: str | None = None) -> None:
-        """Give up a claim whose reply never started (the page's run ended, or the store failed, before it); its
-        request `token` may be taken again."""
+    def release(self, cid: str, ticket: str, token: str | None = None) -> None:
+        """Give up the claim `ticket` whose reply never started (the page's run ended, or the store failed, before
+        it); its request `token` may be taken again. No effect once the reply started, or on a later claim (another
+        page's, after this one's reply ended)."""
         with self._lock:
-            self._claims.discard(cid)
+            if self._claims.get(cid) != ticket:
+                return
+            del self._claims[cid]
             if token is not None:
                 self._taken.pop(token, None)
 
@@ -75,7 +80,7 @@ class LiveReplies:
 
     def start(self, cid: str, mid: int, cancel: threading.Event | None = None) -> None:
         with self._lock:
-            self._claims.discard(cid)
+            self._claims.pop(cid, None)
             self._replies[cid] = mid
             self._cancels[cid] = cancel or threading.Event()
             self._texts[cid] = ""
@@ -344,18 +349,14 @@ class WebReply:
         """Save the reply as streaming, register it in `live` (where a `claim` of the conversation becomes this
         reply), and start generating it in its own thread. No st call: whatever the page does after this, only Stop
         ends the reply. A request refused before anything runs (a prompt over the budget, a failed read) ends here
-        as an error reply, saved. Raises StoreFault when the reply cannot even be created (`live` is released)."""
+        as an error reply, saved. Raises StoreFault when the reply cannot even be created (a page that claimed the
+        conversation gives its claim back)."""
         store, cid = self.store, self.cid
-        try:
-            # The reply is made first: a regenerated one is a new version, which selects the path the model reads.
-            if self.version_of is None:
-                mid = store.add_message(cid, "assistant", "", status="streaming")
-            else:
-                mid = store.add_version(self.version_of, "", "streaming")
-        except BaseException:
-            if live is not None:
-                live.release(cid)
-            raise
+        # The reply is made first: a regenerated one is a new version, which selects the path the model reads.
+        if self.version_of is None:
+            mid = store.add_message(cid, "assistant", "", status="streaming")
+        else:
+            mid = store.add_version(self.version_of, "", "streaming")
         events = ReplyEvents()
         reply = ReplyInProgress(store, cid, mid, events, live)
         events.on_queue = reply.set_place
