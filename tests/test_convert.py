@@ -11,7 +11,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from internlm_app.runtime.convert import ConversionError, convert_checkpoint, is_converted, llama_config, split_wqkv
+from internlm_app.runtime.convert import (
+    MARKER,
+    PARTIAL_MARKER,
+    ConversionError,
+    convert_checkpoint,
+    is_converted,
+    llama_config,
+    split_wqkv,
+)
 from internlm_app.runtime.model_source import resolve_model_dir
 from tests.conftest import FIXTURE_DIR, tiny_settings
 
@@ -106,11 +114,55 @@ def test_resolve_converts_once_then_reuses(tmp_path):
 
 
 def test_interrupted_conversion_is_redone(tmp_path):
+    """A process that died while converting left its half-written `.partial` folder (marked as ours): the next start
+    converts again over it."""
     settings = tiny_settings(tmp_path)
     first = resolve_model_dir(settings)
-    (first / "internlm_app_conversion.json").unlink()  # as if the process died before finishing
+    partial = first.with_name(first.name + ".partial")
+    first.rename(partial)  # the finished files, as if the process had died just before its last step
+    (partial / MARKER).unlink()
+    (partial / PARTIAL_MARKER).touch()
     again = resolve_model_dir(settings)
-    assert again == first and is_converted(again, FIXTURE_DIR)
+    assert again == first and is_converted(again, FIXTURE_DIR) and not partial.exists()
+    assert not (again / PARTIAL_MARKER).exists()
+
+
+@pytest.mark.parametrize("where", ["output", "partial"])
+def test_a_folder_holding_other_files_is_never_replaced(tmp_path, where):
+    """`convert SRC DIR` (or INTERNLM_CONVERTED_DIR) naming a folder that holds anything but a conversion of this
+    app (a data disk, the download, a user's notes): one clear error before any work, and every file kept."""
+    src = _copy_of_fixture(tmp_path)
+    dst = tmp_path / "models"
+    folder = dst if where == "output" else dst.with_name("models.partial")
+    folder.mkdir()
+    (folder / "notes.txt").write_text("precious")
+    with pytest.raises(ConversionError, match=f"{folder} already holds files .*Choose a new or empty directory"):
+        convert_checkpoint(src, dst)
+    assert (folder / "notes.txt").read_text() == "precious" and sorted(p.name for p in folder.iterdir()) == [
+        "notes.txt"
+    ]
+    assert (src / "model.safetensors").is_file()
+    settings = tiny_settings(tmp_path, converted_dir=dst)
+    with pytest.raises(ConversionError, match="already holds files"):
+        resolve_model_dir(settings)
+    assert (folder / "notes.txt").read_text() == "precious"
+
+
+def test_the_source_itself_is_never_the_output(tmp_path):
+    src = _copy_of_fixture(tmp_path)
+    before = sorted(p.name for p in src.iterdir())
+    with pytest.raises(ConversionError, match="already holds files"):
+        convert_checkpoint(src, src)
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_an_empty_folder_or_an_earlier_conversion_is_replaced(tmp_path):
+    dst = tmp_path / "empty"
+    dst.mkdir()
+    assert is_converted(convert_checkpoint(FIXTURE_DIR, dst), FIXTURE_DIR)
+    stamp = (dst / MARKER).stat().st_mtime_ns
+    assert is_converted(convert_checkpoint(FIXTURE_DIR, dst), FIXTURE_DIR)  # ours: converted again in its place
+    assert (dst / MARKER).stat().st_mtime_ns >= stamp and not (tmp_path / "empty.partial").exists()
 
 
 def test_two_processes_starting_together_convert_once(tmp_path):

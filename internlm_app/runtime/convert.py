@@ -23,6 +23,7 @@ from internlm_app.load_progress import LoadStep, Progress
 log = logging.getLogger(__name__)
 
 MARKER = "internlm_app_conversion.json"
+PARTIAL_MARKER = "internlm_app_conversion.partial"  # in the folder a conversion is written to, until it is done
 CONVERSION_VERSION = 1
 REQUIRED_CONFIG = (
     *("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
@@ -223,6 +224,8 @@ def convert_checkpoint(src: Path, dst: Path, progress: Progress | None = None) -
             f"{dst} exists and is not a directory: remove it or choose another output directory", reason="not_writable"
         )
     tmp = dst.with_name(dst.name + ".partial")
+    for folder, mark in ((dst, MARKER), (tmp, PARTIAL_MARKER)):
+        _refuse_foreign_folder(folder, mark)
     try:
         return _convert_into(src, dst, tmp, cfg, shards, progress)
     except ConversionError:
@@ -257,11 +260,28 @@ def _read_shard_checked(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
         ) from exc
 
 
+def _refuse_foreign_folder(folder: Path, mark: str) -> None:
+    """The conversion replaces `folder`: only when it is absent, empty, or ours (it holds `mark`). Anything else (a
+    data disk's root, the download, a user's files) is never deleted: a ConversionError says to choose another."""
+    try:
+        if folder.is_symlink() or not folder.is_dir() or (folder / mark).is_file() or not any(folder.iterdir()):
+            return
+    except OSError:
+        return  # unreadable: writing there fails with its own clear error, and nothing is deleted unread
+    raise ConversionError(
+        f"{folder} already holds files that are not a conversion by this app ({mark} is missing): the conversion "
+        "would replace that directory, so it stops here. Choose a new or empty directory (convert's output, or "
+        "INTERNLM_CONVERTED_DIR), or move those files away",
+        reason="not_writable",
+    )
+
+
 def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path], progress: Progress | None) -> Path:
     if tmp.is_file() or tmp.is_symlink():
         tmp.unlink()  # a leftover of ours, whatever it is: the directory is made afresh
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # (ours or empty: _refuse_foreign_folder)
     tmp.mkdir(parents=True)
+    (tmp / PARTIAL_MARKER).touch()  # an interrupted conversion leaves a folder the next one knows as its own
     weight_map: dict[str, str] = {}
     total_size = 0
     for i, shard in enumerate(shards, start=1):
@@ -301,8 +321,9 @@ def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path]
         if (src / name).is_file():
             shutil.copy2(src / name, tmp / name)
     meta = {"version": CONVERSION_VERSION, "source": str(src.resolve()), "source_model_type": "internlm2"}
+    (tmp / PARTIAL_MARKER).unlink()
     (tmp / MARKER).write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(dst, ignore_errors=True)
+    shutil.rmtree(dst, ignore_errors=True)  # (ours or empty: _refuse_foreign_folder)
     tmp.rename(dst)  # the marker appears atomically with the finished directory
     if progress:
         progress(LoadStep("convert", len(shards), len(shards)))
