@@ -4,7 +4,8 @@ Piped (stdin is not a terminal), each input line is one user message and gets ex
 - plain mode: the reply with its newlines written as the two characters `\\n` and backslashes as `\\\\` (so a
   reply never spans lines); an empty input line gets an empty output line and is not sent;
 - `--jsonl`: each input line is a JSON string or {"content": ...}; each output line is a JSON object
-  {"content", "finish_reason", "usage"} or {"error"}.
+  {"content", "finish_reason", "usage"} (and "dropped_messages" when earlier turns no longer fit the context
+  window) or {"error"}.
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ HELP = "\n".join(f"  {name:<7} {what}" for name, what in COMMANDS.items()) + (
     "\n  Ctrl-C stops a reply. A message that starts with / is sent as typed after a second /: //etc."
 )
 _EXIT = {"/exit", "/quit", "exit", "quit"}
+_ESCAPED_BYTES = range(0xDC80, 0xDD00)  # how surrogateescape reads each byte 0x80-0xff that is not UTF-8
+
+
+def undecodable(text: str) -> str | None:
+    """Where a line read with errors="surrogateescape" was not UTF-8 (its first such byte), else None."""
+    for index, char in enumerate(text):
+        if ord(char) in _ESCAPED_BYTES:
+            return f"byte 0x{ord(char) - 0xDC00:02x} at character {index + 1}"
+    return None
 
 
 def escape_line(text: str) -> str:
@@ -96,11 +106,11 @@ class TerminalChat:
         if self.jsonl:
             try:
                 data = json.loads(text) if text.strip() else ""
-                content = data["content"] if isinstance(data, dict) else data
+                content = data.get("content") if isinstance(data, dict) else data
                 if not isinstance(content, str):
                     raise ValueError("a line must be a JSON string or an object with a string 'content'")
-            except (KeyError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-                self._write(json.dumps({"error": f"bad input line: {exc}"}, ensure_ascii=False))
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+                self._write(json.dumps({"error": f"bad input line: {exc or 'nested too deeply'}"}, ensure_ascii=False))
                 return
         else:
             content = text
@@ -110,6 +120,9 @@ class TerminalChat:
         self._reply(content, echo=False)
 
     def _reply(self, content: str, *, echo: bool) -> None:
+        if where := undecodable(content):  # the terminal or the pipe is not UTF-8: this line only is not sent
+            self._error(f"this line is not UTF-8 text ({where}), so it was not sent; is the terminal set to UTF-8?")
+            return
         self.messages.append({"role": "user", "content": content})
         events, parts, error = ReplyEvents(), [], None
         try:
@@ -128,20 +141,32 @@ class TerminalChat:
         reply = "".join(parts)
         self.messages.append({"role": "assistant", "content": reply})
         stats = events.stats
+        dropped = (
+            f"({stats.dropped_messages} earlier messages no longer fit the context window: the model did not read "
+            "them for this reply; /clear starts afresh)"
+            if stats.dropped_messages
+            else ""
+        )
         if echo:
             print(flush=True, file=self.stdout)
             if error:
                 self._note(f"error: {error}")
+            if dropped:
+                self._note(dropped)
             self._note(
                 f"[{stats.completion_tokens} tokens, {stats.tokens_per_second or 0:.1f} tok/s, {stats.finish_reason}]"
             )
         elif self.jsonl:
             usage = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens}
-            out = {"content": reply, "finish_reason": stats.finish_reason, "usage": usage}
+            out: dict = {"content": reply, "finish_reason": stats.finish_reason, "usage": usage}
+            if stats.dropped_messages:
+                out["dropped_messages"] = stats.dropped_messages  # as the API's response says it
             self._write(json.dumps({**out, "error": error} if error else out, ensure_ascii=False))
         else:
             if error:
                 self._note(f"error: {error}")
+            if dropped:
+                self._note(dropped)
             self._write(escape_line(reply))
 
     def _error(self, message: str) -> None:

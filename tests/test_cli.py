@@ -66,7 +66,7 @@ def test_a_line_that_is_not_utf8_is_an_error_and_the_next_line_is_answered(engin
     result = _run(args, tmp_path, stdin=b"\xff\xfe\nhello\n", PYTHONIOENCODING="utf-8:strict")  # as en_US.UTF-8
     stderr = result.stderr.decode()
     assert result.returncode == 0 and "Traceback" not in stderr, stderr
-    assert "error: message 1 (user) is not valid Unicode text" in stderr
+    assert "error: this line is not UTF-8 text (byte 0xff at character 1), so it was not sent" in stderr
     # One output line per input line: an empty one for the refused line, which is not sent again with the next one.
     assert result.stdout.decode() == "\n" + expected + "\n"
 
@@ -273,3 +273,107 @@ def test_a_port_in_use_fails_before_loading(tmp_path, command):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
     assert "converting checkpoint" not in result.stderr and "Loading weights" not in result.stderr  # nothing loaded
+
+
+@pytest.mark.parametrize(
+    ("host", "cause"), [("999.1.1.1", "no such address"), ("10.99.99.99", "no such address"), ("127.0.0.1", None)]
+)
+def test_a_host_that_is_not_this_machines_is_told_apart_from_a_port_in_use(host, cause):
+    """A mistyped --host (a name that does not resolve, an address of another machine) gets advice about the host,
+    not "another program uses the port"."""
+    import socket
+
+    from internlm_app.api.server import PortInUseError, bind_socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PortInUseError) as raised:
+            bind_socket(host, port)
+    message = str(raised.value)
+    if cause is None:
+        assert "another program" in message and "--port" in message
+    else:
+        assert cause in message and "--host" in message and "another program" not in message
+
+
+def test_api_alone_with_a_model_that_cannot_load_is_one_error_line(tmp_path):
+    """`api` loads the model before it serves: a wrong path is the CLI's one `error:` line and exit 2 (as `chat`),
+    not uvicorn's traceback and "Application startup failed"; the port is free again at once."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = _run(
+        ["api", "--model-path", str(tmp_path / "nonexistent"), "--host", "127.0.0.1", "--port", str(port)], tmp_path
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "error: " in result.stderr and "nonexistent" in result.stderr and "startup failed" not in result.stderr
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))
+
+
+def test_a_reader_that_goes_away_ends_the_chat_quietly(tmp_path):
+    """`chat ... | head -1`: the pipe closes after the first reply; the chat stops as a tool killed by SIGPIPE (exit
+    141), without a BrokenPipeError traceback."""
+    import signal
+
+    args = ["chat", "--model-path", str(FIXTURE_DIR), "--max-new-tokens", "5", "--system", ""]
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), "INTERNLM_CACHE_DIR": str(tmp_path / "cache")}
+    environ["INTERNLM_DEVICE"] = "cpu"
+    chat = subprocess.Popen(
+        [sys.executable, "-m", "internlm_app", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=environ,
+        cwd=tmp_path,
+    )
+    chat.stdin.write(b"a\n")
+    chat.stdin.flush()
+    assert chat.stdout.readline()  # the first reply, then the reader leaves
+    chat.stdout.close()
+    _, stderr = chat.communicate(b"b\nc\nd\n" * 50, timeout=240)
+    text = stderr.decode()
+    assert chat.returncode == 128 + signal.SIGPIPE and "Traceback" not in text and "BrokenPipe" not in text, text
+
+
+def test_the_terminal_chat_says_when_earlier_turns_no_longer_fit(engine):
+    """History is never dropped silently: once the conversation outgrows the context window, each reply that left
+    turns out says how many, on stderr (plain) and as `dropped_messages` (--jsonl), as the API does."""
+    import io
+
+    from internlm_app.sampling import SamplingParams
+    from internlm_app.terminal_chat import TerminalChat
+
+    long_line = "tell me more about the weather in Shanghai " * 12  # ~100 tokens: a few turns fill the 512 window
+    out, err = io.StringIO(), io.StringIO()
+    lines = "".join(json.dumps(long_line) + "\n" for _ in range(6))
+    params = SamplingParams.greedy_params(40)
+    TerminalChat(engine, params, "", jsonl=True, stdin=io.StringIO(lines), stdout=out, stderr=err).run()
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(rows) == 6 and all("error" not in row for row in rows), rows
+    assert "dropped_messages" not in rows[0] and rows[-1]["dropped_messages"] > 0, rows
+    out, err = io.StringIO(), io.StringIO()
+    plain = TerminalChat(engine, params, "", stdin=io.StringIO((long_line + "\n") * 6), stdout=out, stderr=err)
+    plain.run()
+    assert (
+        len(out.getvalue().splitlines()) == 6 and "earlier messages no longer fit the context window" in err.getvalue()
+    )
+
+
+def test_a_jsonl_object_without_content_says_what_a_line_needs(engine):
+    import io
+
+    from internlm_app.sampling import SamplingParams
+    from internlm_app.terminal_chat import TerminalChat
+
+    out = io.StringIO()
+    lines = '{"role": "user"}\n{"content": 5}\n'
+    TerminalChat(engine, SamplingParams.greedy_params(4), "", jsonl=True, stdin=io.StringIO(lines), stdout=out).run()
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [row["error"] for row in rows] == [
+        "bad input line: a line must be a JSON string or an object with a string 'content'"
+    ] * 2

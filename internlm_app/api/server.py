@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
@@ -32,13 +33,24 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise PortInUseError(
-            f"cannot listen on {host}:{port} ({exc.strerror}): another program, perhaps an earlier run, uses it; "
-            "stop it, or choose another port with --port / INTERNLM_PORT"
-        ) from None
+        raise PortInUseError(f"cannot listen on {host}:{port} ({exc.strerror}): {_bind_advice(exc)}") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+def _bind_advice(exc: OSError) -> str:
+    """What to do about a failed bind, by its cause (errno, or getaddrinfo's error for a name)."""
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return (
+            "this machine has no such address; use 0.0.0.0 (every interface), 127.0.0.1 (this machine only) or "
+            "one of its own addresses with --host / INTERNLM_HOST"
+        )
+    if exc.errno == errno.EACCES:
+        return "ports below 1024 need root; choose another port with --port / INTERNLM_PORT (6006 is the default)"
+    return (
+        "another program, perhaps an earlier run, uses it; stop it, or choose another port with --port / INTERNLM_PORT"
+    )
 
 
 def serve(settings: Settings | None = None) -> None:
@@ -51,8 +63,18 @@ def serve(settings: Settings | None = None) -> None:
     if not settings.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the API listens on %s without API keys: set INTERNLM_API_KEYS to require one", settings.host)
     sock = bind_socket(settings.host, settings.port)  # a port in use fails now, not after the model has loaded
+    try:
+        # Loaded here rather than in the app's lifespan: a model that cannot load (a wrong path, no GPU, a full
+        # disk) is the CLI's one error line (UserFacingError), not uvicorn's traceback and "startup failed".
+        from internlm_app.backends.factory import create_backend
+        from internlm_app.load_progress import TerminalProgress
+
+        backend = create_backend(settings, progress=TerminalProgress(log))  # the download, conversion and load
+    except BaseException:
+        sock.close()
+        raise
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, backend=backend),
         host=settings.host,
         port=settings.port,
         access_log=False,
