@@ -102,6 +102,40 @@ def test_unreadable_files_are_named_in_the_page_language(app_env, store):
     assert "data.txt" not in texts(at.markdown)
 
 
+def test_a_file_that_fails_to_read_keeps_the_message_and_the_other_files(app_env, store):
+    """Any failure reading a file (a damaged PDF's odd error, a fault of ours) refuses that file only, in the page's
+    language: the typed message and the other files stay in the panel, to send or cancel (a reviewer's damaged PDF
+    once crashed the page and lost the message)."""
+    from internlm_app.chat import attachments
+    from internlm_app.web import attachments_view
+
+    real_read = attachments.read_attachment
+
+    def read(name, data):
+        if name == "odd.md":
+            raise RuntimeError("a bug while reading")
+        return real_read(name, data)
+
+    damaged = make_pdf(["hello"]).replace(b"trailer\n<<", b"trailer\n0<<")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attachments_view, "read_attachment", read)
+        at = attach(
+            run_page(),
+            "my typed question",
+            ("damaged.pdf", damaged, "application/pdf"),
+            ("odd.md", b"# fine text", "text/markdown"),
+            ("good.md", b"# Title\n\nSome text.", "text/markdown"),
+        )
+    errors = texts(at.error)
+    assert t("attach_error_pdf_unreadable", "zh", name=plain("damaged.pdf")) in errors
+    assert t("attach_error_unreadable", "zh", name=plain("odd.md")) in errors
+    assert at.text_area(key="attach_text").value == "my typed question"
+    at.button(key="attach_send").click().run()
+    (summary,) = store.list_conversations()
+    first = store.get_conversation(summary.id).messages[0]
+    assert first.content == "my typed question" and [a.name for a in first.attachments] == ["good.md"]
+
+
 def test_a_forced_tool_call_runs_shows_and_is_in_the_next_context(monkeypatch, tmp_path, app_cache, store):
     tools = tmp_path / "tools"
     tools.mkdir()

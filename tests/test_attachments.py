@@ -64,6 +64,31 @@ def test_errors_have_a_reason_and_a_message(name, data, reason):
     assert caught.value.reason == reason and name in str(caught.value)
 
 
+def test_files_in_other_encodings_are_read_as_written_not_as_wrong_chinese():
+    """Not UTF-8: GB2312 as it stands; else the most coherent encoding. GB18030 decodes almost any bytes, so a
+    Latin-1 file used to come in as "Viele Gr\ue3eae aus M黱chen" (reviewer)."""
+    german = "Viele Grüße aus München, schöne Grüße und bis bald in Köln."
+    assert read_attachment("brief.txt", german.encode("latin-1")).text == german
+    french = "Le café de la gare est fermé le dimanche; la façade a été repeinte cet été."
+    assert read_attachment("note.txt", french.encode("cp1252")).text == french
+    gbk = "朱镕基在会议上讲话，强调经济改革要稳步推进。报告指出收入增长百分之十五。"  # 镕: a GBK character, not GB2312
+    assert read_attachment("新闻.txt", gbk.encode("gbk")).text == gbk
+    assert read_attachment("短.txt", "你好".encode("gb2312")).text == "你好"
+
+
+def test_a_damaged_pdf_of_any_kind_is_unreadable_not_a_crash():
+    """pypdf meets a malformed object with whatever plain error follows (here AttributeError: a number where the
+    trailer's dictionary should be, a byte changed in an xref offset): the file is damaged, never a page crash."""
+    good = make_pdf(["hello world"])
+    for damaged in (
+        good.replace(b"trailer\n<<", b"trailer\n0<<"),
+        good.replace(b"trailer\n<<", b"trailer\n0<<").replace(b"0000000015 00000 n", b"000V000015 00000 n"),
+    ):
+        with pytest.raises(AttachmentError) as caught:
+            read_attachment("damaged.pdf", damaged)
+        assert caught.value.reason == "pdf_unreadable"
+
+
 def test_encrypted_truncated_and_blank_pdfs():
     with pytest.raises(AttachmentError) as caught:
         read_attachment("secret.pdf", make_pdf(["top secret"], password="pw"))

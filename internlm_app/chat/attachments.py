@@ -91,19 +91,32 @@ def read_attachment(name: str, data: bytes) -> Attachment:
 
 
 def _decode(name: str, data: bytes) -> str:
-    for encoding in ("utf-8-sig", "utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig", "gb18030"):
+    """A text file's text: UTF-8 (or UTF-16 with a BOM), else GB2312 as it stands (most Chinese files that are not
+    UTF-8), else the encoding `charset_normalizer` finds most coherent (GBK/GB18030 with rarer characters, Big5,
+    Latin-1/Windows-125x, ...). GB18030 alone would take almost any bytes, Latin-1 ones too, as wrong Chinese."""
+    strict = ("utf-8-sig", "utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig", "gb2312")
+    for encoding in strict:
         try:
             text = data.decode(encoding)
         except UnicodeDecodeError:
             continue
-        if "\x00" not in text:  # a binary file that happens to decode
-            return text.replace("\r\n", "\n")
-    raise AttachmentError("not_text", f"{name} is not text in UTF-8, UTF-16 or GB18030")
+        return _checked_text(name, text)
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(data).best()
+    if best is None:
+        raise AttachmentError("not_text", f"{name} is not text in UTF-8, UTF-16, GB18030 or another known encoding")
+    return _checked_text(name, str(best))
+
+
+def _checked_text(name: str, text: str) -> str:
+    if "\x00" in text:  # a binary file that happens to decode
+        raise AttachmentError("not_text", f"{name} is not a text file (it holds NUL bytes)")
+    return text.replace("\r\n", "\n")
 
 
 def _pdf_pages(name: str, data: bytes) -> list[str]:
     from pypdf import PdfReader
-    from pypdf.errors import PyPdfError
 
     try:
         reader = PdfReader(io.BytesIO(data))
@@ -115,8 +128,9 @@ def _pdf_pages(name: str, data: bytes) -> list[str]:
         return [(page.extract_text() or "").strip() for page in reader.pages]
     except AttachmentError:
         raise
-    except (PyPdfError, ValueError, KeyError, TypeError, OSError, RecursionError) as exc:
-        # pypdf raises its own errors for damaged files, and plain ones for some malformed objects
+    except Exception as exc:
+        # pypdf raises its own errors for damaged files, and any plain one for a malformed object where another was
+        # expected (AttributeError, IndexError, AssertionError, ...): a file from anyone is damaged, not a bug here
         if "decrypt" in str(exc).lower() or "cryptography" in str(exc).lower():
             raise AttachmentError("pdf_encrypted", f"{name} is encrypted in a way that cannot be read: {exc}") from None
         raise AttachmentError("pdf_unreadable", f"{name} is not a readable PDF: {exc}") from None

@@ -5,6 +5,7 @@ saves nothing. A sent file shows under its message with the part used, its token
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import streamlit as st
@@ -28,6 +29,8 @@ from internlm_app.store.records import Conversation
 from internlm_app.store.tree import Attachment as StoredAttachment
 from internlm_app.web import state
 from internlm_app.web.safe_markdown import code_span, plain
+
+log = logging.getLogger(__name__)
 
 FILE_TYPES = sorted({suffix.lstrip(".") for suffix in TEXT_SUFFIXES} | {"pdf"})
 PROMPT_KEY = "prompt"  # the chat input's key (chat.PROMPT_KEY)
@@ -76,6 +79,10 @@ def hold(backend: ChatBackend, text: str, files: list) -> None:
             attachment = read_attachment(file.name, file.getvalue())
         except AttachmentError as exc:
             held.append(HeldFile(file.name, file.type, None, exc.reason))
+            continue
+        except Exception:  # a fault of ours reading it: this file is refused, the message and other files stay
+            log.exception("could not read the attachment %r", file.name)
+            held.append(HeldFile(file.name, file.type, None, "unreadable"))
             continue
         whole = fit_attachments([attachment], count, WHOLE)[0]
         held.append(HeldFile(attachment.name, file.type, attachment, whole=whole))

@@ -408,6 +408,10 @@ LABELS: dict[str, tuple[str, str]] = {
     ),
     "attach_error_pdf_encrypted": ("{name}：PDF 有密码保护，无法读取。", "{name}: the PDF is protected by a password."),
     "attach_error_pdf_unreadable": ("{name}：PDF 已损坏，无法读取。", "{name}: the PDF is damaged and cannot be read."),
+    "attach_error_unreadable": (
+        "{name}：读取此文件时出错（详见服务器日志），未附加。",
+        "{name}: reading this file failed (the server log has the details); it is not attached.",
+    ),
     "attach_error_too_large": (
         "{name}：文件太大（最多 20 MiB、200 万字）。",
         "{name}: too large (20 MiB, 2 M characters at most).",
