@@ -88,7 +88,7 @@ def test_a_malformed_import_shows_a_clear_error_and_changes_nothing(app_env, sto
     assert "导入失败，未做任何更改：文件中有无效或超出限制的内容" in texts(at.error)  # translated, what to do
     assert "role" in at.expander[0].text[0].value  # the English details: which field
     at.button(key="import_button").click().run()  # the rejected file is gone: nothing is imported, and it says so
-    assert "请先选择一个 JSON 导出文件" in texts(at.warning)
+    assert "请先选择一个导出文件" in texts(at.warning)
     at.file_uploader(key="import_file_1").set_value(("x.json", b"not json", "application/json"))
     at.button(key="import_button").click().run()
     assert "这不是 JSON 文件" in texts(at.error) and "not a JSON file" in at.expander[0].text[0].value
@@ -114,6 +114,50 @@ def test_history_delete_needs_confirmation(app_env, store):
     assert store.get_conversation(doomed) is None and "对话已删除" in texts(at.success)
     assert store.get_conversation(kept) is not None
     assert at.toggle(key="delete_one").value is False  # the next conversation needs its own confirmation
+
+
+def test_an_armed_delete_never_moves_to_another_conversation(app_env, store):
+    """Delete switched on for one conversation, then a search (or the feedback filter) changes which one is selected:
+    the switch goes off, so "Yes, delete" never aims at a conversation nobody confirmed (reviewer)."""
+    other = _conversation(store, "Other", "oddC words", "hi")
+    armed = _conversation(store, "Armed", "hello", "hi")  # the newest: selected first
+    at = run_page(HISTORY)
+    at.toggle(key="delete_one").set_value(True).run()
+    at.text_input(key="search").set_value("oddC").run()
+    assert at.selectbox(key="selected").value == other
+    assert at.toggle(key="delete_one").value is False and not [b for b in at.button if b.key == "delete_one_confirm"]
+    assert store.get_conversation(armed) is not None and store.get_conversation(other) is not None
+
+
+def test_export_all_of_a_store_too_large_for_one_file_is_a_zip_that_imports(app_env, store, monkeypatch):
+    """Past what one import takes, "Export all" serves a ZIP of parts, and the import takes that ZIP back whole."""
+    from internlm_app.store import export_format
+
+    for i in range(4):
+        _conversation(store, f"Chat {i}", f"question {i}", f"answer {i}")
+    at = run_page(HISTORY)
+    assert any(b.proto.id.endswith("export_all_json") for b in at.get("download_button"))
+    monkeypatch.setattr(export_format, "MAX_TOTAL_MESSAGES", 3)
+    at.run()
+    buttons = {b.proto.id.rsplit("-", 1)[-1]: b.proto for b in at.get("download_button")}
+    assert "export_all_zip" in buttons and "export_all_json" not in buttons
+    assert "ZIP" in buttons["export_all_zip"].label
+    archive = export.export_archive(store)
+    fresh = ConversationStore(app_env / "fresh.db")
+    assert len(export.import_json(fresh, archive)) == 4
+    at.file_uploader(key="import_file_0").set_value(("backup.zip", archive, "application/zip"))
+    at.radio(key="import_keep_both").set_value(True).run()
+    at.button(key="import_button").click().run()
+    assert "已导入 4 个对话" in texts(at.success) and len(store.list_conversations(limit=None)) == 8
+
+
+def test_exporting_a_conversation_deleted_in_another_tab_gives_a_file_that_says_so(store):
+    from internlm_app.web import history
+
+    cid = _conversation(store, "Gone", "hello", "hi")
+    markdown, document = (history.exporter(store, kind, [cid], gone="(deleted)") for kind in ("md", "json"))
+    store.delete(cid)
+    assert markdown() == "(deleted)" and json.loads(document())["conversations"] == []
 
 
 def test_pages_are_behind_the_password_gate(app_env, monkeypatch, app_cache):

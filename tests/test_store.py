@@ -521,3 +521,75 @@ def test_messages_queued_during_a_reply_wait_in_the_file_until_sent(tmp_path: Pa
     assert [(m.id, m.role, m.content) for m in reopened.get_conversation(cid).messages] == [(mid, "user", "first")]
     reopened.delete(cid)
     assert reopened.queued_messages(cid) == [] and [q.content for q in reopened.queued_messages(other)] == ["elsewhere"]
+
+
+def _chats(store: ConversationStore, n: int) -> list[tuple]:
+    """`n` conversations of a question and an answer (one with a regenerated answer and an attachment)."""
+    from internlm_app.store.export import fingerprint
+    from internlm_app.store.tree import Attachment
+
+    for i in range(n):
+        cid = store.create_conversation(f"system {i}")
+        files = [Attachment("a.txt", "text/plain", "t")]
+        store.add_message(cid, "user", f"question {i} " + "词" * 40, attachments=files)
+        answer = store.add_message(cid, "assistant", f"answer {i}")
+        if i == 0:
+            store.add_version(answer, "answer 0, again")
+    return sorted(fingerprint(store.get_conversation(s.id)) for s in store.list_conversations(limit=None))
+
+
+def test_a_store_too_large_for_one_export_is_backed_up_as_a_zip_that_imports_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What "Export all" makes always imports again (reviewer: 1000+ conversations, or over 32 MiB, made a file the
+    import refused). Bounds made small: a store past them is a ZIP of parts, each within them; the ZIP imports
+    every conversation, in one transaction, and again with skip finds them all."""
+    from internlm_app.store.export import export_archive, export_parts, fingerprint, fits_one_file
+
+    monkeypatch.setattr(export_format, "MAX_IMPORT_BYTES", 2500)
+    monkeypatch.setattr(export_format, "MAX_TOTAL_MESSAGES", 7)
+    source = ConversationStore(tmp_path / "source.db")
+    assert fits_one_file(source)  # empty
+    expected = _chats(source, 6)
+    assert not fits_one_file(source)
+    with pytest.raises(ImportValidationError):  # one file holding everything: more than an import takes
+        import_json(ConversationStore(tmp_path / "refused.db"), export_json(source))
+    parts = list(export_parts(source))
+    assert len(parts) >= 3 and all(len(p.encode()) <= 2500 for p in parts)
+    assert all(sum(len(c["messages"]) for c in json.loads(p)["conversations"]) <= 7 for p in parts)
+    archive = export_archive(source)
+    target = ConversationStore(tmp_path / "target.db")
+    assert len(import_json(target, archive)) == 6
+    assert sorted(fingerprint(target.get_conversation(s.id)) for s in target.list_conversations(limit=None)) == expected
+    again = import_json(target, archive, skip_existing=True)
+    assert len(again) == 0 and again.skipped == 6
+
+
+def test_a_zip_that_is_not_a_backup_is_refused_with_nothing_imported(
+    store: ConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import zipfile
+
+    def zipped(**members: bytes) -> bytes:
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for name, data in members.items():
+                archive.writestr(name, data)
+        return out.getvalue()
+
+    good = doc(valid_conversation()).encode()
+    bomb = zipped(**{"part-1.json": good, "part-2.json": b" " * (2 << 20)})
+    monkeypatch.setattr(export_format, "MAX_ARCHIVE_JSON_BYTES", 1 << 20)
+    cases = [
+        (zipped(), "invalid"),
+        (zipped(**{"part-1.json": good, "part-2.json": b"not json"}), "not_json"),
+        (bomb, "too_large"),
+        (b"PK\x03\x04 cut short", "not_json"),
+    ]
+    for data, reason in cases:
+        with pytest.raises(ImportValidationError) as info:
+            import_json(store, data)
+        assert info.value.reason == reason, (reason, info.value)
+    assert counts(store) == (0, 0)
+    assert len(import_json(store, zipped(**{"part-1.json": good}))) == 1

@@ -115,6 +115,20 @@ class ConversationStore(MessageQueries, PresetQueries, QueuedMessageQueries):
         rows = self._read(lambda c: c.execute(sql, (*params, -1 if limit is None else limit)).fetchall())
         return [ConversationSummary(*row) for row in rows]
 
+    def export_size(self) -> tuple[int, int, int]:
+        """What an export of everything would hold: conversations, messages (every version) and the bytes (UTF-8)
+        of their text (titles, system prompts, settings, contents, stats and attachments' names and text)."""
+        sql = """SELECT
+            (SELECT COUNT(*) FROM conversations),
+            (SELECT COUNT(*) FROM messages),
+            (SELECT COALESCE(SUM(LENGTH(CAST(title AS BLOB)) + LENGTH(CAST(system_prompt AS BLOB))
+                + LENGTH(CAST(settings AS BLOB))), 0) FROM conversations)
+            + (SELECT COALESCE(SUM(LENGTH(CAST(content AS BLOB)) + COALESCE(LENGTH(CAST(stats AS BLOB)), 0)), 0)
+                FROM messages)
+            + (SELECT COALESCE(SUM(LENGTH(CAST(name AS BLOB)) + LENGTH(CAST(mime_type AS BLOB))
+                + LENGTH(CAST(text AS BLOB))), 0) FROM attachments)"""
+        return self._read(lambda c: tuple(c.execute(sql).fetchone()))
+
     def list_conversations(self, limit: int | None = 50, *, feedback: int | None = None) -> list[ConversationSummary]:
         """Conversations, most recently updated first (all of them when limit is None); with `feedback` (1 or 0)
         only those having a reply with that feedback."""

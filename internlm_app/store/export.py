@@ -3,13 +3,23 @@ its validation: export_format.py)."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
-from collections.abc import Iterable
+import zipfile
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 
+from internlm_app.store import export_format as bounds  # (read at each call: the tests make them small)
 from internlm_app.store.db import ConversationStore
-from internlm_app.store.export_format import FORMAT, VERSION, ConversationIn, parse_export
+from internlm_app.store.export_format import (
+    FORMAT,
+    VERSION,
+    ConversationIn,
+    ExportDocument,
+    ImportValidationError,
+    parse_export,
+)
 from internlm_app.store.records import Conversation, StoredMessage, title_from
 from internlm_app.store.tree import Attachment, path_to
 
@@ -144,10 +154,13 @@ class ImportedIds(list):
 
 def import_json(store: ConversationStore, data: bytes | str, skip_existing: bool = False) -> ImportedIds:
     """Import the conversations of an export in one transaction (all or nothing) and return their new ids. With
-    `skip_existing`, one the store already holds (the same `fingerprint`: an export imported again) is left out."""
-    document = parse_export(data)
+    `skip_existing`, one the store already holds (the same `fingerprint`: an export imported again) is left out.
+    `data` is one JSON export, or a ZIP of them (`export_archive`: a store too large for one file)."""
     now = time.time()
-    incoming = [_to_conversation(c, now) for c in document.conversations]
+    if isinstance(data, bytes) and data.startswith(ZIP_MAGIC):
+        incoming = [_to_conversation(c, now) for part in _archive_parts(data) for c in part.conversations]
+    else:
+        incoming = [_to_conversation(c, now) for c in parse_export(data).conversations]
     kept = incoming
     if skip_existing:
         have = {fingerprint(c) for s in store.list_conversations(limit=None) if (c := store.get_conversation(s.id))}
@@ -155,3 +168,90 @@ def import_json(store: ConversationStore, data: bytes | str, skip_existing: bool
     ids = ImportedIds(store.import_conversations(kept))
     ids.skipped = len(incoming) - len(kept)
     return ids
+
+
+# ----- a store too large for one export file: a ZIP of exports, each one an import takes -----
+
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a ZIP's first bytes: its first file, or the end of an empty one
+_PART_OVERHEAD = 256  # bytes of the document around its conversations (format, version, time, brackets)
+
+
+def fits_one_file(store: ConversationStore) -> bool:
+    """Whether every conversation fits one JSON export that an import takes, by what the store holds (without making
+    the export): the counts, and at most twice the text's bytes plus 1 KiB a message (JSON escapes, keys, numbers,
+    indentation; an estimate that errs high). When not, `export_archive` makes the backup."""
+    conversations, messages, text_bytes = store.export_size()
+    estimate = 2 * text_bytes + 1024 * (messages + conversations) + _PART_OVERHEAD
+    return (
+        conversations <= bounds.MAX_CONVERSATIONS
+        and messages <= bounds.MAX_TOTAL_MESSAGES
+        and estimate <= bounds.MAX_IMPORT_BYTES
+    )
+
+
+def export_parts(store: ConversationStore) -> Iterator[str]:
+    """Every conversation (most recent first) as JSON export documents, each within what one import takes
+    (MAX_CONVERSATIONS, MAX_TOTAL_MESSAGES, MAX_IMPORT_BYTES). A conversation larger than one file on its own (over
+    MAX_IMPORT_BYTES) is a part of its own, which an import refuses."""
+    batch: list[str] = []
+    messages = size = 0
+    for cid in [s.id for s in store.list_conversations(limit=None)]:
+        conv = store.get_conversation(cid)
+        if conv is None:
+            continue  # deleted meanwhile
+        item = json.dumps(conversation_to_dict(conv), ensure_ascii=False, indent=1)
+        count, item_size = len(conv.tree or conv.messages), len(item.encode()) + 2 * item.count("\n") + 2
+        full = len(batch) >= bounds.MAX_CONVERSATIONS or messages + count > bounds.MAX_TOTAL_MESSAGES
+        if batch and (full or size + item_size + _PART_OVERHEAD > bounds.MAX_IMPORT_BYTES):
+            yield _document(batch)
+            batch, messages, size = [], 0, 0
+        batch.append(item)
+        messages, size = messages + count, size + item_size
+    yield _document(batch)
+
+
+def _document(items: list[str]) -> str:
+    """An export document of conversations already in JSON, as export_json writes it (items one level deeper)."""
+    head = json.dumps({"format": FORMAT, "version": VERSION, "exported_at": time.time()}, ensure_ascii=False)
+    body = ",\n".join("  " + item.replace("\n", "\n  ") for item in items)
+    return head[:-1] + ', "conversations": [\n' + body + "\n]}"
+
+
+def export_archive(store: ConversationStore) -> bytes:
+    """A ZIP of JSON exports (`export_parts`), part-0001.json, ...: a backup of a store of any size that an import
+    takes back whole (import_json reads the ZIP)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for number, part in enumerate(export_parts(store), start=1):
+            archive.writestr(f"part-{number:04d}.json", part)
+    return out.getvalue()
+
+
+def _archive_parts(data: bytes) -> Iterator[ExportDocument]:
+    """The JSON exports in a ZIP, validated, in name order, within the archive bounds (a ZIP bomb is refused by its
+    declared and its real sizes); ImportValidationError for anything else."""
+    if len(data) > bounds.MAX_ARCHIVE_BYTES:
+        raise ImportValidationError(f"the ZIP is larger than {bounds.MAX_ARCHIVE_BYTES >> 20} MiB", "too_large")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = sorted((m for m in archive.infolist() if not m.is_dir()), key=lambda m: m.filename)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise ImportValidationError(f"not a readable ZIP file: {exc}", "not_json") from None
+    if not members or len(members) > bounds.MAX_ARCHIVE_PARTS:
+        raise ImportValidationError(
+            f"a ZIP of 1 to {bounds.MAX_ARCHIVE_PARTS} JSON exports; this one has {len(members)}", "invalid"
+        )
+    if sum(m.file_size for m in members) > bounds.MAX_ARCHIVE_JSON_BYTES:
+        raise ImportValidationError(
+            f"the ZIP unpacks to more than {bounds.MAX_ARCHIVE_JSON_BYTES >> 20} MiB", "too_large"
+        )
+    for member in members:
+        try:
+            with archive.open(member) as part:
+                text = part.read(bounds.MAX_IMPORT_BYTES + 1)  # never more, whatever its header says
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
+            raise ImportValidationError(f"{member.filename}: cannot be unpacked: {exc}", "not_json") from None
+        try:
+            yield parse_export(text)
+        except ImportValidationError as exc:
+            raise ImportValidationError(f"{member.filename}: {exc}", exc.reason) from None

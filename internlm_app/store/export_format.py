@@ -23,7 +23,10 @@ from internlm_app.chat_types import FinishReason, ReplyStats
 
 FORMAT = "internlm-chat-export"
 VERSION = 1
-MAX_IMPORT_BYTES = 32 * 1024 * 1024
+MAX_IMPORT_BYTES = 32 * 1024 * 1024  # one JSON export; a store that does not fit in one is exported as a ZIP of parts
+MAX_ARCHIVE_BYTES = 200 * 1024 * 1024  # a ZIP of parts as uploaded (the web server's upload limit: streamlit.toml)
+MAX_ARCHIVE_PARTS = 1_000
+MAX_ARCHIVE_JSON_BYTES = 1024 * 1024 * 1024  # its parts together, unpacked
 MAX_CONVERSATIONS = 1_000
 MAX_MESSAGES = 5_000  # per conversation
 MAX_TOTAL_MESSAGES = 50_000

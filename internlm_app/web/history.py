@@ -52,13 +52,30 @@ def describe(item: ConversationSummary, untitled: str, count: str) -> str:
     return f"{item.title or untitled} · {when(item.updated_at)} · {count.format(n=item.message_count)}"
 
 
-def exporter(store: ConversationStore, kind: str, cids: list[str] | None = None) -> Callable[[], str]:
-    """A zero-argument callable for st.download_button, so the export runs only when the user clicks; the file it
-    makes is removed from the media store EXPORT_LIFETIME_SECONDS later."""
-    make = partial(export.export_json if kind == "json" else export.export_markdown, store, cids)
+@storage.stops_on_fault
+def backup_kind(ctx, store: ConversationStore) -> str:
+    """How "Export all" makes its JSON: "json", one file, when everything fits what one import takes; else "zip", a
+    ZIP of exports that imports whole (a backup must always import again)."""
+    return "json" if export.fits_one_file(store) else "zip"
 
-    def export_once() -> str:
-        text = make()
+
+def exporter(
+    store: ConversationStore, kind: str, cids: list[str] | None = None, gone: str = ""
+) -> Callable[[], str | bytes]:
+    """A zero-argument callable for st.download_button, so the export runs only when the user clicks (`kind`: json,
+    md, or zip: every conversation, as export_archive); the file it makes is removed from the media store
+    EXPORT_LIFETIME_SECONDS later. A conversation deleted meanwhile (another tab) gives a file that says so: `gone`
+    as Markdown, an export without it as JSON (the click cannot show a message on the page)."""
+    if kind == "zip":
+        make: Callable[[], str | bytes] = partial(export.export_archive, store)
+    else:
+        make = partial(export.export_json if kind == "json" else export.export_markdown, store, cids)
+
+    def export_once() -> str | bytes:
+        try:
+            text = make()
+        except KeyError:  # export._load: a conversation named in `cids` was deleted
+            text = gone if kind == "md" else export.export_json(store, [])
         if runtime.exists():
             manager = runtime.get_instance().media_file_mgr
             timer = threading.Timer(EXPORT_LIFETIME_SECONDS, remove_unreferenced_media, args=(manager,))
@@ -78,7 +95,7 @@ def remove_unreferenced_media(manager) -> None:
 
 def file_name(kind: str, cid: str | None = None) -> str:
     stem = f"conversation-{cid}" if cid else f"conversations-{time.strftime('%Y%m%d-%H%M')}"
-    return f"{stem}.{'json' if kind == 'json' else 'md'}"
+    return f"{stem}.{kind}"
 
 
 def upload_key() -> str:
@@ -106,11 +123,14 @@ def import_upload(store: ConversationStore, t: Callable[..., str], skip_existing
         st.session_state[NOTICE_KEY] = ("success", done)
 
 
-def keep_selection_valid(key: str, options: list[str]) -> None:
+def keep_selection_valid(key: str, options: list[str], armed_key: str) -> None:
     """Before the picker is drawn: a selection no longer among the options (a search that found nothing, then
-    cleared) falls back to the first option, so the row of actions comes back."""
+    cleared; a filter) falls back to the first option, so the row of actions comes back. Any change of selection
+    switches the `armed_key` toggle (Delete) off, as a choice in the picker does: an armed delete never moves to
+    another conversation."""
     if st.session_state.get(key) not in options:
         st.session_state[key] = options[0] if options else None
+        st.session_state[armed_key] = False
 
 
 def delete(store: ConversationStore, cid: str, done: str, toggle_key: str) -> None:

@@ -306,8 +306,9 @@ LABELS: dict[str, tuple[str, str]] = {
     "status_no_problems": ("没有发现问题", "No problems found"),
     "choose_conversation": ("选择一个对话", "Choose a conversation"),
     "import_file_help": (
-        "本应用导出的 JSON 文件（“导出全部”或单个对话），最大 32 MB。",
-        "A JSON file exported by this app (Export all, or one conversation), up to 32 MB.",
+        "本应用导出的 JSON 文件（“导出全部”或单个对话，最大 32 MB），或对话很多时导出的 ZIP（最大 200 MB）。",
+        "A JSON file exported by this app (Export all, or one conversation; up to 32 MB), or the ZIP that Export all "
+        "makes when there are many conversations (up to 200 MB).",
     ),
     "doctor_old_transformers": (
         "transformers {version} 太旧（需要 ≥ 5.3，CVE-2026-4372）：pip install -U transformers",
@@ -345,13 +346,19 @@ LABELS: dict[str, tuple[str, str]] = {
     "open": ("打开", "Open"),
     "export_all": ("导出全部", "Export all"),
     "export_all_json": ("全部导出为 JSON", "All as JSON"),
+    "export_all_zip": ("全部导出为 JSON（ZIP，分多个文件）", "All as JSON (a ZIP of parts)"),
+    "export_gone": (
+        "（这个对话已被删除，可能是在另一个标签页中。）",
+        "(This conversation was deleted, perhaps in another tab.)",
+    ),
     "export_all_md": ("全部导出为 Markdown", "All as Markdown"),
     "import": ("导入", "Import"),
     "import_file": ("JSON 导出文件", "A JSON export file"),
     "imported": ("已导入 {n} 个对话", "Imported {n} conversations"),
     "import_error_too_large": (
-        "导入失败，未做任何更改：文件超过 32 MB。",
-        "Import failed, nothing was changed: the file is larger than 32 MB.",
+        "导入失败，未做任何更改：文件太大（JSON 最大 32 MB，ZIP 最大 200 MB，解压后最大 1 GB）。",
+        "Import failed, nothing was changed: the file is too large (JSON up to 32 MB, a ZIP up to 200 MB and 1 GB "
+        "unpacked).",
     ),
     "import_error_not_json": (
         "导入失败，未做任何更改：这不是 JSON 文件。请选择本应用导出的 .json 文件。",
@@ -369,7 +376,11 @@ LABELS: dict[str, tuple[str, str]] = {
         "导入失败，未做任何更改：文件中有无效或超出限制的内容，详细信息中列出了位置。",
         "Import failed, nothing was changed: the file has invalid or oversized content; the details say where.",
     ),
-    "import_no_file": ("请先选择一个 JSON 导出文件", "Choose a JSON export file first"),
+    "import_no_file": (
+        "请先选择一个导出文件（JSON 最大 32 MB，ZIP 最大 200 MB；超出的文件会被上传框标红拒绝）",
+        "Choose an export file first (JSON up to 32 MB, ZIP up to 200 MB; the box marks a larger file in red and "
+        "does not take it)",
+    ),
     "import_skipped": ("；{n} 个已存在，已跳过", "; {n} already here, skipped"),
     "import_duplicates": ("已存在的对话", "Conversations already here"),
     "import_skip": ("跳过", "skip"),

@@ -22,7 +22,7 @@ feedback = st.radio(
 )
 items = history.find(ctx, store, query, feedback)
 by_id = {item.id: item for item in items}
-history.keep_selection_valid("selected", list(by_id))
+history.keep_selection_valid("selected", list(by_id), "delete_one")
 cid = st.selectbox(
     ctx.t("conversations_found", n=len(items)),
     list(by_id),
@@ -36,7 +36,7 @@ if cid is not None:
     open_col, json_col, md_col, delete_col = st.columns(4)
     open_col.page_link(CHAT_PAGE, label=ctx.t("open"), icon=":material/chat:", query_params={"c": cid})
     for col, kind in ((json_col, "json"), (md_col, "md")):
-        data = history.exporter(store, kind, [cid])
+        data = history.exporter(store, kind, [cid], gone=ctx.t("export_gone"))
         col.download_button(
             kind.upper(), data, history.file_name(kind, cid), key=f"export_one_{kind}", on_click="ignore"
         )
@@ -52,14 +52,15 @@ if cid is not None:
 
 st.subheader(ctx.t("export_all"))
 json_col, md_col = st.columns(2)
-for col, kind in ((json_col, "json"), (md_col, "md")):
+backup = history.backup_kind(ctx, store)  # "json", or "zip" (parts) when one file would be more than an import takes
+for col, kind in ((json_col, backup), (md_col, "md")):
     data, name = history.exporter(store, kind), history.file_name(kind)
     col.download_button(ctx.t(f"export_all_{kind}"), data, name, key=f"export_all_{kind}", on_click="ignore")
 
 st.subheader(ctx.t("import"))
 # Streamlit's own "Drag and drop" / "Browse files" words cannot be set (streamlit/streamlit#13500): the label and the
 # help say what to drop in the page's language.
-st.file_uploader(ctx.t("import_file"), type=["json"], key=history.upload_key(), help=ctx.t("import_file_help"))
+st.file_uploader(ctx.t("import_file"), type=["json", "zip"], key=history.upload_key(), help=ctx.t("import_file_help"))
 keep_both = st.radio(
     ctx.t("import_duplicates"),
     [False, True],
