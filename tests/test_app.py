@@ -155,6 +155,24 @@ def test_the_language_comes_from_the_url_and_survives_a_new_session(app_env):
     assert run_page(query={"lang": "xx"}).radio(key="lang").value == "zh"  # an unknown one: the default
 
 
+def test_a_page_switch_keeps_the_language_and_the_open_conversation(app_env):
+    """Streamlit's page navigation drops the URL's parameters: each page puts ?lang= back (a reload after a switch
+    stays in English), and the chat page reopens this session's conversation rather than a new one (reviewer)."""
+    at = send(run_page(query={"lang": "en"}), "hello")
+    cid = at.query_params["c"]
+    at.query_params.clear()  # what a click on "History" in the sidebar does to the URL
+    at.switch_page("internlm_app/web/pages/history.py").run()
+    assert at.query_params["lang"] in ("en", ["en"])
+    at.query_params.clear()
+    at.switch_page("internlm_app/web/pages/chat.py").run()
+    assert at.query_params["c"] in (cid, [cid]) and at.query_params["lang"] in ("en", ["en"])
+    assert [role for role, _ in chat(at)] == ["user", "assistant"] and chat(at)[0][1] == "hello"
+    at.button(key="new_chat").click().run()  # New chat forgets it: the next switch back opens an empty one
+    at.query_params.clear()
+    at.switch_page("internlm_app/web/pages/chat.py").run()
+    assert "c" not in at.query_params and chat(at) == []
+
+
 def test_logout_forgets_the_login(app_env, monkeypatch, app_cache):
     set_app_env(monkeypatch, app_env, app_cache, INTERNLM_WEB_PASSWORD="s3cret")
     at = run_page()

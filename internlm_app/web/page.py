@@ -93,6 +93,8 @@ def start_page(title_key: str) -> PageContext:
     """Set up the page; stops the script while the password gate is closed or the settings are invalid."""
     lang = st.session_state.setdefault(_LANG_KEY, _first_language())
     st.session_state["lang"] = lang  # the switch shows it on every page (a page switch drops widget state)
+    if lang != LANGUAGES[0] and st.query_params.get(LANG_PARAM) != lang:
+        st.query_params[LANG_PARAM] = lang  # back in the URL after a page switch, which drops it: a reload keeps it
     st.set_page_config(page_title=f"{t(title_key, lang)} · InternLM2 Chat", page_icon=PAGE_ICON, layout="centered")
     hosted = hosting.current()
     try:

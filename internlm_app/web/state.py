@@ -68,8 +68,14 @@ def stop_point() -> None:
 
 
 def conversation_id() -> str | None:
-    """The conversation id in the URL (?c=<id>)."""
-    return st.query_params.get(URL_PARAM) or None
+    """The conversation id in the URL (?c=<id>); without one, the conversation this session has open, put back in
+    the URL: Streamlit's page navigation drops the URL's parameters, and coming back to the chat from another page
+    must not start a new conversation (New chat forgets the open one: set_conversation_id(None))."""
+    cid = st.query_params.get(URL_PARAM)
+    if not cid and (opened := st.session_state.get(_OPENED_KEY)):
+        st.query_params[URL_PARAM] = opened
+        return opened
+    return cid or None
 
 
 def set_conversation_id(cid: str | None) -> None:
