@@ -248,11 +248,31 @@ _FORCED_NOT = {
         # xgrammar's own message, without the time and C++ source location it starts with
         (
             CHAT,
-            _chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}})[
+            _chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/x/y"}}})[
                 "json"
             ],
             "response_format",
-            'response_format: the schema cannot be used for constrained decoding: Unsupported type "foo"',
+            "response_format: the schema cannot be used for constrained decoding: Cannot find field 'x'",
+        ),
+        # a schema that is none by the JSON Schema metaschema: named where it was sent, for any tool_choice
+        (
+            CHAT,
+            _chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}})[
+                "json"
+            ],
+            "response_format.json_schema.schema",
+            "response_format.json_schema.schema: not a valid JSON Schema: 'foo' is not valid",
+        ),
+        (
+            CHAT,
+            _chat(
+                tools=[
+                    {"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": {"type": 5}}}}}
+                ]
+            )["json"],
+            "tools.0.function.parameters",
+            "tools.0.function.parameters: not a valid JSON Schema: 5 is not valid under any of the given schemas at "
+            "['properties']['a']['type']",
         ),
         # a forced call's schema is the user's tool's: the keyword is named where the user wrote it
         (
@@ -271,6 +291,8 @@ _FORCED_NOT = {
         "completions-over-window",
         "chat-over-window",
         "xgrammar-message",
+        "response-schema-metaschema",
+        "tool-schema-metaschema",
         "forced-tool-keyword",
     ],
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from internlm_app.api.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS, Text, check_stops
 from internlm_app.backends.sampler import MAX_TOP_LOGPROBS
@@ -84,10 +84,29 @@ class ChatMessage(BaseModel):
         return message
 
 
+def _json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON Schema that is one by its metaschema (Draft 2020-12, as OpenAI's function parameters): "type":
+    "nonsense" or "type": 5 is refused here, naming the field, for any tool_choice, as OpenAI does."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        where = "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in exc.absolute_path)
+        raise ValueError(f"not a valid JSON Schema: {exc.message[:300]}{' at ' + where if where else ''}") from None
+    except RecursionError:
+        raise ValueError("not a valid JSON Schema: nested too deeply") from None
+    return schema
+
+
+Schema = Annotated[dict[str, Any], AfterValidator(_json_schema)]
+
+
 class FunctionDefinition(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: Text | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: Schema | None = None
     strict: bool | None = None
 
 
@@ -108,7 +127,7 @@ class NamedToolChoice(BaseModel):
 class JsonSchemaFormat(BaseModel):
     name: str = "response"
     description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    schema_: Schema = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
