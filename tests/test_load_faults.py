@@ -183,3 +183,24 @@ def test_a_bad_setting_is_one_line_naming_the_flag_and_the_variable(tmp_path, ca
         monkeypatch.setenv(key, value)
     code, err = _cli(capsys, "chat", "--model-path", str(FIXTURE_DIR), *argv)
     assert code == 2 and expected in _one_error_line(err)
+
+
+def test_an_offline_download_fails_once_with_what_to_do(tmp_path, monkeypatch):
+    """No network: the file listing fails with a connection error, and the download says so at once instead of
+    retrying the same for as long again in snapshot_download (reviewer: 33 s offline, now the listing's retries)."""
+    import modelscope
+    from modelscope.hub.api import HubApi
+
+    from internlm_app.runtime.model_source import ModelSourceError, download_model
+
+    downloads = []
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("[E1020] Connection failed: Name or service not known")
+
+    monkeypatch.setattr(HubApi, "get_model_files", offline)
+    monkeypatch.setattr(modelscope, "snapshot_download", lambda *a, **k: downloads.append(a))
+    steps = []
+    with pytest.raises(ModelSourceError, match="Check the network.*INTERNLM_MODEL_PATH") as raised:
+        download_model("Shanghai_AI_Laboratory/internlm2-chat-7b", "master", tmp_path, steps.append)
+    assert raised.value.reason == "download_failed" and downloads == [] and steps == []

@@ -64,10 +64,13 @@ def _file_sizes(model_id: str, revision: str) -> dict[str, int]:
     """Every file of the model and its size in bytes, from the hub's listing; empty when the listing fails (the
     download then reports bytes without a total)."""
     from modelscope.hub.api import HubApi
+    from requests.exceptions import ConnectionError as RequestsConnectionError
 
     try:
         files = HubApi().get_model_files(model_id, revision=revision, recursive=True)
-    except Exception as exc:  # the download itself reports a network failure; this is only for the total
+    except (ConnectionError, RequestsConnectionError):  # (modelscope's NetworkError is a ConnectionError)
+        raise  # no network: the download would retry the same for as long again (download_model says what to do)
+    except Exception as exc:  # any other failure: the download reports it; the listing is only for the total
         log.debug("could not list the files of %s: %s", model_id, exc)
         return {}
     return {
@@ -90,11 +93,11 @@ def download_model(model_id: str, revision: str, cache_dir: Path, progress: Prog
     log.info("downloading %s@%s from ModelScope into %s", model_id, revision, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     callbacks = []
-    if progress is not None:
-        tracker = _DownloadTracker(progress, _file_sizes(model_id, revision))
-        tracker.report("")
-        callbacks.append(tracker.callback_class())
     try:
+        if progress is not None:
+            tracker = _DownloadTracker(progress, _file_sizes(model_id, revision))
+            tracker.report("")
+            callbacks.append(tracker.callback_class())
         path = snapshot_download(
             model_id, revision=revision, cache_dir=str(cache_dir), progress_callbacks=callbacks or None
         )
