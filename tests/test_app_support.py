@@ -519,3 +519,10 @@ def test_a_request_token_is_given_back_only_with_its_own_claim():
     live.start("c", 9)
     live.release("c", ticket, token="regen-1")
     assert live.taken("regen-1") and live.reply_of("c") == 9
+
+
+def test_english_counts_are_singular_for_one():
+    assert i18n.t("imported", "en", n=1) == "Imported 1 conversation"
+    assert i18n.t("imported", "en", n=3) == "Imported 3 conversations"
+    assert i18n.t("message_count", "en", n=1) == "1 message" and i18n.t("stat_tokens", "en", n=1) == "1 token"
+    assert i18n.t("imported", "zh", n=1) == "已导入 1 个对话"

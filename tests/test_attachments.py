@@ -197,3 +197,18 @@ def test_remote_estimate_errs_high(tmp_path):
     remote = RemoteBackend(Settings(backend="openai", max_length=1000, db_path=tmp_path / "c.db"))  # no request yet
     assert token_counter(remote)("你好世界abcdefg") == 7  # no tokenizer here: the estimate
     assert room_for_attachments(remote, [{"role": "user", "content": "abc"}], 100) == 1000 - 100 - (1 + 5) - 5
+
+
+def test_what_is_kept_of_a_file_is_never_more_than_an_export_carries(monkeypatch):
+    """Tokens are not the only bound: a text of many characters per token could fit the context and still be longer
+    than an export's attachment (MAX_ATTACHMENT_CHARS), which an import would refuse. The block is cut to both."""
+    from internlm_app.store import export_format
+
+    monkeypatch.setattr(export_format, "MAX_ATTACHMENT_CHARS", 3000)
+    text = "\n".join(f"line {i} " + "x" * 60 for i in range(200))  # ~13,000 characters
+    attachment = read_attachment("long.txt", text.encode())
+    few_tokens = lambda block: len(block) // 100  # noqa: E731 - a tokenizer of 100 characters a token
+    fitted = fit_attachment(attachment, few_tokens, budget=10_000)
+    assert not fitted.complete and 0 < len(fitted.block) <= 3000 and fitted.block.startswith("File: long.txt")
+    short = read_attachment("short.txt", b"fits whole")
+    assert fit_attachment(short, few_tokens, budget=10_000).complete

@@ -250,6 +250,18 @@ def _labels(parts: list[Part]) -> str:
     return ", ".join(part.label for part in parts)
 
 
+def _within_chars(count_tokens: Callable[[str], int], budget: int) -> Callable[[str], int]:
+    """`count_tokens`, except that a block longer than MAX_ATTACHMENT_CHARS does not fit any `budget`: what the
+    store keeps of a file is what its export carries and an import takes back (a text of many characters per token
+    could fit the tokens and not that)."""
+    from internlm_app.store.export_format import MAX_ATTACHMENT_CHARS
+
+    def count(text: str) -> int:
+        return budget + 1 if len(text) > MAX_ATTACHMENT_CHARS else count_tokens(text)
+
+    return count
+
+
 def fit_attachment(
     attachment: Attachment,
     count_tokens: Callable[[str], int],
@@ -261,6 +273,7 @@ def fit_attachment(
     and a question the parts that match the question best (in the file's order; the leading parts when none
     matches). When not one part fits, the start of the first (or best) part; a budget too small even for the
     header gives how="none" and an empty block."""
+    count_tokens = _within_chars(count_tokens, budget)
     parts = parts_of(attachment)
     whole = _block_of(attachment, parts, len(parts), complete=True)
     tokens = count_tokens(whole)

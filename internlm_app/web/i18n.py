@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 LANGUAGES = ("zh", "en")
 
 # key -> (Chinese, English); values in {braces} are filled by t().
@@ -164,7 +166,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "unknown_error": ("未知错误", "unknown error"),
     "dropped_messages": (
         "上下文已满：最早的 {n} 条消息没有发送给模型。",
-        "Context full: the oldest {n} messages were left out of the context.",
+        "Context full: left out of the context, the oldest {n} messages.",
     ),
     "stat_tokens": ("{n} tokens", "{n} tokens"),
     "stat_ttft": ("首字 {s:.2f} 秒", "first token {s:.2f} s"),
@@ -496,8 +498,14 @@ LABELS: dict[str, tuple[str, str]] = {
 }
 
 
+_PLURAL_AFTER_N = re.compile(r"(\{n\} \w+?)s\b")
+
+
 def t(key: str, lang: str, **values: object) -> str:
-    """The label `key` in `lang` (Chinese for an unknown language), with `values` filled in."""
+    """The label `key` in `lang` (Chinese for an unknown language), with `values` filled in. English nouns counted
+    by `n` are written in the plural and made singular for n == 1 ("1 message", not "1 messages")."""
     zh, en = LABELS[key]
     text = en if lang == "en" else zh
+    if lang == "en" and values.get("n") == 1:
+        text = _PLURAL_AFTER_N.sub(r"\1", text)
     return text.format(**values) if values else text
