@@ -302,3 +302,16 @@ def test_errors_name_the_field_as_the_client_sent_it(server, path, body, param, 
     error = response.json()["error"]
     assert error["param"] == param and error["message"].startswith(message), error
     assert "[" not in error["param"] and ".cc:" not in error["message"]
+
+
+def test_a_body_sent_as_text_says_to_send_json(server):
+    """A JSON body sent with Content-Type: text/plain (curl -d without -H) is a string to the server: the error says
+    how to send it, not "Input should be a valid dictionary or object to extract fields from"."""
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    response = server.post(CHAT, content=body, headers={**AUTH, "Content-Type": "text/plain"})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == (
+        "the body must be a JSON object, sent with Content-Type: application/json"
+    )
+    listed = server.post("/", json=["hi"], headers=AUTH)  # the classic route: 422, the same words
+    assert listed.status_code == 422 and "must be a JSON object" in listed.text

@@ -86,6 +86,9 @@ def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
             reason = (error.get("ctx") or {}).get("error", "")
             parts.append(f"the body is not valid JSON ({reason}, at character {loc[0] if loc else '?'})")
             continue
+        if not loc and error.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+            parts.append("the body must be a JSON object, sent with Content-Type: application/json")
+            continue
         first = first or where or None
         msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
         part = f"{where}: {msg}" if where else msg
