@@ -74,6 +74,11 @@ def test_files_in_other_encodings_are_read_as_written_not_as_wrong_chinese():
     gbk = "朱镕基在会议上讲话，强调经济改革要稳步推进。报告指出收入增长百分之十五。"  # 镕: a GBK character, not GB2312
     assert read_attachment("新闻.txt", gbk.encode("gbk")).text == gbk
     assert read_attachment("短.txt", "你好".encode("gb2312")).text == "你好"
+    # Short GBK text beyond GB2312, which a detector free to pick any encoding read as Korean or Big5 (reviewer)
+    shorts = ("朱镕基", "王喆说：你好", "中文文档：陈喆的报告，日期2024年", "name,city\nZhu Rongji 朱镕基,Beijing\n")
+    for short in shorts:
+        assert read_attachment("短.txt", short.encode("gbk")).text == short
+    assert read_attachment("价.txt", "价格：100元€".encode("gb18030")).text == "价格：100元€"
 
 
 def test_a_damaged_pdf_of_any_kind_is_unreadable_not_a_crash():

@@ -92,21 +92,27 @@ def read_attachment(name: str, data: bytes) -> Attachment:
 
 def _decode(name: str, data: bytes) -> str:
     """A text file's text: UTF-8 (or UTF-16 with a BOM), else GB2312 as it stands (most Chinese files that are not
-    UTF-8), else the encoding `charset_normalizer` finds most coherent (GBK/GB18030 with rarer characters, Big5,
-    Latin-1/Windows-125x, ...). GB18030 alone would take almost any bytes, Latin-1 ones too, as wrong Chinese."""
+    UTF-8), else GB18030 or Windows-1252 (Latin-1), whichever `charset_normalizer` finds more coherent, else GB18030
+    as it decodes. GB18030 alone takes almost any bytes, so a Latin-1 file came in as wrong Chinese; a detector free
+    to pick any encoding reads short GBK text as Korean or Big5, so only these two are its candidates."""
     strict = ("utf-8-sig", "utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig", "gb2312")
     for encoding in strict:
         try:
-            text = data.decode(encoding)
+            return _checked_text(name, data.decode(encoding))
         except UnicodeDecodeError:
             continue
-        return _checked_text(name, text)
     from charset_normalizer import from_bytes
 
-    best = from_bytes(data).best()
-    if best is None:
-        raise AttachmentError("not_text", f"{name} is not text in UTF-8, UTF-16, GB18030 or another known encoding")
-    return _checked_text(name, str(best))
+    best = from_bytes(data, cp_isolation=list(_CANDIDATES)).best()
+    if best is not None:
+        return _checked_text(name, str(best))
+    try:
+        return _checked_text(name, data.decode("gb18030"))
+    except UnicodeDecodeError:
+        raise AttachmentError("not_text", f"{name} is not text in UTF-8, UTF-16, GB18030 or Latin-1") from None
+
+
+_CANDIDATES = ("gb18030", "cp1252")  # after UTF-8 and GB2312: Chinese beyond GB2312, and Western European text
 
 
 def _checked_text(name: str, text: str) -> str:
