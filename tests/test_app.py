@@ -171,6 +171,17 @@ def test_a_page_switch_keeps_the_language_and_the_open_conversation(app_env):
     at.query_params.clear()
     at.switch_page("internlm_app/web/pages/chat.py").run()
     assert "c" not in at.query_params and chat(at) == []
+    # The open conversation deleted elsewhere (History, another tab): back on the chat page, a new one, no warning.
+    send(at, "to be deleted")
+    store = ConversationStore(app_env / "conversations.db")
+    store.delete(at.query_params["c"])
+    store.close()
+    at.query_params.clear()
+    at.switch_page("internlm_app/web/pages/history.py").run()
+    at.query_params.clear()
+    at.switch_page("internlm_app/web/pages/chat.py").run()
+    assert "c" not in at.query_params and chat(at) == [] and not at.warning, [w.value for w in at.warning]
+    assert "找不到对话 nope" in texts(run_page(query={"c": "nope"}).warning)  # an id in the URL is still named
 
 
 def test_logout_forgets_the_login(app_env, monkeypatch, app_cache):

@@ -35,7 +35,6 @@ _QUEUED_FAILED_KEY = "_queued_send_failed"  # the queued message whose send this
 _PENDING_KEY = "_pending_reply"  # a conversation whose reply should stream in this run (after regenerate/edit)
 _EDITING_KEY = "_editing"  # the id of the user message being edited
 _SHOWN_KEY = "_messages_shown"  # how many messages the last run drew
-_REREAD_KEY = "_reread_for"  # the replies whose end this session's page read too early (read again once)
 EDIT_KEY = "edit_text"
 PROMPT_KEY = "prompt"  # the chat input's key (app.py)
 SHOWN_ID_CHARS = 64  # of a conversation id from the URL quoted in the "not found" warning
@@ -44,13 +43,15 @@ SHOWN_ID_CHARS = 64  # of a conversation id from the URL quoted in the "not foun
 @storage.stops_on_fault
 def open_conversation(ctx: PageContext, store: ConversationStore) -> Conversation | None:
     """The conversation named in the URL; its system prompt and sampling values go into the sidebar once."""
+    in_url = bool(st.query_params.get(state.URL_PARAM))
     cid = state.conversation_id()
     if cid is None:
         return None
     conv = store.get_conversation(cid)
     if conv is None:
-        shown = cid if len(cid) <= SHOWN_ID_CHARS else cid[: SHOWN_ID_CHARS - 1] + "…"
-        st.warning(ctx.t("conversation_not_found", cid=plain(shown)))  # the URL is anyone's: plain text only
+        if in_url:  # (the session's open conversation, deleted meanwhile: a new one starts without a word)
+            shown = cid if len(cid) <= SHOWN_ID_CHARS else cid[: SHOWN_ID_CHARS - 1] + "…"
+            st.warning(ctx.t("conversation_not_found", cid=plain(shown)))  # the URL is anyone's: plain text only
         state.set_conversation_id(None)
         return None
     state.apply_conversation_settings(conv)
@@ -62,19 +63,21 @@ def reply_running(conv: Conversation | None) -> bool:
     return conv is not None and live_replies().busy(conv.id)
 
 
-def live_reply(conv: Conversation | None) -> int | None:
-    """The message of `conv` being generated right now (in this tab or another), if any. When `conv` was read just
-    before one of its replies saved its end (a Stop, or the end, racing this run), the page runs again: it would
-    show that reply as still streaming yet not live, i.e. interrupted, and never redraw it."""
+@storage.stops_on_fault
+def live_reply(
+    ctx: PageContext, store: ConversationStore, conv: Conversation | None
+) -> tuple[Conversation | None, int | None]:
+    """`conv` and the message of it being generated right now (in this tab or another), if any. When `conv` was
+    read just before one of its replies saved its end (a Stop, or the end, racing this run), it is read once again:
+    it would show that reply as still streaming yet not live, i.e. interrupted, and never redraw it. (Read again,
+    not run again: a message submitted in this run stays.)"""
     if conv is None:
-        return None
+        return None, None
     live = live_replies()
     mid = live.reply_of(conv.id)
-    stale = [m.id for m in conv.messages if m.status == "streaming" and m.id != mid and live.ended(conv.id, m.id)]
-    if stale and st.session_state.get(_REREAD_KEY) != (conv.id, stale):  # (once: never a loop of redraws)
-        st.session_state[_REREAD_KEY] = (conv.id, stale)
-        st.rerun()  # read again: the store has its end now
-    return mid
+    if any(m.status == "streaming" and m.id != mid and live.ended(conv.id, m.id) for m in conv.messages):
+        conv = store.get_conversation(conv.id)  # the store has its end now (None: deleted meanwhile)
+    return conv, mid
 
 
 @st.fragment(run_every=WATCH_SECONDS)

@@ -13,7 +13,7 @@ ctx = start_page("nav_chat")
 backend = require_backend(ctx)  # while it loads: its progress; a failure stops the page with what to do
 store = open_store(ctx)
 conv = chat.open_conversation(ctx, store)
-live = chat.live_reply(conv)
+conv, live = chat.live_reply(ctx, store, conv)
 
 with st.sidebar:
     sidebar.conversations(ctx, store, conv)
