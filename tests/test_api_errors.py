@@ -315,3 +315,40 @@ def test_a_body_sent_as_text_says_to_send_json(server):
     )
     listed = server.post("/", json=["hi"], headers=AUTH)  # the classic route: 422, the same words
     assert listed.status_code == 422 and "must be a JSON object" in listed.text
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$schema": "http://json-schema.org/draft-07/schema#", "type": "array", "items": [{"type": "string"}]},
+        {"type": "array", "items": [{"type": "string"}, {"type": "integer"}]},  # draft-07 tuple, no $schema
+        {"type": "number", "minimum": 0, "exclusiveMinimum": True},  # draft-04
+        {"type": "string", "pattern": "^\\p{L}+$"},  # ECMA-262, not Python's re
+        {"type": "string", "pattern": "(?<year>\\d{4})"},
+        {"type": "object", "$defs": {"x": {"type": "string"}}, "properties": {"a": {"$ref": "#/$defs/x"}}},
+    ],
+    ids=["draft7-declared", "draft7-tuple", "draft4-exclusive", "ecma-unicode-class", "ecma-named-group", "defs-ref"],
+)
+def test_valid_schemas_of_any_common_draft_are_taken(schema):
+    from internlm_app.api.openai_requests import schema_problem
+
+    assert schema_problem(schema) is None
+
+
+def test_tool_schemas_are_checked_off_the_event_loop(server, monkeypatch):
+    """The metaschema check takes seconds for a large schema (7.5 s a MiB): on the event loop it held every request,
+    /health too (reviewer). It runs in a worker thread, not in the server's loop thread."""
+    import threading
+
+    from internlm_app.api import openai_requests
+
+    real, threads = openai_requests.schema_problem, []
+
+    def recorded(schema):
+        threads.append(threading.current_thread().name)
+        return real(schema)
+
+    monkeypatch.setattr(openai_requests, "schema_problem", recorded)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    assert server.post(CHAT, json=_chat(tools=[tool])["json"], headers=AUTH).status_code == 200
+    assert threads and "internlm-api-server" not in threads, threads  # running_server's loop thread

@@ -557,6 +557,11 @@ def test_a_store_too_large_for_one_export_is_backed_up_as_a_zip_that_imports_who
     parts = list(export_parts(source))
     assert len(parts) >= 3 and all(len(p.encode()) <= 2500 for p in parts)
     assert all(sum(len(c["messages"]) for c in json.loads(p)["conversations"]) <= 7 for p in parts)
+    for part, following in zip(parts, parts[1:], strict=False):  # packed: the next part's first one did not fit
+        head, nxt = json.loads(part)["conversations"], json.loads(following)["conversations"][0]
+        item = "  " + json.dumps(nxt, ensure_ascii=False, indent=1).replace("\n", "\n  ")
+        over_bytes = len(part.encode()) + 2 + len(item.encode()) > 2500 - 32
+        assert over_bytes or sum(len(c["messages"]) for c in head) + len(nxt["messages"]) > 7
     archive = export_archive(source)
     target = ConversationStore(tmp_path / "target.db")
     assert len(import_json(target, archive)) == 6
@@ -593,3 +598,40 @@ def test_a_zip_that_is_not_a_backup_is_refused_with_nothing_imported(
         assert info.value.reason == reason, (reason, info.value)
     assert counts(store) == (0, 0)
     assert len(import_json(store, zipped(**{"part-1.json": good}))) == 1
+
+
+def test_one_file_is_offered_only_when_its_export_surely_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The estimate behind "json or zip" is a bound: text JSON escapes to six bytes a character (control
+    characters) still fits when it says one file (reviewer: 200,000 x \\x01 a message made 36 MB from 6 MB)."""
+    from internlm_app.store.export import fits_one_file
+
+    monkeypatch.setattr(export_format, "MAX_IMPORT_BYTES", 60_000)
+    store = ConversationStore(tmp_path / "c.db")
+    cid = store.create_conversation("")
+    store.add_message(cid, "user", "\x01" * 9_000)  # 9 KB stored, 54 KB in JSON
+    fits = fits_one_file(store)
+    assert len(export_json(store).encode()) <= 60_000 or not fits
+    store.add_message(cid, "assistant", "\x01" * 2_000)
+    assert not fits_one_file(store) and len(export_json(store).encode()) > 60_000
+
+
+def test_a_damaged_or_too_large_zip_is_refused_cleanly(
+    store: ConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member whose compressed bytes are damaged (zlib.error), and a ZIP whose parts together hold more messages
+    than one import takes: ImportValidationError, nothing imported."""
+    import io
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("part-1.json", doc(*(valid_conversation() for _ in range(20))))
+    data = bytearray(out.getvalue())
+    data[60:70] = b"\xff" * 10  # inside the deflated stream of the first member
+    with pytest.raises(ImportValidationError) as info:
+        import_json(store, bytes(data))
+    assert info.value.reason == "not_json" and "part-1.json" in str(info.value)
+    monkeypatch.setattr(export_format, "MAX_ARCHIVE_MESSAGES", 3)
+    with pytest.raises(ImportValidationError, match="more than 3 messages in all") as info:
+        import_json(store, out.getvalue())
+    assert info.value.reason == "too_large" and counts(store) == (0, 0)

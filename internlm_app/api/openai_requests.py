@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from internlm_app.api.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS, Text, check_stops
 from internlm_app.backends.sampler import MAX_TOP_LOGPROBS
@@ -84,29 +84,32 @@ class ChatMessage(BaseModel):
         return message
 
 
-def _json_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """A JSON Schema that is one by its metaschema (Draft 2020-12, as OpenAI's function parameters): "type":
-    "nonsense" or "type": 5 is refused here, naming the field, for any tool_choice, as OpenAI does."""
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
+def schema_problem(schema: dict[str, Any]) -> str | None:
+    """Why `schema` is no JSON Schema, by the metaschema of the draft its `$schema` names, else of draft 2020-12, 7
+    or 4 (None when any takes it: clients write all three); "type": "nonsense" or "type": 5 is one. Patterns are
+    not compiled: they are ECMA-262 regexes, not Python's. CPU-bound (seconds per MiB): run it off the event loop."""
+    from jsonschema import Draft4Validator, Draft7Validator, Draft202012Validator, validators
+    from jsonschema.exceptions import best_match
 
-    try:
-        Draft202012Validator.check_schema(schema)
-    except SchemaError as exc:
-        where = "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in exc.absolute_path)
-        raise ValueError(f"not a valid JSON Schema: {exc.message[:300]}{' at ' + where if where else ''}") from None
-    except RecursionError:
-        raise ValueError("not a valid JSON Schema: nested too deeply") from None
-    return schema
-
-
-Schema = Annotated[dict[str, Any], AfterValidator(_json_schema)]
+    declared = validators.validator_for(schema, default=None) if "$schema" in schema else None
+    first = None
+    for validator in [declared] if declared is not None else [Draft202012Validator, Draft7Validator, Draft4Validator]:
+        try:
+            error = best_match(validator(validator.META_SCHEMA).iter_errors(schema))
+        except RecursionError:
+            return "nested too deeply"
+        if error is None:
+            return None
+        first = first or error
+    assert first is not None
+    where = "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in first.absolute_path)
+    return f"{first.message[:300]}{' at ' + where if where else ''}"
 
 
 class FunctionDefinition(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: Text | None = None
-    parameters: Schema | None = None
+    parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
@@ -127,7 +130,7 @@ class NamedToolChoice(BaseModel):
 class JsonSchemaFormat(BaseModel):
     name: str = "response"
     description: str | None = None
-    schema_: Schema = Field(default_factory=dict, alias="schema")
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
@@ -282,6 +285,16 @@ class ChatCompletionRequest(GenerationRequest):
                     f"tools[{index}].function.parameters uses {where}, which constrained decoding cannot enforce in "
                     "a call tool_choice forces; leave it out",
                 )
+
+    def check_schemas(self) -> None:
+        """Refuse a tool's parameters or response_format's schema that is no JSON Schema (`schema_problem`), as
+        OpenAI does, for any tool_choice; UnsupportedField names where it was sent. Run it off the event loop."""
+        for index, tool in enumerate(self.tools or []):
+            if tool.function.parameters is not None and (why := schema_problem(tool.function.parameters)):
+                raise UnsupportedField(f"tools.{index}.function.parameters", f"not a valid JSON Schema: {why}")
+        schema = self.response_format.json_schema if self.response_format is not None else None
+        if schema is not None and (why := schema_problem(schema.schema_)):
+            raise UnsupportedField("response_format.json_schema.schema", f"not a valid JSON Schema: {why}")
 
     @property
     def max_new_tokens(self) -> int | None:

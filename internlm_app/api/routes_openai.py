@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -139,6 +140,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     named constrains decoding to a valid call, and `response_format` to JSON (valid against its schema).
     """
     settings, backend = request.app.state.settings, request.app.state.backend
+    await to_thread.run_sync(body.check_schemas)  # seconds for a large schema: never on the event loop
     body.refuse_unsupported()
     request.state.end_user = body.user
     params = body.sampling(settings, body.max_new_tokens)

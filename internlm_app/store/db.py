@@ -115,12 +115,14 @@ class ConversationStore(MessageQueries, PresetQueries, QueuedMessageQueries):
         rows = self._read(lambda c: c.execute(sql, (*params, -1 if limit is None else limit)).fetchall())
         return [ConversationSummary(*row) for row in rows]
 
-    def export_size(self) -> tuple[int, int, int]:
-        """What an export of everything would hold: conversations, messages (every version) and the bytes (UTF-8)
-        of their text (titles, system prompts, settings, contents, stats and attachments' names and text)."""
+    def export_size(self) -> tuple[int, int, int, int]:
+        """What an export of everything would hold: conversations, messages (every version), attachments and the
+        bytes (UTF-8) of their text (titles, system prompts, settings, contents, stats, attachments' names and
+        text)."""
         sql = """SELECT
             (SELECT COUNT(*) FROM conversations),
             (SELECT COUNT(*) FROM messages),
+            (SELECT COUNT(*) FROM attachments),
             (SELECT COALESCE(SUM(LENGTH(CAST(title AS BLOB)) + LENGTH(CAST(system_prompt AS BLOB))
                 + LENGTH(CAST(settings AS BLOB))), 0) FROM conversations)
             + (SELECT COALESCE(SUM(LENGTH(CAST(content AS BLOB)) + COALESCE(LENGTH(CAST(stats AS BLOB)), 0)), 0)

@@ -173,48 +173,56 @@ def import_json(store: ConversationStore, data: bytes | str, skip_existing: bool
 # ----- a store too large for one export file: a ZIP of exports, each one an import takes -----
 
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a ZIP's first bytes: its first file, or the end of an empty one
-_PART_OVERHEAD = 256  # bytes of the document around its conversations (format, version, time, brackets)
 
 
 def fits_one_file(store: ConversationStore) -> bool:
     """Whether every conversation fits one JSON export that an import takes, by what the store holds (without making
-    the export): the counts, and at most twice the text's bytes plus 1 KiB a message (JSON escapes, keys, numbers,
-    indentation; an estimate that errs high). When not, `export_archive` makes the backup."""
-    conversations, messages, text_bytes = store.export_size()
-    estimate = 2 * text_bytes + 1024 * (messages + conversations) + _PART_OVERHEAD
+    the export): the counts, and a bound on its size that cannot be exceeded: six bytes per byte of text (a control
+    character is written as \\u0001), plus 1 KiB per conversation, message and attachment (keys, numbers,
+    indentation). When not, `export_archive` makes the backup."""
+    conversations, messages, attachments, text_bytes = store.export_size()
+    bound = 6 * text_bytes + 1024 * (conversations + messages + attachments) + 1024
     return (
         conversations <= bounds.MAX_CONVERSATIONS
         and messages <= bounds.MAX_TOTAL_MESSAGES
-        and estimate <= bounds.MAX_IMPORT_BYTES
+        and bound <= bounds.MAX_IMPORT_BYTES
     )
 
 
 def export_parts(store: ConversationStore) -> Iterator[str]:
     """Every conversation (most recent first) as JSON export documents, each within what one import takes
-    (MAX_CONVERSATIONS, MAX_TOTAL_MESSAGES, MAX_IMPORT_BYTES). A conversation larger than one file on its own (over
-    MAX_IMPORT_BYTES) is a part of its own, which an import refuses."""
+    (MAX_CONVERSATIONS, MAX_TOTAL_MESSAGES, MAX_IMPORT_BYTES: the bytes counted exactly as written). A conversation
+    larger than one file on its own is a part of its own, which an import refuses."""
+    room = bounds.MAX_IMPORT_BYTES - len(_document([]).encode()) - 32  # (32: the export time may print longer)
     batch: list[str] = []
     messages = size = 0
     for cid in [s.id for s in store.list_conversations(limit=None)]:
         conv = store.get_conversation(cid)
         if conv is None:
             continue  # deleted meanwhile
-        item = json.dumps(conversation_to_dict(conv), ensure_ascii=False, indent=1)
-        count, item_size = len(conv.tree or conv.messages), len(item.encode()) + 2 * item.count("\n") + 2
+        item = _indented(json.dumps(conversation_to_dict(conv), ensure_ascii=False, indent=1))
+        count, cost = len(conv.tree or conv.messages), len(item.encode()) + len(_SEPARATOR)
         full = len(batch) >= bounds.MAX_CONVERSATIONS or messages + count > bounds.MAX_TOTAL_MESSAGES
-        if batch and (full or size + item_size + _PART_OVERHEAD > bounds.MAX_IMPORT_BYTES):
+        if batch and (full or size + cost > room):
             yield _document(batch)
             batch, messages, size = [], 0, 0
         batch.append(item)
-        messages, size = messages + count, size + item_size
+        messages, size = messages + count, size + cost
     yield _document(batch)
 
 
+_SEPARATOR = ",\n"
+
+
+def _indented(item: str) -> str:
+    """A conversation's JSON one level deeper, as it sits in the document's list."""
+    return "  " + item.replace("\n", "\n  ")
+
+
 def _document(items: list[str]) -> str:
-    """An export document of conversations already in JSON, as export_json writes it (items one level deeper)."""
+    """An export document of conversations already in JSON (`_indented`), as export_json would write them."""
     head = json.dumps({"format": FORMAT, "version": VERSION, "exported_at": time.time()}, ensure_ascii=False)
-    body = ",\n".join("  " + item.replace("\n", "\n  ") for item in items)
-    return head[:-1] + ', "conversations": [\n' + body + "\n]}"
+    return head[:-1] + ', "conversations": [\n' + _SEPARATOR.join(items) + "\n]}"
 
 
 def export_archive(store: ConversationStore) -> bytes:
@@ -245,13 +253,21 @@ def _archive_parts(data: bytes) -> Iterator[ExportDocument]:
         raise ImportValidationError(
             f"the ZIP unpacks to more than {bounds.MAX_ARCHIVE_JSON_BYTES >> 20} MiB", "too_large"
         )
+    messages = 0
     for member in members:
         try:
             with archive.open(member) as part:
                 text = part.read(bounds.MAX_IMPORT_BYTES + 1)  # never more, whatever its header says
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
+        except Exception as exc:  # a damaged member: zlib.error, lzma.LZMAError, a bad CRC, an encrypted one ...
             raise ImportValidationError(f"{member.filename}: cannot be unpacked: {exc}", "not_json") from None
         try:
-            yield parse_export(text)
+            document = parse_export(text)
         except ImportValidationError as exc:
             raise ImportValidationError(f"{member.filename}: {exc}", exc.reason) from None
+        messages += sum(len(c.messages) for c in document.conversations)
+        if messages > bounds.MAX_ARCHIVE_MESSAGES:  # the work (and memory) of one import, whatever the parts
+            raise ImportValidationError(
+                f"more than {bounds.MAX_ARCHIVE_MESSAGES} messages in all; import the ZIP's parts one by one",
+                "too_large",
+            )
+        yield document

@@ -27,6 +27,7 @@ MAX_IMPORT_BYTES = 32 * 1024 * 1024  # one JSON export; a store that does not fi
 MAX_ARCHIVE_BYTES = 200 * 1024 * 1024  # a ZIP of parts as uploaded (the web server's upload limit: streamlit.toml)
 MAX_ARCHIVE_PARTS = 1_000
 MAX_ARCHIVE_JSON_BYTES = 1024 * 1024 * 1024  # its parts together, unpacked
+MAX_ARCHIVE_MESSAGES = 500_000  # its parts together: one import's work and memory (about 150 MB and 20 s)
 MAX_CONVERSATIONS = 1_000
 MAX_MESSAGES = 5_000  # per conversation
 MAX_TOTAL_MESSAGES = 50_000
