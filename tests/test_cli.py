@@ -276,7 +276,13 @@ def test_a_port_in_use_fails_before_loading(tmp_path, command):
 
 
 @pytest.mark.parametrize(
-    ("host", "cause"), [("999.1.1.1", "no such address"), ("10.99.99.99", "no such address"), ("127.0.0.1", None)]
+    ("host", "cause"),
+    [
+        ("999.1.1.1", "no such address"),
+        ("10.99.99.99", "no such address"),
+        ("fe80::1", "no such address"),  # a link-local address without its interface: EINVAL
+        ("127.0.0.1", None),
+    ],
 )
 def test_a_host_that_is_not_this_machines_is_told_apart_from_a_port_in_use(host, cause):
     """A mistyped --host (a name that does not resolve, an address of another machine) gets advice about the host,

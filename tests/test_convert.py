@@ -136,14 +136,14 @@ def test_a_folder_holding_other_files_is_never_replaced(tmp_path, where):
     folder = dst if where == "output" else dst.with_name("models.partial")
     folder.mkdir()
     (folder / "notes.txt").write_text("precious")
-    with pytest.raises(ConversionError, match=f"{folder} already holds files .*Choose a new or empty directory"):
+    with pytest.raises(ConversionError, match=f"{folder} already exists and is not a conversion.*Choose a new"):
         convert_checkpoint(src, dst)
     assert (folder / "notes.txt").read_text() == "precious" and sorted(p.name for p in folder.iterdir()) == [
         "notes.txt"
     ]
     assert (src / "model.safetensors").is_file()
     settings = tiny_settings(tmp_path, converted_dir=dst)
-    with pytest.raises(ConversionError, match="already holds files"):
+    with pytest.raises(ConversionError, match="not a conversion by this app"):
         resolve_model_dir(settings)
     assert (folder / "notes.txt").read_text() == "precious"
 
@@ -151,7 +151,7 @@ def test_a_folder_holding_other_files_is_never_replaced(tmp_path, where):
 def test_the_source_itself_is_never_the_output(tmp_path):
     src = _copy_of_fixture(tmp_path)
     before = sorted(p.name for p in src.iterdir())
-    with pytest.raises(ConversionError, match="already holds files"):
+    with pytest.raises(ConversionError, match="not a conversion by this app"):
         convert_checkpoint(src, src)
     assert sorted(p.name for p in src.iterdir()) == before
 
@@ -227,6 +227,50 @@ def test_a_conversion_place_that_cannot_be_written_is_one_clear_error(tmp_path):
         resolve_model_dir(settings)
 
 
-def test_a_leftover_partial_that_is_a_file_does_not_stop_a_conversion(tmp_path):
-    (tmp_path / "out.partial").write_text("left over")
+def test_a_file_where_the_partial_folder_goes_is_kept_unless_empty(tmp_path):
+    (tmp_path / "out.partial").write_text("notes")  # a user's file: never deleted (third reviewer)
+    with pytest.raises(ConversionError, match="out.partial already exists and is not a conversion"):
+        convert_checkpoint(FIXTURE_DIR, tmp_path / "out")
+    assert (tmp_path / "out.partial").read_text() == "notes"
+    (tmp_path / "out.partial").write_text("")  # an empty one: nothing to lose
     assert is_converted(convert_checkpoint(FIXTURE_DIR, tmp_path / "out"))
+
+
+def test_a_partial_killed_just_before_its_rename_is_ours(tmp_path):
+    """Killed after the finished marker was written into `.partial` but before the rename: the next conversion
+    knows that folder as its own and replaces it."""
+    dst = tmp_path / "out"
+    convert_checkpoint(FIXTURE_DIR, dst).rename(tmp_path / "out.partial")
+    assert is_converted(convert_checkpoint(FIXTURE_DIR, dst), FIXTURE_DIR) and not (tmp_path / "out.partial").exists()
+
+
+def test_files_put_in_the_output_while_it_converts_are_kept(tmp_path):
+    """Someone writes into the (empty) output folder while the shards convert: the final replace checks again and
+    stops rather than delete it (third reviewer)."""
+    dst = tmp_path / "out"
+    dst.mkdir()
+
+    def user_writes(step):
+        if step.done == 0:
+            (dst / "user.txt").write_text("mine")
+
+    with pytest.raises(ConversionError, match="not a conversion by this app"):
+        convert_checkpoint(FIXTURE_DIR, dst, progress=user_writes)
+    assert (dst / "user.txt").read_text() == "mine" and not (tmp_path / "out.partial").exists()
+
+
+def test_dot_home_and_symlinked_outputs_are_their_real_places(tmp_path, monkeypatch):
+    """`convert SRC .` names the current folder (refused: it holds files); a symlinked output is converted where it
+    points (third reviewer: '. has an empty name', and a whole conversion that then failed on the rename)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    with pytest.raises(ConversionError, match="not a conversion by this app"):
+        convert_checkpoint(FIXTURE_DIR, Path("."))
+    assert (work / "notes.txt").read_text() == "mine"
+    target = tmp_path / "disk" / "converted"
+    target.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(target)
+    assert is_converted(convert_checkpoint(FIXTURE_DIR, tmp_path / "link"), FIXTURE_DIR)
+    assert (tmp_path / "link").is_symlink() and is_converted(target, FIXTURE_DIR)

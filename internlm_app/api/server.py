@@ -41,7 +41,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def _bind_advice(exc: OSError) -> str:
     """What to do about a failed bind, by its cause (errno, or getaddrinfo's error for a name)."""
-    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+    if isinstance(exc, socket.gaierror) or exc.errno in (errno.EADDRNOTAVAIL, errno.EINVAL):  # (EINVAL: fe80::1)
         return (
             "this machine has no such address; use 0.0.0.0 (every interface), 127.0.0.1 (this machine only) or "
             "one of its own addresses with --host / INTERNLM_HOST"

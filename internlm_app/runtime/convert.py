@@ -211,7 +211,9 @@ def _read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def convert_checkpoint(src: Path, dst: Path, progress: Progress | None = None) -> Path:
     """Write a Llama checkpoint for InternLM2 checkpoint `src` into `dst` and return `dst`."""
-    src, dst = Path(src), Path(dst)
+    # The real place: "." or "~/x" has a name to put ".partial" beside, and a symlinked output is replaced where it
+    # points (its target is checked like any folder).
+    src, dst = Path(src).expanduser(), Path(dst).expanduser().resolve()
     if not is_internlm2_checkpoint(src):
         raise ConversionError(f"{src} has no InternLM2 config.json (model_type 'internlm2')", reason="not_a_model")
     cfg = read_json(src / "config.json")
@@ -224,8 +226,8 @@ def convert_checkpoint(src: Path, dst: Path, progress: Progress | None = None) -
             f"{dst} exists and is not a directory: remove it or choose another output directory", reason="not_writable"
         )
     tmp = dst.with_name(dst.name + ".partial")
-    for folder, mark in ((dst, MARKER), (tmp, PARTIAL_MARKER)):
-        _refuse_foreign_folder(folder, mark)
+    _refuse_foreign_folder(dst, (MARKER,))
+    _refuse_foreign_folder(tmp, (PARTIAL_MARKER, MARKER))  # (MARKER: killed between its last write and the rename)
     try:
         return _convert_into(src, dst, tmp, cfg, shards, progress)
     except ConversionError:
@@ -260,25 +262,31 @@ def _read_shard_checked(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
         ) from exc
 
 
-def _refuse_foreign_folder(folder: Path, mark: str) -> None:
-    """The conversion replaces `folder`: only when it is absent, empty, or ours (it holds `mark`). Anything else (a
-    data disk's root, the download, a user's files) is never deleted: a ConversionError says to choose another."""
+def _refuse_foreign_folder(folder: Path, marks: tuple[str, ...]) -> None:
+    """The conversion replaces `folder`: only when it is absent, empty, or ours (it holds one of `marks`). Anything
+    else (a data disk's root, the download, a user's files, a non-empty file of that name) is never deleted: a
+    ConversionError says to choose another."""
     try:
-        if folder.is_symlink() or not folder.is_dir() or (folder / mark).is_file() or not any(folder.iterdir()):
+        if not folder.exists() and not folder.is_symlink():
+            return
+        if folder.is_file() and not folder.is_symlink() and folder.stat().st_size == 0:
+            return  # an empty file: nothing to lose
+        ours = folder.is_dir() and not folder.is_symlink() and any((folder / mark).is_file() for mark in marks)
+        if ours or (folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir())):
             return
     except OSError:
         return  # unreadable: writing there fails with its own clear error, and nothing is deleted unread
     raise ConversionError(
-        f"{folder} already holds files that are not a conversion by this app ({mark} is missing): the conversion "
-        "would replace that directory, so it stops here. Choose a new or empty directory (convert's output, or "
-        "INTERNLM_CONVERTED_DIR), or move those files away",
+        f"{folder} already exists and is not a conversion by this app ({' or '.join(marks)} is missing): the "
+        "conversion would replace it, so it stops here. Choose a new or empty directory (convert's output, or "
+        "INTERNLM_CONVERTED_DIR), or move it away",
         reason="not_writable",
     )
 
 
 def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path], progress: Progress | None) -> Path:
     if tmp.is_file() or tmp.is_symlink():
-        tmp.unlink()  # a leftover of ours, whatever it is: the directory is made afresh
+        tmp.unlink()  # an empty file (_refuse_foreign_folder): the directory is made afresh
     shutil.rmtree(tmp, ignore_errors=True)  # (ours or empty: _refuse_foreign_folder)
     tmp.mkdir(parents=True)
     (tmp / PARTIAL_MARKER).touch()  # an interrupted conversion leaves a folder the next one knows as its own
@@ -323,6 +331,7 @@ def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path]
     meta = {"version": CONVERSION_VERSION, "source": str(src.resolve()), "source_model_type": "internlm2"}
     (tmp / PARTIAL_MARKER).unlink()
     (tmp / MARKER).write_text(json.dumps(meta, indent=2))
+    _refuse_foreign_folder(dst, (MARKER,))  # again: something may have been put there while the shards converted
     shutil.rmtree(dst, ignore_errors=True)  # (ours or empty: _refuse_foreign_folder)
     tmp.rename(dst)  # the marker appears atomically with the finished directory
     if progress:
