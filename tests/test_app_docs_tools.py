@@ -88,12 +88,14 @@ def test_an_oversized_pdf_offers_what_fits(app_env, store):
     at = attach(run_page(), "Which one mentions rivers?", ("big.pdf", make_pdf(pages), "application/pdf"))
     assert "超出预算" in texts(at.warning)
     at.radio(key="attach_strategy").set_value("best_matching").run()
-    assert "page 7" in texts(at.caption)
+    assert "第 7 页" in texts(at.caption)  # the part sent, in the page's language
     at.button(key="attach_send").click().run()
     (summary,) = store.list_conversations()
     (sent,) = store.get_conversation(summary.id).messages[0].attachments
     assert sent.text.startswith("File: big.pdf (page 7") and "Page 7 is about rivers" in sent.text
-    assert "of 12 pages" in at.chat_message[0].expander[0].label
+    assert (
+        "（共 12 页）" in at.chat_message[0].expander[0].label and "pages" not in at.chat_message[0].expander[0].label
+    )
 
 
 def test_unreadable_files_are_named_in_the_page_language(app_env, store):

@@ -6,6 +6,7 @@ saves nothing. A sent file shows under its message with the part used, its token
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import streamlit as st
@@ -169,7 +170,7 @@ def confirm_panel(ctx, backend: ChatBackend, store: ConversationStore, conv: Con
             if not fits:
                 for f in fitted:
                     if f.block:
-                        parts = code_span(", ".join(f.parts))
+                        parts = code_span(part_words(", ".join(f.parts), ctx.t))
                         line = ctx.t("attach_part", name=code_span(f.name), parts=parts, n=f"{f.tokens:,}")
                     else:
                         line = ctx.t("attach_nothing_fits", name=code_span(f.name))
@@ -195,10 +196,21 @@ def note_of(attachment: StoredAttachment) -> str:
     return header[len(prefix) : -1] if header.startswith(prefix) and header.endswith(")") else ""
 
 
+def part_words(text: str, t) -> str:
+    """A part description as the prompt's header writes it in English ("page 1, page 2 of 12 pages", "lines 1-40 of
+    300; the rest did not fit", "page 3, its start") in the page's language."""
+    text = re.sub(r" of (\d+) pages$", lambda m: t("part_of_pages", n=int(m[1])), text)
+    text = re.sub(r"^(\d+) pages$", lambda m: t("part_pages", n=int(m[1])), text)
+    text = re.sub(r" of (\d+); the rest did not fit$", lambda m: t("part_of_lines", n=int(m[1])), text)
+    text = re.sub(r"\bpage (\d+)", lambda m: t("part_page", n=int(m[1])), text)
+    text = re.sub(r"\blines (\d+)-(\d+)", lambda m: t("part_lines", first=m[1], last=m[2]), text)
+    return text.replace(", its start", t("part_start")).replace(", ", t("part_sep"))
+
+
 def show_attachments(attachments: list[StoredAttachment], t) -> None:
     """Each file of a message: its name, the part sent and its tokens; the text the model read inside."""
     for a in attachments:
-        note = note_of(a) or t("attach_whole")
+        note = part_words(note_of(a), t) or t("attach_whole")
         label = t("attachment_label", name=plain(a.name), note=plain(note), n=f"{a.tokens:,}")
         with st.expander(label, icon=":material/attach_file:"):
             st.code(a.text, language=None, wrap_lines=True)

@@ -410,6 +410,14 @@ LABELS: dict[str, tuple[str, str]] = {
     "attach_cancel": ("取消", "Cancel"),
     "attach_wait": ("正在生成回复，结束后才能发送。", "A reply is being generated; send once it has ended."),
     "attach_whole": ("全文", "whole"),
+    # what part of a file was sent (the prompt's English header, attachments._block_of, in the page's language)
+    "part_of_pages": ("（共 {n} 页）", " of {n} pages"),
+    "part_pages": ("共 {n} 页", "{n} pages"),
+    "part_of_lines": ("（共 {n} 行；其余放不下）", " of {n}; the rest did not fit"),
+    "part_page": ("第 {n} 页", "page {n}"),
+    "part_lines": ("第 {first}–{last} 行", "lines {first}-{last}"),
+    "part_start": ("的开头", ", its start"),
+    "part_sep": ("、", ", "),
     "attachment_label": ("{name} · {note} · {n} tokens", "{name} · {note} · {n} tokens"),
     "attach_error_unsupported_type": (
         "{name}：只能附加文本、Markdown、代码和 PDF 文件。",
