@@ -304,12 +304,12 @@ def web_bad_inputs(tmp: Path) -> None:
     }
     for name, data in imports.items():
         before = len(store.list_conversations(limit=None))
-        at = run_page(page="internlm_app/web/pages/history.py")
+        at = run_page(page="internlm_app/web/views/history.py")
         at.file_uploader(key="import_file_0").set_value(("x.json", data, "application/json")).run()
         at.button(key="import_button").click().run()
         unchanged = len(store.list_conversations(limit=None)) == before
         note("web", f"import {name}", not at.exception and bool(at.error) and unchanged and rendered_safe(at))
-    at = run_page(page="internlm_app/web/pages/history.py")
+    at = run_page(page="internlm_app/web/views/history.py")
     at.file_uploader(key="import_file_0").set_value(("x.json", json.dumps(good).encode(), "application/json")).run()
     at.button(key="import_button").click().run()
     note("web", "import a hostile title", not at.exception and bool(at.success) and rendered_safe(run_page()))

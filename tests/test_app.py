@@ -161,15 +161,15 @@ def test_a_page_switch_keeps_the_language_and_the_open_conversation(app_env):
     at = send(run_page(query={"lang": "en"}), "hello")
     cid = at.query_params["c"]
     at.query_params.clear()  # what a click on "History" in the sidebar does to the URL
-    at.switch_page("internlm_app/web/pages/history.py").run()
+    at.switch_page("internlm_app/web/views/history.py").run()
     assert at.query_params["lang"] in ("en", ["en"])
     at.query_params.clear()
-    at.switch_page("internlm_app/web/pages/chat.py").run()
+    at.switch_page("internlm_app/web/views/chat.py").run()
     assert at.query_params["c"] in (cid, [cid]) and at.query_params["lang"] in ("en", ["en"])
     assert [role for role, _ in chat(at)] == ["user", "assistant"] and chat(at)[0][1] == "hello"
     at.button(key="new_chat").click().run()  # New chat forgets it: the next switch back opens an empty one
     at.query_params.clear()
-    at.switch_page("internlm_app/web/pages/chat.py").run()
+    at.switch_page("internlm_app/web/views/chat.py").run()
     assert "c" not in at.query_params and chat(at) == []
     # The open conversation deleted elsewhere (History, another tab): back on the chat page, a new one, no warning.
     send(at, "to be deleted")
@@ -177,9 +177,9 @@ def test_a_page_switch_keeps_the_language_and_the_open_conversation(app_env):
     store.delete(at.query_params["c"])
     store.close()
     at.query_params.clear()
-    at.switch_page("internlm_app/web/pages/history.py").run()
+    at.switch_page("internlm_app/web/views/history.py").run()
     at.query_params.clear()
-    at.switch_page("internlm_app/web/pages/chat.py").run()
+    at.switch_page("internlm_app/web/views/chat.py").run()
     assert "c" not in at.query_params and chat(at) == [] and not at.warning, [w.value for w in at.warning]
     assert "找不到对话 nope" in texts(run_page(query={"c": "nope"}).warning)  # an id in the URL is still named
 

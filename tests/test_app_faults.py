@@ -14,7 +14,7 @@ from internlm_app.web.safe_markdown import plain
 from tests.app_helpers import chat, run_page, send, texts
 from tests.store_faults import LONG_TEXT, damage_pages, fingerprint, make_disk_full, make_read_only, not_a_database
 
-HISTORY = "internlm_app/web/pages/history.py"
+HISTORY = "internlm_app/web/views/history.py"
 
 
 def _seed(db: Path, title: str = "kept", *turns: str) -> str:

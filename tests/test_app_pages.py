@@ -10,7 +10,7 @@ from internlm_app.store import export
 from internlm_app.store.db import ConversationStore
 from tests.app_helpers import chat, run_page, send, set_app_env, texts
 
-STATUS, HISTORY = "internlm_app/web/pages/status.py", "internlm_app/web/pages/history.py"
+STATUS, HISTORY = "internlm_app/web/views/status.py", "internlm_app/web/views/history.py"
 
 
 @pytest.fixture
@@ -190,7 +190,7 @@ def _shown_text(at) -> str:
     return "\n".join(parts)
 
 
-@pytest.mark.parametrize("page", ["app.py", "internlm_app/web/pages/status.py", "internlm_app/web/pages/history.py"])
+@pytest.mark.parametrize("page", ["app.py", "internlm_app/web/views/status.py", "internlm_app/web/views/history.py"])
 def test_each_page_shows_one_language(app_env, page):
     """In 中文 no English label of this app shows, and in English no Chinese one (the language switch's own label,
     '语言 / Language', and each language's name are meant for both)."""

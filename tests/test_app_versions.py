@@ -115,7 +115,7 @@ def test_history_filters_by_feedback(app_env, store):
     _conversation(store, "the hills", "they are green")
     store.set_feedback(a1, 1)
     store.set_feedback(a2, 0)
-    at = run_page("internlm_app/web/pages/history.py")
+    at = run_page("internlm_app/web/views/history.py")
     assert len(at.selectbox(key="selected").options) == 3
     at.radio(key="feedback_filter").set_value(1).run()
     assert [o.split(" · ")[0] for o in at.selectbox(key="selected").options] == ["the sea"]

@@ -200,3 +200,14 @@ def test_serve_applies_the_apps_streamlit_options_wherever_it_starts(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["7", "none", "True", "False"]
+
+
+def test_no_folder_named_pages_beside_the_entry_script():
+    """Streamlit runs a script of a `pages/` folder beside the entry script directly on the first visit to its URL
+    after a start (its old multipage mode), without our navigation: the sidebar listed "app, chat, history,
+    status", untranslated (seen on a screenshot of /history). The pages live in web/views/."""
+    from internlm_app.server import APP_SCRIPT
+    from internlm_app.web.page import PAGES
+
+    assert not (APP_SCRIPT.parent / "pages").exists()
+    assert all(path.exists() and path.parent.name == "views" for path, *_ in PAGES)

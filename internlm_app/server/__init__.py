@@ -32,7 +32,10 @@ __all__ = ["APP_SCRIPT", "create_server", "serve"]
 
 log = logging.getLogger(__name__)
 
-APP_SCRIPT = Path(__file__).resolve().parents[1] / "web" / "app.py"  # the entry script; web/pages/ beside it
+# The entry script; its pages are in web/views/ beside it. Never a folder named "pages" there: Streamlit would run a
+# page of it directly on the first visit to its URL after a start (its old multipage mode), without the navigation
+# (the sidebar then lists "app, chat, history, status", untranslated).
+APP_SCRIPT = Path(__file__).resolve().parents[1] / "web" / "app.py"
 STREAMLIT_CONFIG = APP_SCRIPT.with_name("streamlit.toml")
 
 

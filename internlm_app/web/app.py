@@ -1,4 +1,4 @@
-"""The web app's entry script inside the package (what `serve` runs): Streamlit's navigation over web/pages/.
+"""The web app's entry script inside the package (what `serve` runs): Streamlit's navigation over web/views/.
 
 The checkout's app.py is the same two lines, for `streamlit run app.py`.
 """

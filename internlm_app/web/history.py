@@ -47,9 +47,9 @@ def feedback_label(t: Callable[..., str], value: int | None) -> str:
     return t({None: "feedback_any", 1: "feedback_up", 0: "feedback_down"}[value])
 
 
-def describe(item: ConversationSummary, untitled: str, count: str) -> str:
-    """How a conversation is named in the picker: title, last update, message count (`count` has a {n})."""
-    return f"{item.title or untitled} · {when(item.updated_at)} · {count.format(n=item.message_count)}"
+def describe(item: ConversationSummary, t: Callable[..., str]) -> str:
+    """How a conversation is named in the picker: title, last update, message count (in the page's language)."""
+    return f"{item.title or t('untitled')} · {when(item.updated_at)} · {t('message_count', n=item.message_count)}"
 
 
 @storage.stops_on_fault

@@ -22,7 +22,7 @@ LANG_PARAM = "lang"  # ?lang=en keeps the language across refreshes and in share
 _LANG_KEY = "_lang"  # the session's language (not the widget's own state, which a page switch drops)
 
 RUN_COMMAND = "python -m internlm_app serve"  # the web app, the API and one model on one port
-PAGES_DIR = Path(__file__).with_name("pages")
+PAGES_DIR = Path(__file__).with_name("views")  # not "pages": see server.APP_SCRIPT
 CHAT_PAGE = PAGES_DIR / "chat.py"
 # (script, title label, icon, URL path); the first is the default page, at "/". Absolute paths: the same pages serve
 # from the package's entry script (`serve`) and from the checkout's app.py (`streamlit run app.py`).

@@ -6,7 +6,7 @@ from internlm_app.web import history
 from internlm_app.web.page import CHAT_PAGE, exit_unless_streamlit, start_page
 from internlm_app.web.storage import open_store
 
-exit_unless_streamlit("internlm_app/web/pages/history.py")
+exit_unless_streamlit("internlm_app/web/views/history.py")
 ctx = start_page("nav_history")
 store = open_store(ctx)
 st.title(ctx.t("nav_history"))
@@ -26,7 +26,7 @@ history.keep_selection_valid("selected", list(by_id), "delete_one")
 cid = st.selectbox(
     ctx.t("conversations_found", n=len(items)),
     list(by_id),
-    format_func=lambda c: history.describe(by_id[c], ctx.t("untitled"), ctx.t("message_count")),
+    format_func=lambda c: history.describe(by_id[c], ctx.t),
     key="selected",
     placeholder=ctx.t("choose_conversation"),
     on_change=history.reset,

@@ -7,7 +7,7 @@ from internlm_app.runtime import gpu
 from internlm_app.web import status
 from internlm_app.web.page import exit_unless_streamlit, start_page
 
-exit_unless_streamlit("internlm_app/web/pages/status.py")
+exit_unless_streamlit("internlm_app/web/views/status.py")
 ctx = start_page("nav_status")
 st.title(ctx.t("nav_status"))
 st.button(ctx.t("refresh"), key="refresh", icon=":material/refresh:")

@@ -8,7 +8,7 @@ from internlm_app.web.loading import require_backend
 from internlm_app.web.page import exit_unless_streamlit, start_page
 from internlm_app.web.storage import open_store
 
-exit_unless_streamlit("internlm_app/web/pages/chat.py")
+exit_unless_streamlit("internlm_app/web/views/chat.py")
 ctx = start_page("nav_chat")
 backend = require_backend(ctx)  # while it loads: its progress; a failure stops the page with what to do
 store = open_store(ctx)
