@@ -70,8 +70,8 @@ class ModelSettings(_InternLMSettings):
         validate_default=True,
         description="ModelScope download cache and converted checkpoints.",
     )
-    model_path: Path | None = Field(None, description="Local model directory; skips the download.")
-    converted_dir: Path | None = Field(
+    model_path: HomePath | None = Field(None, description="Local model directory; skips the download.")
+    converted_dir: HomePath | None = Field(
         None, description="Where the Llama conversion of an InternLM2 checkpoint goes (default: under the cache dir)."
     )
 

@@ -265,6 +265,14 @@ _FORCED_NOT = {
         ),
         (
             CHAT,
+            _chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$schema": []}}})[
+                "json"
+            ],
+            "response_format.json_schema.schema",
+            "response_format.json_schema.schema: not a valid JSON Schema: $schema must be a string",
+        ),
+        (
+            CHAT,
             _chat(
                 tools=[
                     {"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": {"type": 5}}}}}
@@ -292,6 +300,7 @@ _FORCED_NOT = {
         "chat-over-window",
         "xgrammar-message",
         "response-schema-metaschema",
+        "schema-uri-not-a-string",
         "tool-schema-metaschema",
         "forced-tool-keyword",
     ],

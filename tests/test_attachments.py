@@ -79,6 +79,8 @@ def test_files_in_other_encodings_are_read_as_written_not_as_wrong_chinese():
     for short in shorts:
         assert read_attachment("短.txt", short.encode("gbk")).text == short
     assert read_attachment("价.txt", "价格：100元€".encode("gb18030")).text == "价格：100元€"
+    big5 = "臺灣的天氣很好，今天我們去臺北市參觀博物館，晚上吃了牛肉麵。"  # Traditional Chinese, a longer file
+    assert read_attachment("繁體.txt", big5.encode("big5")).text == big5
 
 
 def test_a_damaged_pdf_of_any_kind_is_unreadable_not_a_crash():

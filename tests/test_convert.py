@@ -274,3 +274,21 @@ def test_dot_home_and_symlinked_outputs_are_their_real_places(tmp_path, monkeypa
     (tmp_path / "link").symlink_to(target)
     assert is_converted(convert_checkpoint(FIXTURE_DIR, tmp_path / "link"), FIXTURE_DIR)
     assert (tmp_path / "link").is_symlink() and is_converted(target, FIXTURE_DIR)
+
+
+def test_a_converted_dir_under_home_is_converted_once(tmp_path, monkeypatch):
+    """INTERNLM_CONVERTED_DIR=~/conv: checked, locked and written at its real place, so the next start reuses it
+    (fourth reviewer: a literal './~/conv.lock', and every start converted again)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    settings = tiny_settings(tmp_path, converted_dir="~/conv")
+    first = resolve_model_dir(settings)
+    assert first == tmp_path / "home" / "conv" and is_converted(first, FIXTURE_DIR)
+    stamp = (first / MARKER).stat().st_mtime_ns
+    assert resolve_model_dir(settings) == first and (first / MARKER).stat().st_mtime_ns == stamp
+    assert not (tmp_path / "~").exists()
+
+
+def test_the_root_is_no_place_for_a_conversion(tmp_path):
+    with pytest.raises(ConversionError, match="no place for a conversion"):
+        convert_checkpoint(FIXTURE_DIR, Path("/"))

@@ -635,3 +635,20 @@ def test_a_damaged_or_too_large_zip_is_refused_cleanly(
     with pytest.raises(ImportValidationError, match="more than 3 messages in all") as info:
         import_json(store, out.getvalue())
     assert info.value.reason == "too_large" and counts(store) == (0, 0)
+
+
+def test_a_conversation_of_many_versions_exports_and_imports_whole(tmp_path: Path) -> None:
+    """The store caps no conversation's messages (each regenerated reply is one): one with more than 5,000 must make
+    a backup that imports again (fourth reviewer: the import capped a conversation at 5,000)."""
+    from internlm_app.store.export import fits_one_file
+
+    source = ConversationStore(tmp_path / "source.db")
+    cid = source.create_conversation("")
+    source.add_message(cid, "user", "hello")
+    reply = source.add_message(cid, "assistant", "v0")
+    for i in range(1, 5_002):
+        source.add_version(reply, f"v{i}")
+    assert fits_one_file(source)
+    target = ConversationStore(tmp_path / "target.db")
+    (new,) = import_json(target, export_json(source))
+    assert len(target.get_conversation(new).tree) == 5_003

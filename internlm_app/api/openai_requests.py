@@ -91,6 +91,8 @@ def schema_problem(schema: dict[str, Any]) -> str | None:
     from jsonschema import Draft4Validator, Draft7Validator, Draft202012Validator, validators
     from jsonschema.exceptions import best_match
 
+    if "$schema" in schema and not isinstance(schema["$schema"], str):
+        return "$schema must be a string (a draft's URI)"
     declared = validators.validator_for(schema, default=None) if "$schema" in schema else None
     first = None
     for validator in [declared] if declared is not None else [Draft202012Validator, Draft7Validator, Draft4Validator]:

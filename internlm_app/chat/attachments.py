@@ -92,9 +92,10 @@ def read_attachment(name: str, data: bytes) -> Attachment:
 
 def _decode(name: str, data: bytes) -> str:
     """A text file's text: UTF-8 (or UTF-16 with a BOM), else GB2312 as it stands (most Chinese files that are not
-    UTF-8), else GB18030 or Windows-1252 (Latin-1), whichever `charset_normalizer` finds more coherent, else GB18030
-    as it decodes. GB18030 alone takes almost any bytes, so a Latin-1 file came in as wrong Chinese; a detector free
-    to pick any encoding reads short GBK text as Korean or Big5, so only these two are its candidates."""
+    UTF-8), else GB18030 or Windows-1252 (Latin-1), or Big5 in a longer file, whichever `charset_normalizer` finds
+    most coherent, else GB18030 as it decodes. GB18030 alone takes almost any bytes, so a Latin-1 file came in as
+    wrong Chinese; a detector free to pick any encoding reads short GBK text as Korean or Big5, hence so few
+    candidates."""
     strict = ("utf-8-sig", "utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig", "gb2312")
     for encoding in strict:
         try:
@@ -103,7 +104,8 @@ def _decode(name: str, data: bytes) -> str:
             continue
     from charset_normalizer import from_bytes
 
-    best = from_bytes(data, cp_isolation=list(_CANDIDATES)).best()
+    candidates = [*_CANDIDATES, *(_LONG_CANDIDATES if len(data) >= _LONG_BYTES else ())]
+    best = from_bytes(data, cp_isolation=candidates).best()
     if best is not None:
         return _checked_text(name, str(best))
     try:
@@ -113,6 +115,8 @@ def _decode(name: str, data: bytes) -> str:
 
 
 _CANDIDATES = ("gb18030", "cp1252")  # after UTF-8 and GB2312: Chinese beyond GB2312, and Western European text
+# Big5 (Traditional Chinese) only from this many bytes on: in shorter text the detector takes GBK for Big5.
+_LONG_CANDIDATES, _LONG_BYTES = ("big5",), 48
 
 
 def _checked_text(name: str, text: str) -> str:

@@ -221,6 +221,8 @@ def convert_checkpoint(src: Path, dst: Path, progress: Progress | None = None) -
     if absent:
         raise ConversionError(f"{src / 'config.json'} lacks {', '.join(absent)}; download the model again")
     shards = _source_shards(src)
+    if not dst.name:
+        raise ConversionError(f"{dst} is no place for a conversion: name a directory for it", reason="not_writable")
     if dst.exists() and not dst.is_dir():
         raise ConversionError(
             f"{dst} exists and is not a directory: remove it or choose another output directory", reason="not_writable"

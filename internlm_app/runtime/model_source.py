@@ -112,10 +112,10 @@ def download_model(model_id: str, revision: str, cache_dir: Path, progress: Prog
 
 def converted_dir_for(src: Path, settings: ModelSettings) -> Path:
     """Where the Llama conversion of `src` lives (stable per source path)."""
-    if settings.converted_dir:
-        return Path(settings.converted_dir)
+    if settings.converted_dir:  # its real place ("~/conv", "."), as convert_checkpoint writes it and the lock sits
+        return Path(settings.converted_dir).expanduser().resolve()
     digest = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:8]
-    return Path(settings.cache_dir) / "converted" / f"{src.name}-llama-{digest}"
+    return Path(settings.cache_dir).expanduser().resolve() / "converted" / f"{src.name}-llama-{digest}"
 
 
 def source_dir(settings: ModelSettings, progress: Progress | None = None) -> Path:

@@ -192,7 +192,7 @@ def fits_one_file(store: ConversationStore) -> bool:
 def export_parts(store: ConversationStore) -> Iterator[str]:
     """Every conversation (most recent first) as JSON export documents, each within what one import takes
     (MAX_CONVERSATIONS, MAX_TOTAL_MESSAGES, MAX_IMPORT_BYTES: the bytes counted exactly as written). A conversation
-    larger than one file on its own is a part of its own, which an import refuses."""
+    larger than one file on its own is a part of its own (a ZIP's part may hold up to MAX_PART_BYTES)."""
     room = bounds.MAX_IMPORT_BYTES - len(_document([]).encode()) - 32  # (32: the export time may print longer)
     batch: list[str] = []
     messages = size = 0
@@ -239,7 +239,10 @@ def _archive_parts(data: bytes) -> Iterator[ExportDocument]:
     """The JSON exports in a ZIP, validated, in name order, within the archive bounds (a ZIP bomb is refused by its
     declared and its real sizes); ImportValidationError for anything else."""
     if len(data) > bounds.MAX_ARCHIVE_BYTES:
-        raise ImportValidationError(f"the ZIP is larger than {bounds.MAX_ARCHIVE_BYTES >> 20} MiB", "too_large")
+        raise ImportValidationError(
+            f"the ZIP is larger than {bounds.MAX_ARCHIVE_BYTES >> 20} MiB; unzip it and import its parts one by one",
+            "too_large",
+        )
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         members = sorted((m for m in archive.infolist() if not m.is_dir()), key=lambda m: m.filename)
@@ -257,17 +260,17 @@ def _archive_parts(data: bytes) -> Iterator[ExportDocument]:
     for member in members:
         try:
             with archive.open(member) as part:
-                text = part.read(bounds.MAX_IMPORT_BYTES + 1)  # never more, whatever its header says
+                text = part.read(bounds.MAX_PART_BYTES + 1)  # never more, whatever its header says
         except Exception as exc:  # a damaged member: zlib.error, lzma.LZMAError, a bad CRC, an encrypted one ...
             raise ImportValidationError(f"{member.filename}: cannot be unpacked: {exc}", "not_json") from None
         try:
-            document = parse_export(text)
+            document = parse_export(text, bounds.MAX_PART_BYTES)
         except ImportValidationError as exc:
             raise ImportValidationError(f"{member.filename}: {exc}", exc.reason) from None
         messages += sum(len(c.messages) for c in document.conversations)
         if messages > bounds.MAX_ARCHIVE_MESSAGES:  # the work (and memory) of one import, whatever the parts
             raise ImportValidationError(
-                f"more than {bounds.MAX_ARCHIVE_MESSAGES} messages in all; import the ZIP's parts one by one",
+                f"more than {bounds.MAX_ARCHIVE_MESSAGES} messages in all; unzip it and import its parts one by one",
                 "too_large",
             )
         yield document

@@ -24,13 +24,14 @@ from internlm_app.chat_types import FinishReason, ReplyStats
 FORMAT = "internlm-chat-export"
 VERSION = 1
 MAX_IMPORT_BYTES = 32 * 1024 * 1024  # one JSON export; a store that does not fit in one is exported as a ZIP of parts
+MAX_PART_BYTES = 128 * 1024 * 1024  # a part inside a ZIP: one conversation larger than MAX_IMPORT_BYTES on its own
 MAX_ARCHIVE_BYTES = 200 * 1024 * 1024  # a ZIP of parts as uploaded (the web server's upload limit: streamlit.toml)
 MAX_ARCHIVE_PARTS = 1_000
 MAX_ARCHIVE_JSON_BYTES = 1024 * 1024 * 1024  # its parts together, unpacked
 MAX_ARCHIVE_MESSAGES = 500_000  # its parts together: one import's work and memory (about 150 MB and 20 s)
 MAX_CONVERSATIONS = 1_000
-MAX_MESSAGES = 5_000  # per conversation
 MAX_TOTAL_MESSAGES = 50_000
+MAX_MESSAGES = MAX_TOTAL_MESSAGES  # per conversation: the store caps none (every regenerated version is one)
 MAX_CONTENT_CHARS = 200_000
 MAX_PROMPT_CHARS = 100_000
 MAX_TITLE_CHARS = 200
@@ -233,13 +234,15 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(lines) + more
 
 
-def parse_export(data: bytes | str) -> ExportDocument:
-    """Decode and validate an export file, or raise ImportValidationError."""
+def parse_export(data: bytes | str, max_bytes: int | None = None) -> ExportDocument:
+    """Decode and validate an export file (of at most `max_bytes`, MAX_IMPORT_BYTES by default), or raise
+    ImportValidationError."""
+    limit = MAX_IMPORT_BYTES if max_bytes is None else max_bytes
     if not isinstance(data, bytes | str):
         raise ImportValidationError("the export must be bytes or text", "not_json")
     size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "surrogatepass"))
-    if size > MAX_IMPORT_BYTES:
-        raise ImportValidationError(f"the file is larger than {MAX_IMPORT_BYTES // (1024 * 1024)} MiB", "too_large")
+    if size > limit:
+        raise ImportValidationError(f"the file is larger than {limit // (1024 * 1024)} MiB", "too_large")
     try:
         text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
         raw = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)

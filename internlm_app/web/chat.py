@@ -434,5 +434,5 @@ def _prepare_conversation(store: ConversationStore, conv: Conversation | None, p
         return conv.id
     system_prompt = st.session_state.get(state.SYSTEM_PROMPT_KEY, "")
     cid = store.create_conversation(system_prompt, state.conversation_settings(params))
-    state.set_conversation_id(cid)
+    state.open_new_conversation(cid)
     return cid

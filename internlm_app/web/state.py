@@ -15,7 +15,8 @@ MAX_LENGTH_KEY = "max_length"
 SYSTEM_PROMPT_KEY = "system_prompt"
 RENAME_KEY = "rename_title"
 URL_PARAM = "c"
-_OPENED_KEY = "_opened_conversation"
+_OPENED_KEY = "_opened_conversation"  # whose settings the sidebar holds
+_CURRENT_KEY = "_current_conversation"  # the session's open conversation (Streamlit's page switch drops the URL's)
 
 
 def context_limit(backend: ChatBackend) -> int:
@@ -48,6 +49,7 @@ def conversation_settings(params: SamplingParams) -> dict:
 
 def apply_conversation_settings(conv: Conversation) -> None:
     """When this session opens a conversation, put its system prompt and sampling values into the sidebar."""
+    st.session_state[_CURRENT_KEY] = conv.id
     if st.session_state.get(_OPENED_KEY) == conv.id:
         return
     st.session_state[_OPENED_KEY] = conv.id
@@ -72,10 +74,17 @@ def conversation_id() -> str | None:
     the URL: Streamlit's page navigation drops the URL's parameters, and coming back to the chat from another page
     must not start a new conversation (New chat forgets the open one: set_conversation_id(None))."""
     cid = st.query_params.get(URL_PARAM)
-    if not cid and (opened := st.session_state.get(_OPENED_KEY)):
+    if not cid and (opened := st.session_state.get(_CURRENT_KEY)):
         st.query_params[URL_PARAM] = opened
         return opened
     return cid or None
+
+
+def open_new_conversation(cid: str) -> None:
+    """A conversation just made: in the URL, and the session's open one (a page switch while its first reply
+    streams comes back to it)."""
+    st.query_params[URL_PARAM] = cid
+    st.session_state[_CURRENT_KEY] = cid
 
 
 def set_conversation_id(cid: str | None) -> None:
@@ -83,5 +92,6 @@ def set_conversation_id(cid: str | None) -> None:
     if cid is None:
         st.query_params.pop(URL_PARAM, None)
         st.session_state.pop(_OPENED_KEY, None)
+        st.session_state.pop(_CURRENT_KEY, None)
     else:
         st.query_params[URL_PARAM] = cid
