@@ -526,3 +526,27 @@ def test_english_counts_are_singular_for_one():
     assert i18n.t("imported", "en", n=3) == "Imported 3 conversations"
     assert i18n.t("message_count", "en", n=1) == "1 message" and i18n.t("stat_tokens", "en", n=1) == "1 token"
     assert i18n.t("imported", "zh", n=1) == "已导入 1 个对话"
+
+
+def test_a_new_conversation_is_the_sessions_open_one_from_the_start():
+    """Made by a first message, a conversation is the session's open one at once: a page switch (which drops the
+    URL's ?c=) while its first reply streams comes back to it, not to an empty chat (fourth reviewer)."""
+    from streamlit.testing.v1 import AppTest
+
+    def page():
+        import streamlit as st
+
+        from internlm_app.web import state
+
+        if "made" not in st.session_state:
+            st.session_state["made"] = True
+            state.open_new_conversation("new-conversation")
+        st.write(state.conversation_id() or "none")
+
+    at = AppTest.from_function(page).run()
+    at.query_params.clear()  # a page switch
+    at.run()
+    assert at.markdown[0].value == "new-conversation" and at.query_params["c"] in (
+        "new-conversation",
+        ["new-conversation"],
+    )
