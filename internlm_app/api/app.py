@@ -1,7 +1,8 @@
 """The HTTP API: the classic tutorial route, OpenAI-compatible /v1, /health and /metrics over one chat backend."""
-# The backend is bound to app.state in one of three ways: passed in ready (tests, embedding), loaded in the lifespan
-# (API-only mode: the port opens once the model is loaded), or taken from a shared BackendLoader when it is ready (the
-# one-port server: the port opens at once, /health reports the load and requests get 503 until then).
+# The backend is bound to app.state in one of three ways: passed in ready (tests, embedding, and API-only mode, whose
+# `serve` loads it first: the port serves once the model is loaded, and a load that fails is the CLI's one error
+# line), loaded in the lifespan (create_app(settings) alone), or taken from a shared BackendLoader when it is ready
+# (the one-port server: the port opens at once, /health reports the load and requests get 503 until then).
 
 from __future__ import annotations
 
