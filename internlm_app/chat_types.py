@@ -230,13 +230,26 @@ class ReplyQueue(Protocol):
 
 
 @dataclass(frozen=True)
+class DecodeReason:
+    """Why a decode path was chosen. `text` is the English the log, `doctor` and /health show; `id` and `values`
+    let a page say it in its own language (the messages: `backends.decode_plan.REASONS`)."""
+
+    id: str
+    text: str
+    values: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
 class DecodingState:
     """How replies are decoded and why (the decode plan chosen at load), and the KV cache kept across turns."""
 
     single_path: Literal["static", "dynamic"]  # one reply alone: static KV cache + torch.compile, or dynamic cache
-    single_reason: str
+    single_reason: DecodeReason
     batch_slots: int  # most replies decoded together; 1: no continuous batching
-    batch_reason: str
+    batch_reason: DecodeReason
     kv_bytes_per_token: int  # KV cache per token of context
     batch_cache_tokens: int  # the batch's paged KV cache, in tokens (0 without batching)
     page_size: int  # tokens per page of that cache (the unit of prefix sharing)
@@ -244,7 +257,12 @@ class DecodingState:
     kept_tokens: int  # tokens of KV cache kept across turns right now
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """For /health: each reason as its English text, with its message id beside it (`single_reason_id`)."""
+        state = asdict(self)
+        for name in ("single_reason", "batch_reason"):
+            reason: DecodeReason = getattr(self, name)
+            state[name], state[f"{name}_id"] = reason.text, reason.id
+        return state
 
 
 class ChatBackend(Protocol):

@@ -265,6 +265,7 @@ def test_models_and_health(client):
     assert health["device"] == "cpu" and health["gpu_memory"] == [] and health["context_window"] == 512
     assert health["queue"] == {"waiting": 0, "active": 0, "slots": 8, "busy": False, "limit": 16}
     assert health["decoding"]["single_path"] == "dynamic" and health["decoding"]["batch_slots"] == 8
+    assert health["decoding"]["single_reason_id"] == "cpu" and "CPU" in health["decoding"]["single_reason"]
     head = client.head("/health")  # uptime monitors often ask with HEAD
     assert head.status_code == 200 and head.content == b""
 

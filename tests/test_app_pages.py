@@ -38,8 +38,10 @@ def test_status_page_shows_the_model_memory_queue_and_doctor_report(app_env):
     assert "引擎：空闲" in texts(at.caption)
     assert "看不到 CUDA GPU" in texts(at.warning)  # a doctor problem, shown in the page's language
     assert "transformers" in table and "streamlit" in table
-    decoding = table  # how replies decode: in the page's language, the engine's reason beside it
-    assert "动态 KV 缓存" in decoding and "最多 8 个回复同时解码" in decoding and "原因（引擎日志原文）" in decoding
+    decoding = table  # how replies decode and why, both in the page's language
+    assert "动态 KV 缓存" in decoding and "最多 8 个回复同时解码" in decoding
+    assert "在 CPU 上，编译的静态缓存只会更慢" in decoding and "分页 KV 缓存" in decoding
+    assert "on the CPU" not in decoding and "replies at once" not in decoding
 
 
 def test_history_search_lists_matching_conversations(app_env, store):

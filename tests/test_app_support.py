@@ -487,6 +487,24 @@ def test_every_load_error_reason_and_doctor_problem_is_translated():
         assert i18n.t(f"doctor_{problem.key}", "zh", **problem.values) != problem.text
 
 
+def test_every_decode_plan_reason_is_translated_with_the_same_values():
+    from internlm_app.backends.decode_plan import REASONS, reason
+    from internlm_app.web.context import PageContext
+    from internlm_app.web.status import reason_text
+
+    for id, english in REASONS.items():
+        zh, en = i18n.LABELS[f"why_{id}"]
+        assert en == english and zh != en or id.startswith("static_setting")
+        fields = {name for _, name, _, _ in string.Formatter().parse(english) if name}
+        assert fields == {name for _, name, _, _ in string.Formatter().parse(zh) if name}
+    why = reason("static_too_big_shorter", window=32768, need="4.00 GiB", usable="3.00 GiB", fits=16384)
+    assert str(why) == why.text and "INTERNLM_MAX_LENGTH=16384 would fit" in why.text
+    shown = reason_text(PageContext(None, "zh"), why)
+    assert "32768" in shown and "INTERNLM_MAX_LENGTH=16384 可以放下" in shown
+    with pytest.raises(KeyError):
+        reason("no_such_reason")
+
+
 def test_one_reply_per_conversation_claim_start_finish_release():
     """A page claims a conversation before it saves the user's message; a second claim (another tab) fails until
     the reply has ended; the claim turns into the reply at its start; a claim given up frees the conversation. A

@@ -81,7 +81,7 @@ def solo(engine) -> dict[str, str]:
 
 def test_the_engine_batches_on_the_cpu_with_the_plan_it_logged(engine):
     plan = engine.plan
-    assert plan.single_path == "dynamic" and "CPU" in plan.single_reason
+    assert plan.single_path == "dynamic" and plan.single_reason.id == "cpu" and "CPU" in plan.single_reason.text
     assert plan.batch_slots == engine.settings.max_batch_size == engine.queue.slots == 8
     assert plan.batch_cache_tokens >= plan.batch_slots * engine.context_window
     assert engine.batch_decoder() is not None
@@ -301,7 +301,7 @@ def test_an_engine_with_batching_off_never_starts_a_batch(engine):
     settings = engine.settings.model_copy(update={"max_batch_size": 1})
     serial = ChatEngine(engine.model, engine.tokenizer, engine.info, settings)
     try:
-        assert serial.batch_decoder() is None and serial.plan.batch_reason.startswith("off")
+        assert serial.batch_decoder() is None and serial.plan.batch_reason.text.startswith("off")
         running = Running(serial, BACKGROUND[:2], SamplingParams.greedy_params(16)).join()
         assert not any(running.stats[i].batched for i in range(2))
     finally:

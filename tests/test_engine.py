@@ -129,7 +129,8 @@ def test_a_failed_static_cache_warm_up_under_auto_falls_back_to_the_dynamic_cach
         handle.remove()
     try:
         assert not auto.static_cache and auto.plan.single_path == "dynamic"
-        assert "failed its warm-up" in auto.plan.single_reason and "out of memory" in auto.plan.single_reason
+        why = auto.plan.single_reason
+        assert why.id == "static_warmup_failed" and "failed its warm-up" in why.text and "out of memory" in why.text
         text, stats = auto.reply(HI, SamplingParams.greedy_params(8))
         assert (
             stats.finish_reason in {"stop", "length"} and text == engine.reply(HI, SamplingParams.greedy_params(8))[0]
@@ -153,7 +154,7 @@ def test_a_batch_that_fails_to_start_leaves_one_reply_at_a_time(engine):
         handle.remove()
     try:
         assert subject.plan.batch_slots == 1 and subject.queue.slots == 1 and subject.batch_decoder() is None
-        assert "failed to start" in subject.plan.batch_reason
+        assert "failed to start" in subject.plan.batch_reason.text and "out of memory" in subject.plan.batch_reason.text
         assert subject.reply(HI, SamplingParams.greedy_params(8))[1].finish_reason in {"stop", "length"}
     finally:
         subject.close()

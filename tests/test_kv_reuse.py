@@ -131,11 +131,11 @@ def test_compiled_decode_is_the_cuda_default_when_the_cache_fits():
     path, why = choose_single_path(
         cuda=True, setting="auto", quantized=False, window=32768, per_token=PER_TOKEN_7B, usable=usable
     )
-    assert path == "static" and "4.00 GiB" in why
+    assert path == "static" and "4.00 GiB" in why.text and why.id == "static_fits"
     path, why = choose_single_path(
         cuda=True, setting="auto", quantized=False, window=65536, per_token=PER_TOKEN_7B, usable=usable
     )
-    assert path == "dynamic" and "8.00 GiB" in why and "INTERNLM_MAX_LENGTH=47104" in why  # 3/4 of 7.8 GiB
+    assert path == "dynamic" and "8.00 GiB" in why.text and "INTERNLM_MAX_LENGTH=47104" in why.text  # 3/4 of 7.8 GiB
     assert choose_single_path(cuda=True, setting=False, quantized=False, window=64, per_token=1, usable=GIB)[0] == (
         "dynamic"
     )

@@ -9,11 +9,12 @@ and `doctor`. KV cache size per token (the source of every memory figure here) i
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
 
+from internlm_app.chat_types import DecodeReason, DecodingState
 from internlm_app.runtime import gpu
 from internlm_app.settings import ModelSettings
 
@@ -27,15 +28,44 @@ _HEADROOM_BYTES = int(1.5 * GIB)
 # test prompts and a page is the unit of prefix sharing.
 _PAGE_SIZE = {"cuda": 256, "cpu": 32}
 
+# Why a path was chosen, in the English of the log, `doctor` and /health; the web app's Status page says the same
+# in its language (web/i18n.py: `why_<id>`, with the same values).
+REASONS = {
+    "cpu": "on the CPU a compiled static cache would only be slower",
+    "static_setting_off": "INTERNLM_STATIC_CACHE=false",
+    "static_setting_on": "INTERNLM_STATIC_CACHE=true",
+    "static_quantized": "bitsandbytes quantization does not compile",
+    "static_fits": "the {window}-token window's cache ({need}) fits in three quarters of the {usable} free beside the "
+    "weights",
+    "static_too_big": "a static cache for the {window}-token window needs {need}, more than three quarters of the "
+    "{usable} free beside the weights",
+    "static_too_big_shorter": "a static cache for the {window}-token window needs {need}, more than three quarters of "
+    "the {usable} free beside the weights; INTERNLM_MAX_LENGTH={fits} would fit",
+    "static_warmup_failed": "the compiled static cache failed its warm-up: {error}",
+    "batch_setting_off": "off (INTERNLM_MAX_BATCH_SIZE=1)",
+    "batch_eager": "off: the batch needs sdpa attention (with eager, transformers switches the model to paged|eager)",
+    "batch_quantized": "off: not tried with bitsandbytes quantization",
+    "batch_split": "off: the model is split over several devices",
+    "batch_no_memory": "off: only {left} left for its KV cache",
+    "batch_start_failed": "off: it failed to start ({error}); INTERNLM_MAX_BATCH_SIZE=1 skips it",
+    "batch_on": "up to {slots} replies at once over a paged KV cache of {tokens} tokens ({size})",
+}
+
+
+def reason(id: str, **values: object) -> DecodeReason:
+    """The reason `id` of REASONS with its values (KeyError for an unknown id)."""
+    texts = {name: str(value) for name, value in values.items()}
+    return DecodeReason(id, REASONS[id].format(**texts), texts)
+
 
 @dataclass(frozen=True)
 class DecodePlan:
     """The decode paths chosen at load, with the reasons in words."""
 
     single_path: Literal["static", "dynamic"]  # one reply alone: static KV cache + compiled step, or dynamic cache
-    single_reason: str
+    single_reason: DecodeReason
     batch_slots: int  # most replies decoded at once; 1 means no batching
-    batch_reason: str
+    batch_reason: DecodeReason
     kv_bytes_per_token: int
     batch_cache_tokens: int  # paged KV cache of the batch, in tokens (0 without batching)
     page_size: int  # tokens per page of the paged cache (the unit of prefix sharing)
@@ -45,13 +75,14 @@ class DecodePlan:
     def batching(self) -> bool:
         return self.batch_slots > 1
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def state(self, kept_tokens: int) -> DecodingState:
+        """The plan as the backend seam reports it, with the KV cache kept across turns now."""
+        return DecodingState(**{f.name: getattr(self, f.name) for f in fields(self)}, kept_tokens=kept_tokens)
 
-    def without_batching(self, reason: str) -> DecodePlan:
+    def without_batching(self, reason: DecodeReason) -> DecodePlan:
         return replace(self, batch_slots=1, batch_cache_tokens=0, batch_reason=reason)
 
-    def with_dynamic_cache(self, reason: str) -> DecodePlan:
+    def with_dynamic_cache(self, reason: DecodeReason) -> DecodePlan:
         return replace(self, single_path="dynamic", single_reason=reason)
 
     def summary(self) -> str:
@@ -85,7 +116,7 @@ def _single_device(model: torch.nn.Module) -> bool:
 
 def choose_single_path(
     *, cuda: bool, setting: bool | str, quantized: bool, window: int, per_token: int, usable: int
-) -> tuple[Literal["static", "dynamic"], str]:
+) -> tuple[Literal["static", "dynamic"], DecodeReason]:
     """The one-reply path and why: the static cache + torch.compile (CUDA graphs) when asked for or when it fits.
 
     `usable` is the GPU memory in bytes left beside the weights (less the headroom); auto takes the static cache when
@@ -94,25 +125,21 @@ def choose_single_path(
     """
     static_bytes = window * per_token
     if not cuda:
-        return "dynamic", "on the CPU a compiled static cache would only be slower"
+        return "dynamic", reason("cpu")
     if setting is False:
-        return "dynamic", "INTERNLM_STATIC_CACHE=false"
+        return "dynamic", reason("static_setting_off")
     if setting is True:
-        return "static", "INTERNLM_STATIC_CACHE=true"
+        return "static", reason("static_setting_on")
     if quantized:
-        return "dynamic", "bitsandbytes quantization does not compile"
+        return "dynamic", reason("static_quantized")
     share = usable * 3 // 4
+    sizes = {"window": window, "need": f"{static_bytes / GIB:.2f} GiB", "usable": f"{usable / GIB:.2f} GiB"}
     if static_bytes <= share:
-        return "static", (
-            f"the {window}-token window's cache ({static_bytes / GIB:.2f} GiB) fits in three quarters of the "
-            f"{usable / GIB:.2f} GiB free beside the weights"
-        )
+        return "static", reason("static_fits", **sizes)
     fits = (share // per_token) // 1024 * 1024
-    return "dynamic", (
-        f"a static cache for the {window}-token window needs {static_bytes / GIB:.2f} GiB, more than three quarters "
-        f"of the {usable / GIB:.2f} GiB free beside the weights"
-        + (f"; INTERNLM_MAX_LENGTH={fits} would fit" if fits else "")
-    )
+    if fits:
+        return "dynamic", reason("static_too_big_shorter", **sizes, fits=fits)
+    return "dynamic", reason("static_too_big", **sizes)
 
 
 def estimate_for_checkpoint(
@@ -171,24 +198,21 @@ def plan_decoding(model: torch.nn.Module, settings: ModelSettings, context_windo
     cache_tokens = int(max(0, left) * settings.kv_cache_memory_share) // per_token
     # Never more than every slot's whole window: a big GPU would otherwise hand the batch most of its memory.
     cache_tokens = min(cache_tokens, slots * context_window) // page_size * page_size
-    reason = ""
+    off: DecodeReason | None = None
     if slots == 1:
-        reason = "off (INTERNLM_MAX_BATCH_SIZE=1)"
+        off = reason("batch_setting_off")
     elif settings.attn_implementation == "eager":
-        reason = "off: the batch needs sdpa attention (with eager, transformers switches the model to paged|eager)"
+        off = reason("batch_eager")
     elif quantized:
-        reason = "off: not tried with bitsandbytes quantization"
+        off = reason("batch_quantized")
     elif not _single_device(model):
-        reason = "off: the model is split over several devices"
+        off = reason("batch_split")
     elif cache_tokens < 2 * page_size:
-        reason = f"off: only {_size(max(0, left))} left for its KV cache"
-    if reason:
-        slots, cache_tokens = 1, 0
+        off = reason("batch_no_memory", left=_size(max(0, left)))
+    if off is not None:
+        slots, cache_tokens, batch_reason = 1, 0, off
     else:
-        reason = (
-            f"up to {slots} replies at once over a paged KV cache of {cache_tokens} tokens "
-            f"({_size(cache_tokens * per_token)})"
-        )
-    plan = DecodePlan(single, single_reason, slots, reason, per_token, cache_tokens, page_size, reuse_tokens)
+        batch_reason = reason("batch_on", slots=slots, tokens=cache_tokens, size=_size(cache_tokens * per_token))
+    plan = DecodePlan(single, single_reason, slots, batch_reason, per_token, cache_tokens, page_size, reuse_tokens)
     log.info("decode plan: %s", plan.summary())
     return plan

@@ -13,7 +13,7 @@ import torch
 from transformers import GenerationConfig
 
 from internlm_app.backends.batching import BatchDecoder
-from internlm_app.backends.decode_plan import DecodePlan, plan_decoding
+from internlm_app.backends.decode_plan import DecodePlan, plan_decoding, reason
 from internlm_app.backends.gpu_queue import GpuQueue
 from internlm_app.backends.prompt_fit import PreparedPrompt, fit_prompt
 from internlm_app.backends.reply_stream import ReplyPlan, describe_failure, reply_chunks, texts_of
@@ -151,7 +151,7 @@ class ChatEngine:
                 raise ModelLoadError(f"the warm-up reply failed: {exc}. {hint}", "warmup_failed") from exc
             # Chosen by auto, not asked for: fall back to the dynamic cache and say why, rather than not start.
             log.warning("the compiled static cache failed its warm-up (%s); decoding on the dynamic cache", exc)
-            self.scheduler.stop_static_cache(f"the compiled static cache failed its warm-up: {exc}")
+            self.scheduler.stop_static_cache(reason("static_warmup_failed", error=exc))
             self.warm_up(progress)
             return
         log.info("warm-up reply done in %.1fs", time.perf_counter() - started)
@@ -165,7 +165,7 @@ class ChatEngine:
             except Exception as exc:
                 # One reply at a time still works: go on without the batch and say why.
                 log.warning("the continuous batch failed to start (%s); decoding one reply at a time", exc)
-                self.scheduler.stop_batching(f"off: it failed to start ({exc}); INTERNLM_MAX_BATCH_SIZE=1 skips it")
+                self.scheduler.stop_batching(reason("batch_start_failed", error=exc))
 
     def close(self) -> None:
         """Stop the worker and the batch's threads; a reply still running ends at its next token. Idempotent.
@@ -189,7 +189,7 @@ class ChatEngine:
 
     def decoding(self) -> DecodingState:
         """The decode plan chosen at load (with its reasons) and the KV cache kept across turns now."""
-        return DecodingState(**self.plan.to_dict(), kept_tokens=self.worker.kept_tokens)
+        return self.plan.state(self.worker.kept_tokens)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` alone, with the model's tokenizer (no special tokens)."""

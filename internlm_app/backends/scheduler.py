@@ -26,7 +26,7 @@ from internlm_app.backends.decode_plan import DecodePlan
 from internlm_app.backends.gpu_queue import GpuQueue
 from internlm_app.backends.token_stream import TokenStream
 from internlm_app.backends.worker import GenerationJob, GenerationWorker
-from internlm_app.chat_types import GenerationError
+from internlm_app.chat_types import DecodeReason, GenerationError
 from internlm_app.sampling import SamplingParams
 
 
@@ -243,7 +243,7 @@ class ReplyScheduler:
             raise
         return reply
 
-    def stop_batching(self, reason: str) -> None:
+    def stop_batching(self, reason: DecodeReason) -> None:
         """Decode one reply at a time from now on (the batch failed to start); `reason` goes into the plan."""
         with self._lock:
             batch, self._batch = self._batch, None
@@ -252,7 +252,7 @@ class ReplyScheduler:
         if batch is not None:
             batch.close()
 
-    def stop_static_cache(self, reason: str) -> None:
+    def stop_static_cache(self, reason: DecodeReason) -> None:
         """Decode on the dynamic cache from now on (the compiled static cache failed); `reason` goes into the plan."""
         self.static_cache = False
         self.worker.drop_static_cache()

@@ -263,7 +263,47 @@ LABELS: dict[str, tuple[str, str]] = {
         "up to {slots} replies at once, paged KV cache of {tokens} tokens",
     ),
     "decode_kept": ("{kept} / {budget} tokens", "{kept} / {budget} tokens"),
-    "decode_why": ("原因（引擎日志原文）", "Why (as the engine logs it)"),
+    "decode_why": ("原因", "Why"),
+    # Why a decode path was chosen: backends/decode_plan.REASONS, with the same values.
+    "why_cpu": ("在 CPU 上，编译的静态缓存只会更慢", "on the CPU a compiled static cache would only be slower"),
+    "why_static_setting_off": ("INTERNLM_STATIC_CACHE=false", "INTERNLM_STATIC_CACHE=false"),
+    "why_static_setting_on": ("INTERNLM_STATIC_CACHE=true", "INTERNLM_STATIC_CACHE=true"),
+    "why_static_quantized": ("bitsandbytes 量化无法编译", "bitsandbytes quantization does not compile"),
+    "why_static_fits": (
+        "{window} tokens 上下文窗口的缓存（{need}）不超过权重之外空闲显存 {usable} 的四分之三",
+        "the {window}-token window's cache ({need}) fits in three quarters of the {usable} free beside the weights",
+    ),
+    "why_static_too_big": (
+        "{window} tokens 上下文窗口的静态缓存需要 {need}，超过权重之外空闲显存 {usable} 的四分之三",
+        "a static cache for the {window}-token window needs {need}, more than three quarters of the {usable} free "
+        "beside the weights",
+    ),
+    "why_static_too_big_shorter": (
+        "{window} tokens 上下文窗口的静态缓存需要 {need}，超过权重之外空闲显存 {usable} 的四分之三；"
+        "INTERNLM_MAX_LENGTH={fits} 可以放下",
+        "a static cache for the {window}-token window needs {need}, more than three quarters of the {usable} free "
+        "beside the weights; INTERNLM_MAX_LENGTH={fits} would fit",
+    ),
+    "why_static_warmup_failed": (
+        "编译的静态缓存预热失败：{error}",
+        "the compiled static cache failed its warm-up: {error}",
+    ),
+    "why_batch_setting_off": ("已关闭（INTERNLM_MAX_BATCH_SIZE=1）", "off (INTERNLM_MAX_BATCH_SIZE=1)"),
+    "why_batch_eager": (
+        "已关闭：批处理需要 sdpa 注意力（eager 时 transformers 会把模型切换为 paged|eager）",
+        "off: the batch needs sdpa attention (with eager, transformers switches the model to paged|eager)",
+    ),
+    "why_batch_quantized": ("已关闭：未在 bitsandbytes 量化下验证", "off: not tried with bitsandbytes quantization"),
+    "why_batch_split": ("已关闭：模型分布在多个设备上", "off: the model is split over several devices"),
+    "why_batch_no_memory": ("已关闭：留给它的 KV 缓存只有 {left}", "off: only {left} left for its KV cache"),
+    "why_batch_start_failed": (
+        "已关闭：启动失败（{error}）；INTERNLM_MAX_BATCH_SIZE=1 可跳过它",
+        "off: it failed to start ({error}); INTERNLM_MAX_BATCH_SIZE=1 skips it",
+    ),
+    "why_batch_on": (
+        "最多 {slots} 个回复同时解码，分页 KV 缓存 {tokens} tokens（{size}）",
+        "up to {slots} replies at once over a paged KV cache of {tokens} tokens ({size})",
+    ),
     "queue_idle": ("引擎：空闲", "Engine: idle"),
     "clear_gpu": ("清理显存缓存", "Clear GPU cache"),
     "clear_gpu_cpu": ("CPU 运行：没有显存缓存可清理。", "Running on the CPU: there is no GPU cache to clear."),

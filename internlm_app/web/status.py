@@ -7,10 +7,11 @@ from dataclasses import asdict
 import streamlit as st
 
 from internlm_app.backends.factory import BackendLoader, backends_created
-from internlm_app.chat_types import DecodingState, DeviceMemory
+from internlm_app.chat_types import DecodeReason, DecodingState, DeviceMemory
 from internlm_app.runtime import gpu
 from internlm_app.web import hosting
 from internlm_app.web.context import PageContext
+from internlm_app.web.i18n import LABELS
 from internlm_app.web.loading import wait_for_backend
 from internlm_app.web.page import queue_caption
 
@@ -39,9 +40,14 @@ def model_section(ctx: PageContext, loader: BackendLoader) -> None:
         st.caption(queue_caption(ctx, queue))
 
 
+def reason_text(ctx: PageContext, reason: DecodeReason) -> str:
+    """A decode plan's reason in the page's language (`why_<id>`); its English text for an id without a label."""
+    key = f"why_{reason.id}"
+    return ctx.t(key, **reason.values) if key in LABELS else reason.text
+
+
 def decoding_rows(ctx: PageContext, plan: DecodingState) -> dict[str, list[str]]:
-    """How replies are decoded here (in the page's language) and why (the decode plan's reason, in the words the
-    log, `doctor` and /health use)."""
+    """How replies are decoded here and why, in the page's language."""
     if plan.batch_slots > 1:
         batch = ctx.t("decode_batch_on", slots=plan.batch_slots, tokens=plan.batch_cache_tokens)
     else:
@@ -53,7 +59,7 @@ def decoding_rows(ctx: PageContext, plan: DecodingState) -> dict[str, list[str]]
             batch,
             ctx.t("decode_kept", kept=plan.kept_tokens, budget=plan.kv_reuse_tokens),
         ],
-        ctx.t("decode_why"): [plan.single_reason, plan.batch_reason, ""],
+        ctx.t("decode_why"): [reason_text(ctx, plan.single_reason), reason_text(ctx, plan.batch_reason), ""],
     }
 
 
