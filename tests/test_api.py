@@ -324,6 +324,14 @@ def test_cors_is_closed_by_default_and_configurable(client, engine, tmp_path):
     with TestClient(app) as open_client:
         response = open_client.options(CHAT, headers=preflight)
         assert response.headers["access-control-allow-origin"] == "http://example.com"
+        # A refused preflight says why in the API's JSON, for each family of routes.
+        refused = open_client.options(CHAT, headers={**preflight, "Origin": "http://evil.example"})
+        error = refused.json()["error"]
+        assert refused.status_code == 400 and error["type"] == "invalid_request_error"
+        assert "origin not allowed" in error["message"] and "INTERNLM_CORS_ORIGINS" in error["message"]
+        refused = open_client.options("/", headers={**preflight, "Access-Control-Request-Method": "DELETE"})
+        assert refused.status_code == 400 and "method not allowed" in refused.json()["error"]
+        assert refused.headers["access-control-allow-origin"] == "http://example.com"
 
 
 @pytest.mark.parametrize("log_prompts", [False, True])

@@ -12,13 +12,12 @@ from contextlib import asynccontextmanager
 
 from anyio import to_thread
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from internlm_app.api.auth import BearerAuthMiddleware
 from internlm_app.api.errors import install_error_handlers
 from internlm_app.api.metrics import Metrics
-from internlm_app.api.middleware import BodyLimitMiddleware, RequestLogMiddleware
+from internlm_app.api.middleware import BodyLimitMiddleware, JSONCORSMiddleware, RequestLogMiddleware
 from internlm_app.api.model_gate import ModelGateMiddleware, bind_backend
 from internlm_app.api.routes_classic import router as classic_router
 from internlm_app.api.routes_completions import router as completions_router
@@ -81,7 +80,7 @@ def create_app(
     app.add_middleware(BearerAuthMiddleware, keys=settings.api_keys)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"]
+            JSONCORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"]
         )
     app.add_middleware(RequestLogMiddleware, metrics=metrics, log_prompts=settings.log_prompts)
     return app

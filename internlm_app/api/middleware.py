@@ -1,4 +1,4 @@
-"""ASGI middleware: the request-body limit (413) and one log line plus metrics per request."""
+"""ASGI middleware: the request-body limit (413), CORS with JSON refusals, and one log line plus metrics per request."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import logging
 import time
 
 import anyio
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from internlm_app.api.errors import error_response
@@ -61,6 +63,31 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class JSONCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, except that a refused preflight is the API's JSON error naming what was refused and the
+    setting that allows it (Starlette answers "Disallowed CORS origin" in plain text)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope) if scope["type"] == "http" else None
+        if (
+            headers is not None
+            and scope["method"] == "OPTIONS"
+            and "origin" in headers
+            and "access-control-request-method" in headers
+        ):
+            answer = self.preflight_response(request_headers=headers)
+            if answer.status_code == 400:
+                refused = bytes(answer.body).decode().removeprefix("Disallowed CORS ")
+                message = (
+                    f"CORS preflight refused: {refused} not allowed (origin {headers['origin']!r}; "
+                    "INTERNLM_CORS_ORIGINS lists the allowed origins, and GET and POST are the allowed methods)"
+                )
+                kept = {k: v for k, v in answer.headers.items() if k not in ("content-length", "content-type")}
+                await error_response(scope["path"], 400, message, headers=kept)(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 class RequestLogMiddleware:
