@@ -1,9 +1,9 @@
-"""`doctor`: what this machine has, the state of the model directory, and what to fix."""
+"""`doctor`: what this machine has, the state of the model directory (or of the remote model server), and what to
+fix."""
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import platform
 import shutil
 from dataclasses import dataclass, field
@@ -13,7 +13,7 @@ import torch
 
 from internlm_app.backends.decode_plan import estimate_for_checkpoint
 from internlm_app.runtime import gpu
-from internlm_app.runtime.convert import is_converted, is_internlm2_checkpoint
+from internlm_app.runtime.convert import ConversionError, is_converted, is_internlm2_checkpoint, read_json
 from internlm_app.runtime.loader import checkpoint_bytes
 from internlm_app.runtime.model_source import converted_dir_for
 from internlm_app.settings import ModelSettings
@@ -47,10 +47,14 @@ def _model_state(settings: ModelSettings) -> dict:
         src = Path(settings.model_path).expanduser()
     else:
         src = Path(settings.cache_dir) / settings.model_id.replace(".", "___")  # ModelScope's cache layout
-    state = {"source": str(src), "present": (src / "config.json").is_file()}
+    state: dict = {"source": str(src), "present": (src / "config.json").is_file()}
     if state["present"]:
-        state["weights_bytes"] = checkpoint_bytes(src)
-        state["internlm2_format"] = is_internlm2_checkpoint(src)
+        try:
+            state["weights_bytes"] = checkpoint_bytes(src)
+            state["internlm2_format"] = is_internlm2_checkpoint(src)
+        except ConversionError as exc:  # a config.json or weight index that cannot be read
+            state["damaged"] = str(exc)
+            return state
         if state["internlm2_format"]:
             dst = converted_dir_for(src, settings)
             state["converted_dir"] = str(dst)
@@ -58,8 +62,34 @@ def _model_state(settings: ModelSettings) -> dict:
     return state
 
 
+def _remote_state(settings: ModelSettings, problems: list[Problem]) -> dict:
+    """The remote model server's answer to `/v1/models` (INTERNLM_BACKEND=openai); what is wrong goes to `problems`."""
+    import httpx2
+    import openai
+
+    from internlm_app.backends.remote import RemoteBackend, RemoteSetupError
+
+    url = settings.openai_base_url
+    state: dict = {"base_url": url, "model": settings.openai_model, "served_models": None}
+    try:
+        state["served_models"] = RemoteBackend(settings).served_models()
+    except RemoteSetupError as exc:
+        problems.append(Problem("remote_misconfigured", str(exc), {"url": url}))
+    except openai.APIStatusError as exc:  # 401 / 403
+        text = f"the model server at {url} refused the key ({exc.status_code}): check INTERNLM_OPENAI_API_KEY"
+        problems.append(Problem("remote_key_refused", text, {"url": url}))
+    except (openai.APIConnectionError, httpx2.HTTPError) as exc:
+        text = f"cannot reach the model server at {url} ({exc}): start it, or check INTERNLM_OPENAI_BASE_URL"
+        problems.append(Problem("remote_unreachable", text, {"url": url}))
+    served = state["served_models"]
+    if served is not None and not served:
+        problems.append(Problem("remote_no_models", f"the model server at {url} lists no model", {"url": url}))
+    return state
+
+
 def doctor_report(settings: ModelSettings) -> dict:
-    """Facts and problems, as a dict (printed by the CLI, shown by the Status page)."""
+    """Facts and problems, as a dict (printed by the CLI, shown by the Status page). With a remote backend the model
+    server is checked instead of the GPU, the model files and the disk."""
     problems: list[Problem] = []
     versions = {name: _version(name) for name in PACKAGES}
     versions["python"] = platform.python_version()
@@ -68,6 +98,17 @@ def doctor_report(settings: ModelSettings) -> dict:
         text = f"transformers {tf} is too old (needs >= 5.3, CVE-2026-4372): pip install -U transformers"
         problems.append(Problem("old_transformers", text, {"version": tf}))
     devices = [d.to_dict() for d in gpu.memory_report()]
+    if settings.backend == "openai":
+        return {
+            "versions": versions,
+            "cuda": torch.version.cuda,
+            "cuda_available": torch.cuda.is_available(),
+            "gpus": devices,
+            "ram_available_bytes": gpu.available_ram_bytes(),
+            "remote": _remote_state(settings, problems),
+            "decoding": f"on the model server at {settings.openai_base_url} (INTERNLM_BACKEND=openai)",
+            "problems": problems,
+        }
     if not devices:
         text = (
             "no CUDA GPU visible: the 7B model needs an NVIDIA GPU (24 GB for float16); check nvidia-smi and that "
@@ -82,9 +123,17 @@ def doctor_report(settings: ModelSettings) -> dict:
     elif not model["present"] and settings.model_path is not None:
         text = f"{source} has no config.json: not a model directory (--model-path / INTERNLM_MODEL_PATH)"
         problems.append(Problem("not_a_model", text, {"path": str(source)}))
+    elif not model["present"] and Path(settings.cache_dir).exists() and not Path(settings.cache_dir).is_dir():
+        text = f"the cache directory {settings.cache_dir} is a file: move it, or set INTERNLM_CACHE_DIR to a folder"
+        problems.append(Problem("cache_not_dir", text, {"path": str(settings.cache_dir)}))
     elif not model["present"]:
         text = f"model not downloaded yet: run `python -m internlm_app download` (into {settings.cache_dir})"
         problems.append(Problem("not_downloaded", text, {"path": str(settings.cache_dir)}))
+    elif "damaged" in model:
+        problems.append(Problem("damaged_config", model["damaged"], {"path": str(source)}))
+    elif not model.get("weights_bytes"):
+        text = f"{source} has a config.json but no weight files (*.safetensors / *.bin): download it again"
+        problems.append(Problem("no_weights", text, {"path": str(source)}))
     disk_dir = Path(settings.cache_dir)
     while not disk_dir.exists() and disk_dir != disk_dir.parent:
         disk_dir = disk_dir.parent
@@ -98,8 +147,8 @@ def doctor_report(settings: ModelSettings) -> dict:
         values = {"free": gpu.format_bytes(free), "path": str(disk_dir), "need": gpu.format_bytes(need)}
         problems.append(Problem("low_disk", text, values))
     decoding = "unknown until the model is downloaded"
-    if model["present"]:
-        config = json.loads((Path(model["source"]) / "config.json").read_text())
+    if model["present"] and "damaged" not in model:
+        config = read_json(source / "config.json")
         gpu_free = int(torch.cuda.mem_get_info()[0]) if devices else None
         decoding = estimate_for_checkpoint(config, settings, gpu_free, model.get("weights_bytes", 0))
     return {
@@ -123,8 +172,11 @@ def format_report(report: dict) -> str:
         lines.append(f"GPU {d['index']}: {d['name']} — {used} allocated of {total}")
     if report["ram_available_bytes"]:
         lines.append(f"RAM available: {gpu.format_bytes(report['ram_available_bytes'])}")
-    lines.append("model: " + ", ".join(f"{k}={v}" for k, v in report["model"].items()))
-    lines.append(f"disk free: {gpu.format_bytes(report['disk_free_bytes'])}")
+    if "remote" in report:
+        lines.append("remote: " + ", ".join(f"{k}={v}" for k, v in report["remote"].items()))
+    else:
+        lines.append("model: " + ", ".join(f"{k}={v}" for k, v in report["model"].items()))
+        lines.append(f"disk free: {gpu.format_bytes(report['disk_free_bytes'])}")
     lines.append(f"decoding: {report['decoding']}")
     lines += [f"problem: {p}" for p in report["problems"]] or ["no problems found"]
     return "\n".join(lines)

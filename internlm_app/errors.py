@@ -18,6 +18,7 @@ LOAD_REASONS = (
     "not_writable",  # the converted checkpoint cannot be written where the settings say
     "quantized_checkpoint",  # an AWQ/GPTQ checkpoint, which cannot be converted
     "warmup_failed",  # the first reply on the loaded model failed
+    "remote_misconfigured",  # INTERNLM_OPENAI_BASE_URL is this server itself, or not an OpenAI-compatible API
     "unexpected",  # anything else: a bug or an unforeseen environment; the details say what
 )
 

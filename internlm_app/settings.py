@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -50,6 +51,18 @@ def parse_list(value: object) -> object:
 HomePath = Annotated[Path, AfterValidator(Path.expanduser)]
 
 
+def check_base_url(url: str) -> str:
+    """An http(s) URL with a host and a valid port (ValueError otherwise); returned without a trailing slash."""
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018  # raises ValueError for a port out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:23333/v1")
+    return url.strip().rstrip("/")
+
+
 class _InternLMSettings(BaseSettings):
     """Read from INTERNLM_<NAME> environment variables."""
 
@@ -57,6 +70,15 @@ class _InternLMSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="INTERNLM_", extra="ignore", protected_namespaces=(), hide_input_in_errors=True
     )
+
+    @classmethod
+    def _blank_is_default(cls, value: object, info: ValidationInfo) -> object:
+        """An empty value (`INTERNLM_TOOLS_DIR=`) means the setting's default, never the path `.` (the current
+        folder) or an empty password; for the fields each class names."""
+        if isinstance(value, str) and not value.strip() and info.field_name:
+            field = cls.model_fields[info.field_name]
+            return field.get_default(call_default_factory=True)
+        return value
 
 
 class ModelSettings(_InternLMSettings):
@@ -131,9 +153,22 @@ class ModelSettings(_InternLMSettings):
 
     # Remote backend
     backend: Literal["local", "openai"] = Field("local", description="local loads the model; openai calls a server.")
-    openai_base_url: str = Field("http://127.0.0.1:6006/v1", description="OpenAI-compatible server for the backend.")
-    openai_api_key: SecretStr = Field(SecretStr("EMPTY"), description="Key sent to the OpenAI-compatible server.")
+    openai_base_url: str = Field(
+        "http://127.0.0.1:23333/v1",
+        description="OpenAI-compatible server for the backend (LMDeploy's api_server port by default; never this "
+        "app's own port: such a request is refused).",
+    )
+    openai_api_key: SecretStr = Field(
+        SecretStr("EMPTY"), description="Key sent to the OpenAI-compatible server (empty: EMPTY, as vLLM expects)."
+    )
     openai_model: str = Field("internlm2-chat-7b", description="Model name sent to the OpenAI-compatible server.")
+    openai_timeout: float = Field(
+        300.0,
+        gt=0,
+        le=3600,
+        description="Seconds the backend waits for the server's next bytes (its first token included) before the "
+        "reply fails; connecting has 10 s.",
+    )
 
     # Default sampling: a reply that names no sampling parameters (the API's defaults, the terminal chat's flags)
     temperature: float = sampling_field("temperature", show_range=True)
@@ -141,6 +176,16 @@ class ModelSettings(_InternLMSettings):
     top_k: int = sampling_field("top_k", show_range=True)
     repetition_penalty: float = sampling_field("repetition_penalty", show_range=True)
     max_new_tokens: int = sampling_field("max_new_tokens", show_range=True)
+
+    @field_validator("cache_dir", "model_path", "converted_dir", "openai_api_key", mode="before")
+    @classmethod
+    def _blank_model_setting(cls, value: object, info: ValidationInfo) -> object:
+        return cls._blank_is_default(value, info)
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _base_url(cls, url: str) -> str:
+        return check_base_url(url)
 
     def default_sampling(self) -> SamplingParams:
         return SamplingParams(**{name: getattr(self, name) for name in SamplingParams.model_fields})
@@ -200,8 +245,13 @@ class WebSettings(_InternLMSettings):
     tools_dir: Path | None = Field(
         None,
         description="Folder whose `*.py` files' plain functions the chat offers the model as tools, beside the "
-        "built-in ones (their code runs with the app's rights); unset: built-in tools only.",
+        "built-in ones (their code runs with the app's rights); unset or empty: built-in tools only.",
     )
+
+    @field_validator("db_path", "web_password", "tools_dir", mode="before")
+    @classmethod
+    def _blank_web_setting(cls, value: object, info: ValidationInfo) -> object:
+        return cls._blank_is_default(value, info)
 
 
 # Fields are collected in reverse MRO order, so this lists model, server, then web settings (the README table's order).

@@ -54,3 +54,63 @@ def scripted_openai_server(chunks: list[str], delay: float = 0.2) -> Iterator[st
     finally:
         server.shutdown()
         server.server_close()
+
+
+FAULTS = ("not_json", "not_a_chunk", "html_page", "plain_json", "stalls", "breaks_mid_reply")
+
+
+@contextmanager
+def faulty_openai_server(fault: str) -> Iterator[str]:
+    """A server that answers chat requests the way a broken or wrong upstream does (one of FAULTS), and `/models`
+    with an HTML page; yields the base URL (…/v1). `stalls` sends one chunk, then nothing for 30 s."""
+    assert fault in FAULTS
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, content_type: str, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self._send("text/html", b"<html><body>a web page, not an API</body></html>")
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if fault == "html_page":
+                self._send("text/html", b"<html><body>a web page, not an API</body></html>")
+                return
+            if fault == "plain_json":
+                reply = {"object": "chat.completion", "choices": [{"message": {"content": "hi"}}]}
+                self._send("application/json", json.dumps(reply).encode())
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            if fault == "not_json":
+                self.wfile.write(b"data: this is not JSON\n\n")
+            elif fault == "not_a_chunk":
+                self.wfile.write(b'data: {"choices": 5}\n\n')
+            else:
+                self.wfile.write(_chunk({"role": "assistant", "content": "part"}))
+                self.wfile.flush()
+                if fault == "stalls":
+                    time.sleep(30)
+                else:  # breaks_mid_reply: the connection closes in the middle of the reply (no finish reason)
+                    self.connection.shutdown(2)
+                    return
+            self.wfile.flush()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()

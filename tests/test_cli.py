@@ -383,3 +383,23 @@ def test_a_jsonl_object_without_content_says_what_a_line_needs(engine):
     assert [row["error"] for row in rows] == [
         "bad input line: a line must be a JSON string or an object with a string 'content'"
     ] * 2
+
+
+def test_doctor_lists_a_damaged_or_weightless_model_and_a_cache_that_is_a_file(tmp_path):
+    from internlm_app.doctor import doctor_report
+    from internlm_app.settings import ModelSettings
+
+    def keys(**values) -> set[str]:
+        return {p.key for p in doctor_report(ModelSettings(**values))["problems"]} - {"no_gpu", "low_disk"}
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text('{"model_type": "internl')  # cut short
+    assert keys(model_path=damaged) == {"damaged_config"}
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text((FIXTURE_DIR / "config.json").read_text())
+    assert keys(model_path=weightless) == {"no_weights"}
+    (tmp_path / "a_file").write_text("not a folder")
+    assert keys(cache_dir=tmp_path / "a_file") == {"cache_not_dir"}
+    assert keys(model_path=FIXTURE_DIR) == set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -13,13 +14,21 @@ from fastapi.testclient import TestClient
 
 from internlm_app.api import create_app, running_server
 from internlm_app.backends.factory import create_backend
-from internlm_app.backends.remote import RemoteBackend, engine_error
+from internlm_app.backends.remote import (
+    PROCESS_ID,
+    VIA_HEADER,
+    RemoteBackend,
+    RemoteSetupError,
+    _openai_message,
+    engine_error,
+)
 from internlm_app.chat_types import (
     ContextTooLongError,
     GenerationError,
     InvalidRequestError,
     QueueFullError,
     ReplyEvents,
+    ReplyOptions,
 )
 from internlm_app.sampling import SamplingParams
 from tests.api_helpers import (
@@ -33,8 +42,10 @@ from tests.api_helpers import (
     wait_until,
     with_default_system,
 )
+from tests.fake_openai import FAULTS, faulty_openai_server
 
 GREEDY = SamplingParams.greedy_params(REPLY_TOKENS)
+CHAT_PATH = "/v1/chat/completions"
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +241,92 @@ def test_the_api_can_serve_a_remote_backend(served, engine, tmp_path):
         assert body["response"] == greedy_reply(engine, with_default_system("你好"))[0]
         health = proxy.get("/health").json()
         assert health["backend"] == "openai" and health["device"] == "remote" and health["queue"] is None
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_broken_upstream_reply_is_a_generation_error_that_says_what_happened(tmp_path, fault):
+    expected = {
+        "not_json": "not an OpenAI-compatible chat stream",
+        "not_a_chunk": "not an OpenAI-compatible chat stream",
+        "html_page": "not an OpenAI-compatible chat stream",
+        "plain_json": "not an OpenAI-compatible chat stream",
+        "stalls": r"sent nothing for 0.5 s \(INTERNLM_OPENAI_TIMEOUT\)",
+        "breaks_mid_reply": "stopped sending before the reply's end",
+    }[fault]
+    with faulty_openai_server(fault) as url:
+        remote = RemoteBackend(api_settings(tmp_path, backend="openai", openai_base_url=url, openai_timeout=0.5))
+        events = ReplyEvents()
+        started = time.monotonic()
+        with pytest.raises(GenerationError, match=expected):  # never an empty reply that "succeeded", never a 500
+            list(remote.stream_reply([{"role": "user", "content": "hi"}], GREEDY, events=events))
+        assert events.stats.finish_reason == "error" and time.monotonic() - started < 10
+        with TestClient(create_app(api_settings(tmp_path), backend=remote)) as proxy:  # the API says it as JSON
+            response = proxy.post(CHAT_PATH, json={"messages": [{"role": "user", "content": "hi"}]})
+            assert response.status_code in (502, 503) and re.search(expected, response.json()["error"]["message"])
+
+
+def test_a_base_url_that_is_not_an_openai_api_fails_the_load_with_what_to_set(tmp_path):
+    with faulty_openai_server("html_page") as url, pytest.raises(RemoteSetupError, match="ends in /v1") as info:
+        _remote(url.removesuffix("/v1"), tmp_path)
+    assert info.value.reason == "remote_misconfigured"
+
+
+def test_a_server_whose_backend_points_at_itself_refuses_its_own_requests(engine, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = api_settings(tmp_path, backend="openai", openai_base_url=f"http://127.0.0.1:{port}/v1")
+    looping = RemoteBackend(settings)  # built directly: nothing listens on the port yet
+    with running_server(create_app(settings, backend=looping), port=port):
+        with pytest.raises(RemoteSetupError, match="points at this server itself"):
+            looping.discover_model()
+        with pytest.raises(GenerationError, match="points at this server itself"):
+            list(looping.stream_reply([{"role": "user", "content": "hi"}], GREEDY))
+    # A server that answers locally never refuses a remote backend of the same process (the tests' own setup).
+    with TestClient(create_app(api_settings(tmp_path), backend=engine)) as client:
+        response = client.get("/v1/models", headers={VIA_HEADER: PROCESS_ID})
+        assert response.status_code == 200
+
+
+def test_remote_refusals_name_the_field_and_messages_are_sent_in_openais_form(tmp_path):
+    remote = _remote("http://127.0.0.1:9", tmp_path)  # nothing listens there; no request is made
+    hi = [{"role": "user", "content": "hi"}]
+    for options, param in [
+        (ReplyOptions(tools=True), "tools"),
+        (ReplyOptions(json_schema={"type": "object"}), "response_format"),
+        (ReplyOptions(seed=1), "seed"),
+        (ReplyOptions(logprobs=2), "logprobs"),
+        (ReplyOptions(presence_penalty=0.5), "presence_penalty"),
+        (ReplyOptions(frequency_penalty=0.5), "frequency_penalty"),
+        (ReplyOptions(raw_prompt=True), "prompt"),
+    ]:
+        with pytest.raises(InvalidRequestError) as info:
+            remote.stream_chunks(hi, GREEDY, options)
+        assert info.value.param == param and str(info.value).startswith(f"{param}: ")
+    with pytest.raises(InvalidRequestError, match="tool calls and tool results need the local model"):
+        remote.stream_reply([*hi, {"role": "assistant", "content": "", "tool_calls": [{}]}, *hi], GREEDY)
+    assert _openai_message({"role": "user", "content": "hi", "speaker": "alice"}) == {
+        "role": "user",
+        "content": "hi",
+        "name": "alice",
+    }
+
+
+def test_doctor_checks_the_remote_model_server_instead_of_the_gpu_and_the_model_files(served, tmp_path):
+    from internlm_app.doctor import doctor_report, format_report
+
+    def problems(url: str, **overrides) -> dict:
+        settings = api_settings(tmp_path, backend="openai", openai_base_url=url, **overrides)
+        return {p.key: p for p in doctor_report(settings.model)["problems"]}
+
+    url = f"{served[0]}/v1"
+    report = doctor_report(api_settings(tmp_path, backend="openai", openai_base_url=url, openai_api_key=API_KEY))
+    assert report["problems"] == [] and report["remote"]["served_models"] == ["internlm2-tiny"]
+    assert "remote: base_url=" in format_report(report) and "model server" in report["decoding"]
+    assert set(problems(url, openai_api_key="wrong")) == {"remote_key_refused"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    assert set(problems(closed)) == {"remote_unreachable"}  # no "no GPU", no "not downloaded"
+    with faulty_openai_server("html_page") as page:
+        assert set(problems(page)) == {"remote_misconfigured"}

@@ -94,3 +94,24 @@ def test_a_bad_list_setting_is_a_clear_error_that_never_echoes_the_value(monkeyp
     text = describe_settings_error(error.value)
     assert text.startswith(f"INTERNLM_{name.upper()} / --{name.replace('_', '-')}: ") and reason in text
     assert "sk-1" not in text and "sk-1" not in str(error.value)
+
+
+def test_an_empty_value_means_the_default_never_the_current_folder_or_an_empty_password(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "evil.py").write_text("def add(a: int, b: int) -> int:\n    return a + b\n")
+    for name in ("TOOLS_DIR", "WEB_PASSWORD", "MODEL_PATH", "CONVERTED_DIR", "DB_PATH", "CACHE_DIR", "OPENAI_API_KEY"):
+        monkeypatch.setenv(f"INTERNLM_{name}", " " if name == "MODEL_PATH" else "")
+    settings = Settings()
+    assert settings.tools_dir is None and settings.web_password is None
+    assert settings.model_path is None and settings.converted_dir is None
+    assert settings.db_path == Path("~/.cache/internlm_app/conversations.db").expanduser()
+    assert settings.cache_dir == Path("~/.cache/internlm_app/models").expanduser()
+    assert settings.openai_api_key.get_secret_value() == "EMPTY"
+    assert Settings(system_prompt="").system_prompt == ""  # where empty has a meaning, it keeps it
+
+
+@pytest.mark.parametrize("url", ["ftp://host/v1", "not a url", "http://127.0.0.1:99999/v1", "http:///v1", ""])
+def test_the_remote_base_url_must_be_an_http_url_with_a_host_and_port(url):
+    with pytest.raises(ValidationError, match="openai_base_url"):
+        Settings(openai_base_url=url)
+    assert Settings(openai_base_url="https://h.example:8000/v1/").openai_base_url == "https://h.example:8000/v1"

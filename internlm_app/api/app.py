@@ -17,7 +17,12 @@ from fastapi_offline import FastAPIOffline
 from internlm_app.api.auth import BearerAuthMiddleware
 from internlm_app.api.errors import install_error_handlers
 from internlm_app.api.metrics import Metrics
-from internlm_app.api.middleware import BodyLimitMiddleware, JSONCORSMiddleware, RequestLogMiddleware
+from internlm_app.api.middleware import (
+    BodyLimitMiddleware,
+    JSONCORSMiddleware,
+    RequestLogMiddleware,
+    SelfCallGuardMiddleware,
+)
 from internlm_app.api.model_gate import ModelGateMiddleware, bind_backend
 from internlm_app.api.routes_classic import router as classic_router
 from internlm_app.api.routes_completions import router as completions_router
@@ -73,7 +78,8 @@ def create_app(
     app.include_router(openai_router)
     app.include_router(completions_router)
     app.include_router(system_router)
-    # add_middleware wraps: the last added runs first (log -> CORS -> auth -> body limit -> model gate -> routes).
+    # add_middleware wraps: the last added runs first
+    # (log -> self-call guard -> CORS -> auth -> body limit -> model gate -> routes).
     if loader is not None:
         app.add_middleware(ModelGateMiddleware)
     app.add_middleware(BodyLimitMiddleware)
@@ -82,5 +88,7 @@ def create_app(
         app.add_middleware(
             JSONCORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"]
         )
+    if settings.backend == "openai":  # only a server that forwards replies can call itself
+        app.add_middleware(SelfCallGuardMiddleware)
     app.add_middleware(RequestLogMiddleware, metrics=metrics, log_prompts=settings.log_prompts)
     return app

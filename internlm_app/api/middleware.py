@@ -1,4 +1,5 @@
-"""ASGI middleware: the request-body limit (413), CORS with JSON refusals, and one log line plus metrics per request."""
+"""ASGI middleware: the request-body limit (413), CORS with JSON refusals, the self-call guard (508), and one log
+line plus metrics per request."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from internlm_app.api.errors import error_response
 from internlm_app.api.metrics import Metrics
+from internlm_app.backends.remote import PROCESS_ID, SELF_LOOP_MESSAGE, VIA_HEADER
 
 log = logging.getLogger("internlm_app.api")
 
@@ -63,6 +65,22 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class SelfCallGuardMiddleware:
+    """Refuses with 508 (Loop Detected) a request sent by this process's own remote backend: its
+    INTERNLM_OPENAI_BASE_URL points back at this server, and each reply would call the server again until every
+    connection is taken. Installed on a server whose backend is remote; a loop through another process is not seen."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self._header = VIA_HEADER.lower().encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (self._header, PROCESS_ID.encode()) in scope.get("headers", []):
+            await error_response(scope["path"], 508, SELF_LOOP_MESSAGE, code="self_call")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class JSONCORSMiddleware(CORSMiddleware):

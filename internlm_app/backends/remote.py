@@ -8,6 +8,7 @@ import contextlib
 import logging
 import queue
 import re
+import secrets
 import threading
 import time
 
@@ -28,11 +29,19 @@ from internlm_app.chat_types import (
     ReplyEvents,
     ReplyOptions,
 )
+from internlm_app.errors import UserFacingError
 from internlm_app.runtime.prompt import validate_messages
 from internlm_app.sampling import SamplingParams
 from internlm_app.settings import ModelSettings
 
 log = logging.getLogger(__name__)
+
+# Every request this process sends to a model server names the process; this app's API refuses (508) a request that
+# names its own process, so a base URL that points back at this server fails at once instead of calling itself until
+# the server runs out of connections.
+VIA_HEADER = "X-InternLM-Chat-Via"
+PROCESS_ID = secrets.token_hex(8)
+CONNECT_SECONDS = 10.0
 
 # "needs N tokens ... budget is M" (this app's API), "maximum context length is M tokens ... N" (vLLM, OpenAI).
 _OURS = re.compile(r"needs (\d+) tokens.*?budget is (\d+)", re.S)
@@ -46,12 +55,45 @@ def _error_message(exc: openai.APIError) -> str:
     return exc.message
 
 
-def engine_error(exc: openai.OpenAIError | httpx2.HTTPError, base_url: str) -> EngineError:
-    """The EngineError subclass (and so the HTTP status) that stands for an error of the remote server."""
-    if isinstance(exc, openai.APIConnectionError):  # also timeouts
+class _NoFinish(Exception):
+    """The server's 200 reply ended without a finish reason: not an OpenAI chat stream."""
+
+    def __str__(self) -> str:
+        return "it ended without a finish reason"
+
+
+class RemoteSetupError(UserFacingError):
+    """INTERNLM_OPENAI_BASE_URL does not lead to an OpenAI-compatible model server (it is this server itself, or
+    something that is not that API); the message says which and what to set."""
+
+    reason = "remote_misconfigured"
+
+
+def engine_error(
+    exc: BaseException, base_url: str, *, timeout: float | None = None, started: bool = False
+) -> EngineError:
+    """The EngineError subclass (and so the HTTP status) that stands for an error of the remote server.
+
+    `timeout` is the read timeout in seconds (named when the server went silent); `started`: part of the reply had
+    arrived (a connection that breaks then is not "cannot reach"). Anything that is not an openai or httpx error is a
+    reply the client could not read: a malformed stream.
+    """
+    if isinstance(exc, openai.APITimeoutError):
+        waited = f" for {timeout:g} s (INTERNLM_OPENAI_TIMEOUT)" if timeout else ""
+        return GenerationError(f"the model server at {base_url} sent nothing{waited}; the request was given up")
+    if isinstance(exc, openai.APIConnectionError | httpx2.HTTPError) and started:
+        return GenerationError(f"the connection to the model server at {base_url} broke during the reply: {exc}")
+    if isinstance(exc, openai.APIConnectionError):
         return GenerationError(f"cannot reach the model server at {base_url}: {exc}")
+    if isinstance(exc, httpx2.HTTPError):
+        return GenerationError(f"the connection to the model server at {base_url} failed: {exc}")
+    if isinstance(exc, _NoFinish) and started:
+        return GenerationError(f"the model server at {base_url} stopped sending before the reply's end ({exc})")
     if not isinstance(exc, openai.APIError):
-        return GenerationError(f"{type(exc).__name__}: {exc}")
+        return GenerationError(
+            f"the model server at {base_url} sent a reply that is not an OpenAI-compatible chat stream "
+            f"({type(exc).__name__}: {exc})"
+        )
     message = _error_message(exc)
     status = exc.status_code if isinstance(exc, openai.APIStatusError) else None
     if status in (400, 413, 422):
@@ -66,7 +108,15 @@ def engine_error(exc: openai.OpenAIError | httpx2.HTTPError, base_url: str) -> E
         return GenerationError(f"the model server refused the key (INTERNLM_OPENAI_API_KEY): {message}")
     if status == 404:
         return GenerationError(f"not found on {base_url} (check INTERNLM_OPENAI_BASE_URL/_MODEL): {message}")
-    return GenerationError(message)
+    if status == 508:
+        return GenerationError(message)
+    return GenerationError(f"the model server at {base_url} answered {status}: {message}" if status else message)
+
+
+SELF_LOOP_MESSAGE = (
+    "INTERNLM_OPENAI_BASE_URL points at this server itself; set it to the model server's address (LMDeploy's "
+    "api_server or vLLM, e.g. http://127.0.0.1:23333/v1)"
+)
 
 
 # How often a streamed reply's task checks its cancel Event (a cancel ends the request within this time).
@@ -101,6 +151,19 @@ def _as_chunks(texts: Reply[str]) -> Reply[ReplyChunk]:
             yield ReplyChunk(text=text)
 
 
+def _openai_message(message: Message) -> dict:
+    """A message as OpenAI's chat API takes it (`speaker` is its `name`). Tool calls and tool results are InternLM2's
+    own turns here, which a remote server's template would not read the same: InvalidRequestError."""
+    if message["role"] == "environment" or message.get("tool_calls") or message.get("name"):
+        raise InvalidRequestError(
+            "messages: tool calls and tool results need the local model (INTERNLM_BACKEND=local)", "messages"
+        )
+    sent = {"role": message["role"], "content": message["content"]}
+    if speaker := message.get("speaker"):
+        sent["name"] = speaker
+    return sent
+
+
 class RemoteBackend:
     """Streams replies from `settings.openai_base_url` with the official openai client; no model is loaded here."""
 
@@ -110,8 +173,13 @@ class RemoteBackend:
         self.settings = settings.model  # the model part of a Settings only
         key = settings.openai_api_key.get_secret_value()
         # The sync client asks what the server serves; replies stream through the async one, as cancellable tasks.
-        self.client = openai.OpenAI(base_url=settings.openai_base_url, api_key=key, max_retries=0)
-        self.async_client = openai.AsyncOpenAI(base_url=settings.openai_base_url, api_key=key, max_retries=0)
+        # The read timeout is the longest silence between two parts of a reply (the wait for the first included).
+        url, timeout = settings.openai_base_url, openai.Timeout(settings.openai_timeout, connect=CONNECT_SECONDS)
+        via = {VIA_HEADER: PROCESS_ID}
+        self.client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=timeout, default_headers=via)
+        self.async_client = openai.AsyncOpenAI(
+            base_url=url, api_key=key, max_retries=0, timeout=timeout, default_headers=via
+        )
         self._loop = _EventLoop()
         self.info = ModelInfo(
             name=settings.openai_model,
@@ -127,17 +195,49 @@ class RemoteBackend:
         self.queue = None  # the server queues requests itself
         self.model = settings.openai_model  # the name sent with each request
 
+    def served_models(self, timeout: float = 5.0) -> list[str]:
+        """The model names the server's `/v1/models` lists.
+
+        Raises RemoteSetupError when the URL leads back to this server, or to a server that answers but not as an
+        OpenAI-compatible API (no /v1, another service); openai.APIConnectionError or an httpx error when nothing
+        answers; openai.APIStatusError 401 / 403 when the server refuses the key.
+        """
+        base = self.settings.openai_base_url
+        try:
+            return [str(m.id) for m in self.client.with_options(timeout=timeout).models.list()]
+        except (openai.APIConnectionError, httpx2.HTTPError):
+            raise
+        except openai.APIStatusError as exc:
+            if exc.status_code == 508:
+                raise RemoteSetupError(SELF_LOOP_MESSAGE) from None
+            if exc.status_code in (401, 403):
+                raise
+            raise RemoteSetupError(
+                f"{base}/models answered {exc.status_code}: it does not look like an OpenAI-compatible API (the URL "
+                "usually ends in /v1, e.g. http://127.0.0.1:23333/v1)"
+            ) from None
+        except Exception as exc:  # a page or JSON that is not a model list (openai's parsing raises many kinds)
+            raise RemoteSetupError(
+                f"{base}/models did not answer with an OpenAI model list ({type(exc).__name__}): check "
+                "INTERNLM_OPENAI_BASE_URL (it usually ends in /v1, e.g. http://127.0.0.1:23333/v1)"
+            ) from None
+
     def discover_model(self, timeout: float = 5.0) -> None:
         """Ask the server's `/v1/models` what it serves, so the UI shows that and requests name it.
 
         The configured INTERNLM_OPENAI_MODEL is kept when the server lists it; otherwise the server's first model
-        is used (servers refuse a name they do not serve) and a warning says so. An unreachable server leaves the
-        configured name: replies will report the connection error themselves.
+        is used (servers refuse a name they do not serve) and a warning says so. An unreachable server, or one that
+        refuses the key, leaves the configured name: replies will report that themselves (it may still be starting).
+        RemoteSetupError (from `served_models`): every reply would fail, so the load fails and says why.
         """
+        base = self.settings.openai_base_url
         try:
-            served = [m.id for m in self.client.with_options(timeout=timeout).models.list()]
-        except (openai.OpenAIError, httpx2.HTTPError) as exc:
-            log.warning("could not list the models of %s: %s", self.settings.openai_base_url, exc)
+            served = self.served_models(timeout)
+        except (openai.APIConnectionError, httpx2.HTTPError) as exc:
+            log.warning("could not list the models of %s: %s", base, exc)
+            return
+        except openai.APIStatusError as exc:
+            log.warning("%s refused the key (INTERNLM_OPENAI_API_KEY): %s", base, _error_message(exc))
             return
         self.info.extra["served_models"] = served
         if served and self.model not in served:
@@ -173,10 +273,23 @@ class RemoteBackend:
         events: ReplyEvents | None = None,
         max_length: int | None = None,
     ) -> Reply[ReplyChunk]:
-        """The reply as text-only ReplyChunks. Tools, JSON output, seed, logprobs and penalties need a local model:
-        InvalidRequestError (keep_history is the server's to apply)."""
-        if options != ReplyOptions(keep_history=options.keep_history):
-            raise InvalidRequestError("tools, JSON output, seed, logprobs and penalties need a local model")
+        """The reply as text-only ReplyChunks. Tools, JSON output, seed, logprobs, penalties and raw prompts need a
+        local model: InvalidRequestError naming the request field (keep_history is the server's to apply)."""
+        for param, asked, what in (
+            ("tools", options.tools or options.force_tool_call, "tool calling"),
+            ("response_format", options.json_schema is not None, "JSON output"),
+            ("seed", options.seed is not None, "a seed"),
+            ("logprobs", options.logprobs is not None, "logprobs"),
+            ("presence_penalty", bool(options.presence_penalty), "presence_penalty"),
+            ("frequency_penalty", bool(options.frequency_penalty), "frequency_penalty"),
+            ("prompt", options.raw_prompt, "a raw prompt (/v1/completions)"),
+        ):
+            if asked:
+                raise InvalidRequestError(
+                    f"{param}: {what} needs the local model; this app forwards chats to "
+                    f"{self.settings.openai_base_url} (INTERNLM_BACKEND=openai), which it does not ask for that",
+                    param,
+                )
         texts = self.stream_reply(messages, params, cancel=cancel, events=events, max_length=max_length)
         return _as_chunks(texts)
 
@@ -206,14 +319,15 @@ class RemoteBackend:
         validate_messages(messages)
         if not messages or messages[-1]["role"] != "user":
             raise InvalidRequestError("the conversation must end with a user message")
-        if messages[0]["role"] != "system":  # say "no system prompt" explicitly: some servers add a default one
-            messages = [{"role": "system", "content": ""}, *messages]
+        sent = [_openai_message(message) for message in messages]
+        if sent[0]["role"] != "system":  # say "no system prompt" explicitly: some servers add a default one
+            sent = [{"role": "system", "content": ""}, *sent]
         extra: dict = {"repetition_penalty": params.repetition_penalty}  # extensions of vLLM, LMDeploy and this API
         if params.top_k:  # 0 (off) is left out: vLLM 0.8 refuses it (it wants -1)
             extra["top_k"] = params.top_k
         request = {
             "model": self.model,
-            "messages": messages,
+            "messages": sent,
             "temperature": 0.0 if params.greedy else params.temperature,
             "top_p": 1.0 if params.greedy else params.top_p,
             "max_tokens": params.max_new_tokens,
@@ -246,9 +360,13 @@ class RemoteBackend:
                 failure = task.exception()
             # Else the consumer went away (closed, or collected): `closed` makes the task cancel its read within
             # _WATCH_SECONDS and close the connection, which stops the server's generation.
-            if isinstance(failure, openai.OpenAIError | httpx2.HTTPError):
+            if failure is None and drained and outcome.get("finish", "") is None:
+                failure = _NoFinish()  # a 200 that was not a chat stream (a page, plain JSON): never an empty success
+            if isinstance(failure, Exception):
                 stats.finish_reason = "error"
-                error = engine_error(failure, self.settings.openai_base_url)
+                error = engine_error(
+                    failure, self.settings.openai_base_url, timeout=self.settings.openai_timeout, started=count > 0
+                )
                 stats.error = str(error)
                 self._finish(stats, started, first_at, count, outcome, cancelled=False)
                 raise error from failure

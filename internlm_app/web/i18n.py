@@ -90,6 +90,12 @@ LABELS: dict[str, tuple[str, str]] = {
         "The model loaded, but its first trial reply failed. See the details; `python -m internlm_app doctor` checks "
         "the GPU and the model files.",
     ),
+    "load_error_remote_misconfigured": (
+        "INTERNLM_OPENAI_BASE_URL 指向的不是可用的 OpenAI 兼容模型服务器（是本服务自身，或不是这种 API）。"
+        "请把它设为 LMDeploy 或 vLLM 服务器的地址，例如 http://127.0.0.1:23333/v1。",
+        "INTERNLM_OPENAI_BASE_URL does not lead to an OpenAI-compatible model server (it is this server itself, or "
+        "not that kind of API). Set it to the LMDeploy or vLLM server's address, e.g. http://127.0.0.1:23333/v1.",
+    ),
     "load_error_unexpected": (
         "模型加载失败，原因未知。详细信息中有错误内容；如果看起来是程序错误，请附上它报告问题。",
         "The model could not be loaded for an unexpected reason. The details show the error; if it looks like a bug, "
@@ -378,6 +384,37 @@ LABELS: dict[str, tuple[str, str]] = {
         "在 AutoDL 上请把 INTERNLM_CACHE_DIR 指向 /root/autodl-tmp（数据盘）。",
         "Only {free} free under `{path}`; downloading and converting needs about {need}. On AutoDL point "
         "INTERNLM_CACHE_DIR at /root/autodl-tmp (the data disk).",
+    ),
+    "doctor_cache_not_dir": (
+        "缓存目录 `{path}` 是一个文件：请移走它，或把 INTERNLM_CACHE_DIR 设为一个文件夹",
+        "The cache directory `{path}` is a file: move it, or set INTERNLM_CACHE_DIR to a folder",
+    ),
+    "doctor_no_weights": (
+        "`{path}` 有 config.json，但没有权重文件（*.safetensors / *.bin）：请重新下载",
+        "`{path}` has a config.json but no weight files (*.safetensors / *.bin): download it again",
+    ),
+    "doctor_damaged_config": (
+        "`{path}` 中的 config.json 或权重索引无法读取（下载不完整或已损坏）：请重新下载模型",
+        "The config.json or weight index in `{path}` cannot be read (an incomplete or damaged download): download "
+        "the model again",
+    ),
+    "doctor_remote_misconfigured": (
+        "`{url}` 不是可用的 OpenAI 兼容模型服务器（是本服务自身，或不是这种 API）：请检查 INTERNLM_OPENAI_BASE_URL"
+        "（通常以 /v1 结尾，例如 http://127.0.0.1:23333/v1）",
+        "`{url}` is not a usable OpenAI-compatible model server (it is this server itself, or not that kind of API): "
+        "check INTERNLM_OPENAI_BASE_URL (it usually ends in /v1, e.g. http://127.0.0.1:23333/v1)",
+    ),
+    "doctor_remote_key_refused": (
+        "`{url}` 的模型服务器拒绝了密钥：请检查 INTERNLM_OPENAI_API_KEY",
+        "The model server at `{url}` refused the key: check INTERNLM_OPENAI_API_KEY",
+    ),
+    "doctor_remote_unreachable": (
+        "连接不上 `{url}` 的模型服务器：请启动它，或检查 INTERNLM_OPENAI_BASE_URL",
+        "Cannot reach the model server at `{url}`: start it, or check INTERNLM_OPENAI_BASE_URL",
+    ),
+    "doctor_remote_no_models": (
+        "`{url}` 的模型服务器没有列出任何模型",
+        "The model server at `{url}` lists no model",
     ),
     "status_versions": ("版本", "Versions"),
     # history page

@@ -79,5 +79,6 @@ def version_rows(ctx: PageContext, report: dict) -> dict[str, list[str]]:
     rows["CUDA"] = f"{report['cuda'] or '—'} ({report['cuda_available']})"
     if report.get("ram_available_bytes"):
         rows[ctx.t("ram_available")] = gpu.format_bytes(report["ram_available_bytes"])
-    rows[ctx.t("disk_free")] = gpu.format_bytes(report["disk_free_bytes"])
+    if "disk_free_bytes" in report:  # not with a remote backend: nothing is downloaded here
+        rows[ctx.t("disk_free")] = gpu.format_bytes(report["disk_free_bytes"])
     return {"": list(rows), ctx.t("version_column"): list(rows.values())}
