@@ -232,6 +232,35 @@ def test_the_password_and_the_keys_guard_their_own_side_only(loaded, browser):
     assert requests.get(f"{url}/login?next=https://evil.example/", timeout=10).text.count("evil.example") == 0
 
 
+def test_log_out_ends_the_login_in_this_tab_and_in_the_others(loaded, browser, tmp_path):
+    from playwright.sync_api import expect
+
+    url = loaded
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(f"{url}/?lang=en")
+        page.locator("#password").fill(PASSWORD)
+        page.get_by_role("button", name="登录 / Log in").click()
+        other = context.new_page()  # a second tab of the same browser, logged in by the same cookie
+        other.goto(f"{url}/?lang=en")
+        expect(other.locator(".st-key-prompt textarea")).to_be_enabled(timeout=30_000)
+        page.get_by_role("link", name="Log out").click()
+        page.wait_for_url(f"{url}/login?next=%2F%3Flang%3Den")  # here, in this tab, and the language kept
+        page.screenshot(path=str(tmp_path / "logged-out.png"))
+        assert len(context.pages) == 2  # no new tab was opened
+        other.locator(".st-key-prompt textarea").fill("hello")  # the other tab's next run is logged out too
+        other.locator(".st-key-prompt textarea").press("Enter")
+        expect(other.get_by_text("You are logged out")).to_be_visible(timeout=30_000)
+        other.screenshot(path=str(tmp_path / "other-tab-logged-out.png"))
+        page.locator("#password").fill(PASSWORD)  # logging in again returns to the English page
+        page.get_by_role("button", name="登录 / Log in").click()
+        page.wait_for_url(f"{url}/?lang=en")
+        expect(page.get_by_role("link", name="Log out")).to_be_visible(timeout=30_000)
+    finally:
+        context.close()
+
+
 def test_an_export_is_served_only_with_the_login_and_only_briefly(loaded, browser):
     from playwright.sync_api import expect
 

@@ -69,12 +69,31 @@ def test_login_tokens_are_signed_expire_and_belong_to_one_server():
     login = WebLogin(SecretStr(PASSWORD), lifetime=60, clock=lambda: now[0])
     token = login.issue()
     assert login.verify(token)
-    expiry, signature = token.split(".")
-    assert not login.verify(f"{int(expiry) + 3600}.{signature}")  # a later expiry with the old signature
+    token_id, expiry, signature = token.split(".")
+    assert not login.verify(f"{token_id}.{int(expiry) + 3600}.{signature}")  # a later expiry, the old signature
+    assert not login.verify(f"other.{expiry}.{signature}")
     assert not login.verify(None) and not login.verify("") and not login.verify("garbage") and not login.verify(b"x")
-    assert not WebLogin(SecretStr(PASSWORD)).verify(token)  # another process (a restart) made another key
+    assert not WebLogin(SecretStr(PASSWORD)).verify(token)  # a server without the state file made another key
     now[0] += 61
     assert not login.verify(token)
+
+
+def test_logins_survive_a_restart_and_end_with_a_logout_or_a_new_password(tmp_path):
+    state = tmp_path / "web_login.json"
+    first = WebLogin(SecretStr(PASSWORD), state_file=state)
+    kept, logged_out = first.issue(), first.issue()
+    assert state.stat().st_mode & 0o777 == 0o600  # the signing secret: owner only
+    first.revoke(logged_out)
+    assert first.verify(kept) and not first.verify(logged_out)
+    restarted = WebLogin(SecretStr(PASSWORD), state_file=state)  # an open tab reconnects after a restart
+    assert restarted.verify(kept) and not restarted.verify(logged_out)  # and a logout stays a logout
+    assert not WebLogin(SecretStr("a new password"), state_file=state).verify(kept)
+    state.write_text("{damaged")
+    fresh = WebLogin(SecretStr(PASSWORD), state_file=state)  # a damaged file: a new secret, everyone logs in again
+    assert not fresh.verify(kept) and fresh.verify(fresh.issue())
+    (tmp_path / "a_file").write_text("")  # the state file's folder cannot be made: logins last for this process
+    unwritable = WebLogin(SecretStr(PASSWORD), state_file=tmp_path / "a_file" / "web_login.json")
+    assert unwritable.verify(unwritable.issue())
 
 
 def _gated_web_app(login: WebLogin) -> Starlette:
@@ -103,8 +122,13 @@ def test_the_web_gate_and_the_login_form():
         assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Max-Age=604800" in cookie
         assert client.get("/media/x.json").text == "the app"  # the client now sends the cookie
         assert client.get("/_stcore/metrics").status_code == 404  # closed with a login too
-        assert client.get("/logout").headers["location"] == "/login"
+        token = client.cookies[COOKIE_NAME]
+        out = client.get("/logout?next=/history%3Flang%3Den")  # back to the page's language after the next login
+        assert out.headers["location"] == "/login?next=%2Fhistory%3Flang%3Den"
         assert client.get("/media/x.json").status_code == 401
+        client.cookies.set(COOKIE_NAME, token)  # a copy of the cookie (another tab's session): revoked too
+        assert client.get("/media/x.json").status_code == 401 and not login.verify(token)
+        client.cookies.clear()
 
         assert client.post("/login", data={"password": "wrong again"}).status_code == 401
         limited = client.post("/login", data={"password": PASSWORD})  # 2 wrong a minute: even the right one waits
@@ -181,7 +205,9 @@ def test_under_serve_a_page_without_the_login_cookie_shows_only_the_way_to_log_i
     loader = BackendLoader(settings, create=never)
     with hosting(Hosting(settings, loader, WebLogin(SecretStr(PASSWORD)))):
         at = run_page()  # AppTest sends no cookie, like a websocket that got past no gate
-    assert "login has expired" in texts(at.warning) and not at.chat_input and not at.text_input
+    assert "logged out" in texts(at.warning) and not at.chat_input and not at.text_input
+    (link,) = [h.proto.body for h in at.get("html")]  # the way to log in opens here, not in a new tab
+    assert 'href="/login?next=%2F"' in link and 'target="_self"' in link
     assert loader.status().state == "idle"
 
 

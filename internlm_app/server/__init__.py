@@ -24,7 +24,7 @@ from internlm_app.api.app import create_app
 from internlm_app.api.server import MAX_CONNECTIONS, bind_socket
 from internlm_app.backends.factory import BackendLoader
 from internlm_app.server.routing import LOGIN_PATH, OnePortRouter, WebGate
-from internlm_app.server.web_login import WebLogin
+from internlm_app.server.web_login import STATE_FILE, WebLogin
 from internlm_app.settings import Settings
 from internlm_app.web.hosting import Hosting, hosting
 
@@ -44,7 +44,9 @@ def create_server(settings: Settings | None = None, loader: BackendLoader | None
     settings = settings or Settings()
     loader = loader or BackendLoader(settings)
     api = create_app(settings, loader=loader)
-    login = WebLogin(settings.web_password) if settings.web_password is not None else None
+    login = None
+    if settings.web_password is not None:
+        login = WebLogin(settings.web_password, state_file=Path(settings.db_path).with_name(STATE_FILE))
 
     @asynccontextmanager
     async def lifespan(_app: st.App):

@@ -1,20 +1,29 @@
 """The one-port server's web login: a small HTML form at /login that sets a signed, HttpOnly cookie.
 
 The cookie (not a Streamlit session) is what the web gate checks, so the password also guards what the page serves
-over plain HTTP: media, downloads, uploads. Tokens are signed with a key made at start, so a restart logs everyone
-out; wrong passwords share the process-wide limit of the web-only login (5 a minute).
+over plain HTTP: media, downloads, uploads. Tokens are signed with a key made from a random secret kept beside the
+conversations database and the password, so a restart keeps everyone logged in (an open tab reconnects) and a new
+password logs everyone out. /logout revokes the token on the server too (kept in the same file until it expires), so a
+copied cookie and the other tabs of that browser are logged out as well. Wrong passwords share the process-wide limit
+of the web-only login (5 a minute).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import html
+import json
+import logging
+import os
 import secrets
+import threading
 import time
 from collections.abc import Callable
-from urllib.parse import parse_qs
+from pathlib import Path
+from urllib.parse import parse_qs, quote
 
 from pydantic import SecretStr
 from starlette.requests import Request
@@ -24,9 +33,12 @@ from starlette.routing import Route
 from internlm_app.server.routing import LOGIN_PATH, LOGOUT_PATH, safe_next
 from internlm_app.web.auth import FAILURE_DELAY_SECONDS, LoginThrottle, password_matches
 
+log = logging.getLogger(__name__)
+
 COOKIE_NAME = "internlm_web"
-SESSION_SECONDS = 7 * 24 * 3600  # a login lasts a week (or until the server restarts)
+SESSION_SECONDS = 7 * 24 * 3600  # a login lasts a week, or until it logs out or the password changes
 MAX_FORM_BYTES = 4096
+STATE_FILE = "web_login.json"  # beside the conversations database: the signing secret and the revoked tokens
 
 
 class WebLogin:
@@ -38,31 +50,91 @@ class WebLogin:
         self,
         password: SecretStr,
         *,
+        state_file: Path | None = None,
         throttle: LoginThrottle | None = None,
         lifetime: float = SESSION_SECONDS,
         clock: Callable[[], float] = time.time,
     ):
+        """`state_file` keeps the signing secret and the revoked tokens across restarts (None: this process only)."""
         self._password = password
-        self._key = secrets.token_bytes(32)
+        self._state_file, self._lock = state_file, threading.Lock()
+        loaded = self._load_state()
+        self._secret, self._revoked = loaded or (secrets.token_bytes(32), {})
+        if loaded is None:
+            self._save_state()  # a new secret
+        # The password is part of the key: changing it makes every earlier token invalid.
+        secret, word = self._secret, password.get_secret_value().encode()
+        self._key = hmac.new(secret, b"web-login-key:" + word, hashlib.sha256).digest()
         self.throttle = throttle or LoginThrottle()
         self.lifetime, self._clock = lifetime, clock
 
     def issue(self) -> str:
-        """A new token: its expiry time and the HMAC of it."""
-        expiry = str(int(self._clock() + self.lifetime))
-        return f"{expiry}.{self._sign(expiry)}"
+        """A new token: `<id>.<expiry>.<HMAC of both>`; the id is what a logout revokes."""
+        body = f"{secrets.token_hex(8)}.{int(self._clock() + self.lifetime)}"
+        return f"{body}.{self._sign(body)}"
 
     def verify(self, token: object) -> bool:
-        """True for a token this server issued that has not expired."""
-        if not isinstance(token, str):
+        """True for a token this server issued that has not expired and was not logged out."""
+        parts = self._parts(token)
+        if parts is None:
             return False
-        expiry, _, signature = token.partition(".")
-        if not expiry.isdigit() or not hmac.compare_digest(signature.encode(), self._sign(expiry).encode()):
-            return False
-        return int(expiry) > self._clock()
+        token_id, expiry = parts
+        with self._lock:
+            return expiry > self._clock() and token_id not in self._revoked
 
-    def _sign(self, expiry: str) -> str:
-        return hmac.new(self._key, f"web-login:{expiry}".encode(), hashlib.sha256).hexdigest()
+    def revoke(self, token: object) -> None:
+        """Log a token out for good (every tab and copy of it); an invalid token is ignored."""
+        parts = self._parts(token)
+        if parts is None:
+            return
+        with self._lock:
+            now = self._clock()
+            self._revoked = {i: e for i, e in self._revoked.items() if e > now}  # expired ones fail anyway
+            self._revoked[parts[0]] = parts[1]
+            self._save_state()
+
+    def _parts(self, token: object) -> tuple[str, int] | None:
+        """(id, expiry) of a token signed with this key; None for anything else."""
+        if not isinstance(token, str):
+            return None
+        body, _, signature = token.rpartition(".")
+        token_id, _, expiry = body.partition(".")
+        if not token_id or not expiry.isdigit():
+            return None
+        if not hmac.compare_digest(signature.encode(), self._sign(body).encode()):
+            return None
+        return token_id, int(expiry)
+
+    def _sign(self, body: str) -> str:
+        return hmac.new(self._key, f"web-login:{body}".encode(), hashlib.sha256).hexdigest()
+
+    def _load_state(self) -> tuple[bytes, dict[str, int]] | None:
+        """The secret and revoked tokens from the state file; None when there is none or it is damaged (a new secret
+        then replaces it, logging everyone out)."""
+        if self._state_file is not None:
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
+                state = json.loads(self._state_file.read_text(encoding="utf-8"))
+                secret = bytes.fromhex(state["secret"])
+                revoked = {str(i): int(e) for i, e in state.get("revoked", {}).items()}
+                if len(secret) == 32:
+                    return secret, revoked
+        return None
+
+    def _save_state(self) -> None:
+        """Write the secret and revoked tokens (owner-only file, replaced whole); a file that cannot be written
+        leaves logins to this process, with a warning."""
+        if self._state_file is None:
+            return
+        state = {"secret": self._secret.hex(), "revoked": self._revoked}
+        partial = self._state_file.with_name(self._state_file.name + ".partial")
+        try:
+            self._state_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the secret: owner only
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(state, out)
+            os.replace(partial, self._state_file)
+        except OSError as exc:
+            log.warning("cannot keep web logins in %s (%s): a restart will log everyone out", self._state_file, exc)
 
     def routes(self) -> list[Route]:
         return [Route(LOGIN_PATH, self.login, methods=["GET", "POST"]), Route(LOGOUT_PATH, self.logout)]
@@ -97,7 +169,11 @@ class WebLogin:
         return response
 
     async def logout(self, request: Request) -> Response:
-        response = RedirectResponse(LOGIN_PATH, status_code=303)
+        """Revoke this browser's token on the server, clear the cookie, and show the login form (which returns to
+        `next`, so the page's language and conversation are kept)."""
+        self.revoke(request.cookies.get(COOKIE_NAME))
+        target = safe_next(request.query_params.get("next"))
+        response = RedirectResponse(f"{LOGIN_PATH}?next={quote(target, safe='')}", status_code=303)
         response.delete_cookie(COOKIE_NAME, httponly=True, samesite="lax")
         return response
 

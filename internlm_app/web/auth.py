@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import html
 import threading
 import time
 from collections import deque
+from urllib.parse import quote, urlencode, urlsplit
 
 import streamlit as st
 
@@ -61,13 +63,32 @@ def password_matches(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
+def _here() -> str:
+    """This page's path and query (`/history?lang=en&c=…`): where /login returns to."""
+    path = urlsplit(st.context.url or "/").path or "/"
+    query = urlencode(st.query_params.to_dict())
+    return f"{path}?{query}" if query else path
+
+
+def same_tab_link(label: str, path: str, primary: bool = False) -> None:
+    """A link styled as a button that opens `path` in this tab (Streamlit's link button always opens a new tab,
+    which would leave this one logged in)."""
+    colours = "color:#fff;background:#ff4b4b;border-color:#ff4b4b" if primary else "color:inherit"
+    st.html(
+        f'<a href="{html.escape(path, quote=True)}" target="_self" style="display:inline-block;padding:.35rem .75rem;'
+        f'border:1px solid rgba(49,51,63,.2);border-radius:.5rem;text-decoration:none;{colours}">'
+        f"{html.escape(label)}</a>"
+    )
+
+
 def logout_control(settings: Settings, label: str, hosted_login: bool) -> None:
-    """A log-out control in the sidebar when a password is set: the /logout link under `serve` (it clears the
-    cookie), a button that forgets this session's login under `streamlit run`."""
+    """A log-out control in the sidebar when a password is set: under `serve` a link to /logout in this tab (it
+    revokes the login on the server and comes back to this page's login form), under `streamlit run` a button that
+    forgets this session's login."""
     if settings.web_password is None:
         return
     if hosted_login:
-        st.link_button(label, "/logout", icon=":material/logout:")
+        same_tab_link(label, f"/logout?next={quote(_here(), safe='')}")
     elif st.button(label, key="logout", icon=":material/logout:"):
         st.session_state.pop(AUTH_KEY, None)
         st.rerun()
@@ -86,10 +107,10 @@ def login_gate(settings: Settings, cookie_check: CookieCheck | None = None) -> b
     """True when no password is set or this session logged in; otherwise draw only the login form (or a link to it)."""
     if is_logged_in(settings, cookie_check):
         return True
-    if cookie_check is not None:
+    if cookie_check is not None:  # logged out in another tab, or the login expired while this page was open
         st.title("InternLM2 Chat")
-        st.warning("登录已过期 / Your login has expired")
-        st.link_button("登录 / Log in", "/login", type="primary")
+        st.warning("已退出登录或登录已过期 / You are logged out, or your login has expired")
+        same_tab_link("登录 / Log in", f"/login?next={quote(_here(), safe='')}", primary=True)
         return False
     st.title("InternLM2 Chat")
     with st.form("login_form", border=False):  # a form: Enter in the password field logs in
