@@ -10,6 +10,7 @@ from internlm_app.chat.context import model_messages
 from internlm_app.sampling import SamplingParams
 from internlm_app.store import export, export_format
 from internlm_app.store.db import ConversationStore
+from internlm_app.store.presets import PRESET_NAME_LIMIT
 from internlm_app.web.i18n import t
 from internlm_app.web.safe_markdown import plain
 from tests.app_helpers import MAX_NEW_TOKENS, chat, run_page, set_app_env, texts
@@ -192,6 +193,24 @@ def test_presets_fill_the_system_prompt_save_and_delete(app_env, store):
     assert "Poet" not in [p.name for p in store.list_presets()]
     assert at.selectbox(key="preset_pick").value is None
     assert at.text_area(key="system_prompt").value == "Answer in rhymes."  # the prompt itself stays
+
+
+def test_a_preset_saved_under_a_shown_name_replaces_it_and_the_picker_shows_names_as_written(app_env, store):
+    at = run_page()
+    assert at.selectbox(key="preset_pick").proto.placeholder == "（不用预设）"  # not Streamlit's English one
+    assert at.text_input(key="preset_name").proto.max_chars == PRESET_NAME_LIMIT
+    at.text_area(key="system_prompt").set_value("只把中文译成法语。")
+    at.text_input(key="preset_name").set_value("翻译")  # the default preset's name
+    at.button(key="preset_save").click().run()
+    assert at.selectbox(key="preset_pick").options.count("翻译") == 1
+    # Typing on (a new prompt, then a new name) keeps what was typed: no other preset gets picked behind it.
+    at.text_area(key="system_prompt").set_value("只把中文译成德语。").run()
+    at.text_input(key="preset_name").set_value("德语翻译").run()
+    assert at.text_area(key="system_prompt").value == "只把中文译成德语。"
+    assert at.text_input(key="preset_name").value == "德语翻译"
+    at.text_input(key="preset_name").set_value("C++ reviewer (v1.0)")
+    at.button(key="preset_save").click().run()
+    assert "C++ reviewer (v1.0)" in at.selectbox(key="preset_pick").options  # plain text, no Markdown escapes
 
 
 def test_what_the_chat_keeps_an_export_can_carry_back(app_env, store, engine):

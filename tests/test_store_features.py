@@ -88,7 +88,13 @@ def test_presets_save_rename_and_delete(store: ConversationStore) -> None:
     assert Preset(mine, "Poet", "Answer in verse.", "both") in store.list_presets("zh")
     assert Preset(mine, "Poet", "Answer in verse.", "both") in store.list_presets("en")
     assert store.save_preset("Poet", "Answer in haiku.") == mine  # the same name and language: replaced
-    assert store.save_preset("Poet", "诗", "zh") != mine  # another language: another preset
+    assert store.save_preset("Poet", "诗", "zh") == mine  # a name the zh list shows already: replaced, never twice
+    translator = next(p for p in store.list_presets("zh") if p.name == "翻译")
+    assert store.save_preset("翻译", "只译成法语。") == translator.id  # a default's name, saved for both: replaced
+    assert [p.name for p in store.list_presets("zh")].count("翻译") == 1
+    french = store.save_preset("Translator", "Into French.", "zh")  # the zh list does not show the en one: new
+    assert french not in {p.id for p in store.list_presets("en")}
+    assert store.save_preset("Poet", "Answer in haiku.") == mine
     assert store.save_preset("Bard", "Rhyme.", "en", preset_id=mine) == mine
     assert Preset(mine, "Bard", "Rhyme.", "en") in store.list_presets("en")
     assert "Bard" not in {p.name for p in store.list_presets("zh")}

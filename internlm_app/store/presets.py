@@ -35,16 +35,23 @@ class PresetQueries(SQLiteDatabase):
         return [Preset(*row) for row in self._read(lambda c: c.execute(sql, params).fetchall())]
 
     def save_preset(self, name: str, system_prompt: str, language: str = "both", preset_id: int | None = None) -> int:
-        """Save a preset and return its id: a new one, or the one of that name and language (its prompt replaced),
-        or with `preset_id` that one (renamed too). KeyError when `preset_id` is gone, ValueError for a name that is
-        empty or taken by another preset of the language."""
+        """Save a preset and return its id: a new one, or the one of that name shown in the same language's list
+        (its prompt replaced: a list never shows one name twice), or with `preset_id` that one (renamed too).
+        KeyError when `preset_id` is gone, ValueError for a name that is empty or taken by another preset a list
+        shows beside it."""
         check_choice(language, PRESET_LANGUAGES, "language")
         title = " ".join(name.split())[:PRESET_NAME_LIMIT]
         if not title:
             raise ValueError("a preset needs a name")
 
         def body(conn: sqlite3.Connection) -> int:
-            same = conn.execute("SELECT id FROM presets WHERE name = ? AND language = ?", (title, language)).fetchone()
+            # Presets meet in a list when their languages overlap: the same one, or either is for both. The one of
+            # the very language first, then the oldest.
+            same = conn.execute(
+                "SELECT id FROM presets WHERE name = ? AND (language = ? OR language = 'both' OR ? = 'both') "
+                "ORDER BY language != ?, id LIMIT 1",
+                (title, language, language, language),
+            ).fetchone()
             if preset_id is None:
                 if same is not None:
                     conn.execute("UPDATE presets SET system_prompt = ? WHERE id = ?", (system_prompt, same[0]))

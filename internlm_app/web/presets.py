@@ -7,6 +7,7 @@ from __future__ import annotations
 import streamlit as st
 
 from internlm_app.store.db import ConversationStore
+from internlm_app.store.presets import PRESET_NAME_LIMIT
 from internlm_app.web import state, storage
 from internlm_app.web.context import PageContext
 from internlm_app.web.safe_markdown import plain
@@ -29,11 +30,24 @@ def _ask_delete(preset_id: int | None) -> None:
     st.session_state[_CONFIRM_KEY] = preset_id
 
 
+def _distinct_names(presets) -> dict[int, str]:
+    """Each preset's name as the picker shows it; a name that a list shows twice (saved by an older version) gets
+    its number, so that the picker tells them apart (it matches a choice by its text)."""
+    names: dict[int, str] = {}
+    for preset in presets:
+        shown, n = preset.name, 1
+        while shown in names.values():
+            n += 1
+            shown = f"{preset.name} ({n})"
+        names[preset.id] = shown
+    return names
+
+
 @storage.stops_on_fault
 def picker(ctx: PageContext, store: ConversationStore) -> None:
     """The preset picker, "save as preset" with a name, and delete for the picked one."""
     presets = store.list_presets(language=ctx.lang)  # this language's and those for both
-    names = {p.id: p.name for p in presets}
+    names = _distinct_names(presets)
     if _PICK_NEXT_KEY in st.session_state:
         st.session_state[PICK_KEY] = st.session_state.pop(_PICK_NEXT_KEY)
     if st.session_state.get(PICK_KEY) not in names:
@@ -42,13 +56,16 @@ def picker(ctx: PageContext, store: ConversationStore) -> None:
         ctx.t("preset"),
         [None, *names],
         key=PICK_KEY,
-        format_func=lambda pid: ctx.t("preset_none") if pid is None else plain(names[pid]),
+        format_func=lambda pid: ctx.t("preset_none") if pid is None else names[pid],  # options are plain text
+        placeholder=ctx.t("preset_none"),
         on_change=_apply,
         args=({p.id: p.system_prompt for p in presets},),
         help=ctx.t("preset_help"),
     )
     picked = st.session_state.get(PICK_KEY)
-    name = st.text_input(ctx.t("preset_name"), key=NAME_KEY, placeholder=ctx.t("preset_name_placeholder"))
+    name = st.text_input(
+        ctx.t("preset_name"), key=NAME_KEY, placeholder=ctx.t("preset_name_placeholder"), max_chars=PRESET_NAME_LIMIT
+    )
     if st.button(ctx.t("preset_save"), key="preset_save", icon=":material/bookmark_add:"):
         prompt = st.session_state.get(state.SYSTEM_PROMPT_KEY, "")
         if not name.strip():
