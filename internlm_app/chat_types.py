@@ -84,16 +84,26 @@ class ReplyStats:
     dropped_messages: int = 0  # oldest history messages left out to fit the context budget
     cached_tokens: int = 0  # prompt tokens whose KV cache was reused from an earlier turn instead of prefilled
     batched: bool = False  # decoded in the continuous batch (another reply was running) rather than alone
-    error: str | None = None
+    error: str | None = None  # what went wrong, in English (the API's message)
+    error_code: str | None = None  # the EngineError's `code`, so that a page can say it in its language
+
+    def failed(self, exc: BaseException) -> None:
+        """End as an error: `exc`'s message (and code) unless an earlier error was recorded."""
+        self.finish_reason = "error"
+        if self.error is None:
+            self.error = str(exc) or type(exc).__name__
+            self.error_code = getattr(exc, "code", None)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class EngineError(Exception):
-    """Base of the errors a caller of the engine may see; `status` is the HTTP code the API answers with."""
+    """Base of the errors a caller of the engine may see; `status` is the HTTP code the API answers with, `code`
+    (where set) names the kind for a translated message (the web app's `error_<code>` labels)."""
 
     status = 500
+    code: str | None = None
 
 
 class InvalidRequestError(EngineError):
@@ -109,6 +119,8 @@ class InvalidRequestError(EngineError):
 
 class ContextTooLongError(InvalidRequestError):
     """Even the system prompt and the newest message leave no room for a reply in the context budget."""
+
+    code = "context_too_long"
 
     def __init__(self, needed: int, limit: int):
         self.needed, self.limit = needed, limit

@@ -109,7 +109,7 @@ def doctor_report(settings: ModelSettings) -> dict:
             "decoding": f"on the model server at {settings.openai_base_url} (INTERNLM_BACKEND=openai)",
             "problems": problems,
         }
-    if not devices:
+    if not devices and settings.device != "cpu":  # INTERNLM_DEVICE=cpu asks for the CPU: no GPU is no problem
         text = (
             "no CUDA GPU visible: the 7B model needs an NVIDIA GPU (24 GB for float16); check nvidia-smi and that "
             "torch is a CUDA build (python -c 'import torch; print(torch.version.cuda)')"

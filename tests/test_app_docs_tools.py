@@ -229,3 +229,36 @@ def test_what_the_chat_keeps_an_export_can_carry_back(app_env, store, engine):
     assert len(store.get_conversation(summary.id).messages[0].attachments) == export_format.MAX_ATTACHMENTS
     (copy,) = export.import_json(store, export.export_json(store, [summary.id]))
     assert len(store.get_conversation(copy).messages[0].attachments) == export_format.MAX_ATTACHMENTS
+
+
+def test_a_tool_call_shows_as_running_while_its_tool_runs_and_a_cut_off_call_is_a_translated_error(
+    monkeypatch, tmp_path, app_cache, store
+):
+    from streamlit.testing.v1 import AppTest
+
+    def running_steps():
+        from internlm_app.web.i18n import t
+        from internlm_app.web.tools_view import show_steps
+
+        steps = [{"name": "calculate", "arguments": "{}", "result": "14", "seconds": 0.1}, {"name": "slow"}]
+        show_steps(steps, lambda key, **v: t(key, "zh", **v), running=True)
+
+    live = AppTest.from_function(running_steps).run()
+    labels = [e.label for e in live.expander]
+    assert labels == [plain(t("tool_step", "zh", name="calculate")), plain(t("tool_step_running", "zh", name="slow"))]
+    assert t("tool_running", "zh") in texts(live.caption)
+
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "colors.py").write_text(PICK_COLOR)
+    set_app_env(monkeypatch, tmp_path, app_cache, INTERNLM_TOOLS_DIR=str(tools))
+    at = run_page()
+    at.toggle(key="tools_on").set_value(True).run()
+    at.selectbox(key="tool_choice").set_value("pick_color")
+    at.slider(key="max_new_tokens").set_value(3)  # too few for the call
+    at.chat_input(key="prompt").set_value("Pick a color").run()
+    (summary,) = store.list_conversations()
+    reply = store.get_conversation(summary.id).messages[1]
+    assert reply.status == "error" and reply.content == "" and reply.stats["error_code"] == "tool_call_cut_off"
+    assert reply.stats["completion_tokens"] == 3  # the step's tokens still count
+    assert t("error_tool_call_cut_off", "zh") in texts(at.error) and "详情" in texts(at.error)

@@ -314,6 +314,14 @@ def test_a_prompt_that_does_not_fit_is_an_error_reply_and_the_conversation_is_ke
     assert outcome.status == "error" and "context budget" in outcome.stats.error
     messages = store.get_conversation(cid).messages
     assert [(m.role, m.status) for m in messages] == [("user", "complete"), ("assistant", "error")]
+    stats = messages[1].stats
+    assert stats["error_code"] == "context_too_long"  # the page says it in its language, with what to do
+    from internlm_app.web.render import error_text
+
+    for lang in ("zh", "en"):
+        shown = error_text(stats, lambda key, lang=lang, **v: i18n.t(key, lang, **v))
+        assert shown.startswith(i18n.t("error_context_too_long", lang)) and "context budget" in shown
+    assert error_text({"error": "GPU out of memory"}, lambda key, **v: i18n.t(key, "zh", **v)) == "GPU out of memory"
 
 
 class FailingBackend:

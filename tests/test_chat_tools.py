@@ -302,3 +302,20 @@ def test_a_call_the_model_wrote_that_python_cannot_read_is_not_a_call(text):
     """The model's text stays text (no call, no exception ending the reply) when its JSON cannot be read."""
     assert parse_tool_call(text) is None
     assert parse_tool_call('{"name": "add", "parameters": {"a": 1}}')["arguments"] == '{"a": 1}'
+
+
+def test_a_forced_call_cut_off_by_the_length_limit_is_an_error_never_half_a_call_as_text(engine, tools_dir):
+    from internlm_app.chat.tool_runner import ToolCallCutOffError
+
+    tools, _ = load_user_tools(tools_dir)
+    toolset = ToolSet({"pick_color": next(tool for tool in tools if tool.name == "pick_color")})
+    messages = [NO_SYSTEM, {"role": "user", "content": "Pick a color"}]
+    stats: list = []
+    run = run_with_tools(
+        engine, messages, toolset, SamplingParams.greedy_params(3), tool_choice="pick_color", step_stats=stats
+    )
+    texts = []
+    with pytest.raises(ToolCallCutOffError, match="cut off by the reply's length limit") as info:
+        texts += [e.text for e in run if isinstance(e, TextEvent)]
+    assert texts == [] and info.value.code == "tool_call_cut_off"
+    assert len(stats) == 1 and stats[0].completion_tokens == 3  # the step's stats reach the caller all the same

@@ -403,3 +403,5 @@ def test_doctor_lists_a_damaged_or_weightless_model_and_a_cache_that_is_a_file(t
     (tmp_path / "a_file").write_text("not a folder")
     assert keys(cache_dir=tmp_path / "a_file") == {"cache_not_dir"}
     assert keys(model_path=FIXTURE_DIR) == set()
+    on_cpu = {p.key for p in doctor_report(ModelSettings(model_path=FIXTURE_DIR, device="cpu"))["problems"]}
+    assert "no_gpu" not in on_cpu  # INTERNLM_DEVICE=cpu asks for the CPU

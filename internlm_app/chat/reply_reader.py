@@ -87,6 +87,7 @@ class ChoiceBuilder:
         self._call_records: list[TokenLogprob] = []
         self.tool_call: ToolCall | None = None
         self.ended = False
+        self.call_cut_off = False  # `finish` found a call still being written at the token limit, not a whole one
 
     def push(self, chunk: ReplyChunk) -> Delta:
         if self.ended:
@@ -130,6 +131,7 @@ class ChoiceBuilder:
         delta = Delta()
         if self._state == "call":  # ended without <|action_end|> (length): a complete call still counts
             delta = self._end_call()
+            self.call_cut_off = self.tool_call is None and finish_reason == "length"
         if not self.ended:
             text, records = self._text.flush()
             delta.content += text

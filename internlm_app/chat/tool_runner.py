@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 
 from internlm_app.chat.reply_reader import ChoiceBuilder, stream_chunks
 from internlm_app.chat.tool_set import TOOL_TIMEOUT_SECONDS, ToolResult, ToolSet
-from internlm_app.chat_types import InvalidRequestError, Message, ReplyEvents, ReplyOptions, ReplyStats, ToolCall
+from internlm_app.chat_types import (
+    GenerationError,
+    InvalidRequestError,
+    Message,
+    ReplyEvents,
+    ReplyOptions,
+    ReplyStats,
+    ToolCall,
+)
 from internlm_app.runtime.tool_format import call_schema, with_tools
 from internlm_app.sampling import SamplingParams
 
@@ -66,6 +74,12 @@ class FinalEvent:
 RunEvent = TextEvent | ToolCallEvent | ToolResultEvent | FinalEvent
 
 
+class ToolCallCutOffError(GenerationError):
+    """The model was still writing a tool call when its reply reached the token limit."""
+
+    code = "tool_call_cut_off"
+
+
 def run_with_tools(
     backend,
     messages: list[Message],
@@ -78,6 +92,7 @@ def run_with_tools(
     max_length: int | None = None,
     tool_timeout: float = TOOL_TIMEOUT_SECONDS,
     on_queue: Callable[[int], None] | None = None,
+    step_stats: list[ReplyStats] | None = None,
 ) -> Iterator[RunEvent]:
     """Stream a reply to `messages` with `toolset` offered; yields events, the last a FinalEvent.
 
@@ -86,12 +101,14 @@ def run_with_tools(
     generation within one token, and no further tool runs. A tool's failure or timeout is its result, never an
     exception; bad input raises InvalidRequestError from the first next(), before anything is generated, and a
     failed generation GenerationError, as the backend's stream does. `on_queue` gets the place in line (1 = next)
-    whenever a step waits for the GPU.
+    whenever a step waits for the GPU. `step_stats`, when given, gets each step's stats as the step starts (the
+    FinalEvent carries the same list), so a caller still has them when a later step fails. A call the model was
+    still writing when the reply hit its token limit raises ToolCallCutOffError (never a half call shown as text).
     """
     if tool_choice not in ("auto", "none", "required") and tool_choice not in toolset.tools:
         raise InvalidRequestError(f"tool_choice names {tool_choice!r}, which is not among the tools", "tool_choice")
     added: list[Message] = []
-    stats: list[ReplyStats] = []
+    stats: list[ReplyStats] = [] if step_stats is None else step_stats
     offered = bool(toolset) and tool_choice != "none"
     for step in range(max_steps + 1):  # the last step offers no tools, so it makes no call: the loop ends in a return
         tools_now = offered and step < max_steps  # after max_steps calls the model answers with their results
@@ -116,6 +133,11 @@ def run_with_tools(
                     text += delta.content
                     yield TextEvent(delta.content, step)
         rest, _ = builder.finish(events.stats.finish_reason)
+        if builder.call_cut_off:
+            raise ToolCallCutOffError(
+                f"the call of a tool was cut off by the reply's length limit ({params.max_new_tokens} new tokens, or "
+                "the context budget): raise max_new_tokens and regenerate"
+            )
         if rest.content:
             text += rest.content
             yield TextEvent(rest.content, step)

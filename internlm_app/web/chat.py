@@ -413,11 +413,15 @@ def _follow(ctx: PageContext, cid: str, reply: ReplyInProgress, steps: list[dict
             live_steps.refresh()
             box.markdown(message_markdown(text) + CURSOR)
 
+        def poll() -> None:
+            state.stop_point()
+            live_steps.refresh()  # a tool call shows while its tool runs: no text comes meanwhile
+
         view = ReplyView(
             show=show,
             on_queue=lambda place: box.info(ctx.t("queue_place", place=place)),
             on_start=lambda: rerun_when_finished(cid),  # a stop ends the script; this then redraws it stopped
-            poll=state.stop_point,
+            poll=poll,
         )
         try:
             reply.follow(view)

@@ -170,6 +170,16 @@ LABELS: dict[str, tuple[str, str]] = {
         "The reply failed: {error} (the conversation is kept; you can regenerate.)",
     ),
     "unknown_error": ("未知错误", "unknown error"),
+    "error_tool_call_cut_off": (
+        "工具调用写到一半就到了长度上限。请在侧边栏调大“最大新 token 数”后重新生成",
+        "the tool call was cut off by the reply's length limit. Raise “Max new tokens” in the sidebar and regenerate",
+    ),
+    "error_details": ("{reason}（详情：{details}）", "{reason} (details: {details})"),
+    "error_context_too_long": (
+        "对话放不进上下文预算。请缩短系统提示或这条消息、去掉附件，或在侧边栏调大“上下文长度”",
+        "the conversation does not fit the context budget. Shorten the system prompt or this message, remove "
+        "attachments, or raise “Max length” in the sidebar",
+    ),
     "dropped_messages": (
         "上下文已满：最早的 {n} 条消息没有发送给模型。",
         "Context full: left out of the context, the oldest {n} messages.",
@@ -548,6 +558,8 @@ LABELS: dict[str, tuple[str, str]] = {
     "tool_step": ("调用工具 {name}", "Called {name}"),
     "tool_step_failed": ("调用工具 {name}：出错", "Called {name}: it failed"),
     "tool_step_stopped": ("调用工具 {name}：已停止，未运行", "Call of {name}: stopped before it ran"),
+    "tool_step_running": ("正在调用工具 {name}…", "Calling {name}…"),
+    "tool_running": ("工具正在运行…", "The tool is running…"),
     "tool_arguments": ("参数", "Arguments"),
     "tool_result_took": ("结果（{s:.2f} 秒）", "Result ({s:.2f} s)"),
     "tool_not_run": ("工具没有运行。", "The tool did not run."),

@@ -9,6 +9,7 @@ import streamlit as st
 
 from internlm_app.store.records import StoredMessage
 from internlm_app.web.attachments_view import show_attachments
+from internlm_app.web.i18n import LABELS
 from internlm_app.web.safe_markdown import plain, safe_markdown
 from internlm_app.web.tools_view import show_steps
 
@@ -53,6 +54,16 @@ def stats_caption(stats: dict | None, status: str, t: Translate) -> str:
     return " · ".join(parts)
 
 
+def error_text(stats: dict, t: Translate) -> str:
+    """Why a reply failed, as Markdown: a known kind (`error_code`) in the page's language with the English details
+    after it, else the English message (imports set it too)."""
+    details = plain(stats.get("error") or t("unknown_error"))
+    code = stats.get("error_code")
+    if code and f"error_{code}" in LABELS:
+        return t("error_details", reason=t(f"error_{code}"), details=details)
+    return details
+
+
 def show_message(message: StoredMessage, t: Translate, *, live: bool = False) -> None:
     """Draw one stored message in a chat bubble (the caller adds buttons inside the same bubble)."""
     stats = message.stats or {}
@@ -67,7 +78,7 @@ def show_message(message: StoredMessage, t: Translate, *, live: bool = False) ->
         st.caption(t("generating") if live else t("interrupted"))
         return
     if message.status == "error":
-        st.error(t("reply_error", error=plain(stats.get("error") or t("unknown_error"))))  # imports set it too
+        st.error(t("reply_error", error=error_text(stats, t)))
     elif message.status == "stopped" and not message.content:
         st.caption(t("stopped_before_first_token"))
     if stats.get("dropped_messages"):

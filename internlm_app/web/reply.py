@@ -252,8 +252,7 @@ class ReplyInProgress:
             if not isinstance(exc, EngineError):
                 log.exception("reply failed")
             status = "error"
-            stats.finish_reason = "error"
-            stats.error = stats.error or str(exc) or type(exc).__name__
+            stats.failed(exc)
         finally:
             _close(chunks)
             self._end(status)
@@ -371,8 +370,7 @@ class WebReply:
         except Exception as exc:  # a bad request, a prompt that does not fit, the store: the reply is an error
             if not isinstance(exc, EngineError):
                 log.exception("reply failed")
-            events.stats.finish_reason = "error"
-            events.stats.error = events.stats.error or str(exc) or type(exc).__name__
+            events.stats.failed(exc)
             reply.end_before_start("error")
             return reply
         except BaseException:

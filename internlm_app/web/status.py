@@ -23,7 +23,8 @@ def model_section(ctx: PageContext, loader: BackendLoader) -> None:
         return
     info = backend.info
     facts = asdict(info)
-    facts["device_map"] = str(facts["device_map"])  # a dict on multi-GPU machines: one cell is enough
+    # A dict on multi-GPU machines: one cell is enough; none (one device) is a dash, not Python's None.
+    facts["device_map"] = "—" if info.device_map is None else str(info.device_map)
     facts["parameters"] = f"{info.parameters:,}"
     facts["load_seconds"] = f"{info.load_seconds:.1f} s"
     facts.pop("extra", None)

@@ -86,6 +86,7 @@ def tool_stream(
     ) -> Iterator[str]:
         events = events or ReplyEvents()
         events.stats = ToolReplyStats(tool_steps=steps)
+        step_stats: list[ReplyStats] = []
         run = run_with_tools(
             backend,
             messages,
@@ -95,27 +96,40 @@ def tool_stream(
             cancel=cancel,
             max_length=max_length,
             on_queue=events.on_queue,  # the place in line, whenever a step waits for the GPU
+            step_stats=step_stats,
         )
-        return _chunks(run, steps, events)
+        return _chunks(run, steps, events, step_stats)
 
     return stream
 
 
-def _chunks(run, steps: list[dict], events: ReplyEvents) -> Iterator[str]:
-    text = ""  # of the step under way: it goes with the step's call
+def _chunks(run, steps: list[dict], events: ReplyEvents, step_stats: list[ReplyStats]) -> Iterator[str]:
     with contextlib.closing(run):  # closing this closes the runner: generation stops within one token
-        for event in run:
-            if isinstance(event, TextEvent):
-                text += event.text
-                yield event.text
-            elif isinstance(event, ToolCallEvent):
-                call = event.call
-                steps.append({"id": call.get("id", ""), "name": call["name"], "arguments": call["arguments"]})
-                steps[-1]["text"], text = text, ""
-            elif isinstance(event, ToolResultEvent):
-                steps[-1].update(result=event.result.content, error=event.result.error, seconds=event.result.seconds)
-            elif isinstance(event, FinalEvent):
-                _sum_stats(events.stats, event.stats, event.finish_reason)
+        try:
+            yield from _step_text(run, steps, events)
+        except Exception:
+            # A later step failed: the tokens and time of the steps so far still count; the caller records why
+            # (`ReplyStats.failed`, with the error's code).
+            _sum_stats(events.stats, step_stats, "error")
+            events.stats.error = events.stats.error_code = None
+            raise
+
+
+def _step_text(run, steps: list[dict], events: ReplyEvents) -> Iterator[str]:
+    """The reply's text; each call (with the text before it) and its result into `steps`, the summed stats last."""
+    text = ""  # of the step under way: it goes with the step's call
+    for event in run:
+        if isinstance(event, TextEvent):
+            text += event.text
+            yield event.text
+        elif isinstance(event, ToolCallEvent):
+            call = event.call
+            steps.append({"id": call.get("id", ""), "name": call["name"], "arguments": call["arguments"]})
+            steps[-1]["text"], text = text, ""
+        elif isinstance(event, ToolResultEvent):
+            steps[-1].update(result=event.result.content, error=event.result.error, seconds=event.result.seconds)
+        elif isinstance(event, FinalEvent):
+            _sum_stats(events.stats, event.stats, event.finish_reason)
 
 
 def _sum_stats(total: ReplyStats, parts: list[ReplyStats], finish_reason: str) -> None:
@@ -132,28 +146,33 @@ def _sum_stats(total: ReplyStats, parts: list[ReplyStats], finish_reason: str) -
     speeds = [p.tokens_per_second for p in parts if p.tokens_per_second]
     total.tokens_per_second = parts[-1].tokens_per_second or (speeds[-1] if speeds else None)
     total.finish_reason = finish_reason  # type: ignore[assignment]
-    total.error = next((p.error for p in parts if p.error), None)
+    failed = next((p for p in parts if p.error), None)
+    total.error, total.error_code = (failed.error, failed.error_code) if failed else (None, None)
 
 
-def show_steps(steps: list[dict], t: Callable[..., str]) -> None:
-    """Each tool call of a reply, collapsed: the call's arguments and what the tool returned (or its error)."""
-    for step in steps:
+def show_steps(steps: list[dict], t: Callable[..., str], *, running: bool = False) -> None:
+    """Each tool call of a reply, collapsed: the call's arguments and what the tool returned (or its error).
+    `running`: the reply is streaming, so a last call without its result is running, not stopped."""
+    for index, step in enumerate(steps):
         done = "result" in step
         failed = bool(step.get("error"))
-        label = t("tool_step_failed" if failed else "tool_step" if done else "tool_step_stopped", name=step["name"])
-        icon = ":material/error:" if failed else ":material/build:" if done else ":material/stop_circle:"
-        with st.expander(plain(label), icon=icon):
+        runs = running and not done and index == len(steps) - 1
+        key = "tool_step_failed" if failed else "tool_step" if done else "tool_step_running" if runs else None
+        label = t(key or "tool_step_stopped", name=step["name"])
+        icon = ":material/error:" if failed else ":material/build:" if done else ":material/hourglass_top:"
+        with st.expander(plain(label), icon=icon if done or runs else ":material/stop_circle:"):
             st.caption(t("tool_arguments"))
             st.code(step.get("arguments") or "{}", language="json", wrap_lines=True)
             if done:
                 st.caption(t("tool_result_took", s=step.get("seconds", 0.0)))
                 st.code(step["result"], language=None, wrap_lines=True)
             else:
-                st.caption(t("tool_not_run"))
+                st.caption(t("tool_running" if runs else "tool_not_run"))
 
 
 class LiveSteps:
-    """The steps of a reply streaming on this page, redrawn in their slot when a call or a result comes in."""
+    """The steps of a reply streaming on this page, redrawn in their slot when a call or a result comes in (the page
+    calls `refresh` at every wake-up, so a call shows while its tool runs)."""
 
     def __init__(self, steps: list[dict], t: Callable[..., str]):
         self.steps, self.t = steps, t
@@ -165,7 +184,7 @@ class LiveSteps:
         if now != self.shown:
             self.shown = now
             with self.slot.container():
-                show_steps(list(self.steps), self.t)
+                show_steps(list(self.steps), self.t, running=True)
 
 
 def reply_stream(ctx: PageContext, backend: ChatBackend, steps: list[dict]) -> Callable[..., Iterator[str]] | None:
