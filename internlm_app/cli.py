@@ -132,12 +132,20 @@ class Doctor(ModelSettings):
 
 
 class SettingsTable(BaseModel):
-    """Print every setting (environment variable, default, meaning) as Markdown."""
+    """Print every setting (environment variable, default, meaning) as Markdown, then check the INTERNLM_ variables
+    set here (exit 2 with the error when one is invalid)."""
 
     def run(self) -> int:
-        from internlm_app.settings import settings_table
+        from pydantic import ValidationError
+
+        from internlm_app.settings import Settings, describe_settings_error, settings_table
 
         print(settings_table())
+        try:
+            Settings()
+        except ValidationError as exc:
+            print("error: invalid setting " + "; ".join(describe_settings_error(exc).splitlines()), file=sys.stderr)
+            return 2
         return 0
 
 

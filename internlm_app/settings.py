@@ -222,9 +222,16 @@ class ServerSettings(_InternLMSettings):
 
     @field_validator("cors_origins")
     @classmethod
-    def _no_blank_origins(cls, origins: list[str]) -> list[str]:
-        if any(not origin.strip() for origin in origins):
-            raise ValueError("an origin is empty (a stray comma?)")
+    def _origins_as_browsers_send_them(cls, origins: list[str]) -> list[str]:
+        for number, origin in enumerate(origins, 1):
+            if not origin.strip():
+                raise ValueError("an origin is empty (a stray comma?)")
+            parts = urlsplit(origin)
+            if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path):
+                raise ValueError(
+                    f"origin {number} can never match: an origin is * or scheme://host[:port], with no path or "
+                    "trailing slash (e.g. https://example.com), as a browser sends it"
+                )
         return origins
 
     @field_validator("api_keys")
@@ -232,6 +239,10 @@ class ServerSettings(_InternLMSettings):
     def _no_blank_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
         if any(not key.get_secret_value().strip() for key in keys):
             raise ValueError("API keys must not be empty (a stray comma?): an empty key would leave the API open")
+        if any(not (key.get_secret_value().isascii() and key.get_secret_value().isprintable()) for key in keys):
+            raise ValueError("API keys must be printable ASCII (an HTTP header carries them)")
+        if any(" " in key.get_secret_value() for key in keys):
+            raise ValueError("API keys must not contain spaces (the Authorization header splits on them)")
         return keys
 
 

@@ -61,6 +61,7 @@ class TerminalChat:
         self.system: list[Message] = [{"role": "system", "content": system}] if system else []
         self.messages: list[Message] = list(self.system)
         self.interactive = self.stdin.isatty()
+        self.failures = 0  # lines whose reply failed or that could not be sent
 
     def run(self) -> int:
         # Bytes that are not UTF-8 become lone surrogates, which the engine refuses for that line only; under a strict
@@ -83,7 +84,8 @@ class TerminalChat:
                     break
                 continue
             self._piped(text)
-        return 0
+        # Piped: exit status 1 when any line failed (each failure has its own output line), as a script expects.
+        return 1 if self.failures and not self.interactive else 0
 
     def _command(self, text: str) -> bool:
         """Handle an interactive line; False ends the chat."""
@@ -110,7 +112,7 @@ class TerminalChat:
                 if not isinstance(content, str):
                     raise ValueError("a line must be a JSON string or an object with a string 'content'")
             except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-                self._write(json.dumps({"error": f"bad input line: {exc or 'nested too deeply'}"}, ensure_ascii=False))
+                self._error(f"bad input line: {exc or 'nested too deeply'}")
                 return
         else:
             content = text
@@ -136,6 +138,7 @@ class TerminalChat:
             return
         except EngineError as exc:
             error = str(exc)
+            self.failures += 1
         except KeyboardInterrupt:
             self._note("\n[stopped]")
         reply = "".join(parts)
@@ -170,6 +173,7 @@ class TerminalChat:
             self._write(escape_line(reply))
 
     def _error(self, message: str) -> None:
+        self.failures += 1
         if self.jsonl:
             self._write(json.dumps({"error": message}, ensure_ascii=False))
         elif self.interactive:

@@ -283,6 +283,11 @@ def test_metrics_count_requests_tokens_and_latency(client):
     assert _metric(after, 'internlm_requests_total{endpoint="/v1/chat/completions",status="200"}') == (
         _metric(before, 'internlm_requests_total{endpoint="/v1/chat/completions",status="200"}') + 1
     )
+    client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    client.get("/v1/models/internlm2-tiny")
+    counted = client.get("/metrics").text  # each endpoint under its own label, never "other"
+    assert 'endpoint="/v1/completions",status="200"' in counted and 'endpoint="/v1/models/{model}"' in counted
+    assert 'endpoint="other"' not in counted
     tokens = body["usage"]["completion_tokens"]
     assert (
         _metric(after, "internlm_completion_tokens_total")

@@ -361,3 +361,37 @@ def test_tool_schemas_are_checked_off_the_event_loop(server, monkeypatch):
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     assert server.post(CHAT, json=_chat(tools=[tool])["json"], headers=AUTH).status_code == 200
     assert threads and "internlm-api-server" not in threads, threads  # running_server's loop thread
+
+
+@pytest.mark.parametrize(
+    "path, body, param, message",
+    [
+        ("/", {"prompt": "hi", "max_new_tokens": True}, "max_new_tokens", "max_new_tokens: expected a number"),
+        (CHAT, {**_chat()["json"], "max_tokens": True}, "max_tokens", "max_tokens: expected a number"),
+        (CHAT, {**_chat()["json"], "temperature": False}, "temperature", "temperature: expected a number"),
+        (CHAT, {**_chat()["json"], "min_p": 0.1}, "min_p", "min_p: not a field this server knows"),
+        ("/v1/completions", {"prompt": "hi", "best_of_n": 2}, "best_of_n", "best_of_n: not a field this server"),
+        (CHAT, {**_chat()["json"], "stream_options": {"include_usage": True}}, "stream_options", "stream_options: is"),
+    ],
+    ids=[
+        "classic-bool",
+        "chat-bool-int",
+        "chat-bool-float",
+        "unknown-field",
+        "completions-unknown",
+        "options-no-stream",
+    ],
+)
+def test_a_value_that_would_be_misread_or_ignored_is_refused_by_name(server, path, body, param, message):
+    response = server.post(path, json=body, headers=AUTH)
+    assert response.status_code in (400, 422), response.text
+    error = response.json()["error"]
+    if path == "/":
+        assert message in error
+    else:
+        assert error["param"] == param and error["message"].startswith(message), error
+
+
+def test_fields_that_change_no_reply_are_accepted(server):
+    body = {**_chat()["json"], "metadata": {"k": "v"}, "prompt_cache_key": "c1", "safety_identifier": "u1"}
+    assert server.post(CHAT, json={**body, "max_tokens": 2}, headers=AUTH).status_code == 200

@@ -65,7 +65,7 @@ def test_a_line_that_is_not_utf8_is_an_error_and_the_next_line_is_answered(engin
     args = ["chat", "--model-path", str(FIXTURE_DIR), "--temperature", "0", "--max-new-tokens", "20", "--system", ""]
     result = _run(args, tmp_path, stdin=b"\xff\xfe\nhello\n", PYTHONIOENCODING="utf-8:strict")  # as en_US.UTF-8
     stderr = result.stderr.decode()
-    assert result.returncode == 0 and "Traceback" not in stderr, stderr
+    assert result.returncode == 1 and "Traceback" not in stderr, stderr  # a line failed: the status says so
     assert "error: this line is not UTF-8 text (byte 0xff at character 1), so it was not sent" in stderr
     # One output line per input line: an empty one for the refused line, which is not sent again with the next one.
     assert result.stdout.decode() == "\n" + expected + "\n"
@@ -244,13 +244,17 @@ def test_piped_replies_stay_one_line_each_and_jsonl(engine, tmp_path):
             yield "line one\nline \\two"
 
     out = io.StringIO()
-    TerminalChat(MultiLine(), SamplingParams.greedy_params(4), "", stdin=io.StringIO("a\n\nb\n"), stdout=out).run()
+    every_line_answered = TerminalChat(
+        MultiLine(), SamplingParams.greedy_params(4), "", stdin=io.StringIO("a\n\nb\n"), stdout=out
+    )
+    assert every_line_answered.run() == 0
     assert out.getvalue().splitlines() == [escape_line("line one\nline \\two"), "", escape_line("line one\nline \\two")]
     assert escape_line("line one\nline \\two") == "line one\\nline \\\\two"
     out = io.StringIO()
     deep = "[" * 100_000 + "]" * 100_000  # nested past Python's recursion limit
     lines = '"hello"\n{"content": "multi\\nline"}\nnot json\n' + deep + "\n"
-    TerminalChat(engine, SamplingParams.greedy_params(6), "", jsonl=True, stdin=io.StringIO(lines), stdout=out).run()
+    status = TerminalChat(engine, SamplingParams.greedy_params(6), "", jsonl=True, stdin=io.StringIO(lines), stdout=out)
+    assert status.run() == 1 and status.failures == 2  # the two bad lines; the others were answered
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
     assert len(rows) == 4 and rows[0]["finish_reason"] in {"stop", "length"} and rows[0]["usage"]["completion_tokens"]
     assert "content" in rows[1] and "bad input line" in rows[2]["error"] and "bad input line" in rows[3]["error"]
@@ -405,3 +409,11 @@ def test_doctor_lists_a_damaged_or_weightless_model_and_a_cache_that_is_a_file(t
     assert keys(model_path=FIXTURE_DIR) == set()
     on_cpu = {p.key for p in doctor_report(ModelSettings(model_path=FIXTURE_DIR, device="cpu"))["problems"]}
     assert "no_gpu" not in on_cpu  # INTERNLM_DEVICE=cpu asks for the CPU
+
+
+def test_the_settings_command_checks_the_variables_set_here(monkeypatch, capsys):
+    monkeypatch.setenv("INTERNLM_PORT", "6006")
+    assert main(["settings"]) == 0 and "| `INTERNLM_PORT` |" in capsys.readouterr().out
+    monkeypatch.setenv("INTERNLM_PORT", "abc")
+    assert main(["settings"]) == 2
+    assert "error: invalid setting INTERNLM_PORT / --port" in capsys.readouterr().err

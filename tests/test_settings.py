@@ -70,11 +70,13 @@ def test_the_list_settings_are_found():
         ("sk-1,sk-2", ["sk-1", "sk-2"]),
         (" sk-1 , sk-2 ", ["sk-1", "sk-2"]),
         ('["sk-1", "sk-2"]', ["sk-1", "sk-2"]),
-        ('["a,b"]', ["a,b"]),  # JSON keeps a comma inside a value
+        ('["sk-a,b"]', ["sk-a,b"]),  # JSON keeps a comma inside a value
         ("", []),
     ],
 )
 def test_every_list_setting_takes_one_value_a_comma_list_or_json(monkeypatch, name, raw, expected):
+    if name == "cors_origins":  # the same forms, with origins
+        raw, expected = raw.replace("sk-", "https://o"), [v.replace("sk-", "https://o") for v in expected]
     monkeypatch.setenv(f"INTERNLM_{name.upper()}", raw)
     values = getattr(Settings(), name)
     assert [v.get_secret_value() if hasattr(v, "get_secret_value") else v for v in values] == expected
@@ -88,6 +90,8 @@ def test_every_list_setting_takes_one_value_a_comma_list_or_json(monkeypatch, na
 def test_a_bad_list_setting_is_a_clear_error_that_never_echoes_the_value(monkeypatch, name, raw, reason):
     from internlm_app.settings import describe_settings_error
 
+    if name == "cors_origins":
+        raw = raw.replace("sk-1", "https://sk-1")
     monkeypatch.setenv(f"INTERNLM_{name.upper()}", raw)
     with pytest.raises(ValidationError) as error:
         Settings()
@@ -115,3 +119,18 @@ def test_the_remote_base_url_must_be_an_http_url_with_a_host_and_port(url):
     with pytest.raises(ValidationError, match="openai_base_url"):
         Settings(openai_base_url=url)
     assert Settings(openai_base_url="https://h.example:8000/v1/").openai_base_url == "https://h.example:8000/v1"
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"cors_origins": "https://good.example/"}, "can never match"),
+        ({"cors_origins": "good.example"}, "can never match"),
+        ({"api_keys": "clé-secret"}, "printable ASCII"),
+        ({"api_keys": "sk-a b"}, "spaces"),
+    ],
+)
+def test_keys_and_origins_that_could_never_match_are_refused(values, message):
+    with pytest.raises(ValidationError, match=message):
+        Settings(**values)
+    assert Settings(cors_origins="*,https://good.example:8443", api_keys="sk-1,sk-2").cors_origins[0] == "*"

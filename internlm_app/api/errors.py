@@ -91,6 +91,8 @@ def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
             continue
         first = first or where or None
         msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        if error.get("type") == "extra_forbidden":  # pydantic's "Extra inputs are not permitted"
+            msg = "not a field this server knows (it would be ignored, so the request is refused)"
         part = f"{where}: {msg}" if where else msg
         if part not in parts:
             parts.append(part)

@@ -6,7 +6,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from internlm_app.chat_types import ReplyQueue, ReplyStats
 
-ENDPOINTS = frozenset({"/", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
+ENDPOINTS = frozenset({"/", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
+MODEL_PATH = "/v1/models/{model}"  # the label of every /v1/models/<id> (one label, not one per id asked for)
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _SPEED = (1, 2, 5, 10, 20, 30, 50, 75, 100, 200, 500, 1000)
 
@@ -55,7 +56,7 @@ class Metrics:
             self.active.set_function(lambda: float(queue.active))
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
-        endpoint = path if path in ENDPOINTS else "other"
+        endpoint = path if path in ENDPOINTS else MODEL_PATH if path.startswith("/v1/models/") else "other"
         self.requests.labels(endpoint, str(status)).inc()
         self.request_seconds.labels(endpoint).observe(seconds)
 

@@ -1,7 +1,9 @@
 """Request bodies of `/v1/chat/completions` and `/v1/completions`, and what each asks of the engine.
 
 Field meanings follow OpenAI's API reference; `top_k` and `repetition_penalty` are vLLM's extensions. Every field
-that is accepted is honoured: an OpenAI field this server cannot honour is refused with a 400 naming it.
+that is accepted is honoured: an OpenAI field this server cannot honour is refused with a 400 naming it, and so is a
+field it does not know (vLLM's `min_p`, a typo), as OpenAI does; only `metadata`, `prompt_cache_key` and
+`safety_identifier`, which change no reply, are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from internlm_app.api.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS, Text, check_stops
+from internlm_app.api.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS, RequestBody, Text, check_stops
 from internlm_app.backends.sampler import MAX_TOP_LOGPROBS
 from internlm_app.chat_types import InvalidRequestError, Message, ReplyOptions, ToolCall
 from internlm_app.runtime.grammar import unenforced_keyword
@@ -159,10 +161,10 @@ Temperature = Annotated[float, Field(ge=BOUNDS["temperature"].low, le=BOUNDS["te
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(RequestBody):
     """Fields shared by chat and text completions."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     model: str | None = Field(None, description="This server serves one model; any name is accepted.")
     temperature: Temperature | None = None
@@ -181,6 +183,10 @@ class GenerationRequest(BaseModel):
         None, description=f"Up to {MAX_STOP_STRINGS} strings of up to {MAX_STOP_CHARS} characters that end the reply."
     )
     user: str | None = Field(None, max_length=256, description="An end-user id, written to the request log.")
+    # OpenAI fields that change no reply: accepted, and ignored.
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored (nothing is stored).")
+    prompt_cache_key: str | None = Field(None, description="Accepted and ignored (KV reuse is automatic here).")
+    safety_identifier: str | None = Field(None, max_length=256, description="Accepted and ignored.")
     # OpenAI fields this server cannot honour: refused when set (see `refuse_unsupported`).
     logit_bias: dict[str, float] | None = None
     service_tier: str | None = None
@@ -194,6 +200,8 @@ class GenerationRequest(BaseModel):
         return check_stops(value)
 
     def refuse_unsupported(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise UnsupportedField("stream_options", "is only allowed when stream is true")
         if self.logit_bias:
             raise UnsupportedField("logit_bias", "is not supported by this server")
         if self.service_tier not in (None, "auto", "default"):
@@ -231,7 +239,7 @@ class ChatCompletionRequest(GenerationRequest):
     """Body of `POST /v1/chat/completions`."""
 
     model_config = ConfigDict(
-        extra="ignore",
+        extra="forbid",
         populate_by_name=True,
         json_schema_extra={
             "examples": [{"model": "internlm2-chat-7b", "messages": [{"role": "user", "content": "hi"}]}]
@@ -348,7 +356,7 @@ class CompletionRequest(GenerationRequest):
     """Body of `POST /v1/completions`: a raw prompt, no chat template (special-token text in it is read as tokens)."""
 
     model_config = ConfigDict(
-        extra="ignore",
+        extra="forbid",
         populate_by_name=True,
         json_schema_extra={"examples": [{"model": "internlm2-chat-7b", "prompt": "The capital of France is"}]},
     )

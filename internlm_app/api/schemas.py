@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import types
+from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from internlm_app.chat_types import Message, history_to_messages, not_unicode
 from internlm_app.sampling import SamplingParams, sampling_field
@@ -35,7 +36,29 @@ def check_stops(value: str | list[str] | None) -> list[str] | None:
     return stops or None
 
 
-class SamplingOverrides(BaseModel):
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field's type admits true / false itself (bool, Any, or a union or container with bool)."""
+    if annotation is bool or annotation is Any:
+        return True
+    if get_origin(annotation) in (Union, types.UnionType, Annotated, list, tuple, dict):
+        return any(_takes_bool(arg) for arg in get_args(annotation))
+    return False
+
+
+class RequestBody(BaseModel):
+    """Base of the API's request bodies: true / false is refused where a number (or text) is expected, rather
+    than read as 1 / 0 (pydantic's lax mode would take `"max_tokens": true` as 1); the error names the field."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: object, info: ValidationInfo) -> object:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and not _takes_bool(field.annotation):
+            raise ValueError("expected a number or text, not true / false")
+        return value
+
+
+class SamplingOverrides(RequestBody):
     """Sampling fields a request may set; the server's defaults fill the rest."""
 
     model_config = ConfigDict(extra="ignore")
