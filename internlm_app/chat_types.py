@@ -295,6 +295,11 @@ class ChatBackend(Protocol):
 
     def decoding(self) -> DecodingState | None: ...  # None: decoded elsewhere (remote)
 
+    def unavailable(self) -> str | None:
+        """Why no reply can be made now (a remote model server that does not answer), else None; /health asks it.
+        Blocks up to a few seconds: call it off the event loop."""
+        ...
+
     def release_memory(self) -> tuple[list[DeviceMemory], list[DeviceMemory]]:
         """Release what the backend caches on the GPU; memory per GPU before and after (empty lists: none here)."""
         ...

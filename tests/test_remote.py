@@ -330,3 +330,15 @@ def test_doctor_checks_the_remote_model_server_instead_of_the_gpu_and_the_model_
     assert set(problems(closed)) == {"remote_unreachable"}  # no "no GPU", no "not downloaded"
     with faulty_openai_server("html_page") as page:
         assert set(problems(page)) == {"remote_misconfigured"}
+
+
+def test_health_says_unavailable_while_the_model_server_is_down(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    remote = RemoteBackend(api_settings(tmp_path, backend="openai", openai_base_url=closed))
+    with TestClient(create_app(api_settings(tmp_path, api_keys=[API_KEY]), backend=remote)) as proxy:
+        health = proxy.get("/health", headers={"Authorization": f"Bearer {API_KEY}"})
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        assert "cannot reach the model server" in health.json()["error"]
+        assert proxy.get("/health").json() == {"status": "unavailable", "model_loaded": True}  # no key: no details

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -35,6 +36,9 @@ async def health(request: Request) -> dict | JSONResponse:
         if details and status is not None:
             body.update(step=status.step or "starting", elapsed_seconds=round(status.elapsed, 1))
         return body
+    if (problem := await anyio.to_thread.run_sync(backend.unavailable)) is not None:  # a remote server down
+        body = {"status": "unavailable", "model_loaded": True}
+        return JSONResponse({**body, "error": problem} if details else body, status_code=503)
     if not details:
         return {"status": "ok", "model_loaded": True}  # liveness for anyone; the model, GPU and queue for key holders
     info, queue = backend.info, backend.queue

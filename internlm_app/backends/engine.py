@@ -187,6 +187,10 @@ class ChatEngine:
     def context_window(self) -> int:
         return self.info.context_window
 
+    def unavailable(self) -> str | None:
+        """The model is in this process: available while the engine is open."""
+        return "the engine was closed" if self.scheduler.closed else None
+
     def decoding(self) -> DecodingState:
         """The decode plan chosen at load (with its reasons) and the KV cache kept across turns now."""
         return self.plan.state(self.worker.kept_tokens)

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 VIA_HEADER = "X-InternLM-Chat-Via"
 PROCESS_ID = secrets.token_hex(8)
 CONNECT_SECONDS = 10.0
+HEALTH_CACHE_SECONDS = 5.0  # /health asks the model server at most this often
 
 # "needs N tokens ... budget is M" (this app's API), "maximum context length is M tokens ... N" (vLLM, OpenAI).
 _OURS = re.compile(r"needs (\d+) tokens.*?budget is (\d+)", re.S)
@@ -193,6 +194,7 @@ class RemoteBackend:
             extra={"backend": "openai", "base_url": settings.openai_base_url},
         )
         self.queue = None  # the server queues requests itself
+        self._checked: tuple[float, str | None] = (-HEALTH_CACHE_SECONDS, None)  # when `unavailable` asked; answer
         self.model = settings.openai_model  # the name sent with each request
 
     def served_models(self, timeout: float = 5.0) -> list[str]:
@@ -246,6 +248,24 @@ class RemoteBackend:
             )
             self.model = served[0]
         self.info.name = self.model
+
+    def unavailable(self) -> str | None:
+        """Why the model server cannot take a reply now (unreachable, refusing the key, not that API), else None.
+        Asks its `/v1/models` (2 s at most); an answer is reused for HEALTH_CACHE_SECONDS."""
+        now = time.monotonic()
+        if now - self._checked[0] < HEALTH_CACHE_SECONDS:
+            return self._checked[1]
+        problem = None
+        try:
+            self.served_models(timeout=2.0)
+        except RemoteSetupError as exc:
+            problem = str(exc)
+        except openai.APIStatusError as exc:
+            problem = f"the model server at {self.settings.openai_base_url} refused the key ({exc.status_code})"
+        except (openai.APIConnectionError, httpx2.HTTPError) as exc:
+            problem = f"cannot reach the model server at {self.settings.openai_base_url}: {exc}"
+        self._checked = (now, problem)
+        return problem
 
     def decoding(self) -> None:
         """Decoded on the remote server: nothing to say here."""
