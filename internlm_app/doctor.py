@@ -75,9 +75,13 @@ def _remote_state(settings: ModelSettings, problems: list[Problem]) -> dict:
         state["served_models"] = RemoteBackend(settings).served_models()
     except RemoteSetupError as exc:
         problems.append(Problem("remote_misconfigured", str(exc), {"url": url}))
-    except openai.APIStatusError as exc:  # 401 / 403
-        text = f"the model server at {url} refused the key ({exc.status_code}): check INTERNLM_OPENAI_API_KEY"
-        problems.append(Problem("remote_key_refused", text, {"url": url}))
+    except openai.APIStatusError as exc:  # the key refused (401 / 403), or busy or failing (429, 5xx)
+        if exc.status_code in (401, 403):
+            text = f"the model server at {url} refused the key ({exc.status_code}): check INTERNLM_OPENAI_API_KEY"
+            problems.append(Problem("remote_key_refused", text, {"url": url}))
+        else:
+            text = f"cannot reach the model server at {url}: it answered {exc.status_code}"
+            problems.append(Problem("remote_unreachable", text, {"url": url}))
     except (openai.APIConnectionError, httpx2.HTTPError) as exc:
         text = f"cannot reach the model server at {url} ({exc}): start it, or check INTERNLM_OPENAI_BASE_URL"
         problems.append(Problem("remote_unreachable", text, {"url": url}))

@@ -202,7 +202,8 @@ class RemoteBackend:
 
         Raises RemoteSetupError when the URL leads back to this server, or to a server that answers but not as an
         OpenAI-compatible API (no /v1, another service); openai.APIConnectionError or an httpx error when nothing
-        answers; openai.APIStatusError 401 / 403 when the server refuses the key.
+        answers; openai.APIStatusError when the server refuses the key (401 / 403) or is busy or failing for now
+        (429, 5xx).
         """
         base = self.settings.openai_base_url
         try:
@@ -212,7 +213,7 @@ class RemoteBackend:
         except openai.APIStatusError as exc:
             if exc.status_code == 508:
                 raise RemoteSetupError(SELF_LOOP_MESSAGE) from None
-            if exc.status_code in (401, 403):
+            if exc.status_code in (401, 403, 429) or exc.status_code >= 500:
                 raise
             raise RemoteSetupError(
                 f"{base}/models answered {exc.status_code}: it does not look like an OpenAI-compatible API (the URL "
@@ -238,8 +239,8 @@ class RemoteBackend:
         except (openai.APIConnectionError, httpx2.HTTPError) as exc:
             log.warning("could not list the models of %s: %s", base, exc)
             return
-        except openai.APIStatusError as exc:
-            log.warning("%s refused the key (INTERNLM_OPENAI_API_KEY): %s", base, _error_message(exc))
+        except openai.APIStatusError as exc:  # the key refused, or the server busy or failing for now
+            log.warning("%s answered %s to /models: %s", base, exc.status_code, _error_message(exc))
             return
         self.info.extra["served_models"] = served
         if served and self.model not in served:
@@ -261,7 +262,9 @@ class RemoteBackend:
         except RemoteSetupError as exc:
             problem = str(exc)
         except openai.APIStatusError as exc:
-            problem = f"the model server at {self.settings.openai_base_url} refused the key ({exc.status_code})"
+            problem = f"the model server at {self.settings.openai_base_url} answered {exc.status_code}" + (
+                " (INTERNLM_OPENAI_API_KEY refused)" if exc.status_code in (401, 403) else ""
+            )
         except (openai.APIConnectionError, httpx2.HTTPError) as exc:
             problem = f"cannot reach the model server at {self.settings.openai_base_url}: {exc}"
         self._checked = (now, problem)

@@ -129,7 +129,8 @@ class WebLogin:
         partial = self._state_file.with_name(self._state_file.name + ".partial")
         try:
             self._state_file.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the secret: owner only
+            partial.unlink(missing_ok=True)  # made anew, so that its mode is ours
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the secret: owner only
             with os.fdopen(fd, "w", encoding="utf-8") as out:
                 json.dump(state, out)
             os.replace(partial, self._state_file)
