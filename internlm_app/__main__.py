@@ -1,7 +1,5 @@
 """Entry point: python -m internlm_app."""
 
-import sys
+from internlm_app.cli import run
 
-from internlm_app.cli import main
-
-sys.exit(main())
+run()

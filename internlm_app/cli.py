@@ -7,12 +7,14 @@ builds the parser, `--help` shows each field's description and default). The fla
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, NoReturn, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
@@ -196,6 +198,19 @@ class Cli(BaseSettings):
 def parse(argv: list[str] | None = None) -> Cli:
     """The command line parsed (argparse errors and --help exit here; an invalid value raises ValidationError)."""
     return CliApp.run(Cli, cli_args=sys.argv[1:] if argv is None else argv)
+
+
+def run() -> NoReturn:
+    """The process's entry (`python -m internlm_app`, `internlm-chat`): `main`, the exit handlers (the engine's
+    close, logging's flush), then the exit itself without the interpreter's teardown. There, nanobind (the bindings
+    of triton, which torch imports when it is installed: xgrammar needs it) prints dozens of "leaked instance" lines
+    on every exit, burying the last line a user should read."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed file
+            stream.flush()
+    atexit._run_exitfuncs()  # what the teardown would run first (CPython's own hook for it)
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
