@@ -102,13 +102,16 @@ def doctor_report(settings: ModelSettings) -> dict:
         text = f"transformers {tf} is too old (needs >= 5.3, CVE-2026-4372): pip install -U transformers"
         problems.append(Problem("old_transformers", text, {"version": tf}))
     devices = [d.to_dict() for d in gpu.memory_report()]
+    machine = {
+        "versions": versions,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpus": devices,
+        "ram_available_bytes": gpu.available_ram_bytes(),
+    }
     if settings.backend == "openai":
         return {
-            "versions": versions,
-            "cuda": torch.version.cuda,
-            "cuda_available": torch.cuda.is_available(),
-            "gpus": devices,
-            "ram_available_bytes": gpu.available_ram_bytes(),
+            **machine,
             "remote": _remote_state(settings, problems),
             "decoding": f"on the model server at {settings.openai_base_url} (INTERNLM_BACKEND=openai)",
             "problems": problems,
@@ -156,11 +159,7 @@ def doctor_report(settings: ModelSettings) -> dict:
         gpu_free = int(torch.cuda.mem_get_info()[0]) if devices else None
         decoding = estimate_for_checkpoint(config, settings, gpu_free, model.get("weights_bytes", 0))
     return {
-        "versions": versions,
-        "cuda": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(),
-        "gpus": devices,
-        "ram_available_bytes": gpu.available_ram_bytes(),
+        **machine,
         "model": model,
         "disk_free_bytes": free,
         "decoding": decoding,
