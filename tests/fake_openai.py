@@ -25,7 +25,18 @@ def scripted_openai_server(chunks: list[str], delay: float = 0.2) -> Iterator[st
     """Serve until the block ends; yields the base URL (…/v1). Each chat request gets `chunks`, `delay` s apart."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if not self.path.endswith("/models"):
+                self.send_error(404)
+                return
+            body = json.dumps({"object": "list", "data": [{"id": "scripted", "object": "model"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             if not self.path.endswith("/chat/completions"):
                 self.send_error(404)
