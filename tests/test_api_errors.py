@@ -370,6 +370,12 @@ def test_tool_schemas_are_checked_off_the_event_loop(server, monkeypatch):
         (CHAT, {**_chat()["json"], "max_tokens": True}, "max_tokens", "max_tokens: expected a number"),
         (CHAT, {**_chat()["json"], "temperature": False}, "temperature", "temperature: expected a number"),
         (CHAT, {**_chat()["json"], "min_p": 0.1}, "min_p", "min_p: not a field this server knows"),
+        (
+            CHAT,
+            {**_chat()["json"], "response_format": {"type": "json_schema", "json_schema": {"name": "W", "shema": {}}}},
+            "response_format.json_schema.shema",
+            "response_format.json_schema.shema: not a field",
+        ),
         ("/v1/completions", {"prompt": "hi", "best_of_n": 2}, "best_of_n", "best_of_n: not a field this server"),
         (CHAT, {**_chat()["json"], "stream_options": {"include_usage": True}}, "stream_options", "stream_options: is"),
     ],
@@ -378,6 +384,7 @@ def test_tool_schemas_are_checked_off_the_event_loop(server, monkeypatch):
         "chat-bool-int",
         "chat-bool-float",
         "unknown-field",
+        "nested-unknown",
         "completions-unknown",
         "options-no-stream",
     ],
@@ -392,6 +399,10 @@ def test_a_value_that_would_be_misread_or_ignored_is_refused_by_name(server, pat
         assert error["param"] == param and error["message"].startswith(message), error
 
 
-def test_fields_that_change_no_reply_are_accepted(server):
+def test_fields_that_change_no_reply_are_accepted_and_null_means_the_default(server):
     body = {**_chat()["json"], "metadata": {"k": "v"}, "prompt_cache_key": "c1", "safety_identifier": "u1"}
     assert server.post(CHAT, json={**body, "max_tokens": 2}, headers=AUTH).status_code == 200
+    nulls = dict.fromkeys(("n", "stream", "logprobs", "presence_penalty", "frequency_penalty", "temperature", "seed"))
+    reply = server.post(CHAT, json={**_chat()["json"], **nulls, "max_tokens": 2}, headers=AUTH)
+    assert reply.status_code == 200 and len(reply.json()["choices"]) == 1  # n: null is n = 1, not "not an integer"
+    assert server.post("/v1/completions", json={"prompt": "hi", "n": None, "max_tokens": 2}, headers=AUTH).is_success

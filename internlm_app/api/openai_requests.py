@@ -2,8 +2,9 @@
 
 Field meanings follow OpenAI's API reference; `top_k` and `repetition_penalty` are vLLM's extensions. Every field
 that is accepted is honoured: an OpenAI field this server cannot honour is refused with a 400 naming it, and so is a
-field it does not know (vLLM's `min_p`, a typo), as OpenAI does; only `metadata`, `prompt_cache_key` and
-`safety_identifier`, which change no reply, are accepted and ignored.
+field it does not know (vLLM's `min_p`, a typo, also inside `tools` or `response_format`), as OpenAI does; only
+`metadata`, `prompt_cache_key`, `prompt_cache_retention` and `safety_identifier`, which change no reply, are accepted
+and ignored. `null` means a field's default, as in OpenAI's API.
 """
 
 from __future__ import annotations
@@ -110,35 +111,41 @@ def schema_problem(schema: dict[str, Any]) -> str | None:
     return f"{first.message[:300]}{' at ' + where if where else ''}"
 
 
-class FunctionDefinition(BaseModel):
+class _Exact(BaseModel):
+    """An object of a request whose unknown keys are refused (a misspelt `shema` would otherwise mean no schema)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class FunctionDefinition(_Exact):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: Text | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(BaseModel):
+class Tool(_Exact):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(BaseModel):
+class NamedFunction(_Exact):
     name: str
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(_Exact):
     type: Literal["function"]
     function: NamedFunction
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(_Exact):
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(_Exact):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -149,8 +156,9 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Exact):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's padding of streamed events: accepted, none is added here
 
 
 def _max_tokens_field() -> Any:
@@ -186,6 +194,7 @@ class GenerationRequest(RequestBody):
     # OpenAI fields that change no reply: accepted, and ignored.
     metadata: dict[str, str] | None = Field(None, description="Accepted and ignored (nothing is stored).")
     prompt_cache_key: str | None = Field(None, description="Accepted and ignored (KV reuse is automatic here).")
+    prompt_cache_retention: str | None = Field(None, description="Accepted and ignored (KV reuse is automatic here).")
     safety_identifier: str | None = Field(None, max_length=256, description="Accepted and ignored.")
     # OpenAI fields this server cannot honour: refused when set (see `refuse_unsupported`).
     logit_bias: dict[str, float] | None = None

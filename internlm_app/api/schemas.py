@@ -45,15 +45,28 @@ def _takes_bool(annotation: Any) -> bool:
     return False
 
 
+def _takes_none(annotation: Any) -> bool:
+    if annotation is None or annotation is type(None) or annotation is Any:
+        return True
+    if get_origin(annotation) in (Union, types.UnionType, Annotated):
+        return any(_takes_none(arg) for arg in get_args(annotation))
+    return False
+
+
 class RequestBody(BaseModel):
-    """Base of the API's request bodies: true / false is refused where a number (or text) is expected, rather
+    """Base of the API's request bodies. `null` for a field with a default means that default, as OpenAI's
+    nullable fields do (`"n": null` is n = 1); true / false is refused where a number (or text) is expected, rather
     than read as 1 / 0 (pydantic's lax mode would take `"max_tokens": true` as 1); the error names the field."""
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans_for_numbers(cls, value: object, info: ValidationInfo) -> object:
+    def _null_default_and_no_booleans_for_numbers(cls, value: object, info: ValidationInfo) -> object:
         field = cls.model_fields.get(info.field_name or "")
-        if isinstance(value, bool) and field is not None and not _takes_bool(field.annotation):
+        if field is None:
+            return value
+        if value is None and not field.is_required() and not _takes_none(field.annotation):
+            return field.get_default(call_default_factory=True)
+        if isinstance(value, bool) and not _takes_bool(field.annotation):
             raise ValueError("expected a number or text, not true / false")
         return value
 
