@@ -80,7 +80,7 @@ def _remote_state(settings: ModelSettings, problems: list[Problem]) -> dict:
             text = f"the model server at {url} refused the key ({exc.status_code}): check INTERNLM_OPENAI_API_KEY"
             problems.append(Problem("remote_key_refused", text, {"url": url}))
         else:
-            text = f"cannot reach the model server at {url}: it answered {exc.status_code}"
+            text = f"the model server at {url} answers {exc.status_code} for now (busy, starting or failing)"
             problems.append(Problem("remote_unreachable", text, {"url": url}))
     except (openai.APIConnectionError, httpx2.HTTPError) as exc:
         text = f"cannot reach the model server at {url} ({exc}): start it, or check INTERNLM_OPENAI_BASE_URL"

@@ -126,3 +126,47 @@ def faulty_openai_server(fault: str) -> Iterator[str]:
 
     with _serving(Handler) as url:
         yield url
+
+
+@contextmanager
+def vllm_like_server(window: int, prompt_tokens: int, served: str = "served-name") -> Iterator[str]:
+    """A server that serves only `served` and, as vLLM does, refuses a request whose max_tokens exceeds the room
+    its prompt (`prompt_tokens`, whatever is sent) leaves in `window`; an accepted reply says the max_tokens it got."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _json(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self._json(200, {"object": "list", "data": [{"id": served, "object": "model"}]})
+
+        def do_POST(self) -> None:  # noqa: N802
+            request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            if request["model"] != served:
+                self._json(404, {"object": "error", "message": f"The model `{request['model']}` does not exist."})
+                return
+            if request["max_tokens"] > window - prompt_tokens:
+                message = (
+                    f"'max_tokens' or 'max_completion_tokens' is too large: {request['max_tokens']}. This model's "
+                    f"maximum context length is {window} tokens and your request has {prompt_tokens} input tokens "
+                    f"({request['max_tokens']} > {window} - {prompt_tokens})."
+                )
+                self._json(400, {"object": "error", "message": message, "type": "BadRequestError", "code": 400})
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(_chunk({"role": "assistant", "content": f"max_tokens={request['max_tokens']}"}))
+            self.wfile.write(_chunk({}, finish="stop") + b"data: [DONE]\n\n")
+            self.wfile.flush()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with _serving(Handler) as url:
+        yield url

@@ -42,7 +42,7 @@ from tests.api_helpers import (
     wait_until,
     with_default_system,
 )
-from tests.fake_openai import FAULTS, faulty_openai_server
+from tests.fake_openai import FAULTS, faulty_openai_server, vllm_like_server
 
 GREEDY = SamplingParams.greedy_params(REPLY_TOKENS)
 CHAT_PATH = "/v1/chat/completions"
@@ -224,14 +224,48 @@ def test_unreachable_server_is_a_generation_error(tmp_path):
         list(remote.stream_reply([{"role": "user", "content": "hi"}], GREEDY))
 
 
-def test_vllm_style_context_error_is_understood():
+@pytest.mark.parametrize(
+    "message, prompt_fits",
+    [
+        (
+            "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (4000 in the "
+            "messages).",
+            True,
+        ),
+        (
+            "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (4500 in the "
+            "messages).",
+            False,
+        ),
+        (
+            "'max_tokens' or 'max_completion_tokens' is too large: 1024. This model's maximum context length is 2048 "
+            "tokens and your request has 1500 input tokens (1024 > 2048 - 1500).",
+            True,
+        ),
+        (
+            "This model's maximum context length is 2048 tokens. However, you requested 1024 output tokens and your "
+            "prompt contains 4000 input tokens, for a total of 5024 tokens.",
+            False,
+        ),
+    ],
+)
+def test_vllm_style_context_errors_say_whether_the_prompt_or_max_tokens_is_too_big(message, prompt_fits):
     request = httpx.Request("POST", "http://x/v1/chat/completions")
-    message = (
-        "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (4000 in the messages)."
-    )
     exc = openai.BadRequestError(message, response=httpx.Response(400, request=request), body={"message": message})
     error = engine_error(exc, "http://x/v1")
-    assert isinstance(error, ContextTooLongError) and (error.needed, error.limit) == (5000, 4096)
+    if prompt_fits:  # never "the prompt needs ... -548 tokens too many"
+        assert not isinstance(error, ContextTooLongError) and error.param == "max_tokens"
+    else:
+        assert isinstance(error, ContextTooLongError) and error.needed > error.limit and "-" not in str(error)
+
+
+def test_max_tokens_beyond_the_servers_room_is_capped_and_a_late_server_is_asked_what_it_serves(tmp_path):
+    with vllm_like_server(window=2048, prompt_tokens=1500) as url:
+        # Built directly: as when the server was not up at load, nothing was discovered (the configured name is
+        # one the server refuses).
+        remote = RemoteBackend(api_settings(tmp_path, backend="openai", openai_base_url=url))
+        text = "".join(remote.stream_reply([{"role": "user", "content": "hi"}], SamplingParams.greedy_params(1024)))
+        assert text == "max_tokens=548" and remote.model == "served-name"  # 2048 - 1500, as the engine caps it
 
 
 def test_the_api_can_serve_a_remote_backend(served, engine, tmp_path):

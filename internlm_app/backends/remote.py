@@ -46,7 +46,18 @@ HEALTH_CACHE_SECONDS = 5.0  # /health asks the model server at most this often
 
 # "needs N tokens ... budget is M" (this app's API), "maximum context length is M tokens ... N" (vLLM, OpenAI).
 _OURS = re.compile(r"needs (\d+) tokens.*?budget is (\d+)", re.S)
-_VLLM = re.compile(r"maximum context length is (\d+) tokens\D+(\d+)", re.S)
+# vLLM's and OpenAI's refusals name the window and the prompt's tokens: "maximum context length is 2048 tokens",
+# then "your request has 1500 input tokens" / "your prompt contains 1500 input tokens" / "(1500 in the messages".
+_WINDOW = re.compile(r"maximum context length is (\d+) tokens")
+_PROMPT = re.compile(r"(\d+) input tokens|\((\d+) in the messages")
+
+
+def window_and_prompt(message: str) -> tuple[int, int] | None:
+    """(context window, prompt tokens) from a vLLM / OpenAI "maximum context length" refusal; None for others."""
+    window, prompt = _WINDOW.search(message), _PROMPT.search(message)
+    if window is None or prompt is None:
+        return None
+    return int(window[1]), int(prompt[1] or prompt[2])
 
 
 def _error_message(exc: openai.APIError) -> str:
@@ -93,15 +104,18 @@ def engine_error(
     if not isinstance(exc, openai.APIError):
         return GenerationError(
             f"the model server at {base_url} sent a reply that is not an OpenAI-compatible chat stream "
-            f"({type(exc).__name__}: {exc})"
+            f"({exc if isinstance(exc, _NoFinish) else f'{type(exc).__name__}: {exc}'})"
         )
     message = _error_message(exc)
     status = exc.status_code if isinstance(exc, openai.APIStatusError) else None
     if status in (400, 413, 422):
         if match := _OURS.search(message):
             return ContextTooLongError(int(match[1]), int(match[2]))
-        if match := _VLLM.search(message):
-            return ContextTooLongError(int(match[2]), int(match[1]))
+        if sizes := window_and_prompt(message):
+            window, prompt = sizes
+            if prompt >= window:  # the prompt alone does not fit, as the local engine says it
+                return ContextTooLongError(prompt + 1, window)
+            return InvalidRequestError(f"max_tokens: {message}", "max_tokens")  # the reply's room was too small
         return InvalidRequestError(message)
     if status == 429 or (status == 503 and exc.code == "model_busy"):
         return QueueFullError(message)
@@ -195,6 +209,7 @@ class RemoteBackend:
         )
         self.queue = None  # the server queues requests itself
         self._checked: tuple[float, str | None] = (-HEALTH_CACHE_SECONDS, None)  # when `unavailable` asked; answer
+        self._discovered = False  # the model name was taken from the server's list
         self.model = settings.openai_model  # the name sent with each request
 
     def served_models(self, timeout: float = 5.0) -> list[str]:
@@ -207,7 +222,7 @@ class RemoteBackend:
         """
         base = self.settings.openai_base_url
         try:
-            return [str(m.id) for m in self.client.with_options(timeout=timeout).models.list()]
+            served = [str(m.id) for m in self.client.with_options(timeout=timeout).models.list()]
         except (openai.APIConnectionError, httpx2.HTTPError):
             raise
         except openai.APIStatusError as exc:
@@ -224,6 +239,12 @@ class RemoteBackend:
                 f"{base}/models did not answer with an OpenAI model list ({type(exc).__name__}): check "
                 "INTERNLM_OPENAI_BASE_URL (it usually ends in /v1, e.g. http://127.0.0.1:23333/v1)"
             ) from None
+        if not served:  # a model server lists what it serves; a JSON object of something else reads as no model
+            raise RemoteSetupError(
+                f"{base}/models lists no model: not an OpenAI-compatible API, or no model is loaded there (check "
+                "INTERNLM_OPENAI_BASE_URL, e.g. http://127.0.0.1:23333/v1)"
+            )
+        return served
 
     def discover_model(self, timeout: float = 5.0) -> None:
         """Ask the server's `/v1/models` what it serves, so the UI shows that and requests name it.
@@ -242,6 +263,10 @@ class RemoteBackend:
         except openai.APIStatusError as exc:  # the key refused, or the server busy or failing for now
             log.warning("%s answered %s to /models: %s", base, exc.status_code, _error_message(exc))
             return
+        self._use_served(served)
+
+    def _use_served(self, served: list[str]) -> None:
+        """Name what the server serves in requests: the configured model when listed, else the first one."""
         self.info.extra["served_models"] = served
         if served and self.model not in served:
             log.warning(
@@ -249,6 +274,7 @@ class RemoteBackend:
             )
             self.model = served[0]
         self.info.name = self.model
+        self._discovered = bool(served)
 
     def unavailable(self) -> str | None:
         """Why the model server cannot take a reply now (unreachable, refusing the key, not that API), else None.
@@ -258,7 +284,7 @@ class RemoteBackend:
             return self._checked[1]
         problem = None
         try:
-            self.served_models(timeout=2.0)
+            self._use_served(self.served_models(timeout=2.0))  # a server that started after the load is named now
         except RemoteSetupError as exc:
             problem = str(exc)
         except openai.APIStatusError as exc:
@@ -423,8 +449,22 @@ class RemoteBackend:
             chunks.put(_END)
 
     async def _read(self, request: dict, chunks: queue.Queue, outcome: dict) -> None:
+        if not self._discovered:  # the server was not up at load: ask what it serves now
+            with contextlib.suppress(Exception):  # the request itself reports a server that still does not answer
+                self._use_served([str(m.id) async for m in self.async_client.with_options(timeout=5).models.list()])
+        request = {**request, "model": self.model}
+        try:
+            stream = await self.async_client.chat.completions.create(**request)
+        except openai.BadRequestError as exc:
+            # vLLM refuses max_tokens beyond the room the prompt leaves; the local engine caps it: so does this,
+            # once, from the refusal's own figures.
+            sizes = window_and_prompt(_error_message(exc))
+            room = sizes[0] - sizes[1] if sizes else 0
+            if not 0 < room < request["max_tokens"]:
+                raise
+            stream = await self.async_client.chat.completions.create(**{**request, "max_tokens": room})
         finish, usage = None, None
-        async with await self.async_client.chat.completions.create(**request) as stream:
+        async with stream:
             async for chunk in stream:
                 usage = chunk.usage or usage
                 for choice in chunk.choices:
