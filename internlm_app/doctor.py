@@ -42,6 +42,12 @@ def _version(name: str) -> str | None:
         return None
 
 
+def _file_in_the_way(folder: Path) -> bool:
+    """Whether `folder`, or the nearest of its parents that exists, is a file (so the folder cannot be made)."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing is not None and not existing.is_dir()
+
+
 def _model_state(settings: ModelSettings) -> dict:
     if settings.model_path is not None:
         src = Path(settings.model_path).expanduser()
@@ -52,6 +58,8 @@ def _model_state(settings: ModelSettings) -> dict:
         try:
             state["weights_bytes"] = checkpoint_bytes(src)
             state["internlm2_format"] = is_internlm2_checkpoint(src)
+            if not isinstance(read_json(src / "config.json").get("model_type"), str):
+                raise ConversionError(f"{src / 'config.json'} names no model_type: download the model again")
         except ConversionError as exc:  # a config.json or weight index that cannot be read
             state["damaged"] = str(exc)
             return state
@@ -130,7 +138,7 @@ def doctor_report(settings: ModelSettings) -> dict:
     elif not model["present"] and settings.model_path is not None:
         text = f"{source} has no config.json: not a model directory (--model-path / INTERNLM_MODEL_PATH)"
         problems.append(Problem("not_a_model", text, {"path": str(source)}))
-    elif not model["present"] and Path(settings.cache_dir).exists() and not Path(settings.cache_dir).is_dir():
+    elif not model["present"] and _file_in_the_way(Path(settings.cache_dir)):
         text = f"the cache directory {settings.cache_dir} is a file: move it, or set INTERNLM_CACHE_DIR to a folder"
         problems.append(Problem("cache_not_dir", text, {"path": str(settings.cache_dir)}))
     elif not model["present"]:
@@ -157,7 +165,11 @@ def doctor_report(settings: ModelSettings) -> dict:
     if model["present"] and "damaged" not in model:
         config = read_json(source / "config.json")
         gpu_free = int(torch.cuda.mem_get_info()[0]) if devices else None
-        decoding = estimate_for_checkpoint(config, settings, gpu_free, model.get("weights_bytes", 0))
+        try:
+            decoding = estimate_for_checkpoint(config, settings, gpu_free, model.get("weights_bytes", 0))
+        except (TypeError, ValueError, ZeroDivisionError) as exc:  # "hidden_size": "64", a zero, ...
+            text = f"{source / 'config.json'} holds a value of the wrong kind ({exc}): download the model again"
+            problems.append(Problem("damaged_config", text, {"path": str(source)}))
     return {
         **machine,
         "model": model,

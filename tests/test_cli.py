@@ -406,9 +406,21 @@ def test_doctor_lists_a_damaged_or_weightless_model_and_a_cache_that_is_a_file(t
     assert keys(model_path=weightless) == {"no_weights"}
     (tmp_path / "a_file").write_text("not a folder")
     assert keys(cache_dir=tmp_path / "a_file") == {"cache_not_dir"}
+    assert keys(cache_dir=tmp_path / "a_file" / "models") == {"cache_not_dir"}
+    for config in ("{}", '{"model_type": "llama", "hidden_size": "64", "num_attention_heads": 2}'):
+        (weightless / "config.json").write_text(config)
+        (weightless / "model.safetensors").write_bytes(b"x" * 8)
+        assert keys(model_path=weightless) == {"damaged_config"}, config  # never "no problems", never a traceback
     assert keys(model_path=FIXTURE_DIR) == set()
     on_cpu = {p.key for p in doctor_report(ModelSettings(model_path=FIXTURE_DIR, device="cpu"))["problems"]}
     assert "no_gpu" not in on_cpu  # INTERNLM_DEVICE=cpu asks for the CPU
+
+
+def test_a_cache_directory_that_cannot_be_made_is_one_error_line(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = _run(["download", "--cache-dir", str(tmp_path / "a_file" / "models")], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot make the cache directory" in result.stderr and "INTERNLM_CACHE_DIR" in result.stderr
 
 
 def test_the_settings_command_checks_the_variables_set_here(monkeypatch, capsys):

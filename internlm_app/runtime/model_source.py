@@ -91,7 +91,14 @@ def download_model(model_id: str, revision: str, cache_dir: Path, progress: Prog
     except ImportError as exc:  # pragma: no cover - modelscope is in requirements.txt
         raise ModelSourceError("modelscope is not installed: pip install modelscope", "missing_package") from exc
     log.info("downloading %s@%s from ModelScope into %s", model_id, revision, cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission, a read-only disk
+        raise ModelSourceError(
+            f"cannot make the cache directory {cache_dir} ({exc.strerror or exc}): set INTERNLM_CACHE_DIR / "
+            "--cache-dir to a folder that can be written (on AutoDL, under /root/autodl-tmp)",
+            "not_writable",
+        ) from exc
     callbacks = []
     try:
         if progress is not None:
