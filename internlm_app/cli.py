@@ -53,8 +53,11 @@ class Serve(Settings):
 
     def run(self) -> int:
         from internlm_app.server import serve
+        from internlm_app.settings import check_not_forwarding_to_itself
 
-        serve(_settings(self))
+        settings = _settings(self)
+        check_not_forwarding_to_itself(settings, settings.host, settings.port)
+        serve(settings)
         return 0
 
 
@@ -63,8 +66,11 @@ class Api(ModelSettings, ServerSettings):
 
     def run(self) -> int:
         from internlm_app.api import serve
+        from internlm_app.settings import check_not_forwarding_to_itself
 
-        serve(_settings(self))
+        settings = _settings(self)
+        check_not_forwarding_to_itself(settings, settings.host, settings.port)
+        serve(settings)
         return 0
 
 

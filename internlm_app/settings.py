@@ -52,15 +52,56 @@ HomePath = Annotated[Path, AfterValidator(Path.expanduser)]
 
 
 def check_base_url(url: str) -> str:
-    """An http(s) URL with a host and a valid port (ValueError otherwise); returned without a trailing slash."""
+    """An http(s) URL with a host, a valid port and no query or fragment (the client appends paths to it: ValueError
+    otherwise); returned without a trailing slash."""
     try:
         parts = urlsplit(url.strip())
         parts.port  # noqa: B018  # raises ValueError for a port out of range or not a number
     except ValueError as exc:
         raise ValueError(f"not a valid URL ({exc})") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in parts.netloc):
         raise ValueError("must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:23333/v1")
+    if parts.query or parts.fragment:
+        raise ValueError("must have no ?query or #fragment: the client adds /chat/completions after it")
     return url.strip().rstrip("/")
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _canonical_origin(origin: str) -> str | None:
+    """`origin` as a browser sends it in its Origin header (scheme://host[:port], lower case, no default port), or
+    None when no browser ever sends it so."""
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or "*" in parts.netloc or "@" in parts.netloc:
+        return None
+    if parts.path or parts.query or parts.fragment or origin.endswith(("?", "#")):
+        return None
+    shown_port = f":{port}" if port is not None and port != _DEFAULT_PORTS[parts.scheme] else ""
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}{shown_port}"
+
+
+_THIS_MACHINE = frozenset({"127.0.0.1", "localhost", "0.0.0.0", "::1", "::"})
+
+
+def check_not_forwarding_to_itself(settings: ModelSettings, host: str, port: int) -> None:
+    """ValueError when a server on `host`:`port` would forward its replies (INTERNLM_BACKEND=openai) to itself; the
+    running server refuses such requests too (508), this says it before anything starts."""
+    if settings.backend != "openai":
+        return
+    parts = urlsplit(settings.openai_base_url)
+    target_port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
+    if target_port == port and (parts.hostname in _THIS_MACHINE or parts.hostname == host):
+        raise ValueError(
+            f"INTERNLM_OPENAI_BASE_URL ({settings.openai_base_url}) is this server's own address (port {port}): "
+            "point it at the model server (LMDeploy's api_server or vLLM, e.g. http://127.0.0.1:23333/v1), or "
+            "serve on another --port"
+        )
 
 
 class _InternLMSettings(BaseSettings):
@@ -226,11 +267,11 @@ class ServerSettings(_InternLMSettings):
         for number, origin in enumerate(origins, 1):
             if not origin.strip():
                 raise ValueError("an origin is empty (a stray comma?)")
-            parts = urlsplit(origin)
-            if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path):
+            if origin != "*" and _canonical_origin(origin) != origin:
                 raise ValueError(
-                    f"origin {number} can never match: an origin is * or scheme://host[:port], with no path or "
-                    "trailing slash (e.g. https://example.com), as a browser sends it"
+                    f"origin {number} can never match: an origin is * or scheme://host[:port] in lower case, without "
+                    "the default port, a path, a trailing slash or a wildcard (e.g. https://example.com), as a "
+                    "browser sends it"
                 )
         return origins
 

@@ -429,3 +429,11 @@ def test_the_settings_command_checks_the_variables_set_here(monkeypatch, capsys)
     monkeypatch.setenv("INTERNLM_PORT", "abc")
     assert main(["settings"]) == 2
     assert "error: invalid setting INTERNLM_PORT / --port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["api", "serve"])
+def test_a_server_told_to_forward_to_itself_says_so_before_it_starts(tmp_path, command):
+    args = [command, "--backend", "openai", "--openai-base-url", "http://localhost:6407/v1/", "--port", "6407"]
+    result = _run(args, tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "is this server's own address (port 6407)" in result.stderr

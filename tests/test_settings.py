@@ -114,7 +114,10 @@ def test_an_empty_value_means_the_default_never_the_current_folder_or_an_empty_p
     assert Settings(system_prompt="").system_prompt == ""  # where empty has a meaning, it keeps it
 
 
-@pytest.mark.parametrize("url", ["ftp://host/v1", "not a url", "http://127.0.0.1:99999/v1", "http:///v1", ""])
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://host/v1", "not a url", "http://127.0.0.1:99999/v1", "http:///v1", "", "http://h/v1?x=1", "http://h :80/v1"],
+)
 def test_the_remote_base_url_must_be_an_http_url_with_a_host_and_port(url):
     with pytest.raises(ValidationError, match="openai_base_url"):
         Settings(openai_base_url=url)
@@ -126,6 +129,12 @@ def test_the_remote_base_url_must_be_an_http_url_with_a_host_and_port(url):
     [
         ({"cors_origins": "https://good.example/"}, "can never match"),
         ({"cors_origins": "good.example"}, "can never match"),
+        ({"cors_origins": "https://*.good.example"}, "can never match"),
+        ({"cors_origins": "https://good.example:443"}, "can never match"),
+        ({"cors_origins": "HTTPS://Good.example"}, "can never match"),
+        ({"cors_origins": "https://good.example?x"}, "can never match"),
+        ({"cors_origins": "https://user@good.example"}, "can never match"),
+        ({"cors_origins": "https://good.example:99999"}, "can never match"),
         ({"api_keys": "clé-secret"}, "printable ASCII"),
         ({"api_keys": "sk-a b"}, "spaces"),
     ],
@@ -133,4 +142,5 @@ def test_the_remote_base_url_must_be_an_http_url_with_a_host_and_port(url):
 def test_keys_and_origins_that_could_never_match_are_refused(values, message):
     with pytest.raises(ValidationError, match=message):
         Settings(**values)
-    assert Settings(cors_origins="*,https://good.example:8443", api_keys="sk-1,sk-2").cors_origins[0] == "*"
+    origins = "*,https://good.example:8443,http://[::1]:6006,http://127.0.0.1"
+    assert Settings(cors_origins=origins, api_keys="sk-1,sk-2").cors_origins == origins.split(",")
