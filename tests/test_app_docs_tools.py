@@ -211,6 +211,13 @@ def test_a_preset_saved_under_a_shown_name_replaces_it_and_the_picker_shows_name
     at.text_input(key="preset_name").set_value("C++ reviewer (v1.0)")
     at.button(key="preset_save").click().run()
     assert "C++ reviewer (v1.0)" in at.selectbox(key="preset_pick").options  # plain text, no Markdown escapes
+    # A page saves for its own language: the English "Translator" is not this list's, so it stays as it was.
+    english = next(p for p in store.list_presets("en") if p.name == "Translator")
+    at.text_input(key="preset_name").set_value("Translator")
+    at.button(key="preset_save").click().run()
+    assert next(p for p in store.list_presets("en") if p.name == "Translator") == english
+    mine = next(p for p in store.list_presets("zh") if p.name == "Translator")
+    assert mine.language == "zh" and at.selectbox(key="preset_pick").value == mine.id  # saved, and picked
 
 
 def test_what_the_chat_keeps_an_export_can_carry_back(app_env, store, engine):

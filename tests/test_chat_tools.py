@@ -315,7 +315,16 @@ def test_a_forced_call_cut_off_by_the_length_limit_is_an_error_never_half_a_call
         engine, messages, toolset, SamplingParams.greedy_params(3), tool_choice="pick_color", step_stats=stats
     )
     texts = []
-    with pytest.raises(ToolCallCutOffError, match="cut off by the reply's length limit") as info:
+    with pytest.raises(ToolCallCutOffError, match=r"cut off by max_new_tokens \(3\)") as info:
         texts += [e.text for e in run if isinstance(e, TextEvent)]
     assert texts == [] and info.value.code == "tool_call_cut_off"
     assert len(stats) == 1 and stats[0].completion_tokens == 3  # the step's stats reach the caller all the same
+    # The same call cut off by the end of the context budget, with max new tokens to spare: another cause, another
+    # advice.
+    budget = stats[0].prompt_tokens + 3
+    run = run_with_tools(
+        engine, messages, toolset, SamplingParams.greedy_params(100), tool_choice="pick_color", max_length=budget
+    )
+    with pytest.raises(ToolCallCutOffError, match="end of the context budget") as info:
+        list(run)
+    assert info.value.code == "tool_call_no_room"

@@ -57,6 +57,8 @@ def test_api_requests_are_told_from_the_page_by_method_and_path(tmp_path):
         ("/\\evil.example", "/"),
         ("javascript:alert(1)", "/"),
         ("/logout", "/"),
+        ("/logout/", "/"),
+        ("/login/?next=/x", "/"),
         ("/login?next=/x", "/"),
     ],
 )
@@ -88,12 +90,19 @@ def test_logins_survive_a_restart_and_end_with_a_logout_or_a_new_password(tmp_pa
     restarted = WebLogin(SecretStr(PASSWORD), state_file=state)  # an open tab reconnects after a restart
     assert restarted.verify(kept) and not restarted.verify(logged_out)  # and a logout stays a logout
     assert not WebLogin(SecretStr("a new password"), state_file=state).verify(kept)
+    assert not WebLogin(SecretStr(PASSWORD), state_file=state).verify(kept)  # the old password back: still out
+    state.chmod(0o644)
+    WebLogin(SecretStr(PASSWORD), state_file=state)
+    assert state.stat().st_mode & 0o777 == 0o600  # made owner-only again at start
     state.write_text("{damaged")
     fresh = WebLogin(SecretStr(PASSWORD), state_file=state)  # a damaged file: a new secret, everyone logs in again
     assert not fresh.verify(kept) and fresh.verify(fresh.issue())
     (tmp_path / "a_file").write_text("")  # the state file's folder cannot be made: logins last for this process
     unwritable = WebLogin(SecretStr(PASSWORD), state_file=tmp_path / "a_file" / "web_login.json")
     assert unwritable.verify(unwritable.issue())
+    (tmp_path / "a_folder.json").mkdir()  # the file's place taken by a folder: no copy of the secret left beside
+    WebLogin(SecretStr(PASSWORD), state_file=tmp_path / "a_folder.json")
+    assert not (tmp_path / "a_folder.json.partial").exists()
 
 
 def _gated_web_app(login: WebLogin) -> Starlette:

@@ -75,9 +75,17 @@ RunEvent = TextEvent | ToolCallEvent | ToolResultEvent | FinalEvent
 
 
 class ToolCallCutOffError(GenerationError):
-    """The model was still writing a tool call when its reply reached the token limit."""
+    """The model was still writing a tool call when its reply reached max new tokens (`code` tool_call_cut_off) or
+    the end of the context budget (`code` tool_call_no_room)."""
 
-    code = "tool_call_cut_off"
+    def __init__(self, by_max_new_tokens: bool, max_new_tokens: int):
+        if by_max_new_tokens:
+            self.code = "tool_call_cut_off"
+            why = f"max_new_tokens ({max_new_tokens}): raise it and regenerate"
+        else:
+            self.code = "tool_call_no_room"
+            why = "the end of the context budget: shorten the conversation or raise max_length"
+        super().__init__(f"the call of a tool was cut off by {why}")
 
 
 def run_with_tools(
@@ -134,10 +142,7 @@ def run_with_tools(
                     yield TextEvent(delta.content, step)
         rest, _ = builder.finish(events.stats.finish_reason)
         if builder.call_cut_off:
-            raise ToolCallCutOffError(
-                f"the call of a tool was cut off by the reply's length limit ({params.max_new_tokens} new tokens, or "
-                "the context budget): raise max_new_tokens and regenerate"
-            )
+            raise ToolCallCutOffError(events.stats.completion_tokens >= params.max_new_tokens, params.max_new_tokens)
         if rest.content:
             text += rest.content
             yield TextEvent(rest.content, step)

@@ -59,7 +59,8 @@ def safe_next(target: str | None) -> str:
     """A path on this server to return to after logging in; anything else (another host, a scheme) becomes `/`."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return "/"
-    return "/" if target.split("?")[0] in (LOGIN_PATH, LOGOUT_PATH) else target
+    path = target.split("?")[0].split("#")[0].rstrip("/")
+    return "/" if path in (LOGIN_PATH, LOGOUT_PATH) else target  # /logout/ too: never log out right after logging in
 
 
 class WebGate:

@@ -59,10 +59,13 @@ class WebLogin:
         self._password = password
         self._state_file, self._lock = state_file, threading.Lock()
         loaded = self._load_state()
-        self._secret, self._revoked = loaded or (secrets.token_bytes(32), {})
-        if loaded is None:
-            self._save_state()  # a new secret
-        # The password is part of the key: changing it makes every earlier token invalid.
+        # A new password gets a new secret: the logins of the old one stay out even if it comes back later.
+        if loaded is not None and not hmac.compare_digest(loaded[2], self._password_check(loaded[0])):
+            log.info("the web password changed: every earlier login has ended")
+            loaded = None
+        self._secret, self._revoked = (loaded[0], loaded[1]) if loaded else (secrets.token_bytes(32), {})
+        self._save_state()  # a new secret, or the same one in an owner-only file
+        # The password is part of the key as well.
         secret, word = self._secret, password.get_secret_value().encode()
         self._key = hmac.new(secret, b"web-login-key:" + word, hashlib.sha256).digest()
         self.throttle = throttle or LoginThrottle()
@@ -108,16 +111,26 @@ class WebLogin:
     def _sign(self, body: str) -> str:
         return hmac.new(self._key, f"web-login:{body}".encode(), hashlib.sha256).hexdigest()
 
-    def _load_state(self) -> tuple[bytes, dict[str, int]] | None:
-        """The secret and revoked tokens from the state file; None when there is none or it is damaged (a new secret
-        then replaces it, logging everyone out)."""
-        if self._state_file is not None:
-            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
-                state = json.loads(self._state_file.read_text(encoding="utf-8"))
-                secret = bytes.fromhex(state["secret"])
-                revoked = {str(i): int(e) for i, e in state.get("revoked", {}).items()}
-                if len(secret) == 32:
-                    return secret, revoked
+    def _password_check(self, secret: bytes) -> str:
+        """What the state file keeps to tell whether the password changed (an HMAC: not the password)."""
+        word = self._password.get_secret_value().encode()
+        return hmac.new(secret, b"web-login-password:" + word, hashlib.sha256).hexdigest()
+
+    def _load_state(self) -> tuple[bytes, dict[str, int], str] | None:
+        """The secret, revoked tokens and password check from the state file; None when there is none or it is
+        damaged (a new secret then replaces it, logging everyone out, with a warning)."""
+        if self._state_file is None or not self._state_file.exists():
+            return None
+        try:
+            state = json.loads(self._state_file.read_text(encoding="utf-8"))
+            secret = bytes.fromhex(state["secret"])
+            revoked = {str(i): int(e) for i, e in state.get("revoked", {}).items()}
+            if len(secret) == 32:
+                return secret, revoked, str(state.get("password_check", ""))
+        except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
+            log.warning("%s cannot be read (%s): web logins start afresh", self._state_file, exc)
+            return None
+        log.warning("%s holds no usable secret: web logins start afresh", self._state_file)
         return None
 
     def _save_state(self) -> None:
@@ -125,7 +138,11 @@ class WebLogin:
         leaves logins to this process, with a warning."""
         if self._state_file is None:
             return
-        state = {"secret": self._secret.hex(), "revoked": self._revoked}
+        state = {
+            "secret": self._secret.hex(),
+            "password_check": self._password_check(self._secret),
+            "revoked": self._revoked,
+        }
         partial = self._state_file.with_name(self._state_file.name + ".partial")
         try:
             self._state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +152,8 @@ class WebLogin:
                 json.dump(state, out)
             os.replace(partial, self._state_file)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)  # never a copy of the secret left behind
             log.warning("cannot keep web logins in %s (%s): a restart will log everyone out", self._state_file, exc)
 
     def routes(self) -> list[Route]:

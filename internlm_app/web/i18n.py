@@ -171,14 +171,19 @@ LABELS: dict[str, tuple[str, str]] = {
     ),
     "unknown_error": ("未知错误", "unknown error"),
     "error_tool_call_cut_off": (
-        "工具调用写到一半就到了长度上限。请在侧边栏调大“最大新 token 数”后重新生成",
-        "the tool call was cut off by the reply's length limit. Raise “Max new tokens” in the sidebar and regenerate",
+        "工具调用写到一半就到了“最大生成长度”。请在侧边栏调大它后重新生成",
+        "the tool call was cut off by “Max new tokens”. Raise it in the sidebar and regenerate",
+    ),
+    "error_tool_call_no_room": (
+        "工具调用写到一半，上下文就用完了。请开一个新对话、缩短系统提示或这条消息，或调大“上下文长度”",
+        "the tool call was cut off: the context budget ran out. Start a new conversation, shorten the system prompt "
+        "or this message, or raise “Max length”",
     ),
     "error_details": ("{reason}（详情：{details}）", "{reason} (details: {details})"),
     "error_context_too_long": (
-        "对话放不进上下文预算。请缩短系统提示或这条消息、去掉附件，或在侧边栏调大“上下文长度”",
+        "对话放不进上下文预算。请缩短系统提示或这条消息、去掉附件、开一个新对话，或在侧边栏调大“上下文长度”",
         "the conversation does not fit the context budget. Shorten the system prompt or this message, remove "
-        "attachments, or raise “Max length” in the sidebar",
+        "attachments, start a new conversation, or raise “Max length” in the sidebar",
     ),
     "dropped_messages": (
         "上下文已满：最早的 {n} 条消息没有发送给模型。",

@@ -74,7 +74,7 @@ def picker(ctx: PageContext, store: ConversationStore) -> None:
             st.warning(ctx.t("preset_prompt_needed"))
         else:
             with storage.writing(keep={NAME_KEY: name}):
-                saved = store.save_preset(name, prompt)
+                saved = store.save_preset(name, prompt, ctx.lang)  # this page's list: where it shows
             st.session_state[_PICK_NEXT_KEY] = saved
             st.rerun()
     if picked is None:
