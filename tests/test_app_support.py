@@ -576,3 +576,24 @@ def test_a_new_conversation_is_the_sessions_open_one_from_the_start():
         "new-conversation",
         ["new-conversation"],
     )
+
+
+def test_streamlits_clear_cache_request_drops_no_shared_object(app_env):
+    # Any websocket client may send Streamlit's "clear cache" (web-only mode has no login before the websocket): it
+    # must not make a second loader (a second model), forget the running replies or reset the login throttle.
+    import streamlit as st
+
+    from internlm_app.settings import Settings
+    from internlm_app.web.auth import login_throttle
+    from internlm_app.web.resources import backend_loader, conversation_store, live_replies
+    from internlm_app.web.tools_view import toolset
+
+    settings = Settings(web_password="pw")
+    shared = [backend_loader(settings), live_replies(), conversation_store(settings), toolset(None)]
+    throttle = login_throttle(settings)
+    throttle.failed()
+    st.cache_resource.clear()  # what the request does (AppSession._handle_clear_cache_request)
+    st.cache_data.clear()
+    again = [backend_loader(settings), live_replies(), conversation_store(settings), toolset(None)]
+    assert all(a is b for a, b in zip(shared, again, strict=True))
+    assert login_throttle(settings) is throttle and len(throttle._failures) >= 1

@@ -18,6 +18,7 @@ import streamlit as st
 
 from internlm_app.settings import Settings
 from internlm_app.web.hosting import CookieCheck
+from internlm_app.web.process_wide import process_wide
 
 AUTH_KEY = "_web_authenticated"
 FAILURE_DELAY_SECONDS = 0.5  # slows down password guessing within one session
@@ -47,7 +48,7 @@ class LoginThrottle:
             self._failures.append(self._clock())
 
 
-@st.cache_resource(show_spinner=False)
+@process_wide
 def _throttle(password_digest: str) -> LoginThrottle:
     return LoginThrottle()
 

@@ -1,14 +1,13 @@
-"""Objects shared by every session of the process (st.cache_resource); each one is thread-safe."""
+"""Objects shared by every session of the process (`process_wide`: never dropped); each one is thread-safe."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import streamlit as st
-
 from internlm_app.backends.factory import BackendFactory, BackendLoader, create_backend, fingerprint
 from internlm_app.settings import Settings
 from internlm_app.store.db import ConversationStore
+from internlm_app.web.process_wide import process_wide
 from internlm_app.web.reply import LiveReplies
 
 _backend_factory: BackendFactory = create_backend
@@ -23,7 +22,7 @@ def use_backend_factory(create: BackendFactory) -> None:
     _backend_factory = create
 
 
-@st.cache_resource(show_spinner=False)
+@process_wide
 def _loader(key: str, _settings: Settings) -> BackendLoader:
     return BackendLoader(_settings, create=_backend_factory)
 
@@ -33,7 +32,7 @@ def backend_loader(settings: Settings) -> BackendLoader:
     return _loader(fingerprint(settings), settings)
 
 
-@st.cache_resource(show_spinner=False)
+@process_wide
 def _store(path: str) -> ConversationStore:
     return ConversationStore(path)
 
@@ -43,7 +42,7 @@ def conversation_store(settings: Settings) -> ConversationStore:
     return _store(str(Path(settings.db_path).expanduser()))
 
 
-@st.cache_resource(show_spinner=False)
+@process_wide
 def live_replies() -> LiveReplies:
     """The process-wide set of replies being generated."""
     return LiveReplies()

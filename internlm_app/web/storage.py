@@ -19,6 +19,7 @@ import streamlit as st
 from internlm_app.store.db import ConversationStore
 from internlm_app.store.errors import StoreFault
 from internlm_app.web.context import PageContext
+from internlm_app.web.process_wide import process_wide
 from internlm_app.web.resources import conversation_store
 from internlm_app.web.safe_markdown import code_span, plain
 
@@ -46,7 +47,7 @@ class FreshDatabases:
             return self._paths.get(configured, configured)
 
 
-@st.cache_resource(show_spinner=False)
+@process_wide
 def fresh_databases() -> FreshDatabases:
     return FreshDatabases()
 

@@ -20,6 +20,7 @@ from internlm_app.chat.tool_set import ToolSet, chat_tools
 from internlm_app.chat_types import ChatBackend, Message, ReplyEvents, ReplyStats
 from internlm_app.sampling import SamplingParams
 from internlm_app.web.context import PageContext
+from internlm_app.web.process_wide import process_wide
 from internlm_app.web.safe_markdown import plain
 
 TOOLS_KEY = "tools_on"
@@ -27,7 +28,7 @@ TOOL_CHOICE_KEY = "tool_choice"
 AUTO = "auto"  # the model decides whether to call a tool; any other choice is a tool's name: its first step calls it
 
 
-@st.cache_resource(show_spinner=False)
+@process_wide
 def toolset(tools_dir: Path | None) -> ToolSet:
     """The built-ins and INTERNLM_TOOLS_DIR's tools, loaded once per process (loading a file runs it)."""
     return chat_tools(tools_dir)
