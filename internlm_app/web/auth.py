@@ -76,8 +76,9 @@ def same_tab_link(label: str, path: str, primary: bool = False) -> None:
     which would leave this one logged in)."""
     colours = "color:#fff;background:#ff4b4b;border-color:#ff4b4b" if primary else "color:inherit"
     st.html(
-        f'<a href="{html.escape(path, quote=True)}" target="_self" style="display:inline-block;padding:.35rem .75rem;'
-        f'border:1px solid rgba(49,51,63,.2);border-radius:.5rem;text-decoration:none;{colours}">'
+        f'<a href="{html.escape(path, quote=True)}" target="_self" style="display:inline-block;padding:.5rem .75rem;'
+        "font-size:.875rem;line-height:1.6;border:1px solid rgba(49,51,63,.2);border-radius:.5rem;"
+        f'text-decoration:none;{colours}">'
         f"{html.escape(label)}</a>"
     )
 
