@@ -36,7 +36,9 @@ async def health(request: Request) -> dict | JSONResponse:
         if details and status is not None:
             body.update(step=status.step or "starting", elapsed_seconds=round(status.elapsed, 1))
         return body
-    if (problem := await anyio.to_thread.run_sync(backend.unavailable)) is not None:  # a remote server down
+    # A remote backend asks its server (blocking, up to 2 s): off the event loop; the local engine answers at once.
+    problem = backend.unavailable() if backend.local else await anyio.to_thread.run_sync(backend.unavailable)
+    if problem is not None:  # a remote model server that does not answer
         body = {"status": "unavailable", "model_loaded": True}
         return JSONResponse({**body, "error": problem} if details else body, status_code=503)
     if not details:
