@@ -12,6 +12,7 @@ from internlm_app.sampling import BOUNDS, INT_PARAMS, SamplingParams
 from internlm_app.settings import DEFAULT_SYSTEM_PROMPT, MAX_LENGTH_BOUNDS
 from internlm_app.store.db import ConversationStore
 from internlm_app.web.i18n import t
+from internlm_app.web.safe_markdown import plain
 from tests.app_helpers import MAX_NEW_TOKENS, ROOT, chat, run_page, send, set_app_env, texts
 from tests.conftest import FIXTURE_DIR
 
@@ -487,3 +488,31 @@ def test_a_reply_whose_end_was_never_saved_shows_as_interrupted(app_env):
     live.finish("another-conversation", mid)
     at = run_page(query={"c": cid})
     assert [c.value for c in at.chat_message[1].caption] == [t("interrupted", "zh")]
+
+
+def test_a_page_following_a_reply_of_another_run_shows_its_tool_calls_a_running_one_too(app_env):
+    """A reload, another tab or the run after a click follows a reply it did not start: its tool calls show with
+    its text, the one whose tool still runs as running (no text comes while a tool runs)."""
+    from internlm_app.web.resources import live_replies
+
+    db = app_env / "conversations.db"
+    run_page()
+    store = ConversationStore(db)
+    cid = store.create_conversation("")
+    store.add_message(cid, "user", "hello")
+    mid = store.add_message(cid, "assistant", "", status="streaming")
+    store.close()
+    live = live_replies()
+    live.start(cid, mid)
+    steps = [{"id": "c1", "name": "slow", "arguments": "{}", "text": ""}]  # called; its tool has not returned
+    live.set_steps(cid, mid, steps)
+    try:
+        at = run_page(query={"c": cid})
+        labels = [e.label for e in at.expander]
+        assert plain(t("tool_step_running", "zh", name="slow")) in labels, labels
+        steps[0].update(result="done", error=None, seconds=0.5)
+        assert live.steps_of(cid)[0]["result"] == "done" and live.steps_of("elsewhere") == []
+    finally:
+        live.stop(cid)
+        live.finish(cid, mid)
+    assert live.steps_of(cid) == []

@@ -104,6 +104,8 @@ def live_reply_view(ctx: PageContext, cid: str, stored: str) -> None:
     text = live.text_of(cid)
     if text is None:  # it ended: show it as saved
         st.rerun(scope="app")
+    if steps := live.steps_of(cid):  # its tool calls, a running one too
+        tools_view.show_steps(steps, ctx.t, running=True)
     if (place := live.place_of(cid)) is not None:  # still waiting for the GPU, in its place
         st.info(ctx.t("queue_place", place=place))
     else:

@@ -39,6 +39,7 @@ class LiveReplies:
         self._cancels: dict[str, threading.Event] = {}
         self._texts: dict[str, str] = {}
         self._places: dict[str, int] = {}
+        self._steps: dict[str, list[dict]] = {}  # the tool calls of a live reply with tools (the runner appends)
         self._claims: dict[str, str] = {}  # conversation -> the ticket of the page that claimed it
         self._taken: dict[str, None] = {}  # request tokens whose reply started (insertion-ordered, bounded)
         self._ended: dict[tuple[str, int], None] = {}  # replies whose end was saved (insertion-ordered, bounded)
@@ -101,12 +102,25 @@ class LiveReplies:
             if self._replies.get(cid) == mid:
                 self._texts[cid] = text
 
+    def set_steps(self, cid: str, mid: int, steps: list[dict]) -> None:
+        """The list the reply's tool runner appends its calls to, so that any page following the reply shows them
+        (also while a tool runs, when no text comes)."""
+        with self._lock:
+            if self._replies.get(cid) == mid:
+                self._steps[cid] = steps
+
+    def steps_of(self, cid: str) -> list[dict]:
+        """The tool calls of `cid`'s live reply so far (a copy; empty without tools or when none runs)."""
+        with self._lock:
+            return list(self._steps.get(cid, ()))
+
     def finish(self, cid: str, mid: int, saved: bool = True) -> None:
         """The reply `mid` has ended; `saved`: its end (complete, stopped or error) is in the store now."""
         with self._lock:
             if self._replies.get(cid) == mid:
                 del self._replies[cid], self._cancels[cid], self._texts[cid]
                 self._places.pop(cid, None)
+                self._steps.pop(cid, None)
             if saved:
                 _remember(self._ended, (cid, mid))
 
@@ -367,6 +381,8 @@ class WebReply:
             chunks = (self.stream or self.backend.stream_reply)(
                 messages, self.params, cancel=reply.cancel, events=events, max_length=self.max_length
             )
+            if live is not None and (steps := getattr(events.stats, "tool_steps", None)) is not None:
+                live.set_steps(cid, mid, steps)  # a reply with tools: its calls, for every page that follows it
         except Exception as exc:  # a bad request, a prompt that does not fit, the store: the reply is an error
             if not isinstance(exc, EngineError):
                 log.exception("reply failed")
