@@ -292,3 +292,29 @@ def test_a_converted_dir_under_home_is_converted_once(tmp_path, monkeypatch):
 def test_the_root_is_no_place_for_a_conversion(tmp_path):
     with pytest.raises(ConversionError, match="no place for a conversion"):
         convert_checkpoint(FIXTURE_DIR, Path("/"))
+
+
+def test_two_conversions_into_one_folder_at_once_convert_it_once(tmp_path, monkeypatch):
+    """Two `convert` runs (or serve's web app and API) into one folder: the second waits for the first and reuses its
+    result; neither writes into the other's `.partial` (which once left a folder marked done without its shards)."""
+    import threading
+    import time
+
+    from internlm_app.runtime import convert
+
+    real, calls = convert._convert_into, []
+
+    def slow(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        time.sleep(0.5)  # still writing when the second run starts
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert, "_convert_into", slow)
+    dst, results = tmp_path / "out", []
+    runs = [threading.Thread(target=lambda: results.append(convert.convert_checkpoint(FIXTURE_DIR, dst))) for _ in "ab"]
+    for run in runs:
+        run.start()
+        time.sleep(0.1)
+    for run in runs:
+        run.join(30)
+    assert results == [dst, dst] and len(calls) == 1 and convert.is_converted(dst, FIXTURE_DIR)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import gc
 import json
 import logging
@@ -227,6 +229,32 @@ def convert_checkpoint(src: Path, dst: Path, progress: Progress | None = None) -
         raise ConversionError(
             f"{dst} exists and is not a directory: remove it or choose another output directory", reason="not_writable"
         )
+    # One conversion into `dst` at a time, across processes (serve's web app and API, two `convert` runs): a second
+    # waits, then reuses the first's result; never two writing one `.partial`.
+    with _conversion_lock(dst):
+        if is_converted(dst, src):
+            return dst
+        return _convert_locked(src, dst, cfg, shards, progress)
+
+
+@contextlib.contextmanager
+def _conversion_lock(dst: Path) -> Iterator[None]:
+    """An exclusive lock on `<dst>.lock` beside `dst` (flock: released when the process ends, however it ends)."""
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(dst.parent / f"{dst.name}.lock", "w")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise ConversionError(
+            f"cannot write the converted checkpoint under {dst.parent}: {exc.strerror or exc}. Point "
+            "INTERNLM_CONVERTED_DIR (or INTERNLM_CACHE_DIR) at a writable directory.",
+            reason="not_writable",
+        ) from exc
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _convert_locked(src: Path, dst: Path, cfg: dict, shards: list[Path], progress: Progress | None) -> Path:
     tmp = dst.with_name(dst.name + ".partial")
     _refuse_foreign_folder(dst, (MARKER,))
     _refuse_foreign_folder(tmp, (PARTIAL_MARKER, MARKER))  # (MARKER: killed between its last write and the rename)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import threading
@@ -10,7 +9,7 @@ from pathlib import Path
 
 from internlm_app.errors import UserFacingError
 from internlm_app.load_progress import LoadStep, Progress
-from internlm_app.runtime.convert import ConversionError, convert_checkpoint, is_converted, is_internlm2_checkpoint
+from internlm_app.runtime.convert import convert_checkpoint, is_converted, is_internlm2_checkpoint
 from internlm_app.settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -148,19 +147,6 @@ def resolve_model_dir(settings: ModelSettings, progress: Progress | None = None)
     if is_converted(dst, src):
         log.info("using converted checkpoint %s", dst)
         return dst
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(dst.parent / f"{dst.name}.lock", "w")  # noqa: SIM115 - closed by the with below
-    except OSError as exc:
-        raise ConversionError(
-            f"cannot write the converted checkpoint under {dst.parent}: {exc.strerror or exc}. Point "
-            "INTERNLM_CONVERTED_DIR (or INTERNLM_CACHE_DIR) at a writable directory.",
-            reason="not_writable",
-        ) from exc
-    # The web app and the API may start together: one converts, the other waits and then reuses the result.
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_converted(dst, src):
-            return dst
-        log.info("converting InternLM2 checkpoint %s -> %s (once)", src, dst)
-        return convert_checkpoint(src, dst, progress=progress)
+    # Another process may be converting it now: convert_checkpoint waits for it, then reuses the result.
+    log.info("converting InternLM2 checkpoint %s -> %s (once)", src, dst)
+    return convert_checkpoint(src, dst, progress=progress)
