@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, cast
 
@@ -211,7 +212,13 @@ def run() -> NoReturn:
     close, logging's flush), then the exit itself without the interpreter's teardown. There, nanobind (the bindings
     of triton, which torch imports when it is installed: xgrammar needs it) prints dozens of "leaked instance" lines
     on every exit, burying the last line a user should read."""
-    code = main()
+    try:
+        code = main()
+    except SystemExit as exit:  # argparse's --help and usage errors
+        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    except BaseException:  # a bug: its traceback, then the same quiet exit
+        traceback.print_exc()
+        code = 1
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed file
             stream.flush()
@@ -220,12 +227,11 @@ def run() -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from internlm_app.api.server import PortInUseError
     from internlm_app.chat_types import EngineError
     from internlm_app.errors import UserFacingError
     from internlm_app.settings import describe_settings_error
 
-    try:
+    try:  # the commands import torch and transformers inside: a Ctrl-C while they load is an interrupt too
         cli = parse(argv)
         logging.basicConfig(
             level=logging.DEBUG if cli.verbose else logging.INFO,
@@ -241,11 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:  # before ValueError: a bad setting or sampling value, one line naming it
         print("error: invalid setting " + "; ".join(describe_settings_error(exc).splitlines()), file=sys.stderr)
         return 2
-    except (UserFacingError, EngineError, PortInUseError, ValueError) as exc:
+    except (UserFacingError, EngineError, ValueError) as exc:  # PortInUseError is a UserFacingError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print(file=sys.stderr)  # the shell's prompt on a line of its own, not after "^C"
         return 130
     except BrokenPipeError:  # the reader went away (`... | head -1`): stop quietly, as a tool killed by SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush must not fail
         return 128 + signal.SIGPIPE
+    except OSError as exc:  # the output cannot be written (a full disk, /dev/full), a closed input ...
+        print(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 1

@@ -64,6 +64,8 @@ class TerminalChat:
         self.failures = 0  # lines whose reply failed or that could not be sent
 
     def run(self) -> int:
+        if self.stdin is None:  # started with stdin closed (`<&-`)
+            raise ValueError("there is no standard input: pipe messages in, or run it in a terminal")
         # Bytes that are not UTF-8 become lone surrogates, which the engine refuses for that line only; under a strict
         # locale (en_US.UTF-8) readline() would raise instead and end the chat.
         if hasattr(self.stdin, "reconfigure"):
@@ -75,10 +77,16 @@ class TerminalChat:
         while True:
             if self.interactive:
                 print(">>> ", end="", file=self.stderr, flush=True)
-            line = self.stdin.readline()
+            try:
+                line = self.stdin.readline()
+            except KeyboardInterrupt:
+                if not self.interactive:
+                    raise  # piped: Ctrl-C ends the run (exit 130), not one line
+                self._note("\n(Ctrl-D or /exit leaves; the conversation is kept)")
+                continue
             if not line:
                 break
-            text = line.rstrip("\n")
+            text = line.rstrip("\r\n")  # a CRLF line's \r is not part of the message
             if self.interactive:
                 if not self._command(text.strip()):
                     break
@@ -140,6 +148,8 @@ class TerminalChat:
             error = str(exc)
             self.failures += 1
         except KeyboardInterrupt:
+            if not self.interactive:
+                raise  # piped: Ctrl-C ends the run (exit 130), not only this line
             self._note("\n[stopped]")
         reply = "".join(parts)
         self.messages.append({"role": "assistant", "content": reply})

@@ -597,3 +597,24 @@ def test_streamlits_clear_cache_request_drops_no_shared_object(app_env):
     again = [backend_loader(settings), live_replies(), conversation_store(settings), toolset(None)]
     assert all(a is b for a, b in zip(shared, again, strict=True))
     assert login_throttle(settings) is throttle and len(throttle._failures) >= 1
+
+
+def test_a_shutdown_stops_the_web_replies_and_saves_their_text(engine, store):
+    """`serve` shutting down (Ctrl-C, SIGTERM) stops the replies still generating and waits for them to save their
+    text as stopped: their threads would otherwise die with the process, losing what streamed since the last save."""
+    cid, live = _conversation(store, "hello"), LiveReplies()
+
+    def show(text: str) -> None:  # the page goes away after the first text; the reply goes on in the background
+        raise PageRerun()
+
+    paced = engine.model.register_forward_hook(lambda *args: time.sleep(0.01))  # 200 tokens take 2 s or more
+    try:
+        with pytest.raises(PageRerun):
+            WebReply(engine, store, cid, LONG).run(page_view(show), live=live)
+        assert live.reply_of(cid) is not None  # still generating
+        assert live.stop_all(timeout=30) == 0  # what the server's lifespan does on the way out
+    finally:
+        paced.remove()
+    reply = store.get_conversation(cid).messages[-1]
+    assert reply.status == "stopped" and reply.content and reply.stats["finish_reason"] == "cancelled"
+    assert live.stop_all(timeout=1) == 0  # nothing left: returns at once

@@ -437,3 +437,50 @@ def test_a_server_told_to_forward_to_itself_says_so_before_it_starts(tmp_path, c
     result = _run(args, tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "is this server's own address (port 6407)" in result.stderr
+
+
+def test_ctrl_c_ends_a_piped_chat_and_crlf_and_a_closed_stdin_are_handled():
+    import io
+
+    from internlm_app.sampling import SamplingParams
+    from internlm_app.terminal_chat import TerminalChat
+
+    class Interrupted:  # Ctrl-C arrives while the first line's reply streams
+        info = None
+        seen: list[str] = []
+
+        def stream_reply(self, messages, params, **kwargs):
+            self.seen.append(messages[-1]["content"])
+            yield "part"
+            raise KeyboardInterrupt
+
+    backend, out = Interrupted(), io.StringIO()
+    chat = TerminalChat(backend, SamplingParams.greedy_params(4), "", stdin=io.StringIO("a\r\nb\n"), stdout=out)
+    with pytest.raises(KeyboardInterrupt):  # the whole run ends (exit 130), not only line "a"
+        chat.run()
+    assert backend.seen == ["a"]  # the CRLF line's \r is not part of the message, and "b" was never sent
+
+    class NoInput(io.StringIO):
+        pass
+
+    closed = TerminalChat(backend, SamplingParams.greedy_params(4), "", stdin=NoInput(), stdout=out)
+    closed.stdin = None  # as `sys.stdin` is when started with `<&-`
+    with pytest.raises(ValueError, match="no standard input"):
+        closed.run()
+
+
+def test_output_that_cannot_be_written_is_one_error_line(tmp_path):
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), "INTERNLM_DEVICE": "cpu", "INTERNLM_CACHE_DIR": str(tmp_path)}
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "internlm_app", "chat", "--model-path", str(FIXTURE_DIR), "--max-new-tokens", "4"],
+            input="hi\n",
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=240,
+            env=environ,
+            cwd=tmp_path,
+        )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "error: No space left on device" in result.stderr and "leaked" not in result.stderr

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import uvicorn
 from fastapi import FastAPI
 
+from internlm_app.errors import UserFacingError
 from internlm_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 512  # connections and requests in flight at once (request bodies also stall out after 30 s)
 
 
-class PortInUseError(RuntimeError):
+class PortInUseError(UserFacingError):
     """The address cannot be listened on; raised before the model loads, not after."""
 
 

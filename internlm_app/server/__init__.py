@@ -14,6 +14,7 @@ import tomllib
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 import streamlit as st
 import uvicorn
 from starlette.middleware import Middleware
@@ -27,10 +28,13 @@ from internlm_app.server.routing import LOGIN_PATH, OnePortRouter, WebGate
 from internlm_app.server.web_login import STATE_FILE, WebLogin
 from internlm_app.settings import Settings
 from internlm_app.web.hosting import Hosting, hosting
+from internlm_app.web.resources import live_replies
 
 __all__ = ["APP_SCRIPT", "create_server", "serve"]
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_REPLY_SECONDS = 5.0  # how long a shutdown waits for the web replies it stopped to save their text
 
 # The entry script; its pages are in web/views/ beside it. Never a folder named "pages" there: Streamlit would run a
 # page of it directly on the first visit to its URL after a start (its old multipage mode), without the navigation
@@ -52,7 +56,14 @@ def create_server(settings: Settings | None = None, loader: BackendLoader | None
     async def lifespan(_app: st.App):
         with hosting(Hosting(settings, loader, login)):  # the pages take the settings and the loader from here
             async with api.router.lifespan_context(api):  # starts the load; the API binds the backend when ready
-                yield
+                try:
+                    yield
+                finally:
+                    # Shutting down: the web replies still generating stop now and save their text as stopped
+                    # (their threads would otherwise die with the process, losing up to 2 s of text each).
+                    left = await anyio.to_thread.run_sync(live_replies().stop_all, SHUTDOWN_REPLY_SECONDS)
+                    if left:
+                        log.warning("%d web replies did not end in %.0f s at shutdown", left, SHUTDOWN_REPLY_SECONDS)
 
     async def no_login(_request) -> RedirectResponse:
         return RedirectResponse("/", status_code=303)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -140,6 +141,21 @@ class LiveReplies:
         """The text generated so far for `cid`'s live reply (None when none runs)."""
         with self._lock:
             return self._texts.get(cid)
+
+    def stop_all(self, timeout: float) -> int:
+        """Stop every live reply and wait up to `timeout` seconds for them to end (each saves its text as stopped):
+        the server is shutting down. Returns how many had not ended by then."""
+        with self._lock:
+            cancels = list(self._cancels.values())
+        for cancel in cancels:
+            cancel.set()
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                left = len(self._replies)
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(0.05)
 
     def stop(self, cid: str) -> None:
         """Stop `cid`'s live reply (wherever it runs: a page's script or the background) at its next token."""
