@@ -134,6 +134,7 @@ class QueueFullError(EngineError):
     """Too many requests are already waiting for the GPU."""
 
     status = 503
+    code = "queue_full"
 
 
 class GenerationError(EngineError):

@@ -516,3 +516,38 @@ def test_a_page_following_a_reply_of_another_run_shows_its_tool_calls_a_running_
         live.stop(cid)
         live.finish(cid, mid)
     assert live.steps_of(cid) == []
+
+
+def test_an_edit_under_way_is_kept_while_another_tabs_reply_runs(app_env, store):
+    from internlm_app.web.resources import live_replies
+
+    at = run_page()
+    at.slider(key="temperature").set_value(0.0)
+    cid = send(at, "helo").query_params["c"]
+    at.button(key="edit_last").click().run()
+    at.text_area(key="edit_text").set_value("My long carefully written edit")
+    live = live_replies()
+    mid = store.get_conversation(cid).messages[-1].id
+    live.start(cid, mid)  # another tab's reply starts on this conversation
+    try:
+        at.run()  # any interaction here (a thumbs click, the language ...)
+        assert at.text_area(key="edit_text").value == "My long carefully written edit"
+        assert at.button(key="edit_send").disabled and t("edit_waits", "zh") in texts(at.caption)
+    finally:
+        live.finish(cid, mid)
+    at.run()
+    at.button(key="edit_send").click().run()  # the reply ended: the kept edit sends
+    assert chat(at)[0] == ("user", "My long carefully written edit")
+
+
+def test_a_regenerate_clicked_on_a_path_another_tab_changed_regenerates_nothing_unseen(app_env, store):
+    at = run_page()
+    at.slider(key="temperature").set_value(0.0)
+    cid = send(at, "hello").query_params["c"]
+    shown = chat(at)
+    store.add_message(cid, "user", "from the other tab")  # the path the page drew is no longer the stored one
+    store.add_message(cid, "assistant", "its reply")
+    at.button(key="regenerate").click().run()  # the click of the reply this page showed
+    assert t("changed_elsewhere", "zh") in texts(at.warning)
+    replies = [m for m in store.get_conversation(cid).messages if m.role == "assistant"]
+    assert [m.content for m in replies] == [shown[1][1], "its reply"]  # nothing regenerated

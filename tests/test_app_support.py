@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from internlm_app import load_progress
 from internlm_app.backends import factory as loading
-from internlm_app.chat_types import GenerationError, ReplyEvents
+from internlm_app.chat_types import GenerationError, ReplyEvents, ReplyStats
 from internlm_app.load_progress import LoadStep, TerminalProgress
 from internlm_app.runtime.loader import ModelLoadError
 from internlm_app.sampling import SamplingParams
@@ -322,6 +322,12 @@ def test_a_prompt_that_does_not_fit_is_an_error_reply_and_the_conversation_is_ke
         shown = error_text(stats, lambda key, lang=lang, **v: i18n.t(key, lang, **v))
         assert shown.startswith(i18n.t("error_context_too_long", lang)) and "context budget" in shown
     assert error_text({"error": "GPU out of memory"}, lambda key, **v: i18n.t(key, "zh", **v)) == "GPU out of memory"
+    from internlm_app.chat_types import QueueFullError
+
+    busy = ReplyStats()
+    busy.failed(QueueFullError("the model is busy and 2 requests are already waiting"))
+    shown = error_text(busy.to_dict(), lambda key, **v: i18n.t(key, "zh", **v))
+    assert shown.startswith(i18n.t("error_queue_full", "zh")) and "busy" in shown
 
 
 class FailingBackend:

@@ -139,6 +139,17 @@ def test_markdown_shows_the_selected_path_with_feedback_and_attachments(store: C
     assert "*Attached: a.txt (text/plain)*" in text and text.count("*Attached: 图.png (image/png)*") == 2
 
 
+def test_markdown_shows_a_replys_tool_calls_and_why_it_failed(store: ConversationStore) -> None:
+    cid = store.create_conversation("")
+    store.add_message(cid, "user", "what is 2+3?")
+    steps = [{"id": "c1", "name": "calculate", "arguments": '{"expression": "2+3"}', "result": "5", "error": None}]
+    stats = {"tool_steps": steps, "error": "GPU out of memory", "finish_reason": "error"}
+    store.add_message(cid, "assistant", "It is", status="error", stats=stats)
+    text = export_markdown(store, [cid])
+    assert '*Tool call: calculate({"expression": "2+3"})* → 5' in text
+    assert "**Assistant** *(error)*" in text and "*Error: GPU out of memory*" in text
+
+
 def doc(*messages: dict, **conversation: object) -> str:
     conv = {"messages": list(messages), **conversation}
     return json.dumps({"format": export_format.FORMAT, "version": 1, "conversations": [conv]})

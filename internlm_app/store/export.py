@@ -97,7 +97,14 @@ def conversation_markdown(conv: Conversation) -> str:
         note = "" if m.status == "complete" else f" *({m.status})*"
         note += {1: " 👍", 0: " 👎"}.get(m.feedback, "")
         files = "".join(f"\n\n*Attached: {a.name} ({a.mime_type})*" for a in m.attachments)
-        parts.append(f"**{m.role.capitalize()}**{note}{files}\n\n{m.content}")
+        stats = m.stats or {}
+        steps = "".join(
+            f"\n\n*Tool call: {step.get('name', '')}({step.get('arguments', '')})*"
+            + (f" → {step['error'] or step.get('result', '')}" if "result" in step else " (stopped before it ran)")
+            for step in stats.get("tool_steps") or []
+        )
+        error = f"\n\n*Error: {stats['error']}*" if m.status == "error" and stats.get("error") else ""
+        parts.append(f"**{m.role.capitalize()}**{note}{files}{steps}\n\n{m.content}{error}")
     return "\n\n".join(parts) + "\n"
 
 

@@ -37,6 +37,7 @@ _EDITING_KEY = "_editing"  # the id of the user message being edited
 _SHOWN_KEY = "_messages_shown"  # how many messages the last run drew
 EDIT_KEY = "edit_text"
 PROMPT_KEY = "prompt"  # the chat input's key (app.py)
+_REGENERATE_KEY = "_regenerate_asked"  # the reply whose Regenerate was clicked, as the page that showed it knew it
 SHOWN_ID_CHARS = 64  # of a conversation id from the URL quoted in the "not found" warning
 
 
@@ -110,7 +111,7 @@ def live_reply_view(ctx: PageContext, cid: str, stored: str) -> None:
         st.info(ctx.t("queue_place", place=place))
     else:
         st.markdown(message_markdown(text or stored) + CURSOR)
-    st.caption(ctx.t("live_generating"))
+        st.caption(ctx.t("live_generating"))
     st.button(ctx.t("stop"), key="stop_live", icon=":material/stop_circle:", on_click=live.stop, args=(cid,))
 
 
@@ -158,19 +159,24 @@ def show_history(
         messages = messages[: next((i for i, m in enumerate(messages) if m.id == pending.version_of), len(messages))]
     last_user = max((m.id for m in messages if m.role == "user"), default=None)
     busy = pending is not None or live is not None
-    editing = None if busy else st.session_state.get(_EDITING_KEY)
+    # An edit under way stays on screen while a reply runs (another tab's): its text is kept, its Send waits.
+    editing = None if pending is not None else st.session_state.get(_EDITING_KEY)
     if editing not in {m.id for m in messages if m.role == "user"}:
         editing = None
     versions = versions_on_path(conv)
     action = None
+    last = messages[-1].id if messages else None
+    asked = st.session_state.pop(_REGENERATE_KEY, None)  # the reply whose Regenerate was clicked (its run's)
     for i, message in enumerate(messages):
         with st.chat_message(message.role):
             if message.id == editing:
                 st.text_area(ctx.t("edit_label"), key=EDIT_KEY, max_chars=MAX_CONTENT_CHARS)
                 send, cancel, _ = st.columns([1, 1, 3])
-                if send.button(ctx.t("edit_send"), key="edit_send", type="primary"):
+                if send.button(ctx.t("edit_send"), key="edit_send", type="primary", disabled=busy) and not busy:
                     action = Action("edit", message.id)
                 cancel.button(ctx.t("edit_cancel"), key="edit_cancel", on_click=_stop_edit)
+                if busy:
+                    st.caption(ctx.t("edit_waits"))
                 continue
             if message.id == live and conv is not None:
                 live_reply_view(ctx, conv.id, message.content)
@@ -201,12 +207,26 @@ def show_history(
                         on_click=_start_edit,
                         args=(message.id, message.content),
                     )
-                if i == len(messages) - 1 and st.button(
-                    ctx.t("regenerate"), key="regenerate", icon=":material/refresh:", type="tertiary"
-                ):
-                    action = Action("regenerate", message.id)
+                if i == len(messages) - 1:
+                    st.button(
+                        ctx.t("regenerate"),
+                        key="regenerate",
+                        icon=":material/refresh:",
+                        type="tertiary",
+                        on_click=_ask_regenerate,
+                        args=(message.id,),  # the reply this page showed, also if another tab changed the path since
+                    )
+    if asked is not None and not busy and editing is None:
+        if asked == last:
+            action = Action("regenerate", asked)
+        else:  # another tab changed the conversation since this page drew it: regenerate nothing unseen
+            st.warning(ctx.t("changed_elsewhere"))
     _cover_stale_bubbles(len(messages), pending is not None)
     return action
+
+
+def _ask_regenerate(mid: int) -> None:
+    st.session_state[_REGENERATE_KEY] = mid
 
 
 def _cover_stale_bubbles(shown: int, pending: bool) -> None:

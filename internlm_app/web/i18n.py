@@ -179,6 +179,10 @@ LABELS: dict[str, tuple[str, str]] = {
         "the tool call was cut off: the context budget ran out. Start a new conversation, shorten the system prompt "
         "or this message, or raise “Max length”",
     ),
+    "error_queue_full": (
+        "模型正忙，排队的请求已满。请稍后重新生成",
+        "the model is busy and its queue is full. Regenerate in a moment",
+    ),
     "error_details": ("{reason}（详情：{details}）", "{reason} (details: {details})"),
     "error_context_too_long": (
         "对话放不进上下文预算。请缩短系统提示或这条消息、去掉附件、开一个新对话，或在侧边栏调大“上下文长度”",
@@ -202,6 +206,14 @@ LABELS: dict[str, tuple[str, str]] = {
     "edit": ("编辑", "Edit"),
     "edit_label": ("编辑这条消息", "Edit this message"),
     "edit_send": ("发送", "Send"),
+    "edit_waits": (
+        "正在生成回复：编辑的内容已保留，回复结束后即可发送。",
+        "A reply is generating: your edit is kept; send it when the reply ends.",
+    ),
+    "changed_elsewhere": (
+        "这个对话刚在另一个标签页中改变了，没有重新生成。请看一下现在的内容再操作。",
+        "This conversation just changed in another tab, so nothing was regenerated. Look at it as it is now, then act.",
+    ),
     "edit_cancel": ("取消", "Cancel"),
     "edit_empty": ("消息不能为空", "The message is empty"),
     # conversation database faults ({path} and {fresh} are code spans, {detail} plain text)
