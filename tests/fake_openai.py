@@ -24,7 +24,7 @@ def _chunk(delta: dict, finish: str | None = None, usage: dict | None = None) ->
 def scripted_openai_server(chunks: list[str], delay: float = 0.2) -> Iterator[str]:
     """Serve until the block ends; yields the base URL (…/v1). Each chat request gets `chunks`, `delay` s apart."""
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(_QuietHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             if not self.path.endswith("/models"):
                 self.send_error(404)
@@ -54,11 +54,13 @@ def scripted_openai_server(chunks: list[str], delay: float = 0.2) -> Iterator[st
             self.wfile.write(_chunk({}, usage=usage) + b"data: [DONE]\n\n")
             self.wfile.flush()
 
-        def log_message(self, *args) -> None:
-            pass
-
     with _serving(Handler) as url:
         yield url
+
+
+class _QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # no line on stderr per request
+        pass
 
 
 @contextmanager
@@ -84,7 +86,7 @@ def faulty_openai_server(fault: str) -> Iterator[str]:
     with an HTML page; yields the base URL (…/v1). `stalls` sends one chunk, then nothing for 30 s."""
     assert fault in FAULTS
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(_QuietHandler):
         def _send(self, content_type: str, body: bytes) -> None:
             self.send_response(200)
             self.send_header("Content-Type", content_type)
@@ -121,9 +123,6 @@ def faulty_openai_server(fault: str) -> Iterator[str]:
                     return
             self.wfile.flush()
 
-        def log_message(self, *args) -> None:
-            pass
-
     with _serving(Handler) as url:
         yield url
 
@@ -133,7 +132,7 @@ def vllm_like_server(window: int, prompt_tokens: int, served: str = "served-name
     """A server that serves only `served` and, as vLLM does, refuses a request whose max_tokens exceeds the room
     its prompt (`prompt_tokens`, whatever is sent) leaves in `window`; an accepted reply says the max_tokens it got."""
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(_QuietHandler):
         def _json(self, status: int, body: dict) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
@@ -164,9 +163,6 @@ def vllm_like_server(window: int, prompt_tokens: int, served: str = "served-name
             self.wfile.write(_chunk({"role": "assistant", "content": f"max_tokens={request['max_tokens']}"}))
             self.wfile.write(_chunk({}, finish="stop") + b"data: [DONE]\n\n")
             self.wfile.flush()
-
-        def log_message(self, *args) -> None:
-            pass
 
     with _serving(Handler) as url:
         yield url
