@@ -239,19 +239,22 @@ def convert_checkpoint(src: Path, dst: Path, progress: Progress | None = None) -
 
 @contextlib.contextmanager
 def _conversion_lock(dst: Path) -> Iterator[None]:
-    """An exclusive lock on `<dst>.lock` beside `dst` (flock: released when the process ends, however it ends)."""
+    """An exclusive lock on the folder that holds `dst` (flock on the directory itself: no lock file is left behind,
+    and it is released when the process ends, however it ends). Conversions into one folder take turns."""
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(dst.parent / f"{dst.name}.lock", "w")  # noqa: SIM115 - closed by the with below
+        folder = os.open(dst.parent, os.O_RDONLY)
     except OSError as exc:
         raise ConversionError(
             f"cannot write the converted checkpoint under {dst.parent}: {exc.strerror or exc}. Point "
             "INTERNLM_CONVERTED_DIR (or INTERNLM_CACHE_DIR) at a writable directory.",
             reason="not_writable",
         ) from exc
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(folder)
 
 
 def _convert_locked(src: Path, dst: Path, cfg: dict, shards: list[Path], progress: Progress | None) -> Path:
