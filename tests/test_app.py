@@ -551,3 +551,18 @@ def test_a_regenerate_clicked_on_a_path_another_tab_changed_regenerates_nothing_
     assert t("changed_elsewhere", "zh") in texts(at.warning)
     replies = [m for m in store.get_conversation(cid).messages if m.role == "assistant"]
     assert [m.content for m in replies] == [shown[1][1], "its reply"]  # nothing regenerated
+
+
+def test_a_message_sent_on_a_path_another_tab_changed_goes_back_in_the_box(app_env, store):
+    at = run_page()
+    at.slider(key="temperature").set_value(0.0)
+    cid = send(at, "hello").query_params["c"]
+    store.add_message(cid, "user", "from the other tab")  # after this page drew its path
+    store.add_message(cid, "assistant", "its reply")
+    at.chat_input(key="prompt").set_value("my next question").run()
+    assert t("changed_before_send", "zh") in texts(at.warning)
+    box = at.chat_input(key="prompt").proto
+    assert box.set_value and box.value == "my next question"  # back in the box, not lost
+    assert [m.content for m in store.get_conversation(cid).messages][-1] == "its reply"  # nothing sent
+    at.chat_input(key="prompt").set_value("my next question").run()  # now the user has seen the path: it sends
+    assert [m.content for m in store.get_conversation(cid).messages][-2] == "my next question"

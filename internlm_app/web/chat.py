@@ -38,6 +38,8 @@ _SHOWN_KEY = "_messages_shown"  # how many messages the last run drew
 EDIT_KEY = "edit_text"
 PROMPT_KEY = "prompt"  # the chat input's key (app.py)
 _REGENERATE_KEY = "_regenerate_asked"  # the reply whose Regenerate was clicked, as the page that showed it knew it
+_SHOWN_LEAF_KEY, _SHOWN_BEFORE_KEY = "_shown_leaf", "_shown_leaf_before"  # (conversation, last message) drawn
+_CHANGED_KEY = "_changed_before_send"  # a message to put back in the box: the path changed in another tab
 SHOWN_ID_CHARS = 64  # of a conversation id from the URL quoted in the "not found" warning
 
 
@@ -167,6 +169,12 @@ def show_history(
     action = None
     last = messages[-1].id if messages else None
     asked = st.session_state.pop(_REGENERATE_KEY, None)  # the reply whose Regenerate was clicked (its run's)
+    if conv is not None:  # what the user saw when typing, for `send`: the last run's path, and now this run's
+        st.session_state[_SHOWN_BEFORE_KEY] = st.session_state.get(_SHOWN_LEAF_KEY)
+        st.session_state[_SHOWN_LEAF_KEY] = (conv.id, last)
+    if (unsent := st.session_state.pop(_CHANGED_KEY, None)) is not None:
+        st.session_state[PROMPT_KEY] = unsent  # (the chat input is drawn after the history)
+        st.warning(ctx.t("changed_before_send"))
     for i, message in enumerate(messages):
         with st.chat_message(message.role):
             if message.id == editing:
@@ -225,6 +233,13 @@ def show_history(
     return action
 
 
+def _changed_since_shown(conv: Conversation) -> bool:
+    """Whether the path drawn before the user sent (the last run's) ends elsewhere than the stored path now."""
+    before = st.session_state.get(_SHOWN_BEFORE_KEY)
+    last = conv.messages[-1].id if conv.messages else None
+    return before is not None and before[0] == conv.id and before[1] != last
+
+
 def _ask_regenerate(mid: int) -> None:
     st.session_state[_REGENERATE_KEY] = mid
 
@@ -253,6 +268,11 @@ def send(
     only redraws). When a reply of the conversation is starting or running already (another tab, at this moment),
     a typed message is queued instead: one reply per conversation at a time."""
     _stop_edit()
+    if conv is not None and queued is None and not attachments and _changed_since_shown(conv):
+        # Another tab changed the path (an edit, a message) after this page drew it: the message would go below a
+        # path the user never saw. It goes back in the box, the page shows the path as it is now.
+        st.session_state[_CHANGED_KEY] = prompt  # the next run puts it back, before the box is drawn
+        st.rerun()
     setup = _ReplySetup.read(ctx, backend)
     live = live_replies()
     ticket = live.claim(conv.id) if conv is not None else None

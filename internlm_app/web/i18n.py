@@ -210,6 +210,11 @@ LABELS: dict[str, tuple[str, str]] = {
         "正在生成回复：编辑的内容已保留，回复结束后即可发送。",
         "A reply is generating: your edit is kept; send it when the reply ends.",
     ),
+    "changed_before_send": (
+        "这个对话刚在另一个标签页中改变了，消息没有发送，已放回输入框。请看一下现在的内容再发送。",
+        "This conversation just changed in another tab, so your message was not sent: it is back in the box. Look at "
+        "the conversation as it is now, then send it.",
+    ),
     "changed_elsewhere": (
         "这个对话刚在另一个标签页中改变了，没有重新生成。请看一下现在的内容再操作。",
         "This conversation just changed in another tab, so nothing was regenerated. Look at it as it is now, then act.",
