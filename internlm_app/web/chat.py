@@ -37,7 +37,6 @@ _EDITING_KEY = "_editing"  # the id of the user message being edited
 _SHOWN_KEY = "_messages_shown"  # how many messages the last run drew
 EDIT_KEY = "edit_text"
 PROMPT_KEY = "prompt"  # the chat input's key (app.py)
-_REGENERATE_KEY = "_regenerate_asked"  # the reply whose Regenerate was clicked, as the page that showed it knew it
 _SHOWN_LEAF_KEY, _SHOWN_BEFORE_KEY = "_shown_leaf", "_shown_leaf_before"  # (conversation, last message) drawn
 _CHANGED_KEY = "_changed_before_send"  # a message to put back in the box: the path changed in another tab
 SHOWN_ID_CHARS = 64  # of a conversation id from the URL quoted in the "not found" warning
@@ -168,8 +167,7 @@ def show_history(
     versions = versions_on_path(conv)
     action = None
     last = messages[-1].id if messages else None
-    asked = st.session_state.pop(_REGENERATE_KEY, None)  # the reply whose Regenerate was clicked (its run's)
-    if conv is not None:  # what the user saw when typing, for `send`: the last run's path, and now this run's
+    if conv is not None:  # the path the user saw before acting (`_changed_since_shown`), and the one drawn now
         st.session_state[_SHOWN_BEFORE_KEY] = st.session_state.get(_SHOWN_LEAF_KEY)
         st.session_state[_SHOWN_LEAF_KEY] = (conv.id, last)
     if (unsent := st.session_state.pop(_CHANGED_KEY, None)) is not None:
@@ -215,33 +213,22 @@ def show_history(
                         on_click=_start_edit,
                         args=(message.id, message.content),
                     )
-                if i == len(messages) - 1:
-                    st.button(
-                        ctx.t("regenerate"),
-                        key="regenerate",
-                        icon=":material/refresh:",
-                        type="tertiary",
-                        on_click=_ask_regenerate,
-                        args=(message.id,),  # the reply this page showed, also if another tab changed the path since
-                    )
-    if asked is not None and not busy and editing is None:
-        if asked == last:
-            action = Action("regenerate", asked)
-        else:  # another tab changed the conversation since this page drew it: regenerate nothing unseen
-            st.warning(ctx.t("changed_elsewhere"))
+                if i == len(messages) - 1 and st.button(
+                    ctx.t("regenerate"), key="regenerate", icon=":material/refresh:", type="tertiary"
+                ):
+                    if _changed_since_shown(conv):  # another tab changed it since it was drawn: nothing unseen
+                        st.warning(ctx.t("changed_elsewhere"))
+                    else:
+                        action = Action("regenerate", message.id)
     _cover_stale_bubbles(len(messages), pending is not None)
     return action
 
 
 def _changed_since_shown(conv: Conversation) -> bool:
-    """Whether the path drawn before the user sent (the last run's) ends elsewhere than the stored path now."""
+    """Whether the path the user saw when acting (drawn by the last run) ends elsewhere than the stored path now."""
     before = st.session_state.get(_SHOWN_BEFORE_KEY)
     last = conv.messages[-1].id if conv.messages else None
     return before is not None and before[0] == conv.id and before[1] != last
-
-
-def _ask_regenerate(mid: int) -> None:
-    st.session_state[_REGENERATE_KEY] = mid
 
 
 def _cover_stale_bubbles(shown: int, pending: bool) -> None:
