@@ -371,6 +371,66 @@ def test_a_queued_message_whose_send_fails_stays_queued(app_env):
     ]
 
 
+def test_a_queued_message_can_be_edited_in_its_place_or_removed_and_an_edit_is_never_lost(app_env):
+    """While a reply runs, each queued message has Edit (in place: it keeps its place in the queue, and waits while
+    edited) and Remove (never sent). A queued message another tab sends while it is edited here does not take the
+    edit with it: the edited text opens as an edit of the sent message, to send as a new version."""
+    from internlm_app.web import i18n
+    from internlm_app.web.resources import live_replies
+
+    def t(key: str) -> str:
+        return i18n.t(key, "zh")  # the page's default language
+
+    db = app_env / "conversations.db"
+    cid = _chat_with_queue(db, "first queued", "second queued", "third queued")
+    store = ConversationStore(db)
+    first, second, third = (q.id for q in store.queued_messages(cid))
+    live = live_replies()
+    ticket = live.claim(cid)  # a reply of the conversation runs (another tab's)
+    assert ticket
+    try:
+        at = run_page(query={"c": cid})
+        assert [m.markdown[0].value for m in at.chat_message[2:]] == ["first queued", "second queued", "third queued"]
+        at.button(key=f"queued_edit_{first}").click().run()
+        at.text_area(key="queued_edit_text").set_value("first, edited")
+        at.button(key="queued_save").click().run()
+        at.button(key=f"queued_remove_{second}").click().run()
+        assert [(q.id, q.content) for q in store.queued_messages(cid)] == [
+            (first, "first, edited"),
+            (third, "third queued"),
+        ]
+        assert not at.exception and at.toast[0].value == t("queued_removed")
+        at.button(key=f"queued_edit_{third}").click().run()  # an edit left open when the reply ends
+        at.text_area(key="queued_edit_text").set_value("third, being edited")
+    finally:
+        live.release(cid, ticket)
+    at.run()  # no reply runs: the first queued message goes out; the third waits while it is edited
+    queued, messages = _stored(db, cid)
+    assert [text for role, text in messages if role == "user"] == ["hello", "first, edited"] and len(messages) == 4
+    assert queued == ["third queued"] and at.text_area(key="queued_edit_text").value == "third, being edited"
+    # Another tab sends the third meanwhile (its edit here was not saved yet): Save finds it gone.
+    store.send_queued_message(third)
+    at.button(key="queued_save").click().run()
+    assert at.warning[0].value == t("queued_sent_while_edited")
+    assert at.text_area(key="edit_text").value == "third, being edited"  # the sent message's edit box, with it
+    assert _stored(db, cid)[0] == [] and not at.exception
+    # One removed in another tab while edited here: the edited text goes back in the chat box.
+    at.button(key="edit_cancel").click().run()
+    fourth = store.queue_message(cid, "fourth queued")
+    ticket = live.claim(cid)
+    try:
+        at.run()
+        at.button(key=f"queued_edit_{fourth}").click().run()
+        at.text_area(key="queued_edit_text").set_value("fourth, being edited")
+        store.remove_queued_message(fourth)
+        at.button(key="queued_save").click().run()
+    finally:
+        live.release(cid, ticket)
+    assert at.warning[0].value == t("queued_gone_while_edited")
+    assert at.chat_input(key="prompt").proto.value == "fourth, being edited" and not at.exception
+    store.close()
+
+
 def _only_conversation(db) -> tuple[str, list[tuple[str, str]]]:
     store = ConversationStore(db)
     try:
@@ -410,11 +470,11 @@ def test_an_edit_is_never_dropped_by_an_interaction_or_another_tabs_reply(app_en
     at.text_area(key="edit_text").set_value("hello again")
     real_show_queued, interrupted = chat_module.show_queued, []
 
-    def a_click_now(ctx, waiting):  # in the run that has the edit pending: the user clicks something
+    def a_click_now(ctx, store, waiting):  # in the run that has the edit pending: the user clicks something
         if not interrupted and st.session_state.get("_pending_reply") is not None:
             interrupted.append(1)
             st.rerun()
-        real_show_queued(ctx, waiting)
+        real_show_queued(ctx, store, waiting)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(chat_module, "show_queued", a_click_now)

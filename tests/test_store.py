@@ -523,6 +523,22 @@ def test_messages_queued_during_a_reply_wait_in_the_file_until_sent(tmp_path: Pa
     assert reopened.queued_messages(cid) == [] and [q.content for q in reopened.queued_messages(other)] == ["elsewhere"]
 
 
+def test_a_queued_message_can_be_edited_in_its_place_or_removed_until_it_is_sent(tmp_path: Path) -> None:
+    """An edit keeps the message's place in the queue; a removed one is never sent; either on a message another page
+    has sent (or removed) meanwhile says so (False) and changes nothing."""
+    store = ConversationStore(tmp_path / "chats.db")
+    cid = store.create_conversation("")
+    first, second, third = (store.queue_message(cid, text) for text in ("first", "second", "third"))
+    assert store.edit_queued_message(first, "first, edited") is True
+    assert store.remove_queued_message(second) is True
+    assert [(q.id, q.content) for q in store.queued_messages(cid)] == [(first, "first, edited"), (third, "third")]
+    assert store.remove_queued_message(second) is False and store.edit_queued_message(second, "back?") is False
+    mid = store.send_queued_message(first)
+    assert store.edit_queued_message(first, "too late") is False and store.remove_queued_message(first) is False
+    assert [(m.id, m.content) for m in store.get_conversation(cid).messages] == [(mid, "first, edited")]
+    assert [q.content for q in store.queued_messages(cid)] == ["third"]
+
+
 def _chats(store: ConversationStore, n: int) -> list[tuple]:
     """`n` conversations of a question and an answer (one with a regenerated answer and an attachment)."""
     from internlm_app.store.export import fingerprint

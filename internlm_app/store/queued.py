@@ -53,3 +53,13 @@ class QueuedMessageQueries(SQLiteDatabase):
             return append_message(conn, cid, leaf_of(conn, cid), "user", content, "complete", None)
 
         return self._write(body)
+
+    def edit_queued_message(self, qid: int, content: str) -> bool:
+        """Replace the text of queued message `qid`, keeping its place in the queue: False when it is gone (sent by
+        a page meanwhile, or removed)."""
+        sql = "UPDATE queued_messages SET content = ? WHERE id = ?"
+        return self._write(lambda conn: conn.execute(sql, (content, qid)).rowcount == 1)
+
+    def remove_queued_message(self, qid: int) -> bool:
+        """Take queued message `qid` out of the queue unsent: False when it is gone already (sent, or removed)."""
+        return self._write(lambda conn: conn.execute("DELETE FROM queued_messages WHERE id = ?", (qid,)).rowcount == 1)

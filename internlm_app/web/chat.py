@@ -3,6 +3,7 @@ streaming."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Iterator
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 from internlm_app.chat_types import ChatBackend
 from internlm_app.sampling import SamplingParams
@@ -39,6 +41,9 @@ EDIT_KEY = "edit_text"
 PROMPT_KEY = "prompt"  # the chat input's key (app.py)
 _SHOWN_LEAF_KEY, _SHOWN_BEFORE_KEY = "_shown_leaf", "_shown_leaf_before"  # (conversation, last message) drawn
 _CHANGED_KEY = "_changed_before_send"  # a message to put back in the box: the path changed in another tab
+_QUEUED_EDITING_KEY = "_queued_editing"  # (conversation, queued message id, its text when the edit began)
+QUEUED_EDIT_KEY = "queued_edit_text"
+_QUEUED_NOTICE_KEY = "_queued_notice"  # what the last Remove or Save of a queued message found, shown once
 SHOWN_ID_CHARS = 64  # of a conversation id from the URL quoted in the "not found" warning
 
 
@@ -249,11 +254,13 @@ def send(
     prompt: str,
     attachments: list[Attachment] | None = None,
     queued: QueuedMessage | None = None,
+    slot: DeltaGenerator | None = None,
 ) -> NoReturn:
-    """Save the user's message (before anything is generated), show it, and stream the reply. `queued`: the message
-    is that queued one, moved out of the queue in the write that saves it (sent by another page first: this run
-    only redraws). When a reply of the conversation is starting or running already (another tab, at this moment),
-    a typed message is queued instead: one reply per conversation at a time."""
+    """Save the user's message (before anything is generated), show it, and stream the reply (in `slot`, when given:
+    a place drawn earlier in the page, above the messages still queued). `queued`: the message is that queued one,
+    moved out of the queue in the write that saves it (sent by another page first: this run only redraws). When a
+    reply of the conversation is starting or running already (another tab, at this moment), a typed message is
+    queued instead: one reply per conversation at a time."""
     _stop_edit()
     if conv is not None and queued is None and not attachments and _changed_since_shown(conv):
         # Another tab changed the path (an edit, a message) after this page drew it: the message would go below a
@@ -288,10 +295,11 @@ def send(
         raise
     st.session_state.pop(_QUEUED_FAILED_KEY, None)
     attachments_view.sent()  # the files' confirmation panel is done with
-    with st.chat_message("user"):
-        st.markdown(message_markdown(prompt))
-        attachments_view.show_attachments(attachments or [], ctx.t)
-    _follow(ctx, cid, reply, setup.steps)
+    with slot if slot is not None else contextlib.nullcontext():
+        with st.chat_message("user"):
+            st.markdown(message_markdown(prompt))
+            attachments_view.show_attachments(attachments or [], ctx.t)
+        _follow(ctx, cid, reply, setup.steps)
 
 
 def act(ctx: PageContext, store: ConversationStore, conv: Conversation, action: Action) -> NoReturn:
@@ -324,10 +332,12 @@ def queue_message(store: ConversationStore, conv: Conversation, prompt: str) -> 
 
 def sendable(waiting: list[QueuedMessage]) -> QueuedMessage | None:
     """The queued message to send now: the oldest, unless its send failed in this session (the file's fault is
-    shown; the next message typed, or a reload, tries again), so a failing file is not retried in a loop."""
-    if waiting and st.session_state.get(_QUEUED_FAILED_KEY) != waiting[0].id:
-        return waiting[0]
-    return None
+    shown; the next message typed, or a reload, tries again), so a failing file is not retried in a loop, or it is
+    being edited here (it goes out once saved; the ones after it keep their order behind it)."""
+    if not waiting or st.session_state.get(_QUEUED_FAILED_KEY) == waiting[0].id:
+        return None
+    editing = st.session_state.get(_QUEUED_EDITING_KEY)
+    return None if editing is not None and editing[1] == waiting[0].id else waiting[0]
 
 
 def queued(store: ConversationStore, conv: Conversation | None) -> list[QueuedMessage]:
@@ -341,12 +351,100 @@ def queued(store: ConversationStore, conv: Conversation | None) -> list[QueuedMe
         return []
 
 
-def show_queued(ctx: PageContext, waiting: list[QueuedMessage]) -> None:
-    """The messages waiting for this conversation's reply to end, under the conversation."""
+def show_queued(ctx: PageContext, store: ConversationStore, waiting: list[QueuedMessage]) -> None:
+    """The messages waiting for this conversation's reply to end, under the conversation, each with Edit (in its
+    place, keeping its place in the queue) and Remove."""
+    if (notice := st.session_state.pop(_QUEUED_NOTICE_KEY, None)) is not None:
+        st.toast(ctx.t(notice))
+    editing = st.session_state.get(_QUEUED_EDITING_KEY)
     for message in waiting:
         with st.chat_message("user"):
+            if editing is not None and editing[1] == message.id:
+                st.text_area(ctx.t("edit_label"), key=QUEUED_EDIT_KEY, max_chars=MAX_CONTENT_CHARS)
+                save, cancel, _ = st.columns([1, 1, 3])
+                save.button(
+                    ctx.t("queued_save"), key="queued_save", type="primary", on_click=_save_queued, args=(store,)
+                )
+                cancel.button(ctx.t("edit_cancel"), key="queued_cancel", on_click=_stop_queued_edit)
+                st.caption(ctx.t("queued_edit_waits"))
+                continue
             st.markdown(message_markdown(message.content))
-            st.caption(ctx.t("queued_message"))
+            with st.container(horizontal=True, gap="small", vertical_alignment="center"):
+                st.caption(ctx.t("queued_message"))
+                st.button(
+                    ctx.t("edit"),
+                    key=f"queued_edit_{message.id}",
+                    icon=":material/edit:",
+                    type="tertiary",
+                    on_click=_start_queued_edit,
+                    args=(message,),
+                )
+                st.button(
+                    ctx.t("queued_remove"),
+                    key=f"queued_remove_{message.id}",
+                    icon=":material/close:",
+                    type="tertiary",
+                    on_click=_remove_queued,
+                    args=(store, message.id),
+                )
+
+
+def _start_queued_edit(message: QueuedMessage) -> None:
+    st.session_state[_QUEUED_EDITING_KEY] = (state.conversation_id(), message.id, message.content)
+    st.session_state[QUEUED_EDIT_KEY] = message.content
+
+
+def _stop_queued_edit() -> None:
+    st.session_state[_QUEUED_EDITING_KEY] = None
+
+
+def _save_queued(store: ConversationStore) -> None:
+    """on_click of a queued message's Save: its new text, in its place in the queue. When it was sent meanwhile, the
+    edit stays open and `rescue_queued_edit` moves the text to the sent message in the run that follows."""
+    editing = st.session_state.get(_QUEUED_EDITING_KEY)
+    text = st.session_state.get(QUEUED_EDIT_KEY, "").strip()
+    if editing is None:
+        return
+    if not text:
+        st.session_state[_QUEUED_NOTICE_KEY] = "edit_empty"
+        return
+    try:
+        saved = store.edit_queued_message(editing[1], text)
+    except StoreFault as fault:  # the edit stays open with its text; the page shows why
+        storage.remember(fault)
+        return
+    if saved:
+        _stop_queued_edit()
+
+
+def _remove_queued(store: ConversationStore, qid: int) -> None:
+    """on_click of a queued message's Remove: out of the queue, never sent."""
+    try:
+        removed = store.remove_queued_message(qid)
+    except StoreFault as fault:
+        storage.remember(fault)
+        return
+    st.session_state[_QUEUED_NOTICE_KEY] = "queued_removed" if removed else "queued_gone"
+
+
+def rescue_queued_edit(ctx: PageContext, conv: Conversation | None, waiting: list[QueuedMessage]) -> None:
+    """The queued message edited in this session left the queue (sent by another page, or removed elsewhere): the
+    edited text is not dropped but opened as an edit of the sent message (a new version of it, to send), or, when
+    that message is not on the conversation's path, put back in the chat box. Call before the history is drawn
+    (it fills the edit box there and the chat box below)."""
+    editing = st.session_state.get(_QUEUED_EDITING_KEY)
+    if editing is None or conv is None or editing[0] != conv.id or editing[1] in {m.id for m in waiting}:
+        return
+    _, _, original = editing
+    text = st.session_state.get(QUEUED_EDIT_KEY) or original
+    _stop_queued_edit()
+    sent = next((m for m in reversed(conv.messages) if m.role == "user" and m.content == original), None)
+    if sent is not None:
+        _start_edit(sent.id, text)
+        st.warning(ctx.t("queued_sent_while_edited"))
+    else:
+        st.session_state[PROMPT_KEY] = text
+        st.warning(ctx.t("queued_gone_while_edited"))
 
 
 def pending_reply(conv: Conversation | None) -> Pending | None:

@@ -142,6 +142,25 @@ LABELS: dict[str, tuple[str, str]] = {
     "disk_free": ("磁盘剩余", "disk free"),
     "live_generating": ("正在生成…", "Generating…"),
     "queued_message": ("排队中：当前回复结束后发送", "Queued: sent when the current reply ends"),
+    "queued_remove": ("移除", "Remove"),
+    "queued_save": ("保存", "Save"),
+    "queued_edit_waits": (
+        "编辑期间，这条消息（以及排在它后面的消息）暂不发送。",
+        "While you edit it, this message (and those queued after it) waits.",
+    ),
+    "queued_removed": ("已从队列中移除，不会发送。", "Removed from the queue: it will not be sent."),
+    "queued_gone": (
+        "这条消息已经发送（或在另一个标签页中被移除）。",
+        "That message was sent already (or removed in another tab).",
+    ),
+    "queued_sent_while_edited": (
+        "这条消息在你编辑时已经发送。你的修改已放入它的编辑框，可作为新版本发送。",
+        "That message was sent while you edited it. Your text is in its edit box now: send it as a new version of it.",
+    ),
+    "queued_gone_while_edited": (
+        "这条消息在你编辑时已被发送或移除。你的修改已放回输入框。",
+        "That message was sent or removed while you edited it. Your text is back in the box.",
+    ),
     "conversation_not_found": (
         "找不到对话 {cid}（可能已被删除），已开始新对话。",
         "Conversation {cid} was not found (deleted?); starting a new one.",

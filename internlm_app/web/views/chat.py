@@ -26,14 +26,17 @@ if conv is None:
 running = chat.reply_running(conv)  # also one another tab is starting right now
 pending = chat.pending_reply(conv)  # a regenerated or edited reply to start, once no other reply runs
 starts_now = pending if pending is not None and not running else None
+waiting = chat.queued(store, conv)
+chat.rescue_queued_edit(ctx, conv, waiting)
 action = chat.show_history(ctx, store, conv, live, starts_now)
 if conv is not None and running and live is None:  # another page is starting a reply of it, this moment
     chat.rerun_when_started_or_free(conv.id)
-waiting = chat.queued(store, conv)
-chat.show_queued(ctx, waiting)
 # Typing never ends a reply: a message sent while one runs (here or in the background) waits in a queue, shown, and
 # goes out when it ends, after those queued before it. Only a Stop button ends a reply.
 busy = running or pending is not None
+next_up = None if busy else chat.sendable(waiting)  # the queued message this run sends, unless the user acts
+turn = st.container() if next_up is not None else None  # where it shows with its reply: above those still queued
+chat.show_queued(ctx, store, [message for message in waiting if message is not next_up])
 prompt, files = attachments_view.split_input(
     st.chat_input(
         ctx.t("chat_queue_here" if busy else "chat_placeholder"),
@@ -58,5 +61,5 @@ elif action and conv is not None:
     chat.act(ctx, store, conv, action)
 elif starts_now is not None:
     chat.stream(ctx, backend, store, starts_now)
-elif not running and (queued := chat.sendable(waiting)) is not None:
-    chat.send(ctx, backend, store, conv, queued.content, queued=queued)
+elif next_up is not None:
+    chat.send(ctx, backend, store, conv, next_up.content, queued=next_up, slot=turn)
