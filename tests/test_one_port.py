@@ -257,6 +257,11 @@ def test_log_out_ends_the_login_in_this_tab_and_in_the_others(loaded, browser, t
         page.get_by_role("button", name="登录 / Log in").click()
         page.wait_for_url(f"{url}/?lang=en")
         expect(page.get_by_role("link", name="Log out")).to_be_visible(timeout=30_000)
+        # The other tab's message was not lost: it is back in its box once that tab has logged in again.
+        other.get_by_role("link", name="登录 / Log in").click()  # (the cookie is back: /login sends it straight on)
+        expect(other.locator(".st-key-prompt textarea")).to_have_value("hello", timeout=30_000)
+        assert "draft=" not in other.url and "lang=en" in other.url
+        other.screenshot(path=str(tmp_path / "other-tab-back.png"))
     finally:
         context.close()
 

@@ -246,3 +246,58 @@ def test_no_folder_named_pages_beside_the_entry_script():
 
     assert not (APP_SCRIPT.parent / "pages").exists()
     assert all(path.exists() and path.parent.name == "views" for path, *_ in PAGES)
+
+
+def test_what_a_page_had_typed_when_its_login_went_is_put_back_after_the_login(app_env):
+    """Logged out in another tab (or the login expired): the message sent in the run the gate refuses is not lost.
+    It is kept in the process under an id the way back to /login names, and put back in the chat box when the page
+    opens again logged in: once, and only there. A page that was never logged in keeps nothing."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    from internlm_app.settings import Settings
+    from internlm_app.web import drafts
+    from internlm_app.web.hosting import Hosting, hosting
+    from internlm_app.web.i18n import t
+    from tests.app_helpers import run_page, send, texts
+
+    class Login:  # the one-port server's cookie check, its verdict set here (AppTest sends no cookie)
+        cookie_name = COOKIE_NAME
+        valid = True
+
+        def verify(self, token: object) -> bool:
+            return self.valid
+
+    def way_back(at) -> tuple[str, dict[str, str]]:
+        (link,) = [h.proto.body for h in at.get("html")]
+        target = unquote(link.split('href="/login?next=', 1)[1].split('"', 1)[0])
+        return urlsplit(target).path, dict(parse_qsl(urlsplit(target).query))
+
+    settings, login = Settings(web_password=PASSWORD), Login()
+    with hosting(Hosting(settings, BackendLoader(settings), login)):
+        at = run_page()
+        login.valid = False  # logged out in another tab
+        at.chat_input(key="prompt").set_value("typed before the logout").run()
+        assert "logged out" in texts(at.warning) and not at.chat_message  # nothing was sent
+        path, query = way_back(at)
+        assert path == "/" and drafts.DRAFT_PARAM in query
+        at.run()  # a later refused run (the box is gone from the page) keeps naming the same draft
+        assert way_back(at)[1] == query
+        login.valid = True  # logged in again: /login sends the browser to `next`, a new page
+        again = run_page(query=query)
+        assert again.chat_input(key="prompt").proto.value == "typed before the logout"
+        assert t("draft_restored", "zh") in texts(again.info) and drafts.DRAFT_PARAM not in again.query_params
+        assert not again.chat_message  # still not sent: the user sends it
+        assert run_page(query=query).chat_input(key="prompt").proto.value == ""  # taken back once only
+        # The same for an edit of a sent message: it opens again in its box, with its text.
+        send(again, "hello")
+        again.button(key="edit_last").click().run()
+        again.text_area(key="edit_text").set_value("hello, edited")
+        login.valid = False
+        again.button(key="edit_send").click().run()
+        path, query = way_back(again)
+        login.valid = True
+        edited = run_page(query=query)
+        assert edited.text_area(key="edit_text").value == "hello, edited" and len(edited.chat_message) == 2
+        login.valid = False
+        stranger = run_page()  # never logged in: nothing of it is kept
+        assert drafts.DRAFT_PARAM not in way_back(stranger)[1]

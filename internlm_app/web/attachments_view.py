@@ -34,11 +34,8 @@ from internlm_app.web.safe_markdown import code_span, plain
 log = logging.getLogger(__name__)
 
 FILE_TYPES = sorted({suffix.lstrip(".") for suffix in TEXT_SUFFIXES} | {"pdf"})
-PROMPT_KEY = "prompt"  # the chat input's key (chat.PROMPT_KEY)
-TEXT_KEY = "attach_text"  # the message in the panel, editable
 STRATEGY_KEY = "attach_strategy"
 STRATEGIES = ("leading", "best_matching")
-_PENDING_KEY = "_attach_pending"
 WHOLE = 10**12  # a budget every file fits in: its whole cost
 
 
@@ -87,26 +84,26 @@ def hold(backend: ChatBackend, text: str, files: list) -> None:
             continue
         whole = fit_attachments([attachment], count, WHOLE)[0]
         held.append(HeldFile(attachment.name, file.type, attachment, whole=whole))
-    st.session_state[_PENDING_KEY] = {"text": text, "files": held}
-    st.session_state[TEXT_KEY] = text
+    st.session_state[state.ATTACH_PENDING_KEY] = {"text": text, "files": held}
+    st.session_state[state.ATTACH_TEXT_KEY] = text
 
 
 def pending() -> bool:
-    return bool(st.session_state.get(_PENDING_KEY))
+    return bool(st.session_state.get(state.ATTACH_PENDING_KEY))
 
 
 def sent() -> None:
     """The panel's message went out: close the panel."""
-    st.session_state.pop(_PENDING_KEY, None)
-    st.session_state.pop(TEXT_KEY, None)
+    st.session_state.pop(state.ATTACH_PENDING_KEY, None)
+    st.session_state.pop(state.ATTACH_TEXT_KEY, None)
 
 
 def _cancel() -> None:
     """Nothing is saved; the message goes back into the chat input, to edit and send."""
-    held = st.session_state.pop(_PENDING_KEY, None) or {}
-    text = st.session_state.pop(TEXT_KEY, None) or held.get("text") or ""
+    held = st.session_state.pop(state.ATTACH_PENDING_KEY, None) or {}
+    text = st.session_state.pop(state.ATTACH_TEXT_KEY, None) or held.get("text") or ""
     if text:
-        st.session_state[PROMPT_KEY] = text
+        st.session_state[state.PROMPT_KEY] = text
 
 
 def context_now(store: ConversationStore, conv: Conversation | None, text: str) -> list[Message]:
@@ -135,13 +132,13 @@ def plan(files: list[HeldFile], backend: ChatBackend, budget: int, text: str, st
 
 def confirm_panel(ctx, backend: ChatBackend, store: ConversationStore, conv: Conversation | None, busy: bool):
     """The files waiting to be sent, their cost and what fits, with Send and Cancel; returns an Outgoing on Send."""
-    held = st.session_state.get(_PENDING_KEY)
+    held = st.session_state.get(state.ATTACH_PENDING_KEY)
     if not held:
         return None
     files: list[HeldFile] = held["files"]
     with st.container(border=True, key="attach_panel"):
         st.markdown(f"**{ctx.t('attach_title')}**")
-        text = st.text_area(ctx.t("attach_message"), key=TEXT_KEY, height=80, max_chars=MAX_CONTENT_CHARS)
+        text = st.text_area(ctx.t("attach_message"), key=state.ATTACH_TEXT_KEY, height=80, max_chars=MAX_CONTENT_CHARS)
         for f in files:
             if f.attachment is None:
                 st.error(ctx.t(f"attach_error_{f.reason}", name=plain(f.name)), icon=":material/block:")

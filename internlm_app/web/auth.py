@@ -17,6 +17,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import streamlit as st
 
 from internlm_app.settings import Settings
+from internlm_app.web import drafts
 from internlm_app.web.hosting import CookieCheck
 from internlm_app.web.process_wide import process_wide
 
@@ -64,10 +65,10 @@ def password_matches(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
-def _here() -> str:
-    """This page's path and query (`/history?lang=en&c=…`): where /login returns to."""
+def _here(**extra: str) -> str:
+    """This page's path and query (`/history?lang=en&c=…`), with `extra` parameters: where /login returns to."""
     path = urlsplit(st.context.url or "/").path or "/"
-    query = urlencode(st.query_params.to_dict())
+    query = urlencode(st.query_params.to_dict() | extra)
     return f"{path}?{query}" if query else path
 
 
@@ -110,9 +111,15 @@ def login_gate(settings: Settings, cookie_check: CookieCheck | None = None) -> b
     if is_logged_in(settings, cookie_check):
         return True
     if cookie_check is not None:  # logged out in another tab, or the login expired while this page was open
+        draft = drafts.keep_typed()  # a message sent in this run, an edit: back in its box after the login
         st.title("InternLM2 Chat")
         st.warning("已退出登录或登录已过期 / You are logged out, or your login has expired")
-        same_tab_link("登录 / Log in", f"/login?next={quote(_here(), safe='')}", primary=True)
+        if draft is not None:
+            st.info(
+                "你输入的内容已保留，重新登录后会放回原处 / What you typed is kept: it is put back after you log in"
+            )
+        back = _here(**{drafts.DRAFT_PARAM: draft}) if draft is not None else _here()
+        same_tab_link("登录 / Log in", f"/login?next={quote(back, safe='')}", primary=True)
         return False
     st.title("InternLM2 Chat")
     with st.form("login_form", border=False):  # a form: Enter in the password field logs in

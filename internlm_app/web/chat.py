@@ -35,14 +35,9 @@ log = logging.getLogger(__name__)
 LIVE_VIEW_SECONDS = 0.5  # how often a reply generated outside this run is redrawn
 _QUEUED_FAILED_KEY = "_queued_send_failed"  # the queued message whose send this session saw fail (not retried alone)
 _PENDING_KEY = "_pending_reply"  # a conversation whose reply should stream in this run (after regenerate/edit)
-_EDITING_KEY = "_editing"  # the id of the user message being edited
 _SHOWN_KEY = "_messages_shown"  # how many messages the last run drew
-EDIT_KEY = "edit_text"
-PROMPT_KEY = "prompt"  # the chat input's key (app.py)
 _SHOWN_LEAF_KEY, _SHOWN_BEFORE_KEY = "_shown_leaf", "_shown_leaf_before"  # (conversation, last message) drawn
 _CHANGED_KEY = "_changed_before_send"  # a message to put back in the box: the path changed in another tab
-_QUEUED_EDITING_KEY = "_queued_editing"  # (conversation, queued message id, its text when the edit began)
-QUEUED_EDIT_KEY = "queued_edit_text"
 _QUEUED_NOTICE_KEY = "_queued_notice"  # what the last Remove or Save of a queued message found, shown once
 SHOWN_ID_CHARS = 64  # of a conversation id from the URL quoted in the "not found" warning
 
@@ -122,12 +117,12 @@ def live_reply_view(ctx: PageContext, cid: str, stored: str) -> None:
 
 
 def _start_edit(mid: int, text: str) -> None:
-    st.session_state[_EDITING_KEY] = mid
-    st.session_state[EDIT_KEY] = text
+    st.session_state[state.EDITING_KEY] = mid
+    st.session_state[state.EDIT_KEY] = text
 
 
 def _stop_edit() -> None:
-    st.session_state[_EDITING_KEY] = None
+    st.session_state[state.EDITING_KEY] = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +161,7 @@ def show_history(
     last_user = max((m.id for m in messages if m.role == "user"), default=None)
     busy = pending is not None or live is not None
     # An edit under way stays on screen while a reply runs (another tab's): its text is kept, its Send waits.
-    editing = None if pending is not None else st.session_state.get(_EDITING_KEY)
+    editing = None if pending is not None else st.session_state.get(state.EDITING_KEY)
     if editing not in {m.id for m in messages if m.role == "user"}:
         editing = None
     versions = versions_on_path(conv)
@@ -176,12 +171,12 @@ def show_history(
         st.session_state[_SHOWN_BEFORE_KEY] = st.session_state.get(_SHOWN_LEAF_KEY)
         st.session_state[_SHOWN_LEAF_KEY] = (conv.id, last)
     if (unsent := st.session_state.pop(_CHANGED_KEY, None)) is not None:
-        st.session_state[PROMPT_KEY] = unsent  # (the chat input is drawn after the history)
+        st.session_state[state.PROMPT_KEY] = unsent  # (the chat input is drawn after the history)
         st.warning(ctx.t("changed_before_send"))
     for i, message in enumerate(messages):
         with st.chat_message(message.role):
             if message.id == editing:
-                st.text_area(ctx.t("edit_label"), key=EDIT_KEY, max_chars=MAX_CONTENT_CHARS)
+                st.text_area(ctx.t("edit_label"), key=state.EDIT_KEY, max_chars=MAX_CONTENT_CHARS)
                 send, cancel, _ = st.columns([1, 1, 3])
                 if send.button(ctx.t("edit_send"), key="edit_send", type="primary", disabled=busy) and not busy:
                     action = Action("edit", message.id)
@@ -279,7 +274,7 @@ def send(
         if queued is not None:
             st.session_state[_QUEUED_FAILED_KEY] = queued.id  # until it is saved
         # A full disk or read-only file: a typed text goes back in the box; a queued one stays queued.
-        with storage.writing(keep={PROMPT_KEY: prompt} if queued is None else None):
+        with storage.writing(keep={state.PROMPT_KEY: prompt} if queued is None else None):
             if cid is None:
                 cid = _prepare_conversation(store, conv, setup.params)
                 ticket = live.claim(cid)  # a new conversation: nobody else has it
@@ -307,12 +302,12 @@ def act(ctx: PageContext, store: ConversationStore, conv: Conversation, action: 
     the reply streams next run. The old versions stay, reachable with ‹ ›."""
     version_of = None
     if action.kind == "edit":
-        text = st.session_state.get(EDIT_KEY, "").strip()
+        text = st.session_state.get(state.EDIT_KEY, "").strip()
         if not text:
             st.toast(ctx.t("edit_empty"))
             st.stop()
         edited = next(m for m in conv.messages if m.id == action.mid)
-        with storage.writing(keep={EDIT_KEY: text}):  # the edited text goes with the files the message had
+        with storage.writing(keep={state.EDIT_KEY: text}):  # the edited text goes with the files the message had
             store.add_version(action.mid, text, attachments=edited.attachments)
         _stop_edit()
     elif next(m for m in conv.messages if m.id == action.mid).role == "assistant":
@@ -325,7 +320,7 @@ def queue_message(store: ConversationStore, conv: Conversation, prompt: str) -> 
     """Keep a message typed while a reply of `conv` runs (in the store: a reload or a closed tab keeps it); it is
     shown as queued and sent when the reply ends."""
     st.session_state.pop(_QUEUED_FAILED_KEY, None)  # a user's action: a queued message that failed is tried again
-    with storage.writing(keep={PROMPT_KEY: prompt}):  # a failing file: the text goes back in the box
+    with storage.writing(keep={state.PROMPT_KEY: prompt}):  # a failing file: the text goes back in the box
         store.queue_message(conv.id, prompt)
     st.rerun()
 
@@ -336,7 +331,7 @@ def sendable(waiting: list[QueuedMessage]) -> QueuedMessage | None:
     being edited here (it goes out once saved; the ones after it keep their order behind it)."""
     if not waiting or st.session_state.get(_QUEUED_FAILED_KEY) == waiting[0].id:
         return None
-    editing = st.session_state.get(_QUEUED_EDITING_KEY)
+    editing = st.session_state.get(state.QUEUED_EDITING_KEY)
     return None if editing is not None and editing[1] == waiting[0].id else waiting[0]
 
 
@@ -356,11 +351,11 @@ def show_queued(ctx: PageContext, store: ConversationStore, waiting: list[Queued
     place, keeping its place in the queue) and Remove."""
     if (notice := st.session_state.pop(_QUEUED_NOTICE_KEY, None)) is not None:
         st.toast(ctx.t(notice))
-    editing = st.session_state.get(_QUEUED_EDITING_KEY)
+    editing = st.session_state.get(state.QUEUED_EDITING_KEY)
     for message in waiting:
         with st.chat_message("user"):
             if editing is not None and editing[1] == message.id:
-                st.text_area(ctx.t("edit_label"), key=QUEUED_EDIT_KEY, max_chars=MAX_CONTENT_CHARS)
+                st.text_area(ctx.t("edit_label"), key=state.QUEUED_EDIT_KEY, max_chars=MAX_CONTENT_CHARS)
                 save, cancel, _ = st.columns([1, 1, 3])
                 save.button(
                     ctx.t("queued_save"), key="queued_save", type="primary", on_click=_save_queued, args=(store,)
@@ -390,19 +385,19 @@ def show_queued(ctx: PageContext, store: ConversationStore, waiting: list[Queued
 
 
 def _start_queued_edit(message: QueuedMessage) -> None:
-    st.session_state[_QUEUED_EDITING_KEY] = (state.conversation_id(), message.id, message.content)
-    st.session_state[QUEUED_EDIT_KEY] = message.content
+    st.session_state[state.QUEUED_EDITING_KEY] = (state.conversation_id(), message.id, message.content)
+    st.session_state[state.QUEUED_EDIT_KEY] = message.content
 
 
 def _stop_queued_edit() -> None:
-    st.session_state[_QUEUED_EDITING_KEY] = None
+    st.session_state[state.QUEUED_EDITING_KEY] = None
 
 
 def _save_queued(store: ConversationStore) -> None:
     """on_click of a queued message's Save: its new text, in its place in the queue. When it was sent meanwhile, the
     edit stays open and `rescue_queued_edit` moves the text to the sent message in the run that follows."""
-    editing = st.session_state.get(_QUEUED_EDITING_KEY)
-    text = st.session_state.get(QUEUED_EDIT_KEY, "").strip()
+    editing = st.session_state.get(state.QUEUED_EDITING_KEY)
+    text = st.session_state.get(state.QUEUED_EDIT_KEY, "").strip()
     if editing is None:
         return
     if not text:
@@ -432,18 +427,18 @@ def rescue_queued_edit(ctx: PageContext, conv: Conversation | None, waiting: lis
     edited text is not dropped but opened as an edit of the sent message (a new version of it, to send), or, when
     that message is not on the conversation's path, put back in the chat box. Call before the history is drawn
     (it fills the edit box there and the chat box below)."""
-    editing = st.session_state.get(_QUEUED_EDITING_KEY)
+    editing = st.session_state.get(state.QUEUED_EDITING_KEY)
     if editing is None or conv is None or editing[0] != conv.id or editing[1] in {m.id for m in waiting}:
         return
     _, _, original = editing
-    text = st.session_state.get(QUEUED_EDIT_KEY) or original
+    text = st.session_state.get(state.QUEUED_EDIT_KEY) or original
     _stop_queued_edit()
     sent = next((m for m in reversed(conv.messages) if m.role == "user" and m.content == original), None)
     if sent is not None:
         _start_edit(sent.id, text)
         st.warning(ctx.t("queued_sent_while_edited"))
     else:
-        st.session_state[PROMPT_KEY] = text
+        st.session_state[state.PROMPT_KEY] = text
         st.warning(ctx.t("queued_gone_while_edited"))
 
 

@@ -143,6 +143,10 @@ LABELS: dict[str, tuple[str, str]] = {
     "live_generating": ("正在生成…", "Generating…"),
     "queued_message": ("排队中：当前回复结束后发送", "Queued: sent when the current reply ends"),
     "queued_remove": ("移除", "Remove"),
+    "draft_restored": (
+        "登录已恢复：你在退出登录时输入的内容已放回原处，请检查后再发送。",
+        "You are logged in again: what you had typed when the login was lost is back in its box. Check it, then send.",
+    ),
     "queued_save": ("保存", "Save"),
     "queued_edit_waits": (
         "编辑期间，这条消息（以及排在它后面的消息）暂不发送。",

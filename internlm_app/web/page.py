@@ -11,7 +11,7 @@ import streamlit as st
 from pydantic import ValidationError
 
 from internlm_app.settings import Settings, describe_settings_error
-from internlm_app.web import hosting
+from internlm_app.web import drafts, hosting
 from internlm_app.web.auth import is_logged_in, login_gate, logout_control
 from internlm_app.web.context import PageContext
 from internlm_app.web.i18n import LANGUAGES, t
@@ -107,6 +107,9 @@ def start_page(title_key: str) -> PageContext:
         st.stop()
     if not login_gate(settings, hosted.login if hosted is not None else None):
         st.stop()
+    drafts.logged_in()
+    if drafts.restore_typed():  # what this page had typed when it found its login gone
+        st.info(t("draft_restored", lang))
     with st.sidebar:
         lang = st.radio(
             "语言 / Language",

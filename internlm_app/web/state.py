@@ -15,6 +15,21 @@ MAX_LENGTH_KEY = "max_length"
 SYSTEM_PROMPT_KEY = "system_prompt"
 RENAME_KEY = "rename_title"
 URL_PARAM = "c"
+PROMPT_KEY = "prompt"  # the chat input
+EDIT_KEY, EDITING_KEY = "edit_text", "_editing"  # a sent message's edit box, and which message it edits
+QUEUED_EDIT_KEY = "queued_edit_text"  # a queued message's edit box
+QUEUED_EDITING_KEY = "_queued_editing"  # (conversation, queued message id, its text when the edit began)
+ATTACH_TEXT_KEY, ATTACH_PENDING_KEY = "attach_text", "_attach_pending"  # the files panel: its message, its files
+# What the user has typed on the chat page, with what shows it: kept across a login lost meanwhile (web/drafts.py).
+TYPED_KEYS = (
+    PROMPT_KEY,
+    EDIT_KEY,
+    EDITING_KEY,
+    QUEUED_EDIT_KEY,
+    QUEUED_EDITING_KEY,
+    ATTACH_TEXT_KEY,
+    ATTACH_PENDING_KEY,
+)
 _OPENED_KEY = "_opened_conversation"  # whose settings the sidebar holds
 _CURRENT_KEY = "_current_conversation"  # the session's open conversation (Streamlit's page switch drops the URL's)
 
