@@ -478,7 +478,8 @@ def test_logprobs_stay_in_step_with_text_cut_at_a_stop_string(client):
 )
 def test_bad_tool_call_arguments_in_the_history_are_a_400(url, arguments):
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
-    history = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "content": "1"}]
+    result = {"role": "tool", "tool_call_id": "call_1", "content": "1"}
+    history = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]}, result]
     response = httpx.post(f"{url}/v1/chat/completions", json={"messages": history, "max_tokens": 4}, timeout=60)
     assert response.status_code == 400, response.text
     assert "arguments" in response.json()["error"]["message"]
@@ -501,6 +502,23 @@ def test_seed_range_and_wrap(url):
         ({"not": {"type": "string"}}, "not"),
         ({"type": "array", "contains": {"const": 1}}, "contains"),
         ({"type": "object", "properties": {"when": {"type": "string", "format": "date", "maxLength": 4}}}, "format"),
+        # Strict decoding never writes a property the schema does not define: {} came back.
+        ({"type": "object", "required": ["name"]}, "required"),
+        ({"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a", "b"]}, "'b'"),
+        # oneOf decoded as anyOf: 3 matched both branches.
+        ({"oneOf": [{"type": "integer", "enum": [3]}, {"type": "number", "enum": [3]}]}, "oneOf"),
+        # Object keywords that let one key repeat: {"a": false, "a": true}.
+        ({"type": "object", "propertyNames": {"pattern": "^a$"}}, "propertyNames"),
+        ({"type": "object", "patternProperties": {"^a": {"type": "boolean"}}}, "patternProperties"),
+        ({"type": "object", "minProperties": 2}, "minProperties"),
+        # A reference the grammar cannot follow (it matched anything), or keywords beside one (dropped).
+        ({"type": "object", "properties": {"u": {"$ref": "https://example.com/p.json#/definitions/U"}}}, "$ref"),
+        ({"$defs": {"a": {"type": "string"}}, "$ref": "#/$defs/a", "type": "null"}, "type beside it"),
+        # A definition named like a keyword is a name: its `not` is found, not skipped as a "title".
+        ({"$defs": {"title": {"not": {"type": "string"}}}, "$ref": "#/$defs/title"}, "$defs.title.not"),
+        # Repeats that unroll to 25,000 steps: 15 s of compiling on the request's thread, now refused at once.
+        ({"type": "string", "pattern": "^(([a-z]{1,50}){1,50}){1,10}$"}, "pattern"),
+        ({"type": "string", "pattern": "^[a-z]{1,6000}$"}, "maxLength costs nothing"),
     ],
 )
 def test_schema_keywords_the_grammar_cannot_enforce_are_a_400(url, schema, keyword):
@@ -560,3 +578,160 @@ def test_message_names_are_rendered_as_speakers(engine):
     messages = [NO_SYSTEM, {"role": "user", "content": "hi", "speaker": "alice"}]
     ids = engine.prepare(messages, 4).ids
     assert ids == engine.tokenizer.encode("<|im_start|>user name=alice\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$defs": {"not": {"type": "boolean"}}, "$ref": "#/$defs/not"},  # a definition named like a keyword
+        {"type": "string", "pattern": "^[a-z]{1,40}$"},
+        {"type": "object", "properties": {"d": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+    ],
+    ids=["def-named-not", "bounded-pattern", "dict"],
+)
+def test_schemas_the_grammar_enforces_are_honoured(client, schema):
+    """What the checks above must not refuse: the output is valid against the schema."""
+    from internlm_app.runtime.grammar import unenforced_keyword
+
+    assert unenforced_keyword({"type": "string", "pattern": "^[a-z]{1,1500}$"}) is None  # (0.1 s to compile)
+    completion = client.chat.completions.create(
+        model="m",
+        messages=USER,
+        max_tokens=120,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    )
+    jsonschema.validate(json.loads(completion.choices[0].message.content), schema)
+
+
+def test_a_discriminated_union_is_accepted_and_enforced(client):
+    """pydantic's discriminated unions are oneOf with a discriminator: no value matches two branches, so decoding
+    them as anyOf is exact (an undiscriminated oneOf is a 400 above)."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Cat(BaseModel):
+        kind: Literal["cat"]
+        lives: int = Field(ge=0, le=9)
+
+    class Dog(BaseModel):
+        kind: Literal["dog"]
+        good: bool
+
+    class Pet(BaseModel):
+        pet: Cat | Dog = Field(discriminator="kind")
+
+    schema = Pet.model_json_schema()
+    assert "oneOf" in json.dumps(schema)
+    for seed in range(3):
+        completion = client.chat.completions.create(
+            model="m",
+            messages=USER,
+            max_tokens=60,
+            seed=seed,
+            temperature=1.0,
+            response_format={"type": "json_schema", "json_schema": {"name": "pet", "schema": schema}},
+        )
+        Pet.model_validate_json(completion.choices[0].message.content)
+
+
+def test_tools_whose_names_meet_their_definitions_keep_their_own_schemas(client):
+    """Tool `a.b` and tool `a` with a definition `b`: once merged into one call schema their keys were the same,
+    and a forced `a.b` call was decoded under `a`'s definition ({"z": false}). Keys come from the tools' places."""
+    enum_x = {"type": "object", "properties": {"x": {"enum": [1]}}, "required": ["x"], "additionalProperties": False}
+    z = {"type": "object", "properties": {"z": {"type": "boolean"}}, "required": ["z"], "additionalProperties": False}
+    tools = [
+        {"type": "function", "function": {"name": "a.b", "parameters": enum_x}},
+        {
+            "type": "function",
+            "function": {
+                "name": "a",
+                "parameters": {"type": "object", "properties": {"w": {"$ref": "#/$defs/b"}}, "$defs": {"b": z}},
+            },
+        },
+    ]
+    for seed in range(3):
+        completion = client.chat.completions.create(
+            model="m", messages=USER, tools=tools, tool_choice="required", seed=seed, temperature=1.0, max_tokens=60
+        )
+        (call,) = completion.choices[0].message.tool_calls
+        arguments = json.loads(call.function.arguments)
+        assert arguments == {"x": 1} if call.function.name == "a.b" else set(arguments) <= {"w"}, arguments
+    pointer = {  # a pointer into the parameters themselves, not their $defs
+        "type": "object",
+        "properties": {"a": {"type": "boolean"}, "b": {"$ref": "#/properties/a"}},
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    }
+    tool = {"type": "function", "function": {"name": "f", "parameters": pointer}}
+    completion = client.chat.completions.create(
+        model="m", messages=USER, tools=[tool], tool_choice="required", max_tokens=60
+    )
+    (call,) = completion.choices[0].message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), pointer)
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"type": "string", "enum": ["abc"]},
+        {"type": "array", "items": {"type": "integer"}},
+        {"anyOf": [{"type": "object"}, {"type": "null"}]},
+    ],
+)
+def test_tool_parameters_that_are_not_an_object_schema_are_a_400(url, parameters):
+    """A forced call to such a tool came back as raw text with finish_reason stop: arguments are always an object."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    body = {"messages": USER, "tools": [tool], "tool_choice": "required", "max_tokens": 8}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "tools.0.function.parameters"
+
+
+@pytest.mark.parametrize(
+    ("tail", "param"),
+    [
+        ([{"role": "tool", "tool_call_id": "call_9", "content": "1"}], "messages.3.tool_call_id"),
+        ([{"role": "tool", "content": "1"}], "messages.3.tool_call_id"),
+        ([{"role": "tool", "tool_call_id": "call_1", "content": "1"}] * 2, None),  # (a second answer: fine)
+        (
+            [{"role": "user", "content": "and?"}, {"role": "tool", "tool_call_id": "call_1", "content": "1"}],
+            "messages.4",
+        ),
+    ],
+    ids=["unknown-id", "no-id", "two-answers", "after-a-user-turn"],
+)
+def test_a_tool_message_must_answer_a_call_just_before_it(url, tail, param):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]}, *tail]
+    response = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, "max_tokens": 2}, timeout=60)
+    if param is None:
+        assert response.status_code == 200, response.text
+    else:
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    only_tool = httpx.post(
+        f"{url}/v1/chat/completions", json={"messages": [{"role": "tool", "tool_call_id": "x", "content": "1"}]}
+    )
+    assert only_tool.status_code == 400 and only_tool.json()["error"]["param"] == "messages.0"
+
+
+def test_text_held_back_for_a_stop_string_goes_out_before_the_call():
+    """ "Sure ST" with stop "STOP": "ST" was held back in case "OP" followed, then sent after the tool call. The
+    control token that starts the call ends the text: it goes out first."""
+    from internlm_app.chat.reply_reader import ChoiceBuilder
+    from internlm_app.chat_types import ReplyChunk
+
+    builder = ChoiceBuilder(["STOP"], tools=["get_weather"])
+    deltas = [
+        builder.push(piece)
+        for piece in [
+            ReplyChunk(text="Sure ST"),
+            ReplyChunk(control="<|action_start|>"),
+            ReplyChunk(control="<|plugin|>"),
+            ReplyChunk(text='{"name": "get_weather", "parameters": {}}'),
+            ReplyChunk(control="<|action_end|>"),
+        ]
+    ]
+    rest, finish = builder.finish("stop")
+    assert [d.content for d in deltas if d.content] == ["Sure ", "ST"] and deltas[-1].tool_call is not None
+    assert not rest and finish == "tool_calls"

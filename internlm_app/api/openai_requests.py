@@ -117,11 +117,26 @@ class _Exact(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+_OBJECT_KEYWORDS = {"properties", "required", "additionalProperties", "$defs", "definitions", "$schema"}
+_OBJECT_KEYWORDS |= {"title", "description", "$comment"}
+
+
 class FunctionDefinition(_Exact):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: Text | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A call's arguments are one JSON object (InternLM2's "parameters", OpenAI's "arguments"): the schema must be
+        of type object, as OpenAI requires; without a type, only object keywords (properties, required, ...)."""
+        if not value:
+            return value
+        if not (value.get("type") == "object" if "type" in value else value.keys() <= _OBJECT_KEYWORDS):
+            raise ValueError('must be a JSON Schema of "type": "object" (a call\'s arguments are a JSON object)')
+        return value
 
 
 class Tool(_Exact):
@@ -296,6 +311,7 @@ class ChatCompletionRequest(GenerationRequest):
             raise UnsupportedField("tool_choice", "a forced tool call cannot continue an assistant message")
         if self.messages[-1].role == "assistant" and json_out:
             raise UnsupportedField("response_format", "JSON output cannot continue an assistant message (prefill)")
+        self._refuse_unanswerable_tool_messages()
         forced = self.forced_tool
         for index, tool in enumerate(self.tools or []):  # a forced call is decoded under its tool's schema
             if forced in ("*", tool.function.name) and (where := unenforced_keyword(tool.function.parameters or {})):
@@ -303,6 +319,25 @@ class ChatCompletionRequest(GenerationRequest):
                     "tools",
                     f"tools[{index}].function.parameters uses {where}, which constrained decoding cannot enforce in "
                     "a call tool_choice forces; leave it out",
+                )
+
+    def _refuse_unanswerable_tool_messages(self) -> None:
+        """A tool message answers a call of the assistant message just before it (others of the same answers may
+        come between), by its tool_call_id, as in OpenAI's API; anything else is a 400 naming the message."""
+        calls: set[str] | None = None  # the ids of the calls that the messages being read may answer
+        for index, message in enumerate(self.messages):
+            if message.role == "assistant":
+                calls = {call.id for call in message.tool_calls or []} or None
+            elif message.role != "tool":
+                calls = None
+            elif calls is None:
+                raise UnsupportedField(
+                    f"messages.{index}", "a tool message must follow an assistant message with tool_calls"
+                )
+            elif message.tool_call_id not in calls:
+                raise UnsupportedField(
+                    f"messages.{index}.tool_call_id",
+                    f"{message.tool_call_id!r} is none of the calls of the assistant message before it",
                 )
 
     def check_schemas(self) -> None:

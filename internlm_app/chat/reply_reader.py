@@ -107,6 +107,8 @@ class ChoiceBuilder:
     def _control(self, control: str) -> Delta:
         if self._state == "content" and control == "<|action_start|>":
             self._state = "action"
+            text, records = self._text.flush()  # no stop string spans a control token: what was held back goes out
+            return Delta(content=text, logprobs=records)  # now, before the call that may follow
         elif self._state == "action" and control == "<|plugin|>":
             self._state = "call"
         elif self._state == "action" and control == "<|interpreter|>":

@@ -60,5 +60,7 @@ class StopFilter:
         return text
 
     def flush(self) -> str:
+        """The text held back, released: the end of the text, or a boundary no stop string spans (a control token)."""
         text, self.pending = self.pending, ""
+        self._matched = [0] * len(self.stops)
         return text

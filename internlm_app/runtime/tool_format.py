@@ -58,23 +58,24 @@ def parse_tool_call(text: str) -> ToolCall | None:
 def call_schema(functions: list[dict[str, Any]], only: str | None = None) -> dict[str, Any]:
     """JSON Schema of one call's JSON: {"name": one of the tools (or `only`), "parameters": that tool's schema}.
 
-    Each tool's parameter schema moves into the root's `$defs` (as `<tool>`, its own `$defs` as `<tool>.<name>`) and
-    its references are rewritten to match, so `#/$defs/...` and `#` inside it (what SDKs generate for nested and
-    recursive models) still point where they did.
+    The i-th tool's parameter schema moves into the root's `$defs` as `tool<i>` (its own `$defs` as `tool<i>.<name>`):
+    keys made from the tool's place, never its name, so no tool's name or definition can take another's key. Its
+    references are rewritten to match, so `#/$defs/...`, `#/properties/...` and `#` inside it (what SDKs generate for
+    nested and recursive models) still point where they did.
     """
     options, defs = [], {}
-    for function in functions:
+    for index, function in enumerate(functions):
         if only is not None and function["name"] != only:
             continue
-        name = function["name"]
+        key = f"tool{index}"
         parameters = dict(function.get("parameters") or {"type": "object", "properties": {}})
         own = {**parameters.pop("definitions", {}), **parameters.pop("$defs", {})}
-        defs[name] = _rewrite_refs(parameters, name)
-        defs.update({f"{name}.{key}": _rewrite_refs(value, name) for key, value in own.items()})
+        defs[key] = _rewrite_refs(parameters, key)
+        defs.update({f"{key}.{name}": _rewrite_refs(value, key) for name, value in own.items()})
         options.append(
             {
                 "type": "object",
-                "properties": {"name": {"const": name}, "parameters": {"$ref": f"#/$defs/{name}"}},
+                "properties": {"name": {"const": function["name"]}, "parameters": {"$ref": f"#/$defs/{key}"}},
                 "required": ["name", "parameters"],
                 "additionalProperties": False,
             }
@@ -82,20 +83,22 @@ def call_schema(functions: list[dict[str, Any]], only: str | None = None) -> dic
     return {**(options[0] if len(options) == 1 else {"anyOf": options}), "$defs": defs}
 
 
-def _rewrite_refs(schema: Any, tool: str) -> Any:
-    """`schema` with its local references ("#", "#/$defs/X", "#/definitions/X") pointing into the root's $defs."""
+def _rewrite_refs(schema: Any, key: str) -> Any:
+    """`schema` with its local references pointing into the root's $defs: "#/$defs/X" and "#/definitions/X" to
+    "#/$defs/<key>.X", any other "#..." pointer (the schema itself, "#/properties/a") to the same place under
+    "#/$defs/<key>"."""
     if isinstance(schema, list):
-        return [_rewrite_refs(item, tool) for item in schema]
+        return [_rewrite_refs(item, key) for item in schema]
     if not isinstance(schema, dict):
         return schema
     out = {}
-    for key, value in schema.items():
-        if key == "$ref" and isinstance(value, str):
-            if value == "#":
-                value = f"#/$defs/{tool}"
+    for name, value in schema.items():
+        if name == "$ref" and isinstance(value, str) and value.startswith("#"):
+            for prefix in ("#/$defs/", "#/definitions/"):
+                if value.startswith(prefix):
+                    value = f"#/$defs/{key}.{value.removeprefix(prefix)}"
+                    break
             else:
-                for prefix in ("#/$defs/", "#/definitions/"):
-                    if value.startswith(prefix):
-                        value = f"#/$defs/{tool}.{value.removeprefix(prefix)}"
-        out[key] = value if key in ("const", "enum", "default", "examples") else _rewrite_refs(value, tool)
+                value = f"#/$defs/{key}{value.removeprefix('#')}"
+        out[name] = value if name in ("const", "enum", "default", "examples") else _rewrite_refs(value, key)
     return out
