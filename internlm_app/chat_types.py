@@ -168,7 +168,8 @@ class ReplyOptions:
     force_tool_call: bool = False  # the reply is a tool call: the prompt ends in <|action_start|><|plugin|>\n
     keep_history: bool = False  # cap the reply to the room left rather than drop turns; drop only what cannot fit
     raw_prompt: bool = False  # the one message's content is the whole prompt, special tokens included (completions)
-    admitted: bool = False  # one of a request's n choices, let in as one (`ReplyQueue.check_room`): never refused
+    stop: list[str] | None = None  # generation ends at the token that completes one (the caller cuts the text)
+    admission: QueueAdmission | None = None  # one of a request's n choices, let in as one (`ReplyQueue.reserve`)
 
     @property
     def needs_sampler(self) -> bool:
@@ -225,6 +226,13 @@ class ModelInfo:
     extra: dict = field(default_factory=dict)
 
 
+class QueueAdmission(Protocol):
+    """A request's choice let in with the others (`ReplyQueue.reserve`): never refused by the limit; it counts against
+    it until it is in line. `give_back`: it will not get in line (it failed or was closed first); idempotent."""
+
+    def give_back(self) -> None: ...
+
+
 class ReplyQueue(Protocol):
     """Replies in first-come order for the GPU: `slots` generate at once, the rest wait (the engine's GpuQueue)."""
 
@@ -240,6 +248,8 @@ class ReplyQueue(Protocol):
     def waiting(self) -> int: ...
 
     def check_room(self) -> None: ...  # raises QueueFullError if a reply arriving now would be refused
+
+    def reserve(self, count: int) -> list[QueueAdmission]: ...  # `count` choices let in as one, or QueueFullError
 
 
 @dataclass(frozen=True)

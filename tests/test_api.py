@@ -393,7 +393,11 @@ def test_queue_full_is_503_with_retry_after(engine, tmp_path):
         for response in (classic, openai):
             assert response.status_code == 503 and int(response.headers["retry-after"]) > 0
         assert classic.json()["status"] == 503 and openai.json()["error"]["code"] == "model_busy"
+        # A refused request is no reply: it adds no failed reply and no prompt tokens to the metrics.
+        metrics = client.get("/metrics").text
+        assert _metric(metrics, "internlm_replies_total") == 0 and _metric(metrics, "internlm_prompt_tokens_total") == 0
         assert client.post("/", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+        assert _metric(client.get("/metrics").text, "internlm_replies_total") == 1
 
 
 def test_a_request_with_n_choices_is_let_in_or_refused_as_one(engine, tmp_path):

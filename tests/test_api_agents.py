@@ -735,3 +735,32 @@ def test_text_held_back_for_a_stop_string_goes_out_before_the_call():
     rest, finish = builder.finish("stop")
     assert [d.content for d in deltas if d.content] == ["Sure ", "ST"] and deltas[-1].tool_call is not None
     assert not rest and finish == "tool_calls"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_counts_the_tokens_up_to_the_one_that_completes_a_stop_string(url, stream):
+    """The reply's reader ran ahead of the route that saw the stop string: completion_tokens came back 14, 19 and 13
+    for the same 5 tokens of text. Generation now ends at the token whose text completes the stop string, and
+    usage counts through it, on every run."""
+    prompt = {"prompt": "story", "temperature": 0, "max_tokens": 40}
+    whole = httpx.post(f"{url}/v1/completions", json={**prompt, "logprobs": 0}, timeout=60).json()["choices"][0]
+    tokens = whole["logprobs"]["tokens"]
+    text = "".join(tokens)
+    stop = tokens[6][:2] if tokens[6].strip() else tokens[7][:2]
+    end = text.index(stop) + len(stop)  # where the first occurrence of the stop string ends
+    reached = [len("".join(tokens[: i + 1])) >= end for i in range(len(tokens))]
+    expected = reached.index(True) + 1
+    counts = set()
+    for _ in range(3):
+        body = {**prompt, "stop": [stop], "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+                events = [json.loads(line[6:]) for line in response.iter_lines() if line[6:].startswith("{")]
+            got, usage = "".join(c["text"] for e in events for c in e["choices"]), events[-1]["usage"]
+        else:
+            reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+            got, usage = reply["choices"][0]["text"], reply["usage"]
+        assert got == text[: text.index(stop)]
+        counts.add(usage["completion_tokens"])
+    assert counts == {expected}

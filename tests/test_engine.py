@@ -285,6 +285,33 @@ def test_concurrent_callers_are_serialized_and_complete(serial_engine):
     assert engine.queue.active == 0
 
 
+def test_choices_let_in_as_one_count_against_the_limit_until_they_are_in_line():
+    """A request's n choices are let in as one (`reserve`), and count as waiting from that moment: 20 requests of
+    n=8 arriving together used to pass the check before any choice was in line (152 waiting against a limit of 16).
+    In line or generating they count there instead; one that never gets that far gives its place back."""
+    queue = GpuQueue(max_waiting=2, slots=1)
+    first = queue.reserve(3)  # an idle server lets the request in
+    assert queue.waiting() == 2  # 3 on their way, one free slot
+    with pytest.raises(QueueFullError):
+        queue.reserve(2)  # a request arriving before any of those choices is in line
+    with pytest.raises(QueueFullError):
+        queue.check_room()
+    assert queue.acquire(admission=first[0]) and queue.waiting() == 2  # generating; two still on their way
+    cancel = threading.Event()
+    waits = threading.Thread(target=lambda: queue.acquire(admission=first[1], cancel=cancel), daemon=True)
+    waits.start()  # never refused (the request was let in), now in line
+    assert wait_until(lambda: queue.in_line() == 1)
+    assert queue.waiting() == 2
+    first[2].give_back()  # failed before it got in line (or the client left)
+    first[2].give_back()
+    assert queue.waiting() == 1
+    queue.check_room()  # room again
+    cancel.set()
+    waits.join(30)
+    queue.release()
+    assert queue.waiting() == 0 and queue.active == 0
+
+
 def test_gpu_queue_is_first_come_first_served():
     queue = GpuQueue()
     order = []

@@ -88,6 +88,19 @@ def test_regenerate_and_edits_after_reuse_equal_a_cold_start(fresh, cold):
     assert fresh.reply(edited_first, GREEDY)[1].cached_tokens > stats.cached_tokens  # the edit's branch is kept too
 
 
+def test_another_conversation_with_the_same_beginning_does_not_take_a_conversations_kv(fresh, cold):
+    """Every chat starts with the same system prompt: chat B's first turn took chat A's kept cache (it shared the
+    most), cropped it to the system prompt, and A's next turn prefilled everything again. B gets a copy of the
+    shared beginning; A's cache stays for A, and the replies are those of a cold start."""
+    a = _turns(fresh, ["hello", "你好"])
+    b = [SYSTEM, {"role": "user", "content": "Tell me a story"}]
+    b_text, b_stats = fresh.reply(b, GREEDY)
+    assert b_text == cold.reply(b, GREEDY)[0] and 0 < b_stats.cached_tokens < b_stats.prompt_tokens - 1
+    text, stats = fresh.reply(a, GREEDY)
+    assert text == cold.reply(a, GREEDY)[0]
+    assert stats.cached_tokens > 0.6 * stats.prompt_tokens  # A's earlier turn still came from its own cache
+
+
 def test_kept_kv_is_bounded_and_the_least_recently_used_goes_first(engine):
     small = _engine(engine, kv_reuse_tokens=120)
     try:

@@ -55,15 +55,14 @@ async def start_runners(
 
     `options(i)` gives choice i's options (its seed). If one fails to start, the others are closed and it raises.
     The queue limit lets several choices in as one request (QueueFullError here if it would refuse a reply now),
-    so a request's own choices never get it refused, also on an idle server with a limit below n.
+    so a request's own choices never get it refused, also on an idle server with a limit below n; they count
+    against it from that moment (`GpuQueue.reserve`), so requests arriving together cannot all pass the check.
     """
     queue = request.app.state.backend.queue  # None: a remote server queues requests itself
-    as_one = len(prompts) > 1 and queue is not None
-    if as_one:
-        queue.check_room()
+    admissions = queue.reserve(len(prompts)) if len(prompts) > 1 and queue is not None else None
 
     def options_of(i: int) -> ReplyOptions:
-        return replace(options(i), admitted=True) if as_one else options(i)
+        return replace(options(i), admission=admissions[i]) if admissions is not None else options(i)
 
     runners = [ReplyRunner(request, messages, params, options_of(i)) for i, messages in enumerate(prompts)]
     results = await asyncio.gather(*(runner.start() for runner in runners), return_exceptions=True)

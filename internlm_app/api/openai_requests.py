@@ -393,6 +393,7 @@ class ChatCompletionRequest(GenerationRequest):
             tools=self.offers_tools,
             force_tool_call=forced is not None,
             keep_history=True,
+            stop=self.stop,
         )
 
 
@@ -443,4 +444,5 @@ class CompletionRequest(GenerationRequest):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             raw_prompt=True,
+            stop=self.stop,
         )

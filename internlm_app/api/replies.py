@@ -13,7 +13,7 @@ from anyio import to_thread
 from fastapi import Request
 
 from internlm_app.chat.reply_reader import stream_chunks
-from internlm_app.chat_types import Message, ReplyChunk, ReplyEvents, ReplyOptions, ReplyStats
+from internlm_app.chat_types import Message, QueueFullError, ReplyChunk, ReplyEvents, ReplyOptions, ReplyStats
 from internlm_app.sampling import SamplingParams
 
 _END = object()
@@ -47,6 +47,7 @@ class ReplyRunner:
         self._pump: threading.Thread | None = None
         self._watcher: asyncio.Task | None = None
         self._first: object = _END
+        self._failure: Exception | None = None  # what ended the reply, raised from its thread
         self._done = False
         if state.settings.log_prompts:
             request.state.prompt = messages[-1]["content"]
@@ -90,6 +91,8 @@ class ReplyRunner:
             return
         self._done = True
         self.cancel.set()  # no effect on a reply that has already ended
+        if self.options.admission is not None:  # (a choice that never got in line gives its place back)
+            self.options.admission.give_back()
         if self._watcher is not None:
             self._watcher.cancel()
         if self._iterator is None:
@@ -98,6 +101,9 @@ class ReplyRunner:
             await to_thread.run_sync(self._pump.join, limiter=self.limiter)
         else:
             self._iterator.close()
+        if isinstance(self._failure, QueueFullError):  # refused (503) before it was generated: not a reply
+            self.request.state.reply_stats = None
+            return
         stats = self.events.stats
         finish = self.finish_reason or ("cancelled" if self.disconnected else stats.finish_reason)
         self.request.state.finish_reason = finish
@@ -130,6 +136,7 @@ class ReplyRunner:
             self.cancel.set()  # cancelled from outside (e.g. the response saw the client go): stop generating
             raise
         if isinstance(item, Exception):
+            self._failure = item
             raise item
         return item
 

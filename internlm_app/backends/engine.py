@@ -27,6 +27,7 @@ from internlm_app.chat_types import (
     InvalidRequestError,
     Message,
     ModelInfo,
+    QueueAdmission,
     Reply,
     ReplyChunk,
     ReplyEvents,
@@ -251,7 +252,7 @@ class ChatEngine:
         if prepared.max_new_tokens != params.max_new_tokens:
             params = params.model_copy(update={"max_new_tokens": prepared.max_new_tokens})
         plan = self._reply_plan(params, options)
-        return self._stream(prepared, params, cancel, events or ReplyEvents(), plan=plan, admitted=options.admitted)
+        return self._stream(prepared, params, cancel, events or ReplyEvents(), plan=plan, admission=options.admission)
 
     def _reply_plan(self, params: SamplingParams, options: ReplyOptions) -> ReplyPlan:
         tools = options.tools or options.force_tool_call
@@ -259,8 +260,10 @@ class ChatEngine:
             raise InvalidRequestError("tools: this model's vocabulary has no tool tokens, so it cannot call tools")
         stop_ids = self._tool_stop_ids if tools else self._stop_ids
         controls = {i: name for name, i in self.tokenizer.tool_ids.items()} if tools else {}
+        # (A call's JSON may hold a stop string: with tools, only the reader cuts the content.)
+        stop_strings = None if tools else options.stop
         if not options.needs_sampler:
-            return ReplyPlan(stop_ids, controls)
+            return ReplyPlan(stop_ids, controls, stop_strings=stop_strings)
         compiled = None
         if options.json_schema is not None:
             param = "tool_choice" if options.force_tool_call else "response_format"
@@ -275,7 +278,7 @@ class ChatEngine:
             compiled_grammar=compiled,
             describe=self.describe_token,
         )
-        return ReplyPlan(stop_ids, controls, sampler)
+        return ReplyPlan(stop_ids, controls, sampler, stop_strings)
 
     def describe_token(self, token_id: int) -> tuple[str, bytes]:
         """One id's text and UTF-8 bytes, as logprobs show it (a special token by its name, with no bytes)."""
@@ -301,7 +304,7 @@ class ChatEngine:
         *,
         plan: ReplyPlan,
         path: str | None = None,
-        admitted: bool = False,
+        admission: QueueAdmission | None = None,
     ) -> Reply[ReplyChunk]:
         stats = events.stats
         stats.prompt_tokens, stats.dropped_messages = len(prepared.ids), prepared.dropped_messages
@@ -316,7 +319,7 @@ class ChatEngine:
                 path,
                 logits_processor=plan.sampler,
                 stop_ids=own_stops,
-                admitted=admitted,
+                admission=admission,
             )
         except BaseException as exc:
             stats.queue_seconds = time.perf_counter() - queued

@@ -9,7 +9,22 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from internlm_app.chat_types import QueueFullError
+from internlm_app.chat_types import QueueAdmission, QueueFullError
+
+
+class Admission:
+    """One of a request's choices, let in with the others as one (`GpuQueue.reserve`). Until the choice is in a line
+    or has a slot (`acquire(admission=...)`), or gives its place back (`give_back`: it never got that far), it counts
+    against the limit, so that requests arriving meanwhile cannot all pass the check before any choice is in line."""
+
+    __slots__ = ("_queue", "held")
+
+    def __init__(self, queue: GpuQueue):
+        self._queue, self.held = queue, True
+
+    def give_back(self) -> None:
+        """No longer counted (idempotent)."""
+        self._queue.settle(self)
 
 
 class GpuQueue:
@@ -37,10 +52,12 @@ class GpuQueue:
         self.max_waiting = max_waiting
         self.poll_seconds = poll_seconds
         self._other: GpuQueue | None = None
+        self._reserved = [0]  # admissions not yet in a line (`reserve`), one count for both lines
         if shares_limit_with is not None:
             self._other, shares_limit_with._other = shares_limit_with, self
             self._tickets = shares_limit_with._tickets
             self._cond = shares_limit_with._cond
+            self._reserved = shares_limit_with._reserved
 
     @property
     def busy(self) -> bool:
@@ -52,9 +69,11 @@ class GpuQueue:
         return self._active
 
     def waiting(self) -> int:
-        """Replies waiting in this line, and in the line it shares its limit with."""
+        """Replies waiting in this line, and in the line it shares its limit with, and the admitted choices on their
+        way to a line (`reserve`) beyond this line's free slots."""
         with self._cond:
-            return self.in_line() + (self._other.in_line() if self._other is not None else 0)
+            coming = max(0, self._reserved[0] - max(0, self.slots - self._active))
+            return self.in_line() + (self._other.in_line() if self._other is not None else 0) + coming
 
     def in_line(self, before: int | None = None) -> int:
         """Replies waiting in this line alone; with `before`, only those whose ticket is older than that one."""
@@ -69,13 +88,30 @@ class GpuQueue:
         return next(self._tickets)
 
     def check_room(self) -> None:
-        """Raise QueueFullError if a reply arriving now would be refused: every slot taken (or someone waits) and
-        `max_waiting` replies already wait, in this line and the one it shares its limit with."""
+        """Raise QueueFullError if a reply arriving now would be refused: every slot taken (or about to be, by admitted
+        choices, or someone waits) and `max_waiting` replies already wait, in this line and the one it shares its
+        limit with."""
         with self._cond:
-            if self._active < self.slots and not self._waiting:
+            if self._active + self._reserved[0] < self.slots and not self._waiting:
                 return
             if self.max_waiting is not None and (waiting := self.waiting()) >= self.max_waiting:
                 raise QueueFullError(f"the model is busy and {waiting} requests are already waiting")
+
+    def reserve(self, count: int) -> list[QueueAdmission]:
+        """Let a request's `count` choices in as one: QueueFullError if a reply arriving now would be refused
+        (`check_room`), else one Admission per choice, counted against the limit from now on, in the same step."""
+        with self._cond:
+            self.check_room()
+            self._reserved[0] += count
+            return [Admission(self) for _ in range(count)]
+
+    def settle(self, admission: Admission) -> None:
+        """`admission` no longer counts as on its way (it is in a line, or gave its place back); idempotent."""
+        with self._cond:
+            if admission.held:
+                admission.held = False
+                self._reserved[0] -= 1
+                self._cond.notify_all()
 
     def try_acquire(self) -> bool:
         """Take a slot only if one is free and nobody waits; never queues."""
@@ -92,14 +128,19 @@ class GpuQueue:
         timeout: float | None = None,
         ticket: int | None = None,
         admitted: bool = False,
+        admission: QueueAdmission | None = None,
     ) -> bool:
         """Wait for a slot; False when cancelled or timed out. Raises QueueFullError when the line is too long.
 
         `ticket` (from `ticket()`): wait ahead of those that came after it took it, rather than behind everyone.
         `admitted`: the limit is not checked (`check_room`): it already waited in the line this one shares its limit
         with (a reply that waited its turn is never refused for those that came after it), or it is one of a
-        request's choices and the request was let in."""
+        request's choices and the request was let in. `admission`: such a choice; from here on it counts as in
+        this line (or generating), no longer as on its way (`reserve`), in the same step."""
         with self._cond:
+            if admission is not None:
+                admission.give_back()  # (the lock is reentrant, and both lines share it)
+                admitted = True
             if self._active < self.slots and not self._waiting:
                 self._active += 1
                 return True

@@ -35,7 +35,9 @@ class PrefixCache:
 
     `lend(ids)` hands out the cache whose ids share the longest prefix with `ids`, cropped to that prefix (and never
     past `len(ids) - 1`: generate needs one id to prefill), or a new one; `give_back(cache, ids)` keeps it for the next
-    turn. Lent caches leave the store, so two replies never share one. Thread-safe.
+    turn. Lent caches leave the store, so two replies never share one. A cache that shares less than half of its ids
+    with the prompt (another conversation's, whose beginning is the same) is not taken from its conversation: the
+    prompt gets a copy of the shared part. Thread-safe.
     """
 
     def __init__(self, new_cache: Callable[[], Cache], max_tokens: int, *, single_buffer: bool = False):
@@ -61,6 +63,10 @@ class PrefixCache:
                 if shared >= best:
                     best_key, best = key, shared
             usable = best_key is not None and (best > 0 or self.single_buffer)  # the static buffer is always reused
+            if usable and not self.single_buffer and 2 * best < len(self._entries[best_key].ids):
+                # Mostly another conversation's (a shared system prompt, an early edit): it stays for that one's
+                # next turn, and this prompt gets a copy of the shared beginning.
+                return self._copy_prefix(self._entries[best_key].cache, best), best
             entry = self._entries.pop(best_key) if usable else None
         if entry is None:
             return self._new_cache(), 0
@@ -68,6 +74,14 @@ class PrefixCache:
         if held > best:
             entry.cache.crop(-(held - best))
         return entry.cache, best
+
+    def _copy_prefix(self, cache: Cache, length: int) -> Cache:
+        """A new cache holding the keys and values of `cache`'s first `length` positions (copied, through the public
+        `Cache.update`)."""
+        copy = self._new_cache()
+        for index, layer in enumerate(cache.layers):
+            copy.update(layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone(), index)
+        return copy
 
     def give_back(self, cache: Cache, ids: list[int]) -> None:
         """Keep a cache after a reply; `ids` are the prompt and reply ids (the cache holds their first ones)."""

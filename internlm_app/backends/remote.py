@@ -339,7 +339,9 @@ class RemoteBackend:
                     f"{self.settings.openai_base_url} (INTERNLM_BACKEND=openai), which it does not ask for that",
                     param,
                 )
-        texts = self.stream_reply(messages, params, cancel=cancel, events=events, max_length=max_length)
+        texts = self.stream_reply(
+            messages, params, cancel=cancel, events=events, max_length=max_length, stop=options.stop
+        )
         return _as_chunks(texts)
 
     @property
@@ -359,11 +361,13 @@ class RemoteBackend:
         cancel: threading.Event | None = None,
         events: ReplyEvents | None = None,
         max_length: int | None = None,
+        stop: list[str] | None = None,
     ) -> Reply[str]:
         """Yield reply text from the server; the messages are checked here, the request is sent on the first next().
 
         Setting `cancel` or closing the iterator closes the HTTP stream, which stops generation on the server.
-        `max_length` is accepted for the seam's sake: the server applies its own context limit.
+        `max_length` is accepted for the seam's sake: the server applies its own context limit. `stop`: stop strings
+        the server ends the reply at (so that it stops generating, and counts, there).
         """
         validate_messages(messages)
         if not messages or messages[-1]["role"] != "user":
@@ -384,6 +388,8 @@ class RemoteBackend:
             "stream_options": {"include_usage": True},
             "extra_body": extra,
         }
+        if stop:
+            request["stop"] = stop
         return self._stream(request, cancel, events or ReplyEvents())
 
     def _stream(self, request: dict, cancel: threading.Event | None, events: ReplyEvents) -> Reply[str]:

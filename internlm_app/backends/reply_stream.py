@@ -21,6 +21,7 @@ from internlm_app.backends.sampler import TokenSampler
 from internlm_app.backends.scheduler import Reply as RunningReply
 from internlm_app.backends.token_stream import END, Empty, TokenStream
 from internlm_app.chat_types import EngineError, FinishReason, GenerationError, Reply, ReplyChunk, ReplyStats
+from internlm_app.runtime.stop_strings import StopFilter
 from internlm_app.runtime.tokenizer import ChatTokenizer
 from internlm_app.sampling import SamplingParams
 
@@ -34,6 +35,7 @@ class ReplyPlan:
     stop_ids: list[int]
     controls: dict[int, str]
     sampler: TokenSampler | None = None
+    stop_strings: list[str] | None = None  # the reply ends at the token whose text completes one (vLLM's `stop`)
 
 
 def reply_chunks(
@@ -59,6 +61,9 @@ def reply_chunks(
     records = sampler is not None and sampler.logprobs is not None
     piece = ReplyChunk(logprobs=[] if records else None)  # text (and ids) not sent yet
     count, first_at, last_token, next_at, done = 0, None, None, 0.0, False
+    # Stop strings end generation at the token that completes one: the count stops there, whatever the reader does
+    # (the text itself is cut by the reader, which holds back what may start one).
+    stop_text = StopFilter(plan.stop_strings) if plan.stop_strings else None
     try:
         while not done:
             if (wait := next_at - time.perf_counter()) > 0:
@@ -79,14 +84,19 @@ def reply_chunks(
                         piece = ReplyChunk(logprobs=[] if records else None)
                     out.append(ReplyChunk(token_ids=[token], control=controls[token]))
                 elif token not in stops:
-                    piece.text += decoder.push(token)
+                    text = decoder.push(token)
+                    piece.text += text
                     piece.token_ids.append(token)
                     if record is not None and piece.logprobs is not None:
                         piece.logprobs.append(record)
+                    if stop_text is not None:
+                        stop_text.push(text)
+                        if stop_text.hit:
+                            break
                 if not interval or stream.empty():  # interval 0: a chunk per token, even when some queued up
                     break
                 token = stream.get()
-            done = token is END
+            done = token is END or (stop_text is not None and stop_text.hit)
             if done:
                 piece.text += decoder.flush()
             if piece.text or (done and piece.token_ids):  # ids of half a character wait for the rest
@@ -106,7 +116,8 @@ def reply_chunks(
         stats.cached_tokens = stream.cached_tokens
         if first_at is not None and count > 1 and ended > first_at:
             stats.tokens_per_second = (count - 1) / (ended - first_at)
-        stats.finish_reason = _finish_reason(last_token in stops, count, params, stopped_here, cancel, stream.failure)
+        by_stop = last_token in stops or (stop_text is not None and stop_text.hit)
+        stats.finish_reason = _finish_reason(by_stop, count, params, stopped_here, cancel, stream.failure)
     if stream.failure is not None:
         stats.error = describe_failure(stream.failure)
         raise GenerationError(stats.error) from stream.failure

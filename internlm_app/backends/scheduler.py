@@ -26,7 +26,7 @@ from internlm_app.backends.decode_plan import DecodePlan
 from internlm_app.backends.gpu_queue import GpuQueue
 from internlm_app.backends.token_stream import TokenStream
 from internlm_app.backends.worker import GenerationJob, GenerationWorker
-from internlm_app.chat_types import DecodeReason, GenerationError
+from internlm_app.chat_types import DecodeReason, GenerationError, QueueAdmission
 from internlm_app.sampling import SamplingParams
 
 
@@ -112,15 +112,15 @@ class ReplyScheduler:
         *,
         logits_processor: LogitsProcessor | None = None,
         stop_ids: list[int] | None = None,
-        admitted: bool = False,
+        admission: QueueAdmission | None = None,
     ) -> Reply | None:
         """Wait for a slot (and for the worker if it must be the worker), then start the reply; None if cancelled
         while waiting. Raises QueueFullError when too many wait, GenerationError when the engine is closed.
 
         `path` forces "worker" or "batch" (the warm-up uses it); by default the scheduler chooses. A reply with a
         `logits_processor` (the engine's sampler) decodes on the worker; `stop_ids` other than the model's (a reply
-        offered tools) go with the reply on either path. An `admitted` reply (a choice of a request let in as one)
-        is never refused by the queue limit.
+        offered tools) go with the reply on either path. A reply with an `admission` (a choice of a request let in
+        as one, `GpuQueue.reserve`) is never refused by the queue limit.
         """
         if self.closed:
             raise GenerationError("the engine was closed")
@@ -132,8 +132,8 @@ class ReplyScheduler:
             or logits_processor is not None
             or (path is None and not self._batchable(prompt_ids, params))
         ):
-            return self._start_on_worker(prompt_ids, params, cancel, on_wait, *own, admitted=admitted)
-        if not self.queue.acquire(on_wait=on_wait, cancel=cancel, admitted=admitted):
+            return self._start_on_worker(prompt_ids, params, cancel, on_wait, *own, admission=admission)
+        if not self.queue.acquire(on_wait=on_wait, cancel=cancel, admission=admission):
             return None
         try:
             # The worker when nothing else runs (its line taken only if free at once: never waited for while
@@ -147,7 +147,7 @@ class ReplyScheduler:
             raise
 
     def _start_on_worker(
-        self, prompt_ids, params, cancel, on_wait, logits_processor, stop_ids, admitted=False
+        self, prompt_ids, params, cancel, on_wait, logits_processor, stop_ids, admission=None
     ) -> Reply | None:
         """A reply only the worker can decode takes the worker's line first, then a slot: while it waits for the
         worker it holds no slot, so the replies the batch can decode go on beside the one the worker decodes. Its
@@ -159,12 +159,13 @@ class ReplyScheduler:
         with self._worker_reply_moves_to_batch():
             waited = not self._worker_line.try_acquire()
             if waited and not self._worker_line.acquire(
-                on_wait=in_both, cancel=cancel, ticket=arrived, admitted=admitted
+                on_wait=in_both, cancel=cancel, ticket=arrived, admission=admission
             ):
                 return None
         try:
             # One that waited for the worker has passed the limit: it is not refused now for those behind it.
-            if not self.queue.acquire(on_wait=on_wait, cancel=cancel, ticket=arrived, admitted=waited or admitted):
+            admitted = waited or admission is not None
+            if not self.queue.acquire(on_wait=on_wait, cancel=cancel, ticket=arrived, admitted=admitted):
                 self._worker_line.release()
                 return None
         except BaseException:
