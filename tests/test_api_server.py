@@ -308,3 +308,48 @@ def test_api_docs_render_without_internet(server, page_path):
         page.close()
     # Only ReDoc's "powered by" badge image points outside (blocked here, the page does not need it).
     assert not [url for url in outside if not url.startswith("https://cdn.redoc.ly/redoc/logo")], outside
+
+
+def test_a_stream_open_at_shutdown_ends_with_an_error_event_and_done(tmp_path):
+    """SIGTERM while a reply streams: the stream used to be cut after about a second, mid-reply, with no error and
+    no [DONE] (the client saw a broken connection). Now the reply stops at its next token and the stream says why,
+    then [DONE], before the server exits."""
+    from tests.browser_helpers import free_port, tiny_model_env
+
+    port = free_port()
+    env = tiny_model_env(tmp_path, BROWSER_TEST_TOKEN_DELAY="0.05", INTERNLM_HOST="127.0.0.1", INTERNLM_PORT=str(port))
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "tests/one_port_server.py"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).parents[1],
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def loaded() -> bool:
+            try:
+                return httpx.get(f"{url}/health", timeout=1).json().get("model_loaded") is True
+            except (httpx.HTTPError, ValueError):
+                return process.poll() is not None
+
+        assert wait_until(loaded, timeout=90, interval=0.2) and process.poll() is None, log_path.read_text()
+        body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 400, "temperature": 0, "stream": True}
+        events: list[str] = []
+        with httpx.stream("POST", f"{url}{CHAT}", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 5:  # streaming (at 20 tokens a second, 20 s to go): stop the server
+                        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)  # (uvicorn re-raises the signal once it is done)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert events[-1] == "[DONE]", events[-3:]
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "server_shutting_down" and "shutting down" in error["message"]
+    assert len(events) < 100  # it did not run to its end first

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 DROPPED_HEADER = "X-Dropped-Messages"  # how many of the oldest messages were left out to fit the context window
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# A stream open when the server shuts down ends as such within this time (below uvicorn's graceful shutdown, 5-10 s).
+SHUTDOWN_GRACE_SECONDS = 3.0
+SHUTDOWN_MESSAGE = "the server is shutting down: this reply was cut short; send the request again once it is back"
 
 
 def logprob_entry(record: TokenLogprob) -> dict:
@@ -122,12 +125,25 @@ def sse_data(data: str) -> bytes:
 
 def event_stream(runners: list[ReplyRunner], events: AsyncIterator[dict | str]) -> EventSourceResponse:
     """`data: {json}` events (a dict, or its JSON already), an error event if generation fails after the first, then
-    `data: [DONE]`; leaving early (the client went) stops every reply."""
+    `data: [DONE]`; leaving early (the client went) stops every reply. When the server shuts down meanwhile
+    (sse-starlette's `shutdown_event`, set on uvicorn's exit signal), the replies stop at their next token and the
+    stream ends as such, with a `server_shutting_down` error event and `[DONE]`, within SHUTDOWN_GRACE_SECONDS rather
+    than being cut off mid-event."""
+    shutdown = anyio.Event()
+
+    async def stop_on_shutdown() -> None:
+        await shutdown.wait()
+        for runner in runners:
+            runner.cancel.set()  # each ends within one token: its chunks end, then the events
 
     async def framed() -> AsyncIterator[bytes]:
+        watcher = asyncio.ensure_future(stop_on_shutdown())
         try:
             async for event in events:
                 yield sse_data(event if isinstance(event, str) else json.dumps(event, ensure_ascii=False))
+            if shutdown.is_set():
+                error = openai_error(503, SHUTDOWN_MESSAGE, "server_shutting_down", None)
+                yield sse_data(json.dumps(error, ensure_ascii=False))
         except EngineError as exc:  # e.g. out of memory after the first token: the status line is already sent
             code, param, _ = engine_error_details(exc)
             yield sse_data(json.dumps(openai_error(exc.status, str(exc), code, param), ensure_ascii=False))
@@ -135,8 +151,16 @@ def event_stream(runners: list[ReplyRunner], events: AsyncIterator[dict | str]) 
             log.exception("a streamed response failed")
             yield sse_data(json.dumps(openai_error(500, f"internal server error: {type(exc).__name__}")))
         finally:
+            watcher.cancel()
             await close_all(runners)
         yield sse_data("[DONE]")
 
     headers = {**SSE_HEADERS, **dropped_headers(runners)}
-    return EventSourceResponse(framed(), headers=headers, sep="\n", background=BackgroundTask(close_all, runners))
+    return EventSourceResponse(
+        framed(),
+        headers=headers,
+        sep="\n",
+        background=BackgroundTask(close_all, runners),
+        shutdown_event=shutdown,
+        shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
+    )
