@@ -764,3 +764,30 @@ def test_usage_counts_the_tokens_up_to_the_one_that_completes_a_stop_string(url,
         assert got == text[: text.index(stop)]
         counts.add(usage["completion_tokens"])
     assert counts == {expected}
+
+
+def test_a_call_the_model_writes_to_a_strict_tool_must_validate_or_it_is_content():
+    """`strict: true` with tool_choice auto: the model writes the call by itself (no grammar); arguments that do not
+    validate against the tool's schema were returned as a tool call. Such a call is content, as a call to a tool
+    not offered is; a valid one is a call."""
+    from internlm_app.chat.reply_reader import ChoiceBuilder
+    from internlm_app.chat_types import ReplyChunk
+
+    schema = WEATHER["function"]["parameters"]
+
+    def read(arguments: dict, strict: bool) -> ChoiceBuilder:
+        builder = ChoiceBuilder(None, tools=["get_weather"], strict={"get_weather": schema} if strict else None)
+        call = json.dumps({"name": "get_weather", "parameters": arguments})
+        for piece in [
+            ReplyChunk(control="<|action_start|>"),
+            ReplyChunk(control="<|plugin|>"),
+            ReplyChunk(text=call),
+            ReplyChunk(control="<|action_end|>"),
+        ]:
+            builder.push(piece)
+        return builder
+
+    invalid, valid = {"city": 3}, {"city": "Paris", "unit": "celsius"}
+    assert read(invalid, strict=True).tool_call is None and read(invalid, strict=True).finish("stop")[1] == "stop"
+    assert read(invalid, strict=False).tool_call is not None  # not strict: as the model wrote it
+    assert json.loads(read(valid, strict=True).tool_call["arguments"]) == valid

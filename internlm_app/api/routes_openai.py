@@ -46,7 +46,8 @@ def _logprobs(delta: Delta, wanted: bool) -> dict | None:
 
 def _builder(body: ChatCompletionRequest) -> ChoiceBuilder:
     tools = [t.function.name for t in body.tools or []]
-    return ChoiceBuilder(body.stop, forced_call=body.forced_tool is not None, tools=tools)
+    strict = {t.function.name: t.function.parameters or {} for t in body.tools or [] if t.function.strict}
+    return ChoiceBuilder(body.stop, forced_call=body.forced_tool is not None, tools=tools, strict=strict)
 
 
 async def _whole_choice(index: int, runner: ReplyRunner, body: ChatCompletionRequest) -> dict:

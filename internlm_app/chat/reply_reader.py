@@ -9,6 +9,7 @@ shown as content, never dropped.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -79,10 +80,21 @@ class StopCutText:
 class ChoiceBuilder:
     """Feeds on one reply's chunks (`push`, then `finish`); `ended` turns true when a stop string ended it."""
 
-    def __init__(self, stops: list[str] | None, *, forced_call: bool = False, tools: list[str] | None = None):
+    def __init__(
+        self,
+        stops: list[str] | None,
+        *,
+        forced_call: bool = False,
+        tools: list[str] | None = None,
+        strict: dict[str, dict] | None = None,
+    ):
+        """`tools`: the offered tools' names (a call to another name is content). `strict`: the parameter schemas of
+        tools offered with `strict: true`: a call to one whose arguments do not validate is content too (a forced
+        call is valid by its grammar; one the model writes by itself is checked here)."""
         self._text = StopCutText(stops)
         self._state = "call" if forced_call else "content"  # content -> action -> call -> done
-        self._tools = tools  # the offered tools' names (a call to another name is content)
+        self._tools = tools
+        self._strict = strict or {}
         self._call_text = ""
         self._call_records: list[TokenLogprob] = []
         self.tool_call: ToolCall | None = None
@@ -120,13 +132,23 @@ class ChoiceBuilder:
     def _end_call(self) -> Delta:
         self._state = "done"
         call = parse_tool_call(self._call_text)
-        if call is not None and (self._tools is None or call["name"] in self._tools):
+        if call is not None and (self._tools is None or call["name"] in self._tools) and self._valid(call):
             self.tool_call = call
             return Delta(tool_call=call)
         # Not a call to an offered tool after all: the model's text is shown (with its logprobs) rather than lost.
         text, records = self._text.push(self._call_text, self._call_records)
         self.ended = self._text.hit
         return Delta(content=text, logprobs=records)
+
+    def _valid(self, call: ToolCall) -> bool:
+        """Whether the call's arguments validate against its tool's schema, when that tool is strict."""
+        schema = self._strict.get(call["name"])
+        if schema is None:
+            return True
+        from jsonschema import validators  # (only a strict tool's call pays for the import)
+
+        validator = validators.validator_for(schema, default=validators.Draft202012Validator)
+        return validator(schema).is_valid(json.loads(call["arguments"]))
 
     def finish(self, finish_reason: str) -> tuple[Delta, str]:
         """The rest (held-back text, a call cut short) and OpenAI's finish_reason for an engine finish reason."""
