@@ -199,6 +199,8 @@ def test_disconnect_mid_reply_frees_the_lock(endless, path):
     assert wait_until(lambda: slow.queue.active == 0, timeout=30)
     assert wait_until(lambda: _metric(_metrics(url), CANCELLED) == _metric(before, CANCELLED) + 1, timeout=30)
     assert _metric(_metrics(url), TOKENS) - _metric(before, TOKENS) < 450
+    gone = f'internlm_requests_total{{endpoint="{path}",status="499"}}'  # not 200: nobody read the answer
+    assert wait_until(lambda: _metric(_metrics(url), gone) == _metric(before, gone) + 1, timeout=30)
     response = httpx.post(url, json={"prompt": "hi", "max_new_tokens": 2}, timeout=30)
     assert response.status_code == 200 and response.json()["status"] == 200
 

@@ -108,6 +108,9 @@ class JSONCORSMiddleware(CORSMiddleware):
         await super().__call__(scope, receive, send)
 
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away before the answer
+
+
 class RequestLogMiddleware:
     """Logs one line per request (endpoint, status, tokens, latency) and counts it in the metrics."""
 
@@ -133,6 +136,8 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             seconds = time.perf_counter() - started
+            if state.get("client_gone"):
+                status = CLIENT_CLOSED_REQUEST  # whatever was sent after it went, nobody read it
             self.metrics.observe_request(scope["path"], status, seconds)
             log.info("%s", self._line(scope, status, seconds, state))
 

@@ -155,6 +155,10 @@ def event_stream(runners: list[ReplyRunner], events: AsyncIterator[dict | str]) 
             await close_all(runners)
         yield sse_data("[DONE]")
 
+    async def client_went(_message: object) -> None:  # the request log says 499 (see RequestLogMiddleware)
+        for runner in runners:
+            runner.request.state.client_gone = True
+
     headers = {**SSE_HEADERS, **dropped_headers(runners)}
     return EventSourceResponse(
         framed(),
@@ -163,4 +167,5 @@ def event_stream(runners: list[ReplyRunner], events: AsyncIterator[dict | str]) 
         background=BackgroundTask(close_all, runners),
         shutdown_event=shutdown,
         shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
+        client_close_handler_callable=client_went,
     )

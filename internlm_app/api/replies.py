@@ -148,6 +148,7 @@ class ReplyRunner:
                 return
             if gone:
                 self.disconnected = True
+                self.request.state.client_gone = True  # the request log says 499, not the status sent to nobody
                 self.cancel.set()
                 return
             await anyio.sleep(DISCONNECT_POLL_SECONDS)
