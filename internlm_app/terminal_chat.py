@@ -10,6 +10,7 @@ Piped (stdin is not a terminal), each input line is one user message and gets ex
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from typing import TextIO
@@ -26,6 +27,7 @@ HELP = "\n".join(f"  {name:<7} {what}" for name, what in COMMANDS.items()) + (
     "\n  Ctrl-C stops a reply. A message that starts with / is sent as typed after a second /: //etc."
 )
 _EXIT = {"/exit", "/quit", "exit", "quit"}
+PROMPT = ">>> "
 _ESCAPED_BYTES = range(0xDC80, 0xDD00)  # how surrogateescape reads each byte 0x80-0xff that is not UTF-8
 
 
@@ -75,10 +77,8 @@ class TerminalChat:
             name = f"{info.name} on {info.device}"
             self._note(f"InternLM2 Chat: {name}. Type a message and press Enter; /help lists the commands.")
         while True:
-            if self.interactive:
-                print(">>> ", end="", file=self.stderr, flush=True)
             try:
-                line = self.stdin.readline()
+                line = self._read_line()
             except KeyboardInterrupt:
                 if not self.interactive:
                     raise  # piped: Ctrl-C ends the run (exit 130), not one line
@@ -94,6 +94,29 @@ class TerminalChat:
             self._piped(text)
         # Piped: exit status 1 when any line failed (each failure has its own output line), as a script expects.
         return 1 if self.failures and not self.interactive else 0
+
+    def _read_line(self) -> str:
+        """The next line, '' at the end of the input. In a terminal (stdin and stdout), through `input()` with GNU
+        readline: the arrow keys move in the line, edit a word typed in Chinese, and go back to earlier lines;
+        otherwise the raw line (the prompt, in a terminal, goes to stderr)."""
+        if self._line_editing:
+            try:
+                return input(PROMPT) + "\n"
+            except EOFError:
+                return ""
+        if self.interactive:
+            print(PROMPT, end="", file=self.stderr, flush=True)
+        return self.stdin.readline()
+
+    @functools.cached_property
+    def _line_editing(self) -> bool:
+        if not (self.interactive and self.stdin is sys.stdin and self.stdout is sys.stdout and sys.stdout.isatty()):
+            return False
+        try:
+            import readline  # noqa: F401  (importing it gives input() line editing and history)
+        except ImportError:  # (not built on this platform: plain lines)
+            return False
+        return True
 
     def _command(self, text: str) -> bool:
         """Handle an interactive line; False ends the chat."""

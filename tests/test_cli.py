@@ -484,3 +484,52 @@ def test_output_that_cannot_be_written_is_one_error_line(tmp_path):
         )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "error: No space left on device" in result.stderr and "leaked" not in result.stderr
+
+
+def test_the_interactive_chat_edits_a_line_with_the_arrow_keys(engine, tmp_path):
+    """In a terminal the arrow keys printed ^[[D into the message instead of moving in it. Typed: "helo", Left,
+    "l", Enter: the message sent is "hello" (its reply is the greedy reply to "hello"); Up brings it back."""
+    import pty
+    import select
+    import time
+
+    from internlm_app.sampling import SamplingParams
+
+    args = ["chat", "--model-path", str(FIXTURE_DIR), "--temperature", "0", "--max-new-tokens", "8", "--system", ""]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "INTERNLM_CACHE_DIR": str(tmp_path / "cache"), "INTERNLM_DEVICE": "cpu"}
+    env["TERM"] = "xterm"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the chat on the terminal's side
+        os.chdir(tmp_path)
+        os.execvpe(sys.executable, [sys.executable, "-m", "internlm_app", *args], env)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 120, after: int = 0) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen[after:]:
+            assert time.monotonic() < deadline, seen[-2000:]
+            if select.select([fd], [], [], 0.5)[0]:
+                with contextlib.suppress(OSError):
+                    seen += os.read(fd, 4096)
+
+    try:
+        read_until(b">>> ")
+        os.write(fd, b"helo\x1b[Dl\r")  # Left arrow: ESC [ D
+        hello, _ = engine.reply([{"role": "user", "content": "hello"}], SamplingParams.greedy_params(8))
+        read_until(hello.encode())
+        read_until(b">>> ", 30, after=seen.index(hello.encode()))  # the next prompt: the reply has ended
+        start = len(seen)
+        os.write(fd, b"\x1b[A")  # Up: the last line again, to edit or send
+        read_until(b"hello", 30, after=start)
+        assert b"^[" not in seen
+        os.write(fd, b"\x03")  # Ctrl-C at the prompt: a note, then Ctrl-D leaves
+        read_until(b"Ctrl-D", 30, after=start)
+        os.write(fd, b"\x04")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
