@@ -13,7 +13,16 @@ import torch
 
 from internlm_app.backends.decode_plan import estimate_for_checkpoint
 from internlm_app.runtime import gpu
-from internlm_app.runtime.convert import ConversionError, is_converted, is_internlm2_checkpoint, read_json
+from internlm_app.runtime.convert import (
+    MARKER,
+    ConversionError,
+    check_conversion,
+    check_source,
+    is_converted,
+    is_internlm2_checkpoint,
+    read_json,
+    source_shards,
+)
 from internlm_app.runtime.loader import checkpoint_bytes
 from internlm_app.runtime.model_source import converted_dir_for
 from internlm_app.settings import ModelSettings
@@ -54,19 +63,39 @@ def _model_state(settings: ModelSettings) -> dict:
     else:
         src = Path(settings.cache_dir) / settings.model_id.replace(".", "___")  # ModelScope's cache layout
     state: dict = {"source": str(src), "present": (src / "config.json").is_file()}
-    if state["present"]:
+    if not state["present"]:
+        return state
+    try:
+        state["weights_bytes"] = checkpoint_bytes(src)
+        state["internlm2_format"] = is_internlm2_checkpoint(src)
+        model_type = read_json(src / "config.json").get("model_type")
+        if not isinstance(model_type, str):
+            raise ConversionError(f"{src / 'config.json'} names no model_type: download the model again")
+        if state["weights_bytes"] and state["internlm2_format"]:
+            check_source(src)  # what the conversion checks first: config values, tokenizer.model, the weight index
+        elif state["weights_bytes"]:
+            source_shards(src)  # the weight index names files that are there
+        else:
+            return state  # no weights: said as such
+    except ConversionError as exc:  # a config.json, tokenizer or weight index that cannot be used
+        state["damaged"] = str(exc)
+        return state
+    if not state["internlm2_format"]:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:
+            state["own_code"] = model_type  # transformers has no class for it: the folder's own code would be needed
+        return state
+    dst = converted_dir_for(src, settings)
+    state["converted_dir"] = str(dst)
+    state["converted"] = is_converted(dst, src)
+    if not state["converted"] and (dst / MARKER).is_file():
+        state["conversion"] = "out of date (the source changed since): converted again at the next start"
+    elif state["converted"]:
         try:
-            state["weights_bytes"] = checkpoint_bytes(src)
-            state["internlm2_format"] = is_internlm2_checkpoint(src)
-            if not isinstance(read_json(src / "config.json").get("model_type"), str):
-                raise ConversionError(f"{src / 'config.json'} names no model_type: download the model again")
-        except ConversionError as exc:  # a config.json or weight index that cannot be read
-            state["damaged"] = str(exc)
-            return state
-        if state["internlm2_format"]:
-            dst = converted_dir_for(src, settings)
-            state["converted_dir"] = str(dst)
-            state["converted"] = is_converted(dst, src)
+            check_conversion(dst)
+        except ConversionError as exc:
+            state["conversion_damaged"] = str(exc)
     return state
 
 
@@ -145,7 +174,16 @@ def doctor_report(settings: ModelSettings) -> dict:
         text = f"model not downloaded yet: run `python -m internlm_app download` (into {settings.cache_dir})"
         problems.append(Problem("not_downloaded", text, {"path": str(settings.cache_dir)}))
     elif "damaged" in model:
-        problems.append(Problem("damaged_config", model["damaged"], {"path": str(source)}))
+        problems.append(Problem("damaged_model", model["damaged"], {"path": str(source), "detail": model["damaged"]}))
+    elif "own_code" in model:
+        text = (
+            f"{source / 'config.json'} names the model type {model['own_code']!r}, which transformers has no built-in "
+            "class for: it needs the folder's own Python code, which this app never runs"
+        )
+        problems.append(Problem("needs_own_code", text, {"path": str(source), "model_type": model["own_code"]}))
+    elif "conversion_damaged" in model:
+        values = {"path": model["converted_dir"]}
+        problems.append(Problem("damaged_conversion", model["conversion_damaged"], values))
     elif not model.get("weights_bytes"):
         text = f"{source} has a config.json but no weight files (*.safetensors / *.bin): download it again"
         problems.append(Problem("no_weights", text, {"path": str(source)}))
@@ -167,7 +205,7 @@ def doctor_report(settings: ModelSettings) -> dict:
         gpu_free = int(torch.cuda.mem_get_info()[0]) if devices else None
         try:
             decoding = estimate_for_checkpoint(config, settings, gpu_free, model.get("weights_bytes", 0))
-        except (TypeError, ValueError, ZeroDivisionError) as exc:  # "hidden_size": "64", a zero, ...
+        except (TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:  # "hidden_size": "64", a zero ...
             text = f"{source / 'config.json'} holds a value of the wrong kind ({exc}): download the model again"
             problems.append(Problem("damaged_config", text, {"path": str(source)}))
     return {

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pydantic_settings import get_subcommand
@@ -399,7 +400,7 @@ def test_doctor_lists_a_damaged_or_weightless_model_and_a_cache_that_is_a_file(t
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "config.json").write_text('{"model_type": "internl')  # cut short
-    assert keys(model_path=damaged) == {"damaged_config"}
+    assert keys(model_path=damaged) == {"damaged_model"}
     weightless = tmp_path / "weightless"
     weightless.mkdir()
     (weightless / "config.json").write_text((FIXTURE_DIR / "config.json").read_text())
@@ -407,10 +408,15 @@ def test_doctor_lists_a_damaged_or_weightless_model_and_a_cache_that_is_a_file(t
     (tmp_path / "a_file").write_text("not a folder")
     assert keys(cache_dir=tmp_path / "a_file") == {"cache_not_dir"}
     assert keys(cache_dir=tmp_path / "a_file" / "models") == {"cache_not_dir"}
-    for config in ("{}", '{"model_type": "llama", "hidden_size": "64", "num_attention_heads": 2}'):
+    for config, key in (
+        ("{}", "damaged_model"),
+        ('{"model_type": "llama", "hidden_size": "64", "num_attention_heads": 2}', "damaged_config"),
+        ('{"model_type": "llama", "hidden_size": 64, "rope_parameters": null}', None),
+    ):
         (weightless / "config.json").write_text(config)
         (weightless / "model.safetensors").write_bytes(b"x" * 8)
-        assert keys(model_path=weightless) == {"damaged_config"}, config  # never "no problems", never a traceback
+        # never "no problems" for a config no model can be built from, never a traceback
+        assert keys(model_path=weightless) == ({key} if key else set()), config
     assert keys(model_path=FIXTURE_DIR) == set()
     on_cpu = {p.key for p in doctor_report(ModelSettings(model_path=FIXTURE_DIR, device="cpu"))["problems"]}
     assert "no_gpu" not in on_cpu  # INTERNLM_DEVICE=cpu asks for the CPU
@@ -496,7 +502,12 @@ def test_the_interactive_chat_edits_a_line_with_the_arrow_keys(engine, tmp_path)
     from internlm_app.sampling import SamplingParams
 
     args = ["chat", "--model-path", str(FIXTURE_DIR), "--temperature", "0", "--max-new-tokens", "8", "--system", ""]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "INTERNLM_CACHE_DIR": str(tmp_path / "cache"), "INTERNLM_DEVICE": "cpu"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "INTERNLM_CACHE_DIR": str(tmp_path / "cache"),
+        "INTERNLM_DEVICE": "cpu",
+    }
     env["TERM"] = "xterm"
     pid, fd = pty.fork()
     if pid == 0:  # the child: the chat on the terminal's side
@@ -533,3 +544,45 @@ def test_the_interactive_chat_edits_a_line_with_the_arrow_keys(engine, tmp_path)
             os.kill(pid, 9)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+def test_doctor_finds_what_the_load_would_fail_on(tmp_path):
+    """doctor said "no problems found" for folders the load then failed on: an InternLM2 checkpoint without its
+    tokenizer.model or with a config value no model can be built from, a weight index naming a missing file, a
+    model type that needs the folder's own code; a converted copy damaged since; and it crashed on one config."""
+    import shutil
+
+    from internlm_app.doctor import doctor_report
+    from internlm_app.runtime.model_source import resolve_model_dir
+    from internlm_app.settings import ModelSettings
+
+    def keys(path, **values) -> set[str]:
+        report = doctor_report(ModelSettings(model_path=path, cache_dir=tmp_path / "cache", **values))
+        return {p.key for p in report["problems"]} - {"no_gpu", "low_disk"}
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(FIXTURE_DIR, tmp_path / name))
+
+    (copy("no_tokenizer") / "tokenizer.model").unlink()
+    heads = copy("zero_heads")
+    config = json.loads((heads / "config.json").read_text())
+    (heads / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
+    rope = copy("bad_rope")
+    (rope / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "linear"}}))
+    index = copy("bad_index")
+    (index / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
+    own = tmp_path / "own_code"
+    own.mkdir()
+    (own / "config.json").write_text(json.dumps({"model_type": "evilmodel", "auto_map": {"AutoConfig": "c.C"}}))
+    (own / "model.safetensors").write_bytes(b"x" * 8)
+    for name in ("no_tokenizer", "zero_heads", "bad_rope", "bad_index"):
+        assert keys(tmp_path / name) == {"damaged_model"}, name
+    assert keys(own) == {"needs_own_code"}
+    fine = copy("fine")
+    settings = ModelSettings(model_path=fine, cache_dir=tmp_path / "cache", device="cpu")
+    converted = resolve_model_dir(settings)
+    assert keys(fine) == set()
+    for shard in converted.glob("*.safetensors"):
+        with open(shard, "r+b") as f:
+            f.truncate(4096)
+    assert keys(fine) == {"damaged_conversion"}

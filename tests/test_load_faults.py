@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -204,3 +205,137 @@ def test_an_offline_download_fails_once_with_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(ModelSourceError, match="Check the network.*INTERNLM_MODEL_PATH") as raised:
         download_model("Shanghai_AI_Laboratory/internlm2-chat-7b", "master", tmp_path, steps.append)
     assert raised.value.reason == "download_failed" and downloads == [] and steps == []
+
+
+def _set_config(src: Path, **changes) -> None:
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"num_attention_heads": 0}, "num_attention_heads is 0, not a positive whole number"),
+        ({"vocab_size": 1106.5}, "vocab_size is 1106.5"),
+        ({"rope_theta": "x"}, "rope_theta is 'x', not a positive number"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads is 3"),
+        ({"rope_scaling": "linear"}, "rope_scaling is 'linear', not an object"),
+        ({"rope_scaling": {"type": "weird", "factor": 2}}, "rope_scaling's type is 'weird'"),
+        ({"rope_scaling": {"factor": 2}}, "rope_scaling's type is None"),
+        ({"rope_scaling": {"type": "linear"}}, "factor"),
+    ],
+)
+def test_a_config_no_model_can_be_built_from_is_named_before_anything_is_converted(tmp_path, changes, expected):
+    """Each was a traceback (ZeroDivisionError, KeyError, AttributeError ...), some after the conversion was written
+    and marked done, so that fixing the file changed nothing."""
+    src = _copy(tmp_path)
+    _set_config(src, **changes)
+    with pytest.raises(ConversionError, match=re.escape(expected)):
+        convert_checkpoint(src, tmp_path / "out")
+    assert _nothing_left(tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_an_internlm2_checkpoint_without_a_readable_tokenizer_model_is_refused_first(tmp_path, damage):
+    """It converted, then the tokenizer fell back to AutoTokenizer, which asked for trust_remote_code."""
+    src = _copy(tmp_path)
+    if damage == "missing":
+        (src / "tokenizer.model").unlink()
+    else:
+        (src / "tokenizer.model").write_bytes((src / "tokenizer.model").read_bytes()[:1000])
+    with pytest.raises(ConversionError, match="tokenizer.model"):
+        convert_checkpoint(src, tmp_path / "out")
+    assert _nothing_left(tmp_path / "out")
+
+
+def test_a_conversion_is_made_again_when_its_source_changed(tmp_path):
+    """The conversion was reused as long as the source folder's path was the same: new weights (a new download), or
+    a config.json fixed after a failure, changed nothing."""
+    src = _copy(tmp_path)
+    settings = tiny_settings(tmp_path, model_path=src)
+    first = resolve_model_dir(settings)
+    assert is_converted(first, src)
+    _rewrite_weights(src, lambda tensors: tensors["model.norm.weight"].fill_(7.0))
+    assert not is_converted(first, src)  # the source's weights changed since
+    model, _, _ = load_model(settings)
+    assert torch.all(model.model.norm.weight == 7.0)
+    assert is_converted(first, src)
+
+
+def test_weights_beyond_or_unlike_what_the_config_describes_are_refused(tmp_path):
+    """A config with fewer layers than the weights loaded and replied (the extra layer dropped in silence); one with
+    another MLP size was a RuntimeError traceback."""
+    src = _copy(tmp_path)
+    _set_config(src, num_hidden_layers=1)
+    with pytest.raises(ModelLoadError, match="beyond what its config.json describes"):
+        load_model(tiny_settings(tmp_path, model_path=src))
+    src2 = tmp_path / "mlp"
+    shutil.copytree(FIXTURE_DIR, src2)
+    _set_config(src2, intermediate_size=128)
+    with pytest.raises(ModelLoadError, match="shapes its config.json gives|wrongly shaped"):
+        load_model(tiny_settings(tmp_path, model_path=src2))
+
+
+def test_a_model_folder_that_needs_its_own_code_is_refused_without_running_it(tmp_path):
+    """transformers asked "Do you wish to run the custom code? [y/N]" and, answered y, ran the folder's files."""
+    folder = tmp_path / "own_code"
+    folder.mkdir()
+    ran = tmp_path / "ran"
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (folder / name).write_text(f"open({str(ran)!r}, 'w').write('ran')\n")
+    auto_map = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps({"model_type": "evilmodel", "auto_map": auto_map}))
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+    (folder / "tokenizer.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="never runs") as refused:
+        load_model(tiny_settings(tmp_path, model_path=folder))
+    assert refused.value.reason == "not_a_model" and not ran.exists()
+
+
+def test_a_native_folder_without_a_tokenizer_is_named(tmp_path, converted_dir):
+    """It failed at the warm-up with "Expected tensor ... Long, Int; got FloatTensor"."""
+    folder = tmp_path / "no_tokenizer"
+    shutil.copytree(converted_dir, folder)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="has no tokenizer"):
+        load_model(tiny_settings(tmp_path, model_path=folder))
+
+
+def test_the_converted_shards_are_as_readable_as_its_other_files(tmp_path):
+    out = convert_checkpoint(_copy(tmp_path), tmp_path / "out")
+    mode = (out / "config.json").stat().st_mode & 0o777
+    assert {shard.stat().st_mode & 0o777 for shard in out.glob("*.safetensors")} == {mode}
+
+
+def test_a_conversion_waiting_for_another_says_so(tmp_path, caplog):
+    """It printed only "converting ... (once)" and waited in silence while another process held the folder."""
+    import fcntl
+    import logging
+    import os
+    import threading
+
+    src, out = _copy(tmp_path), tmp_path / "conv" / "out"
+    out.parent.mkdir()
+    holder = os.open(out.parent, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another process converting into that folder
+    caplog.set_level(logging.INFO, logger="internlm_app.runtime.convert")
+    converting = threading.Thread(target=convert_checkpoint, args=(src, out))
+    converting.start()
+    try:
+        assert wait_for(lambda: "waiting for another conversion" in caplog.text)
+    finally:
+        os.close(holder)  # (releases the lock)
+    converting.join(60)
+    assert is_converted(out, src)
+
+
+def wait_for(condition, timeout: float = 30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False

@@ -59,3 +59,16 @@ def test_a_corrupt_native_checkpoint_is_a_load_error_that_says_what_to_do(tmp_pa
             f.truncate(4096)
     with pytest.raises(ModelLoadError, match="download the model again"):
         load_model(tiny_settings(tmp_path, model_path=broken))
+
+
+def test_rope_scaling_extends_the_window_by_its_factor_only(tmp_path):
+    """A yarn ×4 model of 512 positions got the whole 32k budget of the setting; it takes 4 × 512."""
+    from types import SimpleNamespace
+
+    from internlm_app.runtime.loader import context_window
+
+    settings = tiny_settings(tmp_path, max_length=32768)
+    yarn = SimpleNamespace(max_position_embeddings=512, rope_parameters={"rope_type": "yarn", "factor": 4.0})
+    plain = SimpleNamespace(max_position_embeddings=512, rope_parameters={"rope_type": "default"})
+    assert context_window(yarn, settings) == 2048 and context_window(plain, settings) == 512
+    assert context_window(yarn, tiny_settings(tmp_path, max_length=1000)) == 1000

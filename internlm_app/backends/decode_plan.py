@@ -154,7 +154,7 @@ def estimate_for_checkpoint(
     head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
     per_token = 2 * config.get("num_hidden_layers", 0) * kv_heads * head_dim * 2
     scaled = bool(
-        config.get("rope_scaling") or config.get("rope_parameters", {}).get("rope_type", "default") != "default"
+        config.get("rope_scaling") or (config.get("rope_parameters") or {}).get("rope_type", "default") != "default"
     )
     positions = config.get("max_position_embeddings")
     window = settings.max_length if scaled or not positions else min(settings.max_length, positions)

@@ -14,6 +14,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,12 +27,13 @@ log = logging.getLogger(__name__)
 
 MARKER = "internlm_app_conversion.json"
 PARTIAL_MARKER = "internlm_app_conversion.partial"  # in the folder a conversion is written to, until it is done
-CONVERSION_VERSION = 1
-REQUIRED_CONFIG = (
+CONVERSION_VERSION = 2  # 2: the marker lists the source's files (size, mtime): a changed source is converted again
+POSITIVE_INTS = (
     *("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
-    *("max_position_embeddings", "rms_norm_eps"),
+    "max_position_embeddings",
 )
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 # InternLM2 name (after "model.layers.N.") -> Llama name
 _LAYER_RENAMES = {
@@ -78,7 +80,8 @@ def is_internlm2_checkpoint(path: Path) -> bool:
 
 
 def is_converted(dst: Path, src: Path | None = None) -> bool:
-    """True when `dst` holds a finished conversion (of `src`, when given); a damaged marker means it is not."""
+    """True when `dst` holds a finished conversion (of `src` as it is now, when given: the same folder, and each of
+    its files of the same size and modification time); a damaged marker means it is not."""
     marker = dst / MARKER
     try:
         meta = json.loads(marker.read_text(encoding="utf-8"))
@@ -86,7 +89,96 @@ def is_converted(dst: Path, src: Path | None = None) -> bool:
         return False
     if not isinstance(meta, dict) or meta.get("version") != CONVERSION_VERSION:
         return False
-    return src is None or meta.get("source") == str(src.resolve())
+    if src is None:
+        return True
+    try:
+        files = source_files(src, source_shards(src))
+    except (ConversionError, OSError):  # the source cannot be read now: converting it says why
+        return False
+    return meta.get("source") == str(src.resolve()) and meta.get("source_files") == files
+
+
+def source_files(src: Path, shards: list[Path]) -> dict[str, list[int]]:
+    """[size, mtime in ns] of each file a conversion of `src` is made from (config, tokenizer, index, weights): a
+    file replaced or edited afterwards (a new download, a fixed config) shows here."""
+    names = ["config.json", "generation_config.json", *TOKENIZER_FILES, *_INDEXES]
+    files = [src / name for name in names if (src / name).is_file()] + shards
+    return {str(path.relative_to(src)): [path.stat().st_size, path.stat().st_mtime_ns] for path in files}
+
+
+def check_config(cfg: dict, path: Path) -> None:
+    """Refuse an InternLM2 config.json that no model can be built from (ConversionError naming the value): a missing
+    or non-positive size, heads that do not divide the hidden size, RoPE scaling transformers does not know or
+    that lacks its parameters. Checked before anything is converted."""
+
+    def refuse(what: str) -> NoReturn:
+        raise ConversionError(
+            f"{path}: {what}. The file is damaged or was edited: download the model again "
+            "(python -m internlm_app download) or fix that value"
+        )
+
+    for key in POSITIVE_INTS:
+        value = cfg.get(key)
+        if key not in cfg:
+            refuse(f"{key} is missing")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            refuse(f"{key} is {value!r}, not a positive whole number")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = cfg.get(key, 1.0 if key == "rope_theta" else None)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            refuse(f"{key} is {value!r}, not a positive number")
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads", heads)
+    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
+        refuse(f"num_key_value_heads is {kv_heads!r}, not a positive whole number that divides {heads} heads")
+    if cfg["hidden_size"] % heads:
+        refuse(f"hidden_size {cfg['hidden_size']} is not a multiple of num_attention_heads {heads}")
+    scaling = cfg.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        refuse(f'rope_scaling is {scaling!r}, not an object such as {{"type": "dynamic", "factor": 2.0}}')
+    if scaling:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        kind = scaling.get("rope_type") or scaling.get("type")
+        if kind not in ROPE_INIT_FUNCTIONS:
+            refuse(f"rope_scaling's type is {kind!r}; transformers knows {', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
+        from transformers import LlamaConfig
+
+        try:  # transformers' own check of the scaling's parameters (a linear scaling without its factor ...)
+            LlamaConfig(**llama_config(cfg)).validate_rope()
+        except (KeyError, ValueError, TypeError) as exc:
+            refuse(f"rope_scaling {scaling!r} cannot be used: {str(exc).strip(chr(34))}")
+
+
+def check_tokenizer(src: Path) -> None:
+    """Refuse an InternLM2 checkpoint without a readable tokenizer.model (its sentencepiece vocabulary)."""
+    import sentencepiece
+
+    model = src / "tokenizer.model"
+    if not model.is_file():
+        raise ConversionError(
+            f"{src} has no tokenizer.model (InternLM2's vocabulary): the download is incomplete; download the model "
+            "again (python -m internlm_app download)"
+        )
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(model))
+    except (RuntimeError, OSError) as exc:
+        raise ConversionError(
+            f"{model} cannot be read as a sentencepiece model ({str(exc).splitlines()[0] if str(exc) else exc}): it "
+            "is incomplete or damaged; download the model again (python -m internlm_app download)"
+        ) from exc
+
+
+def check_source(src: Path) -> tuple[dict, list[Path]]:
+    """The config and weight files of InternLM2 checkpoint `src`, checked before a conversion (and by `doctor`):
+    ConversionError saying what to fix for a config value (`check_config`), the tokenizer (`check_tokenizer`), a
+    weight index naming files that are not there."""
+    if not is_internlm2_checkpoint(src):
+        raise ConversionError(f"{src} has no InternLM2 config.json (model_type 'internlm2')", reason="not_a_model")
+    cfg = read_json(src / "config.json")
+    check_config(cfg, src / "config.json")
+    check_tokenizer(src)
+    return cfg, source_shards(src)
 
 
 def llama_config(internlm: dict) -> dict:
@@ -177,7 +269,9 @@ def expected_tensors(cfg: dict) -> set[str]:
     return names | {f"model.layers.{i}.{n}" for i in range(cfg["num_hidden_layers"]) for n in per_layer}
 
 
-def _source_shards(src: Path) -> list[Path]:
+def source_shards(src: Path) -> list[Path]:
+    """The weight files of `src` (by its index when it has one); ConversionError when the index names files that are
+    not there or there are none."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = src / index_name
         if index.is_file():
@@ -211,18 +305,27 @@ def _read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         del state
 
 
+def check_conversion(dst: Path) -> None:
+    """Refuse a finished conversion whose files were damaged since (a shard deleted or cut short): ConversionError
+    saying to delete it, so that the next start converts it again. Reads the shards' headers only."""
+    try:
+        shards = source_shards(dst)
+        for shard in shards:
+            with safe_open(str(shard), framework="pt"):
+                pass
+    except (ConversionError, SafetensorError, OSError) as exc:
+        raise ConversionError(
+            f"the converted copy in {dst} is damaged ({str(exc).split(';')[0]}): delete that folder and start again "
+            "to convert it anew from the download"
+        ) from exc
+
+
 def convert_checkpoint(src: Path, dst: Path, progress: Progress | None = None) -> Path:
     """Write a Llama checkpoint for InternLM2 checkpoint `src` into `dst` and return `dst`."""
     # The real place: "." or "~/x" has a name to put ".partial" beside, and a symlinked output is replaced where it
     # points (its target is checked like any folder).
     src, dst = Path(src).expanduser(), Path(dst).expanduser().resolve()
-    if not is_internlm2_checkpoint(src):
-        raise ConversionError(f"{src} has no InternLM2 config.json (model_type 'internlm2')", reason="not_a_model")
-    cfg = read_json(src / "config.json")
-    absent = [key for key in REQUIRED_CONFIG if not isinstance(cfg.get(key), int | float)]
-    if absent:
-        raise ConversionError(f"{src / 'config.json'} lacks {', '.join(absent)}; download the model again")
-    shards = _source_shards(src)
+    cfg, shards = check_source(src)
     if not dst.name:
         raise ConversionError(f"{dst} is no place for a conversion: name a directory for it", reason="not_writable")
     if dst.exists() and not dst.is_dir():
@@ -251,7 +354,11 @@ def _conversion_lock(dst: Path) -> Iterator[None]:
             reason="not_writable",
         ) from exc
     try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process converts into this folder: say so, then wait for it
+            log.info("waiting for another conversion into %s to finish (another process is converting)", dst.parent)
+            fcntl.flock(folder, fcntl.LOCK_EX)
         yield
     finally:
         os.close(folder)
@@ -361,9 +468,17 @@ def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path]
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, tmp / name)
-    meta = {"version": CONVERSION_VERSION, "source": str(src.resolve()), "source_model_type": "internlm2"}
+    meta = {
+        "version": CONVERSION_VERSION,
+        "source": str(src.resolve()),
+        "source_model_type": "internlm2",
+        "source_files": source_files(src, shards),
+    }
+    (tmp / MARKER).write_text(json.dumps(meta, indent=2))  # (before the partial marker goes: always one of the two)
     (tmp / PARTIAL_MARKER).unlink()
-    (tmp / MARKER).write_text(json.dumps(meta, indent=2))
+    mode = (tmp / MARKER).stat().st_mode & 0o777  # the shards as readable as the other files (the umask's mode)
+    for shard in tmp.glob("*.safetensors"):
+        shard.chmod(mode)
     _refuse_foreign_folder(dst, (MARKER,))  # again: something may have been put there while the shards converted
     shutil.rmtree(dst, ignore_errors=True)  # (ours or empty: _refuse_foreign_folder)
     tmp.rename(dst)  # the marker appears atomically with the finished directory

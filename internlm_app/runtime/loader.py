@@ -14,7 +14,7 @@ from internlm_app.chat_types import ModelInfo
 from internlm_app.errors import UserFacingError
 from internlm_app.load_progress import LoadStep, Progress
 from internlm_app.runtime import gpu
-from internlm_app.runtime.convert import read_json
+from internlm_app.runtime.convert import MARKER, read_json
 from internlm_app.runtime.model_source import resolve_model_dir
 from internlm_app.runtime.tokenizer import ChatTokenizer, load_tokenizer
 from internlm_app.settings import ModelSettings
@@ -22,6 +22,7 @@ from internlm_app.settings import ModelSettings
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")  # one of them: a tokenizer
 
 
 class ModelLoadError(UserFacingError):
@@ -103,25 +104,70 @@ def _quantization_config(settings: ModelSettings, dtype: torch.dtype):
 
 
 def context_window(config, settings: ModelSettings) -> int:
-    """The context budget: the setting, capped by the model's positions unless RoPE scaling extends them."""
+    """The context budget: the setting, capped by the model's positions, times the RoPE scaling's factor when it has
+    one (a yarn ×4 model of 512 positions takes 2,048 tokens, not whatever the setting says)."""
     limit = settings.max_length
     positions = getattr(config, "max_position_embeddings", None)
     rope = getattr(config, "rope_parameters", None) or {}
     scaled = isinstance(rope, dict) and rope.get("rope_type", "default") != "default"
-    if positions and not scaled:
-        limit = min(limit, positions)
+    factor = rope.get("factor") if scaled else 1
+    if positions and isinstance(factor, int | float) and not isinstance(factor, bool) and factor >= 1:
+        limit = min(limit, int(positions * factor))
     return limit
 
 
-def _check_complete(model_dir: Path, loading: dict) -> None:
-    """Refuse weights that are absent or of the wrong shape: transformers would start them at random, silently."""
-    for kind, what in (("missing_keys", "lacks"), ("mismatched_keys", "has wrongly shaped")):
+def _refuse_remote_code(model_dir: Path) -> None:
+    """A folder whose model_type transformers has no class for (it brings its own Python, `auto_map`) is refused here,
+    before transformers would ask to run that code: this app never runs a model folder's code."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = read_json(model_dir / "config.json")
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return
+    own_code = (
+        " (the folder brings its own Python code, auto_map, which this app never runs)" if "auto_map" in config else ""
+    )
+    raise ModelLoadError(
+        f"{model_dir / 'config.json'} names the model type {model_type!r}, which transformers has no built-in class "
+        f"for{own_code}. Use a model transformers supports (Llama, Qwen2, ...) or an InternLM2 checkpoint, which is "
+        "converted to Llama once.",
+        "not_a_model",
+    )
+
+
+def _repair_hint(model_dir: Path, settings: ModelSettings) -> str:
+    """What to do when the files in `model_dir` cannot be loaded: the app's own conversion of the model the settings
+    name is made again once deleted (its source passed the checks); anything else is downloaded again."""
+    given = settings.model_path is not None and Path(settings.model_path).expanduser().resolve() == model_dir.resolve()
+    if (model_dir / MARKER).is_file() and not given:
+        return f"The converted copy in {model_dir} is damaged: delete that folder and start again to convert it anew"
+    return "If a file is incomplete or corrupt, download the model again (python -m internlm_app download)"
+
+
+def _check_tokenizer_files(model_dir: Path) -> None:
+    if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{model_dir} has no tokenizer ({', '.join(_TOKENIZER_FILES)}): the download is incomplete; download "
+            "the model again or point INTERNLM_MODEL_PATH at a complete copy",
+            "damaged_files",
+        )
+
+
+def _check_complete(model_dir: Path, loading: dict, settings: ModelSettings) -> None:
+    """Refuse weights that are absent or of the wrong shape (transformers would start them at random, silently), and
+    weights the config does not describe (a config with fewer layers than the weights: they would be dropped)."""
+    for kind, what in (
+        ("missing_keys", "lacks"),
+        ("mismatched_keys", "has wrongly shaped"),
+        ("unexpected_keys", "has, beyond what its config.json describes,"),
+    ):
         names = sorted(str(k if isinstance(k, str) else k[0]) for k in loading.get(kind) or ())
         if names:
             raise ModelLoadError(
                 f"the checkpoint in {model_dir} {what} {len(names)} weights ({', '.join(names[:3])}"
-                f"{', ...' if len(names) > 3 else ''}): a weights file is missing, incomplete or from another model; "
-                "download the model again (python -m internlm_app download)",
+                f"{', ...' if len(names) > 3 else ''}): a weights file is missing, incomplete or from another model, "
+                f"or config.json does not match the weights. {_repair_hint(model_dir, settings)}.",
                 "damaged_files",
             )
 
@@ -139,14 +185,18 @@ def load_model(
         raise ModelLoadError(
             "8-bit/4-bit quantization needs a CUDA GPU; unset INTERNLM_QUANTIZATION on CPU.", "needs_gpu"
         )
+    # Before the download and the conversion (minutes, 31 GB): a missing bitsandbytes is said at once.
+    quantization = _quantization_config(settings, dtype) if device == "cuda" else None
     model_dir = resolve_model_dir(settings, progress=progress)
+    _refuse_remote_code(model_dir)
+    _check_tokenizer_files(model_dir)
     _check_fits(model_dir, device, dtype, settings)
     if progress:
         progress(LoadStep("load", detail=f"{device}, {str(dtype).removeprefix('torch.')}"))
-    kwargs: dict = {"dtype": dtype, "attn_implementation": settings.attn_implementation}
+    kwargs: dict = {"dtype": dtype, "attn_implementation": settings.attn_implementation, "trust_remote_code": False}
     if device == "cuda":
         kwargs["device_map"] = settings.device_map
-        kwargs["quantization_config"] = _quantization_config(settings, dtype)
+        kwargs["quantization_config"] = quantization
     try:
         model, loading = AutoModelForCausalLM.from_pretrained(str(model_dir), output_loading_info=True, **kwargs)
     except torch.OutOfMemoryError as exc:
@@ -155,15 +205,28 @@ def load_model(
             f"out of GPU memory while loading ({exc}). Try INTERNLM_QUANTIZATION=8bit or 4bit, or free the GPU.",
             "out_of_memory",
         ) from exc
-    except (OSError, ValueError, SafetensorError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ModelLoadError(
-            f"could not load the model from {model_dir}: {exc}. If a weights file is incomplete or corrupt, download "
-            "the model again (python -m internlm_app download).",
+            f"could not load the model from {model_dir}: {exc}. {_repair_hint(model_dir, settings)}.", "damaged_files"
+        ) from exc
+    except RuntimeError as exc:  # weights of other shapes than config.json says ("size mismatch for ...")
+        if "mismatch" not in str(exc):
+            raise
+        raise ModelLoadError(
+            f"the weights in {model_dir} do not have the shapes its config.json gives ({str(exc).splitlines()[0]}): "
+            f"the config or a weights file belongs to another model. {_repair_hint(model_dir, settings)}.",
             "damaged_files",
         ) from exc
-    _check_complete(model_dir, loading)
+    _check_complete(model_dir, loading, settings)
     model.eval()
-    tokenizer = load_tokenizer(model_dir)
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except (OSError, ValueError, RuntimeError) as exc:  # a damaged tokenizer.model, tokenizer.json ...
+        raise ModelLoadError(
+            f"could not read the tokenizer in {model_dir} ({str(exc).splitlines()[0] if str(exc) else exc}). "
+            f"{_repair_hint(model_dir, settings)}.",
+            "damaged_files",
+        ) from exc
     info = ModelInfo(
         name=settings.model_id if settings.model_path is None else Path(settings.model_path).name,
         path=str(model_dir),

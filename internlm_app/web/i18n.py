@@ -453,6 +453,21 @@ LABELS: dict[str, tuple[str, str]] = {
         "The config.json or weight index in `{path}` cannot be read (an incomplete or damaged download): download "
         "the model again",
     ),
+    "doctor_damaged_model": (
+        "`{path}` 中的模型文件不完整、已损坏或彼此不匹配：{detail}",
+        "The model files in `{path}` are incomplete, damaged or do not match: {detail}",
+    ),
+    "doctor_needs_own_code": (
+        "`{path}` 的模型类型 {model_type} 需要该文件夹自带的 Python 代码，本应用从不运行这类代码：请使用 transformers "
+        "内置支持的模型，或 InternLM2 模型（会转换一次）",
+        "`{path}` is of the model type {model_type}, which needs the folder's own Python code, which this app never "
+        "runs: use a model transformers supports, or an InternLM2 model (converted once)",
+    ),
+    "doctor_damaged_conversion": (
+        "转换后的副本 `{path}` 已损坏：删除该文件夹后重新启动，即可从下载的模型重新转换",
+        "The converted copy `{path}` is damaged: delete that folder and start again to convert it anew from the "
+        "download",
+    ),
     "doctor_remote_misconfigured": (
         "`{url}` 不是可用的 OpenAI 兼容模型服务器（是本服务自身，或不是这种 API）：请检查 INTERNLM_OPENAI_BASE_URL"
         "（通常以 /v1 结尾，例如 http://127.0.0.1:23333/v1）",
