@@ -470,11 +470,11 @@ def test_an_edit_is_never_dropped_by_an_interaction_or_another_tabs_reply(app_en
     at.text_area(key="edit_text").set_value("hello again")
     real_show_queued, interrupted = chat_module.show_queued, []
 
-    def a_click_now(ctx, store, waiting):  # in the run that has the edit pending: the user clicks something
+    def a_click_now(ctx, store, conv, waiting):  # in the run that has the edit pending: the user clicks something
         if not interrupted and st.session_state.get("_pending_reply") is not None:
             interrupted.append(1)
             st.rerun()
-        real_show_queued(ctx, store, waiting)
+        real_show_queued(ctx, store, conv, waiting)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(chat_module, "show_queued", a_click_now)
@@ -626,3 +626,80 @@ def test_a_message_sent_on_a_path_another_tab_changed_goes_back_in_the_box(app_e
     assert [m.content for m in store.get_conversation(cid).messages][-1] == "its reply"  # nothing sent
     at.chat_input(key="prompt").set_value("my next question").run()  # now the user has seen the path: it sends
     assert [m.content for m in store.get_conversation(cid).messages][-2] == "my next question"
+
+
+def test_an_edit_being_typed_is_never_dropped(app_env):
+    """Streamlit drops a text box's state at the end of any run that does not draw it: an edit reopened empty after a
+    visit to another conversation or page, and vanished when another tab moved the path or deleted the
+    conversation. Its text is kept; when its message is gone it goes into the chat box, with the reason."""
+    from internlm_app.web import i18n
+
+    def t(key: str) -> str:
+        return i18n.t(key, "zh")
+
+    db = app_env / "conversations.db"
+    at = send(run_page(), "hello")
+    cid, _ = _only_conversation(db)
+    store = ConversationStore(db)
+    other = store.create_conversation("")
+    store.add_message(other, "user", "elsewhere")
+    at.button(key="edit_last").click().run()
+    at.text_area(key="edit_text").set_value("hello, carefully rewritten")
+    at.run()
+    # 1. Another conversation, another page, and back: the edit is still open, with its text.
+    at.query_params["c"] = other
+    at.run()
+    assert not _boxes(at, "edit_text")
+    at.query_params["c"] = cid
+    at.run()
+    assert at.text_area(key="edit_text").value == "hello, carefully rewritten"
+    at.switch_page("internlm_app/web/views/history.py").run()
+    at.switch_page("internlm_app/web/views/chat.py").run()
+    at.query_params["c"] = cid
+    at.run()
+    assert at.text_area(key="edit_text").value == "hello, carefully rewritten"
+    # 2. Another tab edits the message: a new version, so the one edited here leaves the path.
+    first = store.get_conversation(cid).messages[0].id
+    store.add_version(first, "hello from the other tab")
+    at.run()
+    assert at.warning[0].value == t("edit_message_left_path") and not _boxes(at, "edit_text")
+    assert at.chat_input(key="prompt").proto.value == "hello, carefully rewritten" and not at.exception
+    # 3. Another tab deletes the conversation while an edit of it is open.
+    at.chat_input(key="prompt").set_value("").run()  # (the box emptied)
+    at.button(key="edit_last").click().run()
+    at.text_area(key="edit_text").set_value("one more rewrite")
+    at.run()
+    store.delete(cid)
+    at.run()
+    assert t("edit_conversation_deleted") in [w.value for w in at.warning]
+    assert at.chat_input(key="prompt").proto.value == "one more rewrite" and not at.exception
+    store.close()
+
+
+def test_a_removed_queued_message_is_not_taken_for_an_earlier_one_with_its_text(app_env):
+    """ "hello" sent, then "hello" queued and edited here while another tab removed it: Save opened the edit on the
+    first "hello" (matched by its text), which would branch the conversation from its first message."""
+    from internlm_app.web import i18n
+    from internlm_app.web.resources import live_replies
+
+    db = app_env / "conversations.db"
+    cid = _chat_with_queue(db, "hello")
+    store = ConversationStore(db)
+    (queued,) = store.queued_messages(cid)
+    live = live_replies()
+    ticket = live.claim(cid)
+    try:
+        at = run_page(query={"c": cid})
+        at.button(key=f"queued_edit_{queued.id}").click().run()
+        at.text_area(key="queued_edit_text").set_value("hello, rewritten")
+        store.remove_queued_message(queued.id)  # another tab
+        at.button(key="queued_save").click().run()
+    finally:
+        live.release(cid, ticket)
+    assert at.warning[0].value == i18n.t("queued_gone_while_edited", "zh") and not _boxes(at, "queued_edit_text")
+    assert at.chat_input(key="prompt").proto.value == "hello, rewritten"
+    store.close()
+
+
+def _boxes(at, key: str) -> list:
+    return [box for box in at.text_area if box.key == key]

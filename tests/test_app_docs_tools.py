@@ -269,3 +269,17 @@ def test_a_tool_call_shows_as_running_while_its_tool_runs_and_a_cut_off_call_is_
     assert reply.status == "error" and reply.content == "" and reply.stats["error_code"] == "tool_call_cut_off"
     assert reply.stats["completion_tokens"] == 3  # the step's tokens still count
     assert t("error_tool_call_cut_off", "zh") in texts(at.error) and "详情" in texts(at.error)
+
+
+def test_any_file_goes_to_the_panel_where_one_that_cannot_be_read_says_why_in_the_page_language(app_env, store):
+    """The chat box accepted only some suffixes: a picture, or a Makefile, was refused by Streamlit's uploader with
+    an English message on its chip (also in Chinese) and then dropped without a word in the panel."""
+    at = attach(
+        run_page(),
+        "look",
+        ("pic.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "image/png"),
+        ("Makefile", b"all:\n\techo hi\n", "application/octet-stream"),
+    )
+    refused = texts(at.error)
+    assert t("attach_error_unsupported_type", "zh", name=plain("pic.png")) in refused
+    assert "Makefile" in texts(at.markdown) and "Makefile" not in refused  # read as the text it is

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from internlm_app.chat.attachments import (
+    JOIN_TOKENS,
     MAX_FILE_BYTES,
     AttachmentError,
     estimate_tokens,
@@ -105,7 +106,7 @@ def test_encrypted_truncated_and_blank_pdfs():
     assert caught.value.reason == "pdf_unreadable"
     with pytest.raises(AttachmentError, match="scanned PDF") as caught:
         read_attachment("scan.pdf", make_pdf([""]))
-    assert caught.value.reason == "empty"
+    assert caught.value.reason == "pdf_no_text"  # (an empty text file says only that it holds no text)
 
 
 def test_too_many_pages(monkeypatch):
@@ -219,3 +220,19 @@ def test_what_is_kept_of_a_file_is_never_more_than_an_export_carries(monkeypatch
     assert not fitted.complete and 0 < len(fitted.block) <= 3000 and fitted.block.startswith("File: long.txt")
     short = read_attachment("short.txt", b"fits whole")
     assert fit_attachment(short, few_tokens, budget=10_000).complete
+
+
+def test_many_small_files_in_a_small_budget_send_what_fits_not_nothing(engine):
+    """20 files of ~25 tokens in ~300: each equal share was below a file's header, so every file said "nothing of it
+    fits". The first files go (whole), the last make room for them; every file in the split sends something."""
+    count = token_counter(engine)
+    files = [
+        read_attachment(f"note{i:02d}.txt", f"note {i}: the word of the day is river{i}".encode()) for i in range(20)
+    ]
+    one = fit_attachments(files[:1], count, 10_000)[0].tokens
+    budget = 318
+    fitted = fit_attachments(files, count, budget)
+    sent = [f for f in fitted if f.block]
+    assert len(sent) >= (budget // (one + JOIN_TOKENS)) - 1 and all(f.complete for f in sent)
+    assert [f.name for f in sent] == [f.name for f in fitted[: len(sent)]]  # the first ones, in order
+    assert sum(f.tokens for f in fitted) + JOIN_TOKENS * len(sent) <= budget

@@ -280,8 +280,11 @@ def test_what_a_page_had_typed_when_its_login_went_is_put_back_after_the_login(a
         assert "logged out" in texts(at.warning) and not at.chat_message  # nothing was sent
         path, query = way_back(at)
         assert path == "/" and drafts.DRAFT_PARAM in query
+        assert at.query_params[drafts.DRAFT_PARAM] == query[drafts.DRAFT_PARAM]  # this page's URL names it too
         at.run()  # a later refused run (the box is gone from the page) keeps naming the same draft
         assert way_back(at)[1] == query
+        reloaded = run_page(query=query)  # a reload of this tab, still logged out: its login link names it still
+        assert way_back(reloaded)[1] == query
         login.valid = True  # logged in again: /login sends the browser to `next`, a new page
         again = run_page(query=query)
         assert again.chat_input(key="prompt").proto.value == "typed before the logout"

@@ -41,7 +41,14 @@ _TEXT_TYPES = (
 )
 TEXT_SUFFIXES = frozenset(f".{suffix}" for suffix in _TEXT_TYPES.split())
 Reason = Literal[
-    "unsupported_type", "not_text", "pdf_encrypted", "pdf_unreadable", "too_large", "too_many_pages", "empty"
+    "unsupported_type",
+    "not_text",
+    "pdf_encrypted",
+    "pdf_unreadable",
+    "too_large",
+    "too_many_pages",
+    "empty",
+    "pdf_no_text",
 ]
 
 
@@ -85,8 +92,9 @@ def read_attachment(name: str, data: bytes) -> Attachment:
     if sum(len(page) for page in pages) > MAX_TEXT_CHARS:
         raise AttachmentError("too_large", f"{name} holds more than {MAX_TEXT_CHARS} characters of text")
     if not any(page.strip() for page in pages):
-        why = " (a scanned PDF has images, not text)" if kind == "pdf" else ""
-        raise AttachmentError("empty", f"{name} has no text{why}")
+        if kind == "pdf":
+            raise AttachmentError("pdf_no_text", f"{name} has no text (a scanned PDF has images, not text)")
+        raise AttachmentError("empty", f"{name} has no text")
     return Attachment(name, kind, pages)
 
 
@@ -376,11 +384,34 @@ def fit_attachments(
     strategy: Literal["leading", "best_matching"] = "leading",
 ) -> list[FittedAttachment]:
     """Several files in one budget (the message's own tokens not included): the ones that fit in an equal share go
-    whole, the others share the rest; JOIN_TOKENS per file are kept for the joins of `with_attachments`."""
+    whole, the others share the rest; JOIN_TOKENS per file are kept for the joins of `with_attachments`. When the
+    shares get too small for some file to send anything (20 small files in a small budget: each share was below a
+    file's header, so none was sent), the last files get nothing and the first ones their shares again, until every
+    file in the split sends something."""
+    candidates = list(range(len(attachments)))
+    while True:
+        fitted = _share(attachments, candidates, count_tokens, budget, question, strategy)
+        empty = [i for i in candidates if not fitted[i].block]
+        if not empty or len(candidates) == 1:
+            break
+        candidates.pop()  # the last file makes room for the ones before it
+    nothing = {i: fit_attachment(attachments[i], count_tokens, 0, question, strategy) for i in range(len(attachments))}
+    return [fitted.get(i, nothing[i]) for i in range(len(attachments))]
+
+
+def _share(
+    attachments: list[Attachment],
+    candidates: list[int],
+    count_tokens: Callable[[str], int],
+    budget: int,
+    question: str,
+    strategy: Literal["leading", "best_matching"],
+) -> dict[int, FittedAttachment]:
+    """Water-filling over the `candidates`: small files get what they need whole, the rest is split again."""
     fitted: dict[int, FittedAttachment] = {}
-    left, waiting = budget - JOIN_TOKENS * len(attachments), list(range(len(attachments)))
+    left, waiting = budget - JOIN_TOKENS * len(candidates), list(candidates)
     changed = True
-    while waiting and changed:  # water-filling: give small files what they need, the rest is split again
+    while waiting and changed:
         changed = False
         share = left // len(waiting)
         for index in list(waiting):
@@ -391,7 +422,7 @@ def fit_attachments(
                 changed = True
     for index in waiting:
         fitted[index] = fit_attachment(attachments[index], count_tokens, left // len(waiting), question, strategy)
-    return [fitted[i] for i in range(len(attachments))]
+    return fitted
 
 
 def with_attachments(message: str, fitted: list[FittedAttachment]) -> str:

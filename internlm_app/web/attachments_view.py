@@ -13,7 +13,6 @@ import streamlit as st
 
 from internlm_app.chat.attachments import (
     JOIN_TOKENS,
-    TEXT_SUFFIXES,
     Attachment,
     AttachmentError,
     FittedAttachment,
@@ -33,7 +32,6 @@ from internlm_app.web.safe_markdown import code_span, plain
 
 log = logging.getLogger(__name__)
 
-FILE_TYPES = sorted({suffix.lstrip(".") for suffix in TEXT_SUFFIXES} | {"pdf"})
 STRATEGY_KEY = "attach_strategy"
 STRATEGIES = ("leading", "best_matching")
 WHOLE = 10**12  # a budget every file fits in: its whole cost
@@ -84,8 +82,8 @@ def hold(backend: ChatBackend, text: str, files: list) -> None:
             continue
         whole = fit_attachments([attachment], count, WHOLE)[0]
         held.append(HeldFile(attachment.name, file.type, attachment, whole=whole))
-    st.session_state[state.ATTACH_PENDING_KEY] = {"text": text, "files": held}
-    st.session_state[state.ATTACH_TEXT_KEY] = text
+    st.session_state[state.ATTACH_PENDING_KEY] = {"text": text, "files": held, "cid": state.conversation_id()}
+    state.set_text(state.ATTACH_TEXT_KEY, text)
 
 
 def pending() -> bool:
@@ -95,13 +93,14 @@ def pending() -> bool:
 def sent() -> None:
     """The panel's message went out: close the panel."""
     st.session_state.pop(state.ATTACH_PENDING_KEY, None)
-    st.session_state.pop(state.ATTACH_TEXT_KEY, None)
+    state.forget_text(state.ATTACH_TEXT_KEY)
 
 
 def _cancel() -> None:
     """Nothing is saved; the message goes back into the chat input, to edit and send."""
     held = st.session_state.pop(state.ATTACH_PENDING_KEY, None) or {}
-    text = st.session_state.pop(state.ATTACH_TEXT_KEY, None) or held.get("text") or ""
+    text = state.typed_text(state.ATTACH_TEXT_KEY) or held.get("text") or ""
+    state.forget_text(state.ATTACH_TEXT_KEY)
     if text:
         st.session_state[state.PROMPT_KEY] = text
 
@@ -133,12 +132,12 @@ def plan(files: list[HeldFile], backend: ChatBackend, budget: int, text: str, st
 def confirm_panel(ctx, backend: ChatBackend, store: ConversationStore, conv: Conversation | None, busy: bool):
     """The files waiting to be sent, their cost and what fits, with Send and Cancel; returns an Outgoing on Send."""
     held = st.session_state.get(state.ATTACH_PENDING_KEY)
-    if not held:
-        return None
+    if not held or held.get("cid") != (conv.id if conv is not None else state.conversation_id()):
+        return None  # (files held for another conversation wait there, with their message)
     files: list[HeldFile] = held["files"]
     with st.container(border=True, key="attach_panel"):
         st.markdown(f"**{ctx.t('attach_title')}**")
-        text = st.text_area(ctx.t("attach_message"), key=state.ATTACH_TEXT_KEY, height=80, max_chars=MAX_CONTENT_CHARS)
+        text = state.text_box(ctx.t("attach_message"), state.ATTACH_TEXT_KEY, height=80, max_chars=MAX_CONTENT_CHARS)
         for f in files:
             if f.attachment is None:
                 st.error(ctx.t(f"attach_error_{f.reason}", name=plain(f.name)), icon=":material/block:")

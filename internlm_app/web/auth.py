@@ -65,10 +65,10 @@ def password_matches(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
-def _here(**extra: str) -> str:
-    """This page's path and query (`/history?lang=en&c=…`), with `extra` parameters: where /login returns to."""
+def _here() -> str:
+    """This page's path and query (`/history?lang=en&c=…`): where /login returns to."""
     path = urlsplit(st.context.url or "/").path or "/"
-    query = urlencode(st.query_params.to_dict() | extra)
+    query = urlencode(st.query_params.to_dict())
     return f"{path}?{query}" if query else path
 
 
@@ -118,7 +118,8 @@ def login_gate(settings: Settings, cookie_check: CookieCheck | None = None) -> b
             st.info(
                 "你输入的内容已保留，重新登录后会放回原处 / What you typed is kept: it is put back after you log in"
             )
-        back = _here(**{drafts.DRAFT_PARAM: draft}) if draft is not None else _here()
+            st.query_params[drafts.DRAFT_PARAM] = draft  # (in this page's URL too: a reload of it finds it as well)
+        back = _here()
         same_tab_link("登录 / Log in", f"/login?next={quote(back, safe='')}", primary=True)
         return False
     st.title("InternLM2 Chat")

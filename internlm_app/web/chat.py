@@ -38,6 +38,7 @@ _PENDING_KEY = "_pending_reply"  # a conversation whose reply should stream in t
 _SHOWN_KEY = "_messages_shown"  # how many messages the last run drew
 _SHOWN_LEAF_KEY, _SHOWN_BEFORE_KEY = "_shown_leaf", "_shown_leaf_before"  # (conversation, last message) drawn
 _CHANGED_KEY = "_changed_before_send"  # a message to put back in the box: the path changed in another tab
+_INTO_BOX_KEY = "_into_the_box"  # an edit's text that goes into the chat box (its message is gone)
 _QUEUED_NOTICE_KEY = "_queued_notice"  # what the last Remove or Save of a queued message found, shown once
 SHOWN_ID_CHARS = 64  # of a conversation id from the URL quoted in the "not found" warning
 
@@ -54,10 +55,17 @@ def open_conversation(ctx: PageContext, store: ConversationStore) -> Conversatio
         if in_url:  # (the session's open conversation, deleted meanwhile: a new one starts without a word)
             shown = cid if len(cid) <= SHOWN_ID_CHARS else cid[: SHOWN_ID_CHARS - 1] + "…"
             st.warning(ctx.t("conversation_not_found", cid=plain(shown)))  # the URL is anyone's: plain text only
+        rescue_edits_of_deleted(ctx, cid)
         state.set_conversation_id(None)
         return None
     state.apply_conversation_settings(conv)
     return conv
+
+
+def typed_now() -> bool:
+    """A message was sent from the chat box in this run (its value is known before the box is drawn)."""
+    value = st.session_state.get(state.PROMPT_KEY)
+    return bool(getattr(value, "text", value) or getattr(value, "files", None))
 
 
 def reply_running(conv: Conversation | None) -> bool:
@@ -116,13 +124,46 @@ def live_reply_view(ctx: PageContext, cid: str, stored: str) -> None:
     st.button(ctx.t("stop"), key="stop_live", icon=":material/stop_circle:", on_click=live.stop, args=(cid,))
 
 
-def _start_edit(mid: int, text: str) -> None:
-    st.session_state[state.EDITING_KEY] = mid
-    st.session_state[state.EDIT_KEY] = text
+def _start_edit(cid: str, mid: int, text: str) -> None:
+    st.session_state[state.EDITING_KEY] = (cid, mid)
+    state.set_text(state.EDIT_KEY, text)
 
 
 def _stop_edit() -> None:
     st.session_state[state.EDITING_KEY] = None
+    state.forget_text(state.EDIT_KEY)
+
+
+def _into_the_box(ctx: PageContext, text: str | None, why: str) -> None:
+    """An edit whose message is gone (another tab moved the path, deleted the conversation): its text goes into the
+    chat box, which is drawn later in this run, and the page says why. Nothing typed is dropped: when a message was
+    sent from the box in this run, the text waits for the next run (`_fill_the_box`)."""
+    if not text or not text.strip():
+        return
+    st.warning(ctx.t(why))
+    waiting = st.session_state.get(_INTO_BOX_KEY)
+    st.session_state[_INTO_BOX_KEY] = f"{waiting}\n\n{text}" if waiting else text
+    _fill_the_box()
+
+
+def _fill_the_box() -> None:
+    """Put the text `_into_the_box` keeps into the chat box, unless a message was sent from it in this run."""
+    if not typed_now() and (text := st.session_state.pop(_INTO_BOX_KEY, None)):
+        st.session_state[state.PROMPT_KEY] = text
+
+
+def rescue_edits_of_deleted(ctx: PageContext, cid: str) -> None:
+    """Conversation `cid` was deleted (in another tab) while this session edited one of its messages, sent or
+    queued: the edited text goes into the chat box."""
+    editing, queued = st.session_state.get(state.EDITING_KEY), st.session_state.get(state.QUEUED_EDITING_KEY)
+    texts = []
+    if editing is not None and editing[0] == cid:
+        texts.append(state.typed_text(state.EDIT_KEY))
+        _stop_edit()
+    if queued is not None and queued[0] == cid:
+        texts.append(state.typed_text(state.QUEUED_EDIT_KEY))
+        _stop_queued_edit()
+    _into_the_box(ctx, "\n\n".join(t for t in texts if t), "edit_conversation_deleted")
 
 
 @dataclass(frozen=True)
@@ -149,20 +190,30 @@ def show_history(
     conv: Conversation | None,
     live: int | None,
     pending: Pending | None = None,
+    sending: bool = False,
 ) -> Action | None:
     """Draw the conversation with each message's actions; returns the regenerate or edit asked for in this run.
 
     With `pending` (a reply starts streaming in this run) there are no edit or regenerate buttons, and the reply it
-    regenerates is left out (its new version streams below).
+    regenerates is left out (its new version streams below); `sending` (a message goes out in this run: typed, or
+    the next queued one) has no buttons either, since its reply streams in this run.
     """
     messages = conv.messages if conv else []
     if pending is not None and pending.version_of is not None:
         messages = messages[: next((i for i, m in enumerate(messages) if m.id == pending.version_of), len(messages))]
     last_user = max((m.id for m in messages if m.role == "user"), default=None)
-    busy = pending is not None or live is not None
-    # An edit under way stays on screen while a reply runs (another tab's): its text is kept, its Send waits.
-    editing = None if pending is not None else st.session_state.get(state.EDITING_KEY)
-    if editing not in {m.id for m in messages if m.role == "user"}:
+    busy = pending is not None or live is not None or sending
+    # An edit under way stays on screen while a reply runs (another tab's): its text is kept, its Send waits. One of
+    # another conversation waits for it (its text kept: `state.text_box`).
+    edit = st.session_state.get(state.EDITING_KEY)
+    editing = edit[1] if edit is not None and conv is not None and edit[0] == conv.id else None
+    if editing is not None and editing not in {m.id for m in conv.messages if m.role == "user"}:
+        # Another tab moved the path (an edit, a version switch): the message is no longer on it.
+        text = state.typed_text(state.EDIT_KEY)
+        _stop_edit()
+        _into_the_box(ctx, text, "edit_message_left_path")
+        editing = None
+    if pending is not None:
         editing = None
     versions = versions_on_path(conv)
     action = None
@@ -170,13 +221,14 @@ def show_history(
     if conv is not None:  # the path the user saw before acting (`_changed_since_shown`), and the one drawn now
         st.session_state[_SHOWN_BEFORE_KEY] = st.session_state.get(_SHOWN_LEAF_KEY)
         st.session_state[_SHOWN_LEAF_KEY] = (conv.id, last)
+    _fill_the_box()  # (one that waited for a run without a message sent)
     if (unsent := st.session_state.pop(_CHANGED_KEY, None)) is not None:
         st.session_state[state.PROMPT_KEY] = unsent  # (the chat input is drawn after the history)
         st.warning(ctx.t("changed_before_send"))
     for i, message in enumerate(messages):
         with st.chat_message(message.role):
             if message.id == editing:
-                st.text_area(ctx.t("edit_label"), key=state.EDIT_KEY, max_chars=MAX_CONTENT_CHARS)
+                state.text_box(ctx.t("edit_label"), state.EDIT_KEY, max_chars=MAX_CONTENT_CHARS)
                 send, cancel, _ = st.columns([1, 1, 3])
                 if send.button(ctx.t("edit_send"), key="edit_send", type="primary", disabled=busy) and not busy:
                     action = Action("edit", message.id)
@@ -211,7 +263,7 @@ def show_history(
                         icon=":material/edit:",
                         type="tertiary",
                         on_click=_start_edit,
-                        args=(message.id, message.content),
+                        args=(conv.id, message.id, message.content),
                     )
                 if i == len(messages) - 1 and st.button(
                     ctx.t("regenerate"), key="regenerate", icon=":material/refresh:", type="tertiary"
@@ -346,16 +398,21 @@ def queued(store: ConversationStore, conv: Conversation | None) -> list[QueuedMe
         return []
 
 
-def show_queued(ctx: PageContext, store: ConversationStore, waiting: list[QueuedMessage]) -> None:
-    """The messages waiting for this conversation's reply to end, under the conversation, each with Edit (in its
-    place, keeping its place in the queue) and Remove."""
+def show_queued(
+    ctx: PageContext, store: ConversationStore, conv: Conversation | None, waiting: list[QueuedMessage]
+) -> None:
+    """The messages waiting for `conv`'s reply to end, under the conversation, each with Edit (in its place, keeping
+    its place in the queue) and Remove."""
+    if conv is None or not waiting:
+        return
+    cid, last = conv.id, (conv.messages[-1].id if conv.messages else None)
     if (notice := st.session_state.pop(_QUEUED_NOTICE_KEY, None)) is not None:
         st.toast(ctx.t(notice))
     editing = st.session_state.get(state.QUEUED_EDITING_KEY)
     for message in waiting:
         with st.chat_message("user"):
             if editing is not None and editing[1] == message.id:
-                st.text_area(ctx.t("edit_label"), key=state.QUEUED_EDIT_KEY, max_chars=MAX_CONTENT_CHARS)
+                state.text_box(ctx.t("edit_label"), state.QUEUED_EDIT_KEY, max_chars=MAX_CONTENT_CHARS)
                 save, cancel, _ = st.columns([1, 1, 3])
                 save.button(
                     ctx.t("queued_save"), key="queued_save", type="primary", on_click=_save_queued, args=(store,)
@@ -372,7 +429,7 @@ def show_queued(ctx: PageContext, store: ConversationStore, waiting: list[Queued
                     icon=":material/edit:",
                     type="tertiary",
                     on_click=_start_queued_edit,
-                    args=(message,),
+                    args=(cid, message, last),
                 )
                 st.button(
                     ctx.t("queued_remove"),
@@ -384,13 +441,14 @@ def show_queued(ctx: PageContext, store: ConversationStore, waiting: list[Queued
                 )
 
 
-def _start_queued_edit(message: QueuedMessage) -> None:
-    st.session_state[state.QUEUED_EDITING_KEY] = (state.conversation_id(), message.id, message.content)
-    st.session_state[state.QUEUED_EDIT_KEY] = message.content
+def _start_queued_edit(cid: str, message: QueuedMessage, last: int | None) -> None:
+    st.session_state[state.QUEUED_EDITING_KEY] = (cid, message.id, message.content, last)
+    state.set_text(state.QUEUED_EDIT_KEY, message.content)
 
 
 def _stop_queued_edit() -> None:
     st.session_state[state.QUEUED_EDITING_KEY] = None
+    state.forget_text(state.QUEUED_EDIT_KEY)
 
 
 def _save_queued(store: ConversationStore) -> None:
@@ -430,16 +488,24 @@ def rescue_queued_edit(ctx: PageContext, conv: Conversation | None, waiting: lis
     editing = st.session_state.get(state.QUEUED_EDITING_KEY)
     if editing is None or conv is None or editing[0] != conv.id or editing[1] in {m.id for m in waiting}:
         return
-    _, _, original = editing
-    text = st.session_state.get(state.QUEUED_EDIT_KEY) or original
+    _, _, original, last = editing
+    text = state.typed_text(state.QUEUED_EDIT_KEY) or original
     _stop_queued_edit()
-    sent = next((m for m in reversed(conv.messages) if m.role == "user" and m.content == original), None)
+    # Sent: a user message with its text, made after the edit began (a removed one has none: an earlier message
+    # with the same text is not it).
+    sent = next(
+        (
+            m
+            for m in reversed(conv.messages)
+            if m.role == "user" and m.content == original and (last is None or m.id > last)
+        ),
+        None,
+    )
     if sent is not None:
-        _start_edit(sent.id, text)
+        _start_edit(conv.id, sent.id, text)
         st.warning(ctx.t("queued_sent_while_edited"))
     else:
-        st.session_state[state.PROMPT_KEY] = text
-        st.warning(ctx.t("queued_gone_while_edited"))
+        _into_the_box(ctx, text, "queued_gone_while_edited")
 
 
 def pending_reply(conv: Conversation | None) -> Pending | None:

@@ -79,7 +79,11 @@ def keep_typed() -> str | None:
     there is nothing to keep or the session was never logged in (a stranger's page keeps nothing)."""
     if not st.session_state.get(_LOGGED_IN_KEY):
         return None
-    typed = {key: _plain(st.session_state[key]) for key in state.TYPED_KEYS if st.session_state.get(key)}
+    typed = {}
+    for key in state.TYPED_KEYS:  # (a text box not drawn lately has its text kept apart: `state.text_box`)
+        value = st.session_state.get(key)
+        if value := _plain(value if value is not None else state.typed_text(key)):
+            typed[key] = value
     kept = st.session_state.get(_KEPT_KEY)
     if typed:  # (a box not drawn in a refused run is emptied at its end: a later refused run adds to the same draft)
         kept = st.session_state[_KEPT_KEY] = drafts().keep(typed, kept)
@@ -104,5 +108,8 @@ def restore_typed() -> bool:
     if not typed:
         return False
     for key, value in typed.items():
-        st.session_state[key] = value
+        if isinstance(value, str):
+            state.set_text(key, value)
+        else:
+            st.session_state[key] = value
     return True

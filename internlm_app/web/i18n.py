@@ -115,7 +115,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "chat_placeholder": ("输入消息，回车发送", "Type a message and press Enter"),
     "chat_busy_here": ("这个对话正在生成回复…", "A reply to this conversation is being generated…"),
     "chat_queue_here": (
-        "正在生成回复；现在发送的消息会在它结束后发出",
+        "回复生成中，现在发送的消息会排队",  # (short: a phone shows one line of it)
         "A reply is being generated; a message sent now goes out when it ends",
     ),
     "logout": ("退出登录", "Log out"),
@@ -143,6 +143,16 @@ LABELS: dict[str, tuple[str, str]] = {
     "live_generating": ("正在生成…", "Generating…"),
     "queued_message": ("排队中：当前回复结束后发送", "Queued: sent when the current reply ends"),
     "queued_remove": ("移除", "Remove"),
+    "edit_message_left_path": (
+        "你正在编辑的消息已不在这个对话当前显示的路径上（在另一个标签页中被更改）。你的修改已放回输入框。",
+        "The message you were editing is no longer on this conversation's path (it changed in another tab). Your "
+        "text is back in the box.",
+    ),
+    "edit_conversation_deleted": (
+        "你正在编辑的对话已在另一个标签页中被删除。你的修改已放回输入框，可在新对话中发送。",
+        "The conversation you were editing was deleted in another tab. Your text is back in the box, to send in a new "
+        "conversation.",
+    ),
     "draft_restored": (
         "登录已恢复：你在退出登录时输入的内容已放回原处，请检查后再发送。",
         "You are logged in again: what you had typed when the login was lost is back in its box. Check it, then send.",
@@ -571,8 +581,8 @@ LABELS: dict[str, tuple[str, str]] = {
         "{name}: only text, Markdown, code and PDF files can be attached.",
     ),
     "attach_error_not_text": (
-        "{name}：不是 UTF-8、UTF-16 或 GB18030 编码的文本。",
-        "{name}: this is not text in UTF-8, UTF-16 or GB18030.",
+        "{name}：不是 UTF-8、UTF-16、GB18030 或 Latin-1 编码的文本。",
+        "{name}: this is not text in UTF-8, UTF-16, GB18030 or Latin-1.",
     ),
     "attach_error_pdf_encrypted": ("{name}：PDF 有密码保护，无法读取。", "{name}: the PDF is protected by a password."),
     "attach_error_pdf_unreadable": ("{name}：PDF 已损坏，无法读取。", "{name}: the PDF is damaged and cannot be read."),
@@ -589,7 +599,8 @@ LABELS: dict[str, tuple[str, str]] = {
         "{name}：一条消息最多附加 20 个文件，这个没有附加。",
         "{name}: a message takes 20 files at most; this one was left out.",
     ),
-    "attach_error_empty": (
+    "attach_error_empty": ("{name}：文件里没有文字。", "{name}: the file holds no text."),
+    "attach_error_pdf_no_text": (
         "{name}：没有文字（扫描的 PDF 只有图片，这里不做文字识别）。",
         "{name}: has no text (a scanned PDF holds images; there is no OCR here).",
     ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import streamlit as st
 from pydantic import ValidationError
 
@@ -16,9 +18,10 @@ SYSTEM_PROMPT_KEY = "system_prompt"
 RENAME_KEY = "rename_title"
 URL_PARAM = "c"
 PROMPT_KEY = "prompt"  # the chat input
-EDIT_KEY, EDITING_KEY = "edit_text", "_editing"  # a sent message's edit box, and which message it edits
+EDIT_KEY, EDITING_KEY = "edit_text", "_editing"  # a sent message's edit box, and (conversation, message) it edits
 QUEUED_EDIT_KEY = "queued_edit_text"  # a queued message's edit box
-QUEUED_EDITING_KEY = "_queued_editing"  # (conversation, queued message id, its text when the edit began)
+# (conversation, queued message id, its text when the edit began, the conversation's last message id then)
+QUEUED_EDITING_KEY = "_queued_editing"
 ATTACH_TEXT_KEY, ATTACH_PENDING_KEY = "attach_text", "_attach_pending"  # the files panel: its message, its files
 # What the user has typed on the chat page, with what shows it: kept across a login lost meanwhile (web/drafts.py).
 TYPED_KEYS = (
@@ -30,6 +33,7 @@ TYPED_KEYS = (
     ATTACH_TEXT_KEY,
     ATTACH_PENDING_KEY,
 )
+_KEPT = "_kept_"  # + a text box's key: its text, kept across the runs that do not draw it (`text_box`)
 _OPENED_KEY = "_opened_conversation"  # whose settings the sidebar holds
 _CURRENT_KEY = "_current_conversation"  # the session's open conversation (Streamlit's page switch drops the URL's)
 
@@ -110,3 +114,30 @@ def set_conversation_id(cid: str | None) -> None:
         st.session_state.pop(_CURRENT_KEY, None)
     else:
         st.query_params[URL_PARAM] = cid
+
+
+def text_box(label: str, key: str, **kwargs: Any) -> str:
+    """`st.text_area` under `key` whose text outlives the runs that do not draw it. Streamlit drops a widget's state
+    at the end of any run it is not drawn in (another page, another conversation, the login gate): the text is also
+    kept under a plain key and given back when the box is drawn again. `forget_text(key)` ends it."""
+    if key not in st.session_state and (kept := st.session_state.get(_KEPT + key)) is not None:
+        st.session_state[key] = kept
+    value = st.text_area(label, key=key, **kwargs)
+    st.session_state[_KEPT + key] = value
+    return value
+
+
+def set_text(key: str, text: str) -> None:
+    """Put `text` in text box `key` (drawn later in this run, or in a later one)."""
+    st.session_state[key] = st.session_state[_KEPT + key] = text
+
+
+def typed_text(key: str) -> str | None:
+    """What text box `key` holds: its widget's value in this run, else the text kept since it was last drawn."""
+    value = st.session_state.get(key)
+    return value if isinstance(value, str) else st.session_state.get(_KEPT + key)
+
+
+def forget_text(key: str) -> None:
+    st.session_state.pop(key, None)
+    st.session_state.pop(_KEPT + key, None)

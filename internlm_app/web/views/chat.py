@@ -28,22 +28,22 @@ pending = chat.pending_reply(conv)  # a regenerated or edited reply to start, on
 starts_now = pending if pending is not None and not running else None
 waiting = chat.queued(store, conv)
 chat.rescue_queued_edit(ctx, conv, waiting)
-action = chat.show_history(ctx, store, conv, live, starts_now)
-if conv is not None and running and live is None:  # another page is starting a reply of it, this moment
-    chat.rerun_when_started_or_free(conv.id)
 # Typing never ends a reply: a message sent while one runs (here or in the background) waits in a queue, shown, and
 # goes out when it ends, after those queued before it. Only a Stop button ends a reply.
 busy = running or pending is not None
 next_up = None if busy else chat.sendable(waiting)  # the queued message this run sends, unless the user acts
+sending = next_up is not None or chat.typed_now()  # its reply streams in this run: no buttons in the history
+action = chat.show_history(ctx, store, conv, live, starts_now, sending)
+if conv is not None and running and live is None:  # another page is starting a reply of it, this moment
+    chat.rerun_when_started_or_free(conv.id)
 turn = st.container() if next_up is not None else None  # where it shows with its reply: above those still queued
-chat.show_queued(ctx, store, [message for message in waiting if message is not next_up])
+chat.show_queued(ctx, store, conv, [message for message in waiting if message is not next_up])
 prompt, files = attachments_view.split_input(
     st.chat_input(
         ctx.t("chat_queue_here" if busy else "chat_placeholder"),
         key="prompt",
         max_chars=MAX_CONTENT_CHARS,  # what the store exports and imports again
-        accept_file="multiple",
-        file_type=attachments_view.FILE_TYPES,
+        accept_file="multiple",  # any type: one the app cannot read is refused in the files panel, translated
     )
 )
 if files:  # files are sent only after their token cost was shown: held in a panel with the text, to confirm
