@@ -153,9 +153,14 @@ def event_stream(runners: list[ReplyRunner], events: AsyncIterator[dict | str]) 
         finally:
             watcher.cancel()
             await close_all(runners)
+        answered.set()  # (not reached when the client went first: its leaving cancels this generator)
         yield sse_data("[DONE]")
 
+    answered = anyio.Event()
+
     async def client_went(_message: object) -> None:  # the request log says 499 (see RequestLogMiddleware)
+        if answered.is_set():
+            return  # the whole answer was out: a client that closes the connection at its end read it
         for runner in runners:
             runner.request.state.client_gone = True
 
