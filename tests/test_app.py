@@ -427,7 +427,7 @@ def test_a_queued_message_can_be_edited_in_its_place_or_removed_and_an_edit_is_n
     finally:
         live.release(cid, ticket)
     assert at.warning[0].value == t("queued_gone_while_edited")
-    assert at.chat_input(key="prompt").proto.value == "fourth, being edited" and not at.exception
+    assert at.text_area(key="set_aside_text").value == "fourth, being edited" and not at.exception
     store.close()
 
 
@@ -663,16 +663,20 @@ def test_an_edit_being_typed_is_never_dropped(app_env):
     store.add_version(first, "hello from the other tab")
     at.run()
     assert at.warning[0].value == t("edit_message_left_path") and not _boxes(at, "edit_text")
-    assert at.chat_input(key="prompt").proto.value == "hello, carefully rewritten" and not at.exception
+    assert at.text_area(key="set_aside_text").value == "hello, carefully rewritten" and not at.exception
+    at.button(key="set_aside_send").click().run()  # sent as a new message, on the path as it is now
+    users = [m.content for m in store.get_conversation(cid).messages if m.role == "user"]
+    assert users == ["hello from the other tab", "hello, carefully rewritten"] and not _boxes(at, "set_aside_text")
     # 3. Another tab deletes the conversation while an edit of it is open.
-    at.chat_input(key="prompt").set_value("").run()  # (the box emptied)
     at.button(key="edit_last").click().run()
     at.text_area(key="edit_text").set_value("one more rewrite")
     at.run()
     store.delete(cid)
     at.run()
     assert t("edit_conversation_deleted") in [w.value for w in at.warning]
-    assert at.chat_input(key="prompt").proto.value == "one more rewrite" and not at.exception
+    assert at.text_area(key="set_aside_text").value == "one more rewrite" and not at.exception
+    at.button(key="set_aside_discard").click().run()
+    assert not _boxes(at, "set_aside_text")
     store.close()
 
 
@@ -697,7 +701,7 @@ def test_a_removed_queued_message_is_not_taken_for_an_earlier_one_with_its_text(
     finally:
         live.release(cid, ticket)
     assert at.warning[0].value == i18n.t("queued_gone_while_edited", "zh") and not _boxes(at, "queued_edit_text")
-    assert at.chat_input(key="prompt").proto.value == "hello, rewritten"
+    assert at.text_area(key="set_aside_text").value == "hello, rewritten"
     store.close()
 
 

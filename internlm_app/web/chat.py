@@ -38,7 +38,7 @@ _PENDING_KEY = "_pending_reply"  # a conversation whose reply should stream in t
 _SHOWN_KEY = "_messages_shown"  # how many messages the last run drew
 _SHOWN_LEAF_KEY, _SHOWN_BEFORE_KEY = "_shown_leaf", "_shown_leaf_before"  # (conversation, last message) drawn
 _CHANGED_KEY = "_changed_before_send"  # a message to put back in the box: the path changed in another tab
-_INTO_BOX_KEY = "_into_the_box"  # an edit's text that goes into the chat box (its message is gone)
+_SET_ASIDE_WHY_KEY = "_set_aside_why"  # why an edit's text was set aside (its message is gone)
 _QUEUED_NOTICE_KEY = "_queued_notice"  # what the last Remove or Save of a queued message found, shown once
 SHOWN_ID_CHARS = 64  # of a conversation id from the URL quoted in the "not found" warning
 
@@ -134,27 +134,39 @@ def _stop_edit() -> None:
     state.forget_text(state.EDIT_KEY)
 
 
-def _into_the_box(ctx: PageContext, text: str | None, why: str) -> None:
-    """An edit whose message is gone (another tab moved the path, deleted the conversation): its text goes into the
-    chat box, which is drawn later in this run, and the page says why. Nothing typed is dropped: when a message was
-    sent from the box in this run, the text waits for the next run (`_fill_the_box`)."""
+def _set_aside(ctx: PageContext, text: str | None, why: str) -> None:
+    """An edit whose message is gone (another tab moved the path, deleted the conversation, sent or removed the
+    queued message): its text is set aside under the conversation (`show_set_aside`), with the reason, to send as a
+    new message or discard. Never into the chat box, whose text in the browser would be replaced. Nothing typed is
+    dropped."""
     if not text or not text.strip():
         return
-    st.warning(ctx.t(why))
-    waiting = st.session_state.get(_INTO_BOX_KEY)
-    st.session_state[_INTO_BOX_KEY] = f"{waiting}\n\n{text}" if waiting else text
-    _fill_the_box()
+    kept = state.typed_text(state.SET_ASIDE_KEY)
+    state.set_text(state.SET_ASIDE_KEY, f"{kept}\n\n{text}" if kept else text)
+    st.session_state[_SET_ASIDE_WHY_KEY] = why
 
 
-def _fill_the_box() -> None:
-    """Put the text `_into_the_box` keeps into the chat box, unless a message was sent from it in this run."""
-    if not typed_now() and (text := st.session_state.pop(_INTO_BOX_KEY, None)):
-        st.session_state[state.PROMPT_KEY] = text
+def show_set_aside(ctx: PageContext) -> str | None:
+    """The text `_set_aside` kept, with why, in a box with "Send as a new message" and "Discard"; the text on Send."""
+    if not state.typed_text(state.SET_ASIDE_KEY):
+        return None
+    with st.container(border=True, key="set_aside"):
+        st.warning(ctx.t(st.session_state.get(_SET_ASIDE_WHY_KEY) or "edit_message_left_path"))
+        text = state.text_box(ctx.t("set_aside_label"), state.SET_ASIDE_KEY, max_chars=MAX_CONTENT_CHARS)
+        with st.container(horizontal=True, gap="small"):
+            send = st.button(ctx.t("set_aside_send"), key="set_aside_send", type="primary")
+            st.button(ctx.t("set_aside_discard"), key="set_aside_discard", on_click=forget_set_aside)
+    return text if send and text.strip() else None
+
+
+def forget_set_aside() -> None:
+    state.forget_text(state.SET_ASIDE_KEY)
+    st.session_state.pop(_SET_ASIDE_WHY_KEY, None)
 
 
 def rescue_edits_of_deleted(ctx: PageContext, cid: str) -> None:
     """Conversation `cid` was deleted (in another tab) while this session edited one of its messages, sent or
-    queued: the edited text goes into the chat box."""
+    queued: the edited text is set aside."""
     editing, queued = st.session_state.get(state.EDITING_KEY), st.session_state.get(state.QUEUED_EDITING_KEY)
     texts = []
     if editing is not None and editing[0] == cid:
@@ -163,7 +175,7 @@ def rescue_edits_of_deleted(ctx: PageContext, cid: str) -> None:
     if queued is not None and queued[0] == cid:
         texts.append(state.typed_text(state.QUEUED_EDIT_KEY))
         _stop_queued_edit()
-    _into_the_box(ctx, "\n\n".join(t for t in texts if t), "edit_conversation_deleted")
+    _set_aside(ctx, "\n\n".join(t for t in texts if t), "edit_conversation_deleted")
 
 
 @dataclass(frozen=True)
@@ -211,7 +223,7 @@ def show_history(
         # Another tab moved the path (an edit, a version switch): the message is no longer on it.
         text = state.typed_text(state.EDIT_KEY)
         _stop_edit()
-        _into_the_box(ctx, text, "edit_message_left_path")
+        _set_aside(ctx, text, "edit_message_left_path")
         editing = None
     if pending is not None:
         editing = None
@@ -221,7 +233,6 @@ def show_history(
     if conv is not None:  # the path the user saw before acting (`_changed_since_shown`), and the one drawn now
         st.session_state[_SHOWN_BEFORE_KEY] = st.session_state.get(_SHOWN_LEAF_KEY)
         st.session_state[_SHOWN_LEAF_KEY] = (conv.id, last)
-    _fill_the_box()  # (one that waited for a run without a message sent)
     if (unsent := st.session_state.pop(_CHANGED_KEY, None)) is not None:
         st.session_state[state.PROMPT_KEY] = unsent  # (the chat input is drawn after the history)
         st.warning(ctx.t("changed_before_send"))
@@ -505,7 +516,7 @@ def rescue_queued_edit(ctx: PageContext, conv: Conversation | None, waiting: lis
         _start_edit(conv.id, sent.id, text)
         st.warning(ctx.t("queued_sent_while_edited"))
     else:
-        _into_the_box(ctx, text, "queued_gone_while_edited")
+        _set_aside(ctx, text, "queued_gone_while_edited")
 
 
 def pending_reply(conv: Conversation | None) -> Pending | None:

@@ -144,14 +144,14 @@ LABELS: dict[str, tuple[str, str]] = {
     "queued_message": ("排队中：当前回复结束后发送", "Queued: sent when the current reply ends"),
     "queued_remove": ("移除", "Remove"),
     "edit_message_left_path": (
-        "你正在编辑的消息已不在这个对话当前显示的路径上（在另一个标签页中被更改）。你的修改已放回输入框。",
+        "你正在编辑的消息已不在这个对话当前显示的路径上（在另一个标签页中被更改）。你的修改保留在下面，可作为新消息发送。",
         "The message you were editing is no longer on this conversation's path (it changed in another tab). Your "
-        "text is back in the box.",
+        "text is kept below: send it as a new message, or discard it.",
     ),
     "edit_conversation_deleted": (
-        "你正在编辑的对话已在另一个标签页中被删除。你的修改已放回输入框，可在新对话中发送。",
-        "The conversation you were editing was deleted in another tab. Your text is back in the box, to send in a new "
-        "conversation.",
+        "你正在编辑的对话已在另一个标签页中被删除。你的修改保留在下面，可在新对话中发送。",
+        "The conversation you were editing was deleted in another tab. Your text is kept below, to send in a new "
+        "conversation, or discard.",
     ),
     "draft_restored": (
         "登录已恢复：你在退出登录时输入的内容已放回原处，请检查后再发送。",
@@ -172,9 +172,13 @@ LABELS: dict[str, tuple[str, str]] = {
         "That message was sent while you edited it. Your text is in its edit box now: send it as a new version of it.",
     ),
     "queued_gone_while_edited": (
-        "这条消息在你编辑时已被发送或移除。你的修改已放回输入框。",
-        "That message was sent or removed while you edited it. Your text is back in the box.",
+        "这条消息在你编辑时已被发送或移除。你的修改保留在下面，可作为新消息发送。",
+        "That message was sent or removed while you edited it. Your text is kept below: send it as a new message, or "
+        "discard it.",
     ),
+    "set_aside_label": ("你的修改", "Your text"),
+    "set_aside_send": ("作为新消息发送", "Send as a new message"),
+    "set_aside_discard": ("丢弃", "Discard"),
     "conversation_not_found": (
         "找不到对话 {cid}（可能已被删除），已开始新对话。",
         "Conversation {cid} was not found (deleted?); starting a new one.",

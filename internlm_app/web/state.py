@@ -23,6 +23,7 @@ QUEUED_EDIT_KEY = "queued_edit_text"  # a queued message's edit box
 # (conversation, queued message id, its text when the edit began, the conversation's last message id then)
 QUEUED_EDITING_KEY = "_queued_editing"
 ATTACH_TEXT_KEY, ATTACH_PENDING_KEY = "attach_text", "_attach_pending"  # the files panel: its message, its files
+SET_ASIDE_KEY = "set_aside_text"  # an edit's text whose message is gone, to send as a new message (chat.show_set_aside)
 # What the user has typed on the chat page, with what shows it: kept across a login lost meanwhile (web/drafts.py).
 TYPED_KEYS = (
     PROMPT_KEY,
@@ -32,6 +33,7 @@ TYPED_KEYS = (
     QUEUED_EDITING_KEY,
     ATTACH_TEXT_KEY,
     ATTACH_PENDING_KEY,
+    SET_ASIDE_KEY,
 )
 _KEPT = "_kept_"  # + a text box's key: its text, kept across the runs that do not draw it (`text_box`)
 _OPENED_KEY = "_opened_conversation"  # whose settings the sidebar holds

@@ -38,6 +38,7 @@ if conv is not None and running and live is None:  # another page is starting a 
     chat.rerun_when_started_or_free(conv.id)
 turn = st.container() if next_up is not None else None  # where it shows with its reply: above those still queued
 chat.show_queued(ctx, store, conv, [message for message in waiting if message is not next_up])
+set_aside = chat.show_set_aside(ctx)  # an edit whose message went meanwhile, to send as a new message
 prompt, files = attachments_view.split_input(
     st.chat_input(
         ctx.t("chat_queue_here" if busy else "chat_placeholder"),
@@ -51,6 +52,9 @@ if files:  # files are sent only after their token cost was shown: held in a pan
     prompt = None
 outgoing = attachments_view.confirm_panel(ctx, backend, store, conv, busy)
 
+if set_aside is not None and not prompt:
+    chat.forget_set_aside()
+    prompt = set_aside
 if prompt and conv is not None and (running or waiting or pending is not None):
     chat.queue_message(store, conv, prompt)
 elif prompt:
