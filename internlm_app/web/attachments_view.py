@@ -146,7 +146,7 @@ def confirm_panel(ctx, backend: ChatBackend, store: ConversationStore, conv: Con
         total = sum(f.whole.tokens for f in readable)
         for f in readable:
             size = ctx.t("attach_pages", n=len(f.attachment.pages)) if f.attachment.kind == "pdf" else ""
-            size = size or ctx.t("attach_lines", n=f.attachment.text.count("\n") + 1)
+            size = size or ctx.t("attach_lines", n=len(f.attachment.text.splitlines()))  # (a last newline ends one)
             st.markdown(ctx.t("attach_file_cost", name=code_span(f.name), size=size, n=f"{f.whole.tokens:,}"))
         fitted: list[FittedAttachment] = []
         if readable:
@@ -165,7 +165,9 @@ def confirm_panel(ctx, backend: ChatBackend, store: ConversationStore, conv: Con
             fitted = plan(files, backend, budget, text, st.session_state.get(STRATEGY_KEY, STRATEGIES[0]))
             if not fits:
                 for f in fitted:
-                    if f.block:
+                    if f.block and f.complete:  # (not "sends lines 1-3" for all of it)
+                        line = ctx.t("attach_part_whole", name=code_span(f.name), n=f"{f.tokens:,}")
+                    elif f.block:
                         parts = code_span(part_words(", ".join(f.parts), ctx.t))
                         line = ctx.t("attach_part", name=code_span(f.name), parts=parts, n=f"{f.tokens:,}")
                     else:

@@ -566,6 +566,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "attach_strategy_leading": ("开头部分（前几页 / 前几行）", "The leading part (first pages or lines)"),
     "attach_strategy_best_matching": ("与消息最相关的部分", "The parts that best match the message"),
     "attach_part": ("{name}：发送 {parts}，{n} tokens", "{name}: sends {parts}, {n} tokens"),
+    "attach_part_whole": ("{name}：全文发送，{n} tokens", "{name}: sent whole, {n} tokens"),
     "attach_nothing_fits": ("{name}：一点也放不下，不会发送", "{name}: nothing of it fits; it is not sent"),
     "attach_send": ("发送", "Send"),
     "attach_cancel": ("取消", "Cancel"),
