@@ -339,3 +339,20 @@ def wait_for(condition, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_a_download_onto_a_disk_too_small_for_the_model_and_its_conversion_is_warned_about(tmp_path, caplog):
+    """On AutoDL the default cache is on the 30 GB system disk: the download started without a word."""
+    import logging
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from internlm_app.runtime import model_source
+
+    usage = namedtuple("usage", "total used free")
+    caplog.set_level(logging.WARNING, logger="internlm_app.runtime.model_source")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shutil_module, "disk_usage", lambda path: usage(30e9, 20e9, 10e9))
+        mp.setattr(model_source, "download_model", lambda *args, **kwargs: tmp_path)
+        model_source.source_dir(tiny_settings(tmp_path, model_path=None))
+    assert "only 10.0 GB free" in caplog.text and "INTERNLM_CACHE_DIR" in caplog.text

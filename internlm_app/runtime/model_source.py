@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import threading
 from pathlib import Path
 
@@ -135,7 +136,29 @@ def source_dir(settings: ModelSettings, progress: Progress | None = None) -> Pat
                 f"{settings.model_id} with `python -m internlm_app download`."
             )
         return path
+    _warn_if_short_of_space(Path(settings.cache_dir))
     return download_model(settings.model_id, settings.model_revision, Path(settings.cache_dir), progress)
+
+
+DOWNLOAD_AND_CONVERSION_BYTES = 31_000_000_000  # InternLM2-chat-7B: 15.5 GB downloaded, 15.5 GB converted
+
+
+def _warn_if_short_of_space(cache_dir: Path) -> None:
+    """Say before a download (minutes of it) that the disk under the cache cannot hold the model and its conversion:
+    on AutoDL the default cache is on the 30 GB system disk. Only a warning: a download that is mostly done, or a
+    conversion that goes elsewhere (INTERNLM_CONVERTED_DIR), may need less."""
+    existing = next((p for p in (cache_dir, *cache_dir.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return  # (the download says what is wrong with the cache directory)
+    free = shutil.disk_usage(existing).free
+    if free < DOWNLOAD_AND_CONVERSION_BYTES:
+        log.warning(
+            "only %.1f GB free under %s; the model and its conversion need about %.0f GB: set INTERNLM_CACHE_DIR to "
+            "a bigger disk (on AutoDL /root/autodl-tmp/models, the data disk)",
+            free / 1e9,
+            existing,
+            DOWNLOAD_AND_CONVERSION_BYTES / 1e9,
+        )
 
 
 def resolve_model_dir(settings: ModelSettings, progress: Progress | None = None) -> Path:
