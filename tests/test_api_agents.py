@@ -594,13 +594,21 @@ def test_schemas_the_grammar_enforces_are_honoured(client, schema):
     from internlm_app.runtime.grammar import unenforced_keyword
 
     assert unenforced_keyword({"type": "string", "pattern": "^[a-z]{1,1500}$"}) is None  # (0.1 s to compile)
-    completion = client.chat.completions.create(
-        model="m",
-        messages=USER,
-        max_tokens=120,
-        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
-    )
-    jsonschema.validate(json.loads(completion.choices[0].message.content), schema)
+    for seed in range(3):
+        completion = client.chat.completions.create(
+            model="m",
+            messages=USER,
+            max_tokens=200,
+            seed=seed,
+            temperature=1.0,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        )
+        choice = completion.choices[0]
+        if choice.finish_reason == "length":  # (a dict may run on: the random model need not close it in time)
+            continue
+        jsonschema.validate(json.loads(choice.message.content), schema)
+        return
+    pytest.fail("no reply ended within 200 tokens")
 
 
 def test_a_discriminated_union_is_accepted_and_enforced(client):
@@ -791,3 +799,34 @@ def test_a_call_the_model_writes_to_a_strict_tool_must_validate_or_it_is_content
     assert read(invalid, strict=True).tool_call is None and read(invalid, strict=True).finish("stop")[1] == "stop"
     assert read(invalid, strict=False).tool_call is not None  # not strict: as the model wrote it
     assert json.loads(read(valid, strict=True).tool_call["arguments"]) == valid
+
+
+def test_a_strict_tools_pattern_cannot_hold_the_server():
+    """^(a+)+$ against "a"*26 + "!" took 2.6 s on the event loop (each more "a" doubles it), stopping every request
+    and page of the server. Patterns are matched under one time limit; one still running then fails the call."""
+    import time
+
+    from internlm_app.chat.reply_reader import STRICT_CHECK_SECONDS, ChoiceBuilder
+    from internlm_app.chat_types import ReplyChunk
+
+    schema = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^(a+)+$"}}, "required": ["s"]}
+    for value, valid in (("a" * 40 + "!", False), ("aaaa", True)):
+        builder = ChoiceBuilder(None, tools=["f"], strict={"f": schema})
+        call = json.dumps({"name": "f", "parameters": {"s": value}})
+        started = time.monotonic()
+        for piece in [ReplyChunk(control="<|action_start|>"), ReplyChunk(control="<|plugin|>"), ReplyChunk(text=call)]:
+            builder.push(piece)
+        builder.push(ReplyChunk(control="<|action_end|>"))
+        assert time.monotonic() - started < STRICT_CHECK_SECONDS + 1.0
+        assert (builder.tool_call is not None) is valid, value
+
+
+def test_many_small_patterns_are_not_refused_for_their_sum():
+    """25 properties with ^[A-Za-z0-9 ]{1,100}$ were refused (their sizes added up past the bound of one pattern);
+    they compile in 0.06 s. One pattern is bounded, and all of them together more loosely."""
+    from internlm_app.runtime.grammar import MAX_PATTERNS_SIZE, unenforced_keyword
+
+    fields = {f"f{i}": {"type": "string", "pattern": "^[A-Za-z0-9 ]{1,100}$"} for i in range(25)}
+    assert unenforced_keyword({"type": "object", "properties": fields}) is None
+    many = {f"f{i}": {"type": "string", "pattern": "^[a-z]{1,1900}$"} for i in range(MAX_PATTERNS_SIZE // 1900 + 1)}
+    assert "in all" in unenforced_keyword({"type": "object", "properties": many})

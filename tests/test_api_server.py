@@ -354,4 +354,6 @@ def test_a_stream_open_at_shutdown_ends_with_an_error_event_and_done(tmp_path):
     assert events[-1] == "[DONE]", events[-3:]
     error = json.loads(events[-2])["error"]
     assert error["code"] == "server_shutting_down" and "shutting down" in error["message"]
+    finishes = [c["finish_reason"] for e in events[:-2] for c in json.loads(e)["choices"]]
+    assert set(finishes) == {None}  # the cut reply never claims to have ended
     assert len(events) < 100  # it did not run to its end first

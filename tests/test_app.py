@@ -664,6 +664,11 @@ def test_an_edit_being_typed_is_never_dropped(app_env):
     at.run()
     assert at.warning[0].value == t("edit_message_left_path") and not _boxes(at, "edit_text")
     assert at.text_area(key="set_aside_text").value == "hello, carefully rewritten" and not at.exception
+    at.query_params["c"] = other  # it belongs to its conversation: not shown (nor sent) in another
+    at.run()
+    assert not _boxes(at, "set_aside_text")
+    at.query_params["c"] = cid
+    at.run()
     at.button(key="set_aside_send").click().run()  # sent as a new message, on the path as it is now
     users = [m.content for m in store.get_conversation(cid).messages if m.role == "user"]
     assert users == ["hello from the other tab", "hello, carefully rewritten"] and not _boxes(at, "set_aside_text")

@@ -510,3 +510,22 @@ def test_control_tokens_typed_by_the_user_stay_text(engine):
     ids = engine.prepare([{"role": "user", "content": typed}], 8).ids
     special = [i for i in ids if i in engine.tokenizer.special_ids or i == engine.tokenizer.bos_id]
     assert special == [1, 1105, 1104, 1105]  # BOS, the user turn's start and end, the assistant turn's start
+
+
+def test_a_choice_let_in_as_one_stops_counting_as_on_its_way_on_every_path(engine):
+    """One that got the worker at once (a seeded choice: the engine's sampler, on the worker) never settled its
+    admission: it counted as waiting while it generated and after it ended, over-reporting the queue."""
+    from internlm_app.chat_types import ReplyOptions
+
+    for options in ({"seed": 1}, {}):  # the worker path (sampler), the default path
+        (admission,) = engine.queue.reserve(1)
+        reply = engine.stream_chunks(
+            [{"role": "user", "content": "hi"}],
+            SamplingParams.greedy_params(4),
+            ReplyOptions(**options, admission=admission),
+        )
+        next(reply)
+        assert engine.queue._reserved[0] == 0, options
+        reply.close()
+        admission.give_back()  # (what the API does when the reply ends: no effect now)
+        assert engine.queue._reserved[0] == 0 and engine.queue.waiting() == 0

@@ -356,3 +356,22 @@ def test_a_download_onto_a_disk_too_small_for_the_model_and_its_conversion_is_wa
         mp.setattr(model_source, "download_model", lambda *args, **kwargs: tmp_path)
         model_source.source_dir(tiny_settings(tmp_path, model_path=None))
     assert "only 10.0 GB free" in caplog.text and "INTERNLM_CACHE_DIR" in caplog.text
+
+
+def test_a_conversion_made_before_the_marker_listed_the_source_is_kept_and_upgraded(tmp_path):
+    """The new marker (with the source's files) made every earlier conversion convert again: minutes, and twice its
+    disk space for a while on a 30 GB disk. One of the same folder is kept and its marker upgraded; one whose source's
+    weights were deleted since (to save disk) is used as it is."""
+    src = _copy(tmp_path)
+    out = convert_checkpoint(src, tmp_path / "out")
+    meta = json.loads((out / MARKER).read_text())
+    old = {key: value for key, value in meta.items() if key != "source_files"} | {"version": 1}
+    (out / MARKER).write_text(json.dumps(old))
+    assert is_converted(out, src)
+    upgraded = json.loads((out / MARKER).read_text())
+    assert upgraded["version"] == convert.CONVERSION_VERSION and upgraded["source_files"] == meta["source_files"]
+    _rewrite_weights(src, lambda tensors: tensors["model.norm.weight"].fill_(3.0))
+    assert not is_converted(out, src)  # from now on a change of the source is noticed
+    (out / MARKER).write_text(json.dumps(meta))
+    (src / "model.safetensors").unlink()
+    assert is_converted(out, src)  # the source's weights are gone: the copy is what there is

@@ -72,3 +72,5 @@ def test_rope_scaling_extends_the_window_by_its_factor_only(tmp_path):
     plain = SimpleNamespace(max_position_embeddings=512, rope_parameters={"rope_type": "default"})
     assert context_window(yarn, settings) == 2048 and context_window(plain, settings) == 512
     assert context_window(yarn, tiny_settings(tmp_path, max_length=1000)) == 1000
+    dynamic = SimpleNamespace(max_position_embeddings=512, rope_parameters={"rope_type": "dynamic", "factor": 2.0})
+    assert context_window(dynamic, settings) == 32768  # dynamic NTK extends as the text grows: the setting decides

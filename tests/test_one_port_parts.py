@@ -291,6 +291,12 @@ def test_what_a_page_had_typed_when_its_login_went_is_put_back_after_the_login(a
         assert t("draft_restored", "zh") in texts(again.info) and drafts.DRAFT_PARAM not in again.query_params
         assert not again.chat_message  # still not sent: the user sends it
         assert run_page(query=query).chat_input(key="prompt").proto.value == ""  # taken back once only
+        again.chat_input(key="prompt").set_value("typed before the logout").run()  # sent, once back in its box
+        login.valid = False
+        again.run()
+        assert drafts.DRAFT_PARAM not in way_back(again)[1] and not again.info  # nothing of it is kept again
+        login.valid = True
+        again.run()
         # The same for an edit of a sent message: it opens again in its box, with its text.
         send(again, "hello")
         again.button(key="edit_last").click().run()
@@ -300,7 +306,7 @@ def test_what_a_page_had_typed_when_its_login_went_is_put_back_after_the_login(a
         path, query = way_back(again)
         login.valid = True
         edited = run_page(query=query)
-        assert edited.text_area(key="edit_text").value == "hello, edited" and len(edited.chat_message) == 2
+        assert edited.text_area(key="edit_text").value == "hello, edited" and len(edited.chat_message) == 4
         login.valid = False
         stranger = run_page()  # never logged in: nothing of it is kept
         assert drafts.DRAFT_PARAM not in way_back(stranger)[1]

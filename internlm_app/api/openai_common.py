@@ -140,6 +140,8 @@ def event_stream(runners: list[ReplyRunner], events: AsyncIterator[dict | str]) 
         watcher = asyncio.ensure_future(stop_on_shutdown())
         try:
             async for event in events:
+                if shutdown.is_set():  # what follows ends a cut reply as if it had ended ("stop"): the error says it
+                    break
                 yield sse_data(event if isinstance(event, str) else json.dumps(event, ensure_ascii=False))
             if shutdown.is_set():
                 error = openai_error(503, SHUTDOWN_MESSAGE, "server_shutting_down", None)
@@ -152,6 +154,9 @@ def event_stream(runners: list[ReplyRunner], events: AsyncIterator[dict | str]) 
             yield sse_data(json.dumps(openai_error(500, f"internal server error: {type(exc).__name__}")))
         finally:
             watcher.cancel()
+            if (close := getattr(events, "aclose", None)) is not None:
+                with anyio.CancelScope(shield=True):
+                    await close()
             await close_all(runners)
         answered.set()  # (not reached when the client went first: its leaving cancels this generator)
         yield sse_data("[DONE]")

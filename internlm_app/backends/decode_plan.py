@@ -16,6 +16,7 @@ import torch
 
 from internlm_app.chat_types import DecodeReason, DecodingState
 from internlm_app.runtime import gpu
+from internlm_app.runtime.loader import context_cap
 from internlm_app.settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -153,11 +154,9 @@ def estimate_for_checkpoint(
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
     per_token = 2 * config.get("num_hidden_layers", 0) * kv_heads * head_dim * 2
-    scaled = bool(
-        config.get("rope_scaling") or (config.get("rope_parameters") or {}).get("rope_type", "default") != "default"
-    )
-    positions = config.get("max_position_embeddings")
-    window = settings.max_length if scaled or not positions else min(settings.max_length, positions)
+    rope = config.get("rope_scaling") or config.get("rope_parameters")
+    cap = context_cap(config.get("max_position_embeddings"), rope if isinstance(rope, dict) else None)
+    window = settings.max_length if cap is None else min(settings.max_length, cap)  # (as the loader's context_window)
     usable = 0 if free_gpu_bytes is None else max(0, free_gpu_bytes - weights_bytes - _HEADROOM_BYTES)
     path, why = choose_single_path(
         cuda=free_gpu_bytes is not None,

@@ -164,8 +164,9 @@ class ReplyScheduler:
                 return None
         try:
             # One that waited for the worker has passed the limit: it is not refused now for those behind it.
-            admitted = waited or admission is not None
-            if not self.queue.acquire(on_wait=on_wait, cancel=cancel, ticket=arrived, admitted=admitted):
+            if not self.queue.acquire(
+                on_wait=on_wait, cancel=cancel, ticket=arrived, admitted=waited, admission=admission
+            ):
                 self._worker_line.release()
                 return None
         except BaseException:

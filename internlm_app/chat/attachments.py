@@ -388,15 +388,29 @@ def fit_attachments(
     shares get too small for some file to send anything (20 small files in a small budget: each share was below a
     file's header, so none was sent), the last files get nothing and the first ones their shares again, until every
     file in the split sends something."""
-    candidates = list(range(len(attachments)))
-    while True:
-        fitted = _share(attachments, candidates, count_tokens, budget, question, strategy)
-        empty = [i for i in candidates if not fitted[i].block]
-        if not empty or len(candidates) == 1:
-            break
-        candidates.pop()  # the last file makes room for the ones before it
-    nothing = {i: fit_attachment(attachments[i], count_tokens, 0, question, strategy) for i in range(len(attachments))}
-    return [fitted.get(i, nothing[i]) for i in range(len(attachments))]
+    n = len(attachments)
+
+    def first(k: int) -> dict[int, FittedAttachment] | None:
+        """The split over the first k files, if each of them sends something."""
+        fitted = _share(attachments, list(range(k)), count_tokens, budget, question, strategy)
+        return fitted if all(fitted[i].block for i in range(k)) else None
+
+    best = first(n)
+    if best is None and n > 1:  # the most files, in order, that each send something (fewer get more: binary search)
+        lo, hi = 1, n - 1
+        best = _share(attachments, [0], count_tokens, budget, question, strategy)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if (fitted := first(mid)) is not None:
+                best, lo = fitted, mid
+            else:
+                hi = mid - 1
+    elif best is None:
+        best = _share(attachments, [0], count_tokens, budget, question, strategy)
+    return [
+        best[i] if i in best else fit_attachment(a, count_tokens, 0, question, strategy)
+        for i, a in enumerate(attachments)
+    ]
 
 
 def _share(

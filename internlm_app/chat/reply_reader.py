@@ -141,14 +141,13 @@ class ChoiceBuilder:
         return Delta(content=text, logprobs=records)
 
     def _valid(self, call: ToolCall) -> bool:
-        """Whether the call's arguments validate against its tool's schema, when that tool is strict."""
+        """Whether the call's arguments validate against its tool's schema, when that tool is strict. Runs on the
+        server's event loop: its `pattern`s are matched with a time limit for the whole call (`bounded_validator`),
+        since one like ^(a+)+$ takes seconds to reject "aaa…a!" and a pattern that runs out of time fails it."""
         schema = self._strict.get(call["name"])
         if schema is None:
             return True
-        from jsonschema import validators  # (only a strict tool's call pays for the import)
-
-        validator = validators.validator_for(schema, default=validators.Draft202012Validator)
-        return validator(schema).is_valid(json.loads(call["arguments"]))
+        return bounded_validator(schema, STRICT_CHECK_SECONDS).is_valid(json.loads(call["arguments"]))
 
     def finish(self, finish_reason: str) -> tuple[Delta, str]:
         """The rest (held-back text, a call cut short) and OpenAI's finish_reason for an engine finish reason."""
@@ -170,3 +169,33 @@ def stream_chunks(
 ) -> Reply[ReplyChunk]:
     """The backend's reply as ReplyChunks (a remote backend serves plain options only: InvalidRequestError)."""
     return backend.stream_chunks(messages, params, options, **kwargs)
+
+
+STRICT_CHECK_SECONDS = 0.2  # the most a strict tool's call may spend in pattern matching
+
+
+def bounded_validator(schema: dict, seconds: float):
+    """A jsonschema validator for `schema` (its declared draft, else 2020-12) whose `pattern` keyword matches with the
+    `regex` package under one shared deadline (`seconds` for the whole validation): a pattern still running then is
+    a mismatch. Python's `re`, jsonschema's default, cannot be stopped."""
+    import time
+
+    import regex
+    from jsonschema import ValidationError, validators
+
+    deadline = time.monotonic() + seconds
+
+    def pattern(validator, expected, instance, _schema):
+        if not isinstance(instance, str):
+            return
+        try:
+            found = regex.search(expected, instance, timeout=max(deadline - time.monotonic(), 0.001))
+        except TimeoutError:
+            found = None
+        except regex.error:
+            return  # a pattern Python cannot read (ECMA-262 only): not checked here
+        if found is None:
+            yield ValidationError(f"{instance!r} does not match {expected!r} (or took too long to check)")
+
+    base = validators.validator_for(schema, default=validators.Draft202012Validator)
+    return validators.extend(base, {"pattern": pattern})(schema)

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 MARKER = "internlm_app_conversion.json"
 PARTIAL_MARKER = "internlm_app_conversion.partial"  # in the folder a conversion is written to, until it is done
-CONVERSION_VERSION = 2  # 2: the marker lists the source's files (size, mtime): a changed source is converted again
+CONVERSION_VERSION = 2  # 2: the marker lists the source's files (size, mtime): a changed source is converted again;
+# a version-1 conversion of the same folder is kept, its marker upgraded in place (`is_converted`)
 POSITIVE_INTS = (
     *("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
     "max_position_embeddings",
@@ -87,15 +88,34 @@ def is_converted(dst: Path, src: Path | None = None) -> bool:
         meta = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # absent, unreadable or cut short: convert again
         return False
-    if not isinstance(meta, dict) or meta.get("version") != CONVERSION_VERSION:
+    if not isinstance(meta, dict) or meta.get("version") not in (1, CONVERSION_VERSION):
         return False
     if src is None:
         return True
+    if meta.get("source") != str(src.resolve()):
+        return False
     try:
         files = source_files(src, source_shards(src))
-    except (ConversionError, OSError):  # the source cannot be read now: converting it says why
-        return False
-    return meta.get("source") == str(src.resolve()) and meta.get("source_files") == files
+    except (ConversionError, OSError):  # the source's weights are gone (deleted to save disk?): the copy is all
+        log.warning("the weights of %s cannot be read now; using its conversion in %s as it is", src, dst)
+        return True
+    if meta.get("version") == 1:  # made before the marker listed the source's files: taken as of the source now
+        _upgrade_marker(marker, meta, files)
+        return True
+    return meta.get("source_files") == files
+
+
+def _upgrade_marker(marker: Path, meta: dict, files: dict[str, list[int]]) -> None:
+    """A version-1 marker gets the source's files (what a conversion made now would list), so that a later change of
+    the source is noticed; not converting again a checkpoint of 15.5 GB for an upgrade of this app. Best effort: a
+    marker that cannot be written stays as it was."""
+    upgraded = {**meta, "version": CONVERSION_VERSION, "source_files": files}
+    try:
+        partial = marker.with_name(marker.name + ".tmp")
+        partial.write_text(json.dumps(upgraded, indent=2))
+        partial.replace(marker)
+    except OSError as exc:
+        log.warning("could not update %s (%s); it is used as it is", marker, exc)
 
 
 def source_files(src: Path, shards: list[Path]) -> dict[str, list[int]]:

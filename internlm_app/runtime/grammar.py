@@ -20,9 +20,11 @@ from internlm_app.runtime.tokenizer import ChatTokenizer, InternLM2Tokenizer
 
 MAX_SCHEMA_CHARS = 100_000  # a schema is compiled on the request's thread, before the reply queues: bound its size
 # xgrammar unrolls a pattern's bounded repeats ({m,n}): compiling `^[a-z]{1,1000}$` takes 0.06 s on this machine's CPU,
-# {1,6000} 1.7 s, and three nested {1,50}/{1,50}/{1,10} 15 s, all on the request's thread. The unrolled size of the
-# patterns of one schema (`pattern_size`) is bounded; a plain length limit is maxLength, which costs nothing.
+# {1,6000} 1.7 s, and three nested {1,50}/{1,50}/{1,10} 15 s, all on the request's thread. The cost grows faster than
+# the unrolled size (`pattern_size`): each pattern is bounded, and all of one schema's together more loosely (25
+# patterns of {1,100} compile in 0.06 s). A plain length limit is maxLength, which costs nothing.
 MAX_PATTERN_SIZE = 2000
+MAX_PATTERNS_SIZE = 20_000
 CACHE_BYTES = 64 << 20  # compiled grammars kept for reuse; clients that send a new schema each time cannot grow it
 # JSON Schema keywords xgrammar 0.2 does not enforce (it warns on stderr and ignores them, or falls back), or enforces
 # only loosely (the object keywords let one key repeat: {"a": 1, "a": 2} met minProperties 2): a schema with one is
@@ -40,7 +42,7 @@ def unenforced_keyword(schema: Any, where: str = "") -> str | None:
     ("properties.tags.uniqueItems"), or None. Besides the keywords above: `allOf` with more than one schema,
     `oneOf` but for a discriminated union (`one_of_problem`), `format` with a length, `required` naming a property
     `properties` does not define (strict decoding never writes one), a `$ref` outside the schema or with validation
-    keywords beside it, and patterns that unroll to more than MAX_PATTERN_SIZE."""
+    keywords beside it, and a pattern that unrolls to more than MAX_PATTERN_SIZE (all of them: MAX_PATTERNS_SIZE)."""
     defs = {**schema.get("definitions", {}), **schema.get("$defs", {})} if isinstance(schema, dict) else {}
     size = 0
 
@@ -73,9 +75,12 @@ def unenforced_keyword(schema: Any, where: str = "") -> str | None:
                 if beside := sorted(set(node) - {"$ref", *_ANNOTATIONS, "$defs", "definitions"}):
                     return f"{path} with {', '.join(beside)} beside it (put them in the schema it points to)"
             if key == "pattern" and isinstance(value, str):
-                size += pattern_size(value)
-                if size > MAX_PATTERN_SIZE:
+                one = pattern_size(value)
+                size += one
+                if one > MAX_PATTERN_SIZE:
                     return f"{path} (its repeats unroll to over {MAX_PATTERN_SIZE} characters; maxLength costs nothing)"
+                if size > MAX_PATTERNS_SIZE:
+                    return f"{path} (the schema's patterns unroll to over {MAX_PATTERNS_SIZE} characters in all)"
                 continue
             if key in _NAMED_SCHEMAS and isinstance(value, dict):
                 for name, sub in value.items():

@@ -103,17 +103,34 @@ def _quantization_config(settings: ModelSettings, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
+def context_cap(positions: int | None, rope: dict | None) -> int | None:
+    """The most tokens a model's positions take: `max_position_embeddings`, times the RoPE scaling's factor for a
+    fixed scaling (linear, yarn, llama3, ...); none for dynamic NTK, which extends as the text grows, or when unknown.
+    `rope`: the config's rope_parameters (or InternLM2's rope_scaling)."""
+    kind = (rope or {}).get("rope_type") or (rope or {}).get("type") or "default"
+    if not positions or kind == "dynamic":
+        return None
+    if kind == "default":
+        return positions
+    factor = (rope or {}).get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or factor < 1:
+        return None
+    return int(positions * factor)
+
+
 def context_window(config, settings: ModelSettings) -> int:
-    """The context budget: the setting, capped by the model's positions, times the RoPE scaling's factor when it has
-    one (a yarn ×4 model of 512 positions takes 2,048 tokens, not whatever the setting says)."""
-    limit = settings.max_length
-    positions = getattr(config, "max_position_embeddings", None)
-    rope = getattr(config, "rope_parameters", None) or {}
-    scaled = isinstance(rope, dict) and rope.get("rope_type", "default") != "default"
-    factor = rope.get("factor") if scaled else 1
-    if positions and isinstance(factor, int | float) and not isinstance(factor, bool) and factor >= 1:
-        limit = min(limit, int(positions * factor))
-    return limit
+    """The context budget: the setting, capped by what the model's positions take (`context_cap`; a yarn ×4 model of
+    512 positions takes 2,048 tokens, whatever the setting says). A cap is logged."""
+    rope = getattr(config, "rope_parameters", None)
+    cap = context_cap(getattr(config, "max_position_embeddings", None), rope if isinstance(rope, dict) else None)
+    if cap is not None and settings.max_length > cap:
+        log.info(
+            "context budget %d tokens: the model's positions take no more (INTERNLM_MAX_LENGTH asks for %d)",
+            cap,
+            settings.max_length,
+        )
+        return cap
+    return settings.max_length
 
 
 def _refuse_remote_code(model_dir: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from dataclasses import dataclass
 
 import streamlit as st
@@ -33,6 +34,7 @@ from internlm_app.web.safe_markdown import code_span, plain
 log = logging.getLogger(__name__)
 
 STRATEGY_KEY = "attach_strategy"
+_PLAN_KEY = "_attach_plan"  # (what the plan was made for, the plan)
 STRATEGIES = ("leading", "best_matching")
 WHOLE = 10**12  # a budget every file fits in: its whole cost
 
@@ -82,7 +84,13 @@ def hold(backend: ChatBackend, text: str, files: list) -> None:
             continue
         whole = fit_attachments([attachment], count, WHOLE)[0]
         held.append(HeldFile(attachment.name, file.type, attachment, whole=whole))
-    st.session_state[state.ATTACH_PENDING_KEY] = {"text": text, "files": held, "cid": state.conversation_id()}
+    token = uuid.uuid4().hex  # these files (a plan made for them is theirs: `plan`)
+    st.session_state[state.ATTACH_PENDING_KEY] = {
+        "text": text,
+        "files": held,
+        "cid": state.conversation_id(),
+        "token": token,
+    }
     state.set_text(state.ATTACH_TEXT_KEY, text)
 
 
@@ -120,13 +128,24 @@ def room(backend: ChatBackend, store: ConversationStore, conv: Conversation | No
     return room_for_attachments(backend, messages, params.max_new_tokens, st.session_state.get(state.MAX_LENGTH_KEY))
 
 
-def plan(files: list[HeldFile], backend: ChatBackend, budget: int, text: str, strategy: str) -> list[FittedAttachment]:
-    """What of each readable file would be sent: all of each when they fit, else what fits by `strategy`."""
+def plan(
+    files: list[HeldFile], backend: ChatBackend, budget: int, text: str, strategy: str, token: str = ""
+) -> list[FittedAttachment]:
+    """What of each readable file would be sent: all of each when they fit, else what fits by `strategy`. `token`
+    names the held files (the last plan is kept for them)."""
     readable = [f for f in files if f.attachment is not None]
     if sum(f.whole.tokens for f in readable) + JOIN_TOKENS * len(readable) <= budget:
         return [f.whole for f in readable]
+    # Fitting many long files takes seconds; the panel is drawn again on every run (a slider, a live reply's redraw):
+    # the last plan is kept for the same files, budget, question and strategy.
+    key = (token, budget, text if strategy == "best_matching" else "", strategy)
+    kept = st.session_state.get(_PLAN_KEY)
+    if kept is not None and kept[0] == key:
+        return kept[1]
     count = token_counter(backend)
-    return fit_attachments([f.attachment for f in readable], count, budget, question=text, strategy=strategy)
+    fitted = fit_attachments([f.attachment for f in readable], count, budget, question=text, strategy=strategy)
+    st.session_state[_PLAN_KEY] = (key, fitted)
+    return fitted
 
 
 def confirm_panel(ctx, backend: ChatBackend, store: ConversationStore, conv: Conversation | None, busy: bool):
@@ -162,7 +181,8 @@ def confirm_panel(ctx, backend: ChatBackend, store: ConversationStore, conv: Con
                     format_func=lambda s: ctx.t(f"attach_strategy_{s}"),
                     horizontal=True,
                 )
-            fitted = plan(files, backend, budget, text, st.session_state.get(STRATEGY_KEY, STRATEGIES[0]))
+            strategy = st.session_state.get(STRATEGY_KEY, STRATEGIES[0])
+            fitted = plan(files, backend, budget, text, strategy, held.get("token", ""))
             if not fits:
                 for f in fitted:
                     if f.block and f.complete:  # (not "sends lines 1-3" for all of it)

@@ -64,8 +64,8 @@ def open_conversation(ctx: PageContext, store: ConversationStore) -> Conversatio
 
 def typed_now() -> bool:
     """A message was sent from the chat box in this run (its value is known before the box is drawn)."""
-    value = st.session_state.get(state.PROMPT_KEY)
-    return bool(getattr(value, "text", value) or getattr(value, "files", None))
+    value = st.session_state.get(state.PROMPT_KEY)  # (a submitted value; a str is text put back in the box)
+    return bool(getattr(value, "text", None)) and not getattr(value, "files", None)  # (files: the panel, not sent)
 
 
 def reply_running(conv: Conversation | None) -> bool:
@@ -134,7 +134,7 @@ def _stop_edit() -> None:
     state.forget_text(state.EDIT_KEY)
 
 
-def _set_aside(ctx: PageContext, text: str | None, why: str) -> None:
+def _set_aside(ctx: PageContext, text: str | None, why: str, cid: str | None) -> None:
     """An edit whose message is gone (another tab moved the path, deleted the conversation, sent or removed the
     queued message): its text is set aside under the conversation (`show_set_aside`), with the reason, to send as a
     new message or discard. Never into the chat box, whose text in the browser would be replaced. Nothing typed is
@@ -143,15 +143,17 @@ def _set_aside(ctx: PageContext, text: str | None, why: str) -> None:
         return
     kept = state.typed_text(state.SET_ASIDE_KEY)
     state.set_text(state.SET_ASIDE_KEY, f"{kept}\n\n{text}" if kept else text)
-    st.session_state[_SET_ASIDE_WHY_KEY] = why
+    st.session_state[_SET_ASIDE_WHY_KEY] = (why, cid)
 
 
-def show_set_aside(ctx: PageContext) -> str | None:
-    """The text `_set_aside` kept, with why, in a box with "Send as a new message" and "Discard"; the text on Send."""
-    if not state.typed_text(state.SET_ASIDE_KEY):
+def show_set_aside(ctx: PageContext, conv: Conversation | None) -> str | None:
+    """The text `_set_aside` kept, with why, in a box with "Send as a new message" and "Discard", in the conversation
+    it belongs to (a new chat, for a deleted one's); the text on Send."""
+    why, cid = st.session_state.get(_SET_ASIDE_WHY_KEY) or ("edit_message_left_path", None)
+    if not state.typed_text(state.SET_ASIDE_KEY) or cid != (conv.id if conv is not None else None):
         return None
     with st.container(border=True, key="set_aside"):
-        st.warning(ctx.t(st.session_state.get(_SET_ASIDE_WHY_KEY) or "edit_message_left_path"))
+        st.warning(ctx.t(why))
         text = state.text_box(ctx.t("set_aside_label"), state.SET_ASIDE_KEY, max_chars=MAX_CONTENT_CHARS)
         with st.container(horizontal=True, gap="small"):
             send = st.button(ctx.t("set_aside_send"), key="set_aside_send", type="primary")
@@ -175,7 +177,7 @@ def rescue_edits_of_deleted(ctx: PageContext, cid: str) -> None:
     if queued is not None and queued[0] == cid:
         texts.append(state.typed_text(state.QUEUED_EDIT_KEY))
         _stop_queued_edit()
-    _set_aside(ctx, "\n\n".join(t for t in texts if t), "edit_conversation_deleted")
+    _set_aside(ctx, "\n\n".join(t for t in texts if t), "edit_conversation_deleted", None)  # (to a new chat)
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,7 @@ def show_history(
         # Another tab moved the path (an edit, a version switch): the message is no longer on it.
         text = state.typed_text(state.EDIT_KEY)
         _stop_edit()
-        _set_aside(ctx, text, "edit_message_left_path")
+        _set_aside(ctx, text, "edit_message_left_path", conv.id)
         editing = None
     if pending is not None:
         editing = None
@@ -516,7 +518,7 @@ def rescue_queued_edit(ctx: PageContext, conv: Conversation | None, waiting: lis
         _start_edit(conv.id, sent.id, text)
         st.warning(ctx.t("queued_sent_while_edited"))
     else:
-        _set_aside(ctx, text, "queued_gone_while_edited")
+        _set_aside(ctx, text, "queued_gone_while_edited", conv.id)
 
 
 def pending_reply(conv: Conversation | None) -> Pending | None:

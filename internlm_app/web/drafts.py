@@ -81,8 +81,8 @@ def keep_typed() -> str | None:
         return None
     typed = {}
     for key in state.TYPED_KEYS:  # (a text box not drawn lately has its text kept apart: `state.text_box`)
-        value = st.session_state.get(key)
-        if value := _plain(value if value is not None else state.typed_text(key)):
+        value = state.typed_text(key) if key in state.TEXT_BOX_KEYS else st.session_state.get(key)
+        if value := _plain(value):
             typed[key] = value
     kept = st.session_state.get(_KEPT_KEY)
     if typed:  # (a box not drawn in a refused run is emptied at its end: a later refused run adds to the same draft)
@@ -108,7 +108,7 @@ def restore_typed() -> bool:
     if not typed:
         return False
     for key, value in typed.items():
-        if isinstance(value, str):
+        if key in state.TEXT_BOX_KEYS:
             state.set_text(key, value)
         else:
             st.session_state[key] = value

@@ -25,6 +25,7 @@ QUEUED_EDITING_KEY = "_queued_editing"
 ATTACH_TEXT_KEY, ATTACH_PENDING_KEY = "attach_text", "_attach_pending"  # the files panel: its message, its files
 SET_ASIDE_KEY = "set_aside_text"  # an edit's text whose message is gone, to send as a new message (chat.show_set_aside)
 # What the user has typed on the chat page, with what shows it: kept across a login lost meanwhile (web/drafts.py).
+TEXT_BOX_KEYS = (EDIT_KEY, QUEUED_EDIT_KEY, ATTACH_TEXT_KEY, SET_ASIDE_KEY)  # drawn with `text_box`
 TYPED_KEYS = (
     PROMPT_KEY,
     EDIT_KEY,

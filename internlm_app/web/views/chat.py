@@ -38,7 +38,7 @@ if conv is not None and running and live is None:  # another page is starting a 
     chat.rerun_when_started_or_free(conv.id)
 turn = st.container() if next_up is not None else None  # where it shows with its reply: above those still queued
 chat.show_queued(ctx, store, conv, [message for message in waiting if message is not next_up])
-set_aside = chat.show_set_aside(ctx)  # an edit whose message went meanwhile, to send as a new message
+set_aside = chat.show_set_aside(ctx, conv)  # an edit whose message went meanwhile, to send as a new message
 prompt, files = attachments_view.split_input(
     st.chat_input(
         ctx.t("chat_queue_here" if busy else "chat_placeholder"),
