@@ -23,7 +23,7 @@ from internlm_app.runtime.convert import (
     read_json,
     source_shards,
 )
-from internlm_app.runtime.loader import checkpoint_bytes
+from internlm_app.runtime.loader import ModelLoadError, check_tokenizer_files, checkpoint_bytes
 from internlm_app.runtime.model_source import converted_dir_for
 from internlm_app.settings import ModelSettings
 
@@ -72,19 +72,24 @@ def _model_state(settings: ModelSettings) -> dict:
         if not isinstance(model_type, str):
             raise ConversionError(f"{src / 'config.json'} names no model_type: download the model again")
         if state["weights_bytes"] and state["internlm2_format"]:
-            check_source(src)  # what the conversion checks first: config values, tokenizer.model, the weight index
+            _, shards = check_source(src)  # what the conversion checks first: config values, tokenizer, weight index
+            _readable(shards)
         elif state["weights_bytes"]:
-            source_shards(src)  # the weight index names files that are there
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            if model_type not in CONFIG_MAPPING:
+                state["own_code"] = model_type  # transformers has no class for it: the folder's own code is needed
+                return state
+            _readable(source_shards(src))  # the weight index names files that are there, and they can be read
+            check_tokenizer_files(src)
+        elif state["internlm2_format"] and is_converted(converted_dir_for(src, settings), src):
+            pass  # the weights were deleted after their conversion (to save disk): the conversion is what is used
         else:
             return state  # no weights: said as such
-    except ConversionError as exc:  # a config.json, tokenizer or weight index that cannot be used
+    except (ConversionError, ModelLoadError) as exc:  # a config, tokenizer, weight index or file that cannot be used
         state["damaged"] = str(exc)
         return state
     if not state["internlm2_format"]:
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-        if model_type not in CONFIG_MAPPING:
-            state["own_code"] = model_type  # transformers has no class for it: the folder's own code would be needed
         return state
     dst = converted_dir_for(src, settings)
     state["converted_dir"] = str(dst)
@@ -97,6 +102,22 @@ def _model_state(settings: ModelSettings) -> dict:
         except ConversionError as exc:
             state["conversion_damaged"] = str(exc)
     return state
+
+
+def _readable(shards: list[Path]) -> None:
+    """ConversionError for a safetensors weight file whose header cannot be read (cut short, not safetensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    for shard in shards:
+        if shard.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(shard), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ConversionError(
+                f"the weights file {shard} is incomplete or corrupt ({exc}); download it again"
+            ) from exc
 
 
 def _remote_state(settings: ModelSettings, problems: list[Problem]) -> dict:
@@ -184,7 +205,7 @@ def doctor_report(settings: ModelSettings) -> dict:
     elif "conversion_damaged" in model:
         values = {"path": model["converted_dir"]}
         problems.append(Problem("damaged_conversion", model["conversion_damaged"], values))
-    elif not model.get("weights_bytes"):
+    elif not model.get("weights_bytes") and not model.get("converted"):
         text = f"{source} has a config.json but no weight files (*.safetensors / *.bin): download it again"
         problems.append(Problem("no_weights", text, {"path": str(source)}))
     disk_dir = Path(settings.cache_dir)

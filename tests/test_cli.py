@@ -391,6 +391,9 @@ def test_a_jsonl_object_without_content_says_what_a_line_needs(engine):
 
 
 def test_doctor_lists_a_damaged_or_weightless_model_and_a_cache_that_is_a_file(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
     from internlm_app.doctor import doctor_report
     from internlm_app.settings import ModelSettings
 
@@ -414,9 +417,12 @@ def test_doctor_lists_a_damaged_or_weightless_model_and_a_cache_that_is_a_file(t
         ('{"model_type": "llama", "hidden_size": 64, "rope_parameters": null}', None),
     ):
         (weightless / "config.json").write_text(config)
-        (weightless / "model.safetensors").write_bytes(b"x" * 8)
+        save_file({"w": torch.zeros(2)}, str(weightless / "model.safetensors"))
+        (weightless / "tokenizer.json").write_text("{}")
         # never "no problems" for a config no model can be built from, never a traceback
         assert keys(model_path=weightless) == ({key} if key else set()), config
+    (weightless / "model.safetensors").write_bytes(b"x" * 8)  # weights that are no safetensors file
+    assert keys(model_path=weightless) == {"damaged_model"}
     assert keys(model_path=FIXTURE_DIR) == set()
     on_cpu = {p.key for p in doctor_report(ModelSettings(model_path=FIXTURE_DIR, device="cpu"))["problems"]}
     assert "no_gpu" not in on_cpu  # INTERNLM_DEVICE=cpu asks for the CPU
@@ -582,7 +588,14 @@ def test_doctor_finds_what_the_load_would_fail_on(tmp_path):
     settings = ModelSettings(model_path=fine, cache_dir=tmp_path / "cache", device="cpu")
     converted = resolve_model_dir(settings)
     assert keys(fine) == set()
+    (fine / "model.safetensors").rename(tmp_path / "moved.safetensors")  # deleted after converting, to save disk
+    assert keys(fine) == set()  # the conversion is what is used
+    (tmp_path / "moved.safetensors").rename(fine / "model.safetensors")
     for shard in converted.glob("*.safetensors"):
         with open(shard, "r+b") as f:
             f.truncate(4096)
     assert keys(fine) == {"damaged_conversion"}
+    cut = copy("cut_source")
+    with open(cut / "model.safetensors", "r+b") as f:
+        f.truncate(4096)
+    assert keys(cut) == {"damaged_model"}  # (the load refuses it: doctor says so too)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -223,6 +224,12 @@ def _set_config(src: Path, **changes) -> None:
         ({"rope_scaling": {"type": "weird", "factor": 2}}, "rope_scaling's type is 'weird'"),
         ({"rope_scaling": {"factor": 2}}, "rope_scaling's type is None"),
         ({"rope_scaling": {"type": "linear"}}, "factor"),
+        ({"rope_scaling": {"type": "dynamic", "factor": "2"}}, "factor is '2'"),
+        ({"rope_scaling": {"type": "linear", "factor": 0}}, "factor is 0"),
+        ({"rope_theta": float("nan")}, "rope_theta is nan"),
+        ({"eos_token_id": "x"}, "eos_token_id is 'x'"),
+        ({"pad_token_id": 10**9}, "pad_token_id is 1000000000"),
+        ({"hidden_act": "gelu_fancy"}, "transformers cannot build a model"),
     ],
 )
 def test_a_config_no_model_can_be_built_from_is_named_before_anything_is_converted(tmp_path, changes, expected):
@@ -235,15 +242,24 @@ def test_a_config_no_model_can_be_built_from_is_named_before_anything_is_convert
     assert _nothing_left(tmp_path / "out")
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
-def test_an_internlm2_checkpoint_without_a_readable_tokenizer_model_is_refused_first(tmp_path, damage):
-    """It converted, then the tokenizer fell back to AutoTokenizer, which asked for trust_remote_code."""
+@pytest.mark.parametrize("damage", ["missing", "truncated", "no-config", "decoder-list", "bad-generation"])
+def test_an_internlm2_checkpoint_without_a_readable_tokenizer_is_refused_first(tmp_path, damage):
+    """It converted, then the tokenizer fell back to AutoTokenizer, which asked for trust_remote_code; without its
+    tokenizer_config.json it converted and then called the copy damaged (converting again made the same copy); a
+    damaged generation_config.json was said only after every shard was converted."""
     src = _copy(tmp_path)
     if damage == "missing":
         (src / "tokenizer.model").unlink()
-    else:
+    elif damage == "truncated":
         (src / "tokenizer.model").write_bytes((src / "tokenizer.model").read_bytes()[:1000])
-    with pytest.raises(ConversionError, match="tokenizer.model"):
+    elif damage == "no-config":
+        (src / "tokenizer_config.json").unlink()
+    elif damage == "decoder-list":
+        config = json.loads((src / "tokenizer_config.json").read_text())
+        (src / "tokenizer_config.json").write_text(json.dumps({**config, "added_tokens_decoder": []}))
+    else:
+        (src / "generation_config.json").write_text('{"eos_token_id": ')
+    with pytest.raises(ConversionError, match="tokenizer|generation_config"):
         convert_checkpoint(src, tmp_path / "out")
     assert _nothing_left(tmp_path / "out")
 
@@ -262,18 +278,46 @@ def test_a_conversion_is_made_again_when_its_source_changed(tmp_path):
     assert is_converted(first, src)
 
 
-def test_weights_beyond_or_unlike_what_the_config_describes_are_refused(tmp_path):
+def test_weights_beyond_or_unlike_what_the_config_describes_are_refused(tmp_path, converted_dir):
     """A config with fewer layers than the weights loaded and replied (the extra layer dropped in silence); one with
-    another MLP size was a RuntimeError traceback."""
-    src = _copy(tmp_path)
-    _set_config(src, num_hidden_layers=1)
+    another MLP size was a RuntimeError traceback, or converted and then sent the user round in circles ("the
+    converted copy is damaged: delete it" made the same copy). The conversion compares every weight with the model
+    transformers builds from the config; a native folder is checked when it loads."""
+    for changes, expected in (
+        ({"num_hidden_layers": 1}, "does not describe"),
+        ({"intermediate_size": 128}, "but .*config.json gives"),
+        ({"vocab_size": 2000}, "but .*config.json gives"),
+    ):
+        src = tmp_path / f"src-{next(iter(changes.values()))}"
+        shutil.copytree(FIXTURE_DIR, src)
+        _set_config(src, **changes)
+        with pytest.raises(ConversionError, match=expected):
+            convert_checkpoint(src, tmp_path / "out")
+        assert _nothing_left(tmp_path / "out")
+    native = tmp_path / "native"
+    shutil.copytree(converted_dir, native)
+    _set_config(native, num_hidden_layers=1)
     with pytest.raises(ModelLoadError, match="beyond what its config.json describes"):
-        load_model(tiny_settings(tmp_path, model_path=src))
-    src2 = tmp_path / "mlp"
-    shutil.copytree(FIXTURE_DIR, src2)
-    _set_config(src2, intermediate_size=128)
+        load_model(tiny_settings(tmp_path, model_path=native))
+    _set_config(native, num_hidden_layers=2, intermediate_size=128)
     with pytest.raises(ModelLoadError, match="shapes its config.json gives|wrongly shaped"):
-        load_model(tiny_settings(tmp_path, model_path=src2))
+        load_model(tiny_settings(tmp_path, model_path=native))
+
+
+def test_a_source_edited_while_it_converts_is_not_recorded_as_converted(tmp_path, monkeypatch):
+    """The marker listed the source's files as they were at the end: a config edited mid-conversion was recorded as
+    converted, and the stale copy used from then on."""
+    src = _copy(tmp_path)
+    real = convert._save_shard
+
+    def edit_meanwhile(tensors, path):
+        real(tensors, path)
+        _set_config(src, rope_theta=5000000)
+
+    monkeypatch.setattr(convert, "_save_shard", edit_meanwhile)
+    with pytest.raises(ConversionError, match="changed while it was being converted"):
+        convert_checkpoint(src, tmp_path / "out")
+    assert _nothing_left(tmp_path / "out")
 
 
 def test_a_model_folder_that_needs_its_own_code_is_refused_without_running_it(tmp_path):
@@ -369,6 +413,10 @@ def test_a_conversion_made_before_the_marker_listed_the_source_is_kept_and_upgra
     (out / MARKER).write_text(json.dumps(old))
     assert is_converted(out, src)
     upgraded = json.loads((out / MARKER).read_text())
+    (out / MARKER).write_text(json.dumps(old))
+    os.utime(out / MARKER, ns=(1, 1))  # a source file newer than the version-1 marker: changed since, converted again
+    assert not is_converted(out, src)
+    (out / MARKER).write_text(json.dumps(upgraded))
     assert upgraded["version"] == convert.CONVERSION_VERSION and upgraded["source_files"] == meta["source_files"]
     _rewrite_weights(src, lambda tensors: tensors["model.norm.weight"].fill_(3.0))
     assert not is_converted(out, src)  # from now on a change of the source is noticed

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import gc
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -99,7 +99,9 @@ def is_converted(dst: Path, src: Path | None = None) -> bool:
     except (ConversionError, OSError):  # the source's weights are gone (deleted to save disk?): the copy is all
         log.warning("the weights of %s cannot be read now; using its conversion in %s as it is", src, dst)
         return True
-    if meta.get("version") == 1:  # made before the marker listed the source's files: taken as of the source now
+    if meta.get("version") == 1:  # made before the marker listed the source's files: taken as of the source now,
+        if any(mtime > marker.stat().st_mtime_ns for _, mtime in files.values()):  # unless one changed since
+            return False
         _upgrade_marker(marker, meta, files)
         return True
     return meta.get("source_files") == files
@@ -162,17 +164,58 @@ def check_config(cfg: dict, path: Path) -> None:
         kind = scaling.get("rope_type") or scaling.get("type")
         if kind not in ROPE_INIT_FUNCTIONS:
             refuse(f"rope_scaling's type is {kind!r}; transformers knows {', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
-        from transformers import LlamaConfig
+        factor = scaling.get("factor")
+        if "factor" in scaling and (isinstance(factor, bool) or not isinstance(factor, int | float) or factor < 1):
+            refuse(f"rope_scaling's factor is {factor!r}, not a number of at least 1")
+    for key in ("rms_norm_eps", "rope_theta", "initializer_range"):
+        if key in cfg and isinstance(cfg[key], float) and not math.isfinite(cfg[key]):
+            refuse(f"{key} is {cfg[key]!r}, not a finite number")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = cfg.get(key, 0)
+        ids = value if isinstance(value, list) else [value]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < cfg["vocab_size"] for i in ids):
+            refuse(f"{key} is {value!r}, not a token id below vocab_size {cfg['vocab_size']}")
+    expected_shapes(cfg, path)  # transformers' own checks: the Llama config, and a model of it (on no device)
 
-        try:  # transformers' own check of the scaling's parameters (a linear scaling without its factor ...)
-            LlamaConfig(**llama_config(cfg)).validate_rope()
-        except (KeyError, ValueError, TypeError) as exc:
-            refuse(f"rope_scaling {scaling!r} cannot be used: {str(exc).strip(chr(34))}")
+
+def expected_shapes(cfg: dict, path: Path) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every weight a Llama model of InternLM2 config `cfg` has, from transformers' own model
+    built on the meta device (no memory): what a conversion must write, no more. ConversionError naming `path` when
+    transformers refuses the config (a RoPE scaling without its parameters, a value of the wrong kind ...)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    try:
+        config = LlamaConfig(**llama_config(cfg))
+        config.validate_rope()
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+    except Exception as exc:  # transformers' errors for a config it cannot build: KeyError, ValueError, strict ...
+        raise ConversionError(
+            f"{path}: transformers cannot build a model from it ({type(exc).__name__}: "
+            f"{str(exc).strip(chr(34)).splitlines()[0] if str(exc) else ''}). The file is damaged or was edited: "
+            "download the model again (python -m internlm_app download) or fix that value"
+        ) from exc
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
 def check_tokenizer(src: Path) -> None:
-    """Refuse an InternLM2 checkpoint without a readable tokenizer.model (its sentencepiece vocabulary)."""
+    """Refuse an InternLM2 checkpoint without a readable tokenizer.model (its sentencepiece vocabulary), or whose
+    tokenizer_config.json (its special tokens) or generation_config.json is missing or damaged."""
     import sentencepiece
+
+    if not (src / "tokenizer_config.json").is_file():
+        raise ConversionError(
+            f"{src} has no tokenizer_config.json (InternLM2's special tokens): the download is incomplete; download "
+            "the model again (python -m internlm_app download)"
+        )
+    decoder = read_json(src / "tokenizer_config.json").get("added_tokens_decoder", {})
+    if not isinstance(decoder, dict) or not all(isinstance(token, dict) for token in decoder.values()):
+        raise ConversionError(
+            f"{src / 'tokenizer_config.json'}: added_tokens_decoder is not an object of tokens; the file is damaged "
+            "or was edited: download the model again"
+        )
+    if (src / "generation_config.json").is_file():
+        read_json(src / "generation_config.json")  # (read before the shards, not after minutes of them)
 
     model = src / "tokenizer.model"
     if not model.is_file():
@@ -320,7 +363,12 @@ def _read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 yield name, f.get_tensor(name)
     else:
-        state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        try:
+            state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as exc:  # a legacy (non-zip) torch.save file cannot be memory-mapped: read it whole
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
         yield from state.items()
         del state
 
@@ -445,6 +493,10 @@ def _refuse_foreign_folder(folder: Path, marks: tuple[str, ...]) -> None:
 
 
 def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path], progress: Progress | None) -> Path:
+    before = source_files(src, shards)  # the source as it is read: one edited meanwhile is not recorded as this one
+    cfg = read_json(src / "config.json")  # (read again under the lock: another process may have waited on it)
+    check_config(cfg, src / "config.json")
+    shapes = expected_shapes(cfg, src / "config.json")
     if tmp.is_file() or tmp.is_symlink():
         tmp.unlink()  # an empty file (_refuse_foreign_folder): the directory is made afresh
     shutil.rmtree(tmp, ignore_errors=True)  # (ours or empty: _refuse_foreign_folder)
@@ -465,14 +517,14 @@ def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path]
                     reason="quantized_checkpoint",
                 )
             for new_name, new_tensor in convert_tensor(name, tensor, cfg):
+                _check_shape(new_name, tuple(new_tensor.shape), shapes, src, shard)
                 out[new_name] = new_tensor
         out_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         _save_shard(out, tmp / out_name)
         for name, tensor in out.items():
             weight_map[name] = out_name
             total_size += tensor.numel() * tensor.element_size()
-        del out
-        gc.collect()
+        del out  # (freed at once: tensors are reference-counted)
         log.info("converted shard %d/%d (%s)", i, len(shards), shard.name)
     missing = sorted(expected_tensors(cfg) - weight_map.keys())
     if missing:  # a shard was missing or cut short: transformers would fill the gaps with random weights
@@ -488,11 +540,16 @@ def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path]
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, tmp / name)
+    if source_files(src, shards) != before:
+        raise ConversionError(
+            f"{src} changed while it was being converted (a file was replaced or edited): start again to convert it "
+            "as it is now"
+        )
     meta = {
         "version": CONVERSION_VERSION,
         "source": str(src.resolve()),
         "source_model_type": "internlm2",
-        "source_files": source_files(src, shards),
+        "source_files": before,
     }
     (tmp / MARKER).write_text(json.dumps(meta, indent=2))  # (before the partial marker goes: always one of the two)
     (tmp / PARTIAL_MARKER).unlink()
@@ -505,6 +562,21 @@ def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path]
     if progress:
         progress(LoadStep("convert", len(shards), len(shards)))
     return dst
+
+
+def _check_shape(name: str, shape: tuple[int, ...], shapes: dict[str, tuple[int, ...]], src: Path, shard: Path) -> None:
+    """A converted weight the config describes, of the shape it gives; else ConversionError naming config.json."""
+    if name not in shapes:
+        raise ConversionError(
+            f"{shard} holds {name}, which {src / 'config.json'} does not describe (num_hidden_layers, "
+            "tie_word_embeddings ...): the config and the weights are of different models; download the model again"
+        )
+    if shapes[name] != shape:
+        raise ConversionError(
+            f"{shard}: {name} has shape {shape}, but {src / 'config.json'} gives {shapes[name]} (hidden_size, "
+            "intermediate_size, vocab_size ...): the config and the weights are of different models; download the "
+            "model again"
+        )
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:

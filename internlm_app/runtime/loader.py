@@ -14,7 +14,7 @@ from internlm_app.chat_types import ModelInfo
 from internlm_app.errors import UserFacingError
 from internlm_app.load_progress import LoadStep, Progress
 from internlm_app.runtime import gpu
-from internlm_app.runtime.convert import MARKER, read_json
+from internlm_app.runtime.convert import MARKER, ConversionError, read_json, source_shards
 from internlm_app.runtime.model_source import resolve_model_dir
 from internlm_app.runtime.tokenizer import ChatTokenizer, load_tokenizer
 from internlm_app.settings import ModelSettings
@@ -157,12 +157,22 @@ def _repair_hint(model_dir: Path, settings: ModelSettings) -> str:
     """What to do when the files in `model_dir` cannot be loaded: the app's own conversion of the model the settings
     name is made again once deleted (its source passed the checks); anything else is downloaded again."""
     given = settings.model_path is not None and Path(settings.model_path).expanduser().resolve() == model_dir.resolve()
-    if (model_dir / MARKER).is_file() and not given:
+    if (model_dir / MARKER).is_file() and not given and _source_is_there(model_dir):
         return f"The converted copy in {model_dir} is damaged: delete that folder and start again to convert it anew"
     return "If a file is incomplete or corrupt, download the model again (python -m internlm_app download)"
 
 
-def _check_tokenizer_files(model_dir: Path) -> None:
+def _source_is_there(converted: Path) -> bool:
+    """Whether the checkpoint a conversion was made from still has its weights (to convert it again from)."""
+    try:
+        source = read_json(converted / MARKER).get("source")
+        return isinstance(source, str) and bool(source_shards(Path(source)))
+    except (ConversionError, OSError):
+        return False
+
+
+def check_tokenizer_files(model_dir: Path) -> None:
+    """ModelLoadError for a native model folder without a tokenizer (the download is incomplete)."""
     if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelLoadError(
             f"{model_dir} has no tokenizer ({', '.join(_TOKENIZER_FILES)}): the download is incomplete; download "
@@ -206,7 +216,7 @@ def load_model(
     quantization = _quantization_config(settings, dtype) if device == "cuda" else None
     model_dir = resolve_model_dir(settings, progress=progress)
     _refuse_remote_code(model_dir)
-    _check_tokenizer_files(model_dir)
+    check_tokenizer_files(model_dir)
     _check_fits(model_dir, device, dtype, settings)
     if progress:
         progress(LoadStep("load", detail=f"{device}, {str(dtype).removeprefix('torch.')}"))

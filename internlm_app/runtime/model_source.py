@@ -10,7 +10,7 @@ from pathlib import Path
 
 from internlm_app.errors import UserFacingError
 from internlm_app.load_progress import LoadStep, Progress
-from internlm_app.runtime.convert import convert_checkpoint, is_converted, is_internlm2_checkpoint
+from internlm_app.runtime.convert import MARKER, convert_checkpoint, is_converted, is_internlm2_checkpoint
 from internlm_app.settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -171,5 +171,7 @@ def resolve_model_dir(settings: ModelSettings, progress: Progress | None = None)
         log.info("using converted checkpoint %s", dst)
         return dst
     # Another process may be converting it now: convert_checkpoint waits for it, then reuses the result.
+    if (dst / MARKER).is_file():
+        log.info("the conversion in %s is of %s as it was before (a file changed since): converting it again", dst, src)
     log.info("converting InternLM2 checkpoint %s -> %s (once)", src, dst)
     return convert_checkpoint(src, dst, progress=progress)
