@@ -102,8 +102,14 @@ def child(src: Path, dst: Path) -> None:
     """Run in the fresh subprocess: convert and print the memory figures as JSON."""
     import gc
 
+    import sentencepiece  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401
+
     from internlm_app.runtime.convert import convert_checkpoint
 
+    # The conversion checks the config by building transformers' model of it on the meta device, and reads the
+    # tokenizer with sentencepiece: their modules are imported before the baseline, as `serve` and `chat` have them
+    # already (a fixed cost of the process, not of the conversion).
     gc.collect()
     baseline = _status("VmRSS")
     at_start = {f"{key}_baseline": _status(key) for key in ("RssAnon", "RssFile")}
