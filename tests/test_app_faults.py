@@ -148,3 +148,39 @@ def test_a_reply_the_database_stops_taking_mid_stream_is_reported_with_its_whole
         WebReply(engine, store, cid, params).run(ReplyView(show=show))
     assert caught.value.kind == "read_only" and caught.value.text == expected  # nothing generated is lost
     assert len(shown) > 1 and engine.queue.active == 0  # it streamed on after the first failed save
+
+
+def test_a_finished_reply_is_saved_once_a_lock_on_the_file_is_released(engine, tmp_path, monkeypatch):
+    """Another process held the file for longer than the store's 30 s of retries as a reply ended: the finished reply
+    was dropped and showed as "interrupted (server restarted?)" with no text. Its end is saved once the lock goes, and
+    a periodic save waiting on the lock never holds the reply back."""
+    import time
+
+    from internlm_app.store.errors import StoreFault
+    from internlm_app.web import reply as reply_module
+
+    store = ConversationStore(tmp_path / "conversations.db")
+    cid = store.create_conversation("")
+    store.add_message(cid, "user", "hello")
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0, max_new_tokens=60)
+    expected, _ = engine.reply(store.messages_for_model(cid), params)
+    real, refused = store.update_message, []
+
+    def locked_for_a_while(mid, text, status, stats=None):
+        if status == "streaming":
+            time.sleep(0.5)  # a periodic save waiting on the lock
+            raise StoreFault("locked", store.path, "database is locked")
+        if len(refused) < 3:  # the end's save: locked three times, then free
+            refused.append(status)
+            raise StoreFault("locked", store.path, "database is locked")
+        return real(mid, text, status, stats)
+
+    monkeypatch.setattr(store, "update_message", locked_for_a_while)
+    monkeypatch.setattr(reply_module, "FINAL_SAVE_RETRY_SECONDS", 0.01)
+    monkeypatch.setattr(reply_module, "SAVE_INTERVAL_SECONDS", 0.0)
+    shown: list[str] = []
+    outcome = WebReply(engine, store, cid, params).run(ReplyView(show=shown.append))
+    assert refused == ["complete"] * 3 and outcome.text == expected
+    monkeypatch.undo()
+    assert store.get_conversation(cid).messages[-1].content == expected
+    assert store.get_conversation(cid).messages[-1].status == "complete"

@@ -108,3 +108,22 @@ def test_a_program_error_is_not_reported_as_a_file_fault(tmp_path):
     with pytest.raises(Exception) as caught:
         store._write(lambda c: c.execute("INSERT INTO messages (conversation_id) VALUES (NULL)"))
     assert not isinstance(caught.value, StoreFault)
+
+
+def test_a_database_file_deleted_while_the_app_runs_is_made_again(tmp_path, caplog):
+    """Every page failed with "no such table: conversations" (Streamlit's English error page) until a restart: SQLite
+    had made an empty file where the deleted one was. The new file gets the schema, and the log says what happened."""
+    import logging
+
+    from internlm_app.store.db import ConversationStore
+
+    path = tmp_path / "conversations.db"
+    store = ConversationStore(path)
+    store.create_conversation("")
+    for name in ("conversations.db", "conversations.db-wal", "conversations.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    store.close()  # (the app's connections live on in threads; a new one opens the path again)
+    caplog.set_level(logging.WARNING, logger="internlm_app.store.connection")
+    assert store.list_conversations() == []
+    cid = store.create_conversation("")
+    assert store.get_conversation(cid) is not None and "was removed while the app ran" in caplog.text

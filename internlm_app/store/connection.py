@@ -4,6 +4,7 @@ retried while another writer holds the file, and the schema migrated when the st
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sqlite3
@@ -19,6 +20,7 @@ from internlm_app.store.errors import StoreFault, fault_kind
 from internlm_app.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
 MIN_FREE_BYTES = 64 * 1024  # less free space than this where the database lives: a full disk
@@ -136,6 +138,8 @@ class SQLiteDatabase:
                             conn.execute("ROLLBACK")
                     raise
             except sqlite3.DatabaseError as exc:  # also "file is not a database", "disk image is malformed"
+                if "no such table" in str(exc) and self._schema_gone():
+                    continue  # the file was deleted while the app ran: a new one has the schema now
                 busy = isinstance(exc, sqlite3.OperationalError) and _busy(exc)
                 if not busy or time.monotonic() > deadline:
                     kind, detail = fault_kind(exc), str(exc)
@@ -147,6 +151,16 @@ class SQLiteDatabase:
                     raise StoreFault(kind, self.path, detail) from exc
             time.sleep(delay)
             delay = min(delay * 2, 0.25)
+
+    def _schema_gone(self) -> bool:
+        """The file lost its tables (deleted while the app ran, SQLite made an empty one): give it the schema again
+        and say so; True when it had none and has it now (the call is tried again), False otherwise."""
+        self._forget_connection()
+        if self.schema_version() != 0:
+            return False
+        log.warning("the conversation database %s was removed while the app ran: a new, empty one is made", self.path)
+        self._write(self._migrate)
+        return True
 
     def _forget_connection(self) -> None:
         conn = getattr(self._local, "conn", None)

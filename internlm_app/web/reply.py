@@ -266,6 +266,7 @@ class ReplyInProgress:
     def _run(self, chunks: Iterator[str]) -> None:
         stats, saver, shown = self.events.stats, Throttle(SAVE_INTERVAL_SECONDS), Throttle(UI_UPDATE_INTERVAL)
         saver.ready()  # the first periodic save is due one interval after the start
+        progress = _ProgressSaver(self.store, self.mid)
         status = "stopped"
         try:
             for chunk in chunks:
@@ -276,7 +277,7 @@ class ReplyInProgress:
                 if self.live is not None and shown.ready():
                     self.live.update(self.cid, self.mid, self.text)
                 if saver.ready():
-                    _save_progress(self.store, self.mid, self.text)
+                    progress.submit(self.text)  # (never waits: a locked file must not hold the text on screen)
             status = "stopped" if stats.finish_reason == "cancelled" else "complete"
         except Exception as exc:  # EngineError: bad request, context too long, GPU out of memory ...
             if not isinstance(exc, EngineError):
@@ -285,6 +286,7 @@ class ReplyInProgress:
             stats.failed(exc)
         finally:
             _close(chunks)
+            progress.close()  # (its last save lands before the end's, never after it)
             self._end(status)
 
     def _end(self, status: str) -> None:
@@ -293,14 +295,23 @@ class ReplyInProgress:
         if self.live is not None:
             self.live.update(self.cid, self.mid, self.text)  # other tabs show the whole text until they redraw
         saved = False
-        try:
-            self.store.update_message(self.mid, self.text, status, stats)
-            saved = True
-        except StoreFault as fault:
-            log.error("reply %s (%s, %s) could not be saved: %s", self.mid, status, stats.error or "", fault)
-            self.fault = fault
-        except Exception:  # never hide the reason the reply ended behind a storage error
-            log.exception("could not save reply %s", self.mid)
+        deadline = time.monotonic() + FINAL_SAVE_SECONDS
+        while True:
+            try:
+                self.store.update_message(self.mid, self.text, status, stats)
+                saved = True
+            except StoreFault as fault:
+                if fault.kind == "locked" and time.monotonic() < deadline:
+                    # Another process holds the file: the text stays live (every page shows it) and the save is
+                    # tried again, rather than drop a finished reply after the store's own 30 s of retries.
+                    log.warning("reply %s: the conversation file is locked; saving it again", self.mid)
+                    time.sleep(FINAL_SAVE_RETRY_SECONDS)
+                    continue
+                log.error("reply %s (%s, %s) could not be saved: %s", self.mid, status, stats.error or "", fault)
+                self.fault = fault
+            except Exception:  # never hide the reason the reply ended behind a storage error
+                log.exception("could not save reply %s", self.mid)
+            break
         if self.live is not None:
             self.live.finish(self.cid, self.mid, saved)
         with self._cond:
@@ -417,6 +428,48 @@ class WebReply:
         waits in line; the reply keeps its place, shows in `live` for the next run of any page, and is saved at its
         end. Only a Stop button (`live.stop`) ends it, within one token (or out of the line), saved as stopped."""
         return self.start(live).follow(view)
+
+
+FINAL_SAVE_SECONDS = 600.0  # how long a finished reply's text is kept trying to be saved while the file is locked
+FINAL_SAVE_RETRY_SECONDS = 1.0
+
+
+class _ProgressSaver:
+    """The periodic saves of a streaming reply, in a thread of their own: the reply never waits for one (SQLite
+    retries a locked file for 30 s). One save at a time, of the newest text; `close` waits for the one running."""
+
+    def __init__(self, store: ConversationStore, mid: int):
+        self._store, self._mid = store, mid
+        self._cond = threading.Condition()
+        self._pending: str | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, text: str) -> None:
+        with self._cond:
+            self._pending = text
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="internlm-reply-save", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._pending is None:
+                    return
+                text, self._pending = self._pending, None
+            _save_progress(self._store, self._mid, text)
+
+    def close(self) -> None:
+        """Drop what is not saved yet (the end's save has it all) and wait for a save under way."""
+        with self._cond:
+            self._closed, self._pending = True, None
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def _save_progress(store: ConversationStore, mid: int, text: str) -> None:
