@@ -17,6 +17,7 @@ from internlm_app.runtime.convert import (
     MARKER,
     ConversionError,
     check_conversion,
+    check_headers,
     check_source,
     is_converted,
     is_internlm2_checkpoint,
@@ -73,14 +74,14 @@ def _model_state(settings: ModelSettings) -> dict:
             raise ConversionError(f"{src / 'config.json'} names no model_type: download the model again")
         if state["weights_bytes"] and state["internlm2_format"]:
             _, shards = check_source(src)  # what the conversion checks first: config values, tokenizer, weight index
-            _readable(shards)
+            check_headers(shards)
         elif state["weights_bytes"]:
             from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
             if model_type not in CONFIG_MAPPING:
                 state["own_code"] = model_type  # transformers has no class for it: the folder's own code is needed
                 return state
-            _readable(source_shards(src))  # the weight index names files that are there, and they can be read
+            check_headers(source_shards(src))  # the weight index names files that are there, and they can be read
             check_tokenizer_files(src)
         elif state["internlm2_format"] and is_converted(converted_dir_for(src, settings), src):
             pass  # the weights were deleted after their conversion (to save disk): the conversion is what is used
@@ -102,22 +103,6 @@ def _model_state(settings: ModelSettings) -> dict:
         except ConversionError as exc:
             state["conversion_damaged"] = str(exc)
     return state
-
-
-def _readable(shards: list[Path]) -> None:
-    """ConversionError for a safetensors weight file whose header cannot be read (cut short, not safetensors)."""
-    from safetensors import SafetensorError, safe_open
-
-    for shard in shards:
-        if shard.suffix != ".safetensors":
-            continue
-        try:
-            with safe_open(str(shard), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as exc:
-            raise ConversionError(
-                f"the weights file {shard} is incomplete or corrupt ({exc}); download it again"
-            ) from exc
 
 
 def _remote_state(settings: ModelSettings, problems: list[Problem]) -> dict:

@@ -321,17 +321,6 @@ def convert_tensor(name: str, tensor: torch.Tensor, cfg: dict) -> Iterator[tuple
         raise ConversionError(f"unexpected tensor {name!r}")
 
 
-def expected_tensors(cfg: dict) -> set[str]:
-    """The Llama weights a conversion of an InternLM2 model with config `cfg` must hold (biases aside)."""
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not cfg.get("tie_word_embeddings", False):
-        names.add("lm_head.weight")
-    per_layer = [f"self_attn.{p}_proj.weight" for p in "qkvo"]
-    per_layer += [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
-    per_layer += ["input_layernorm.weight", "post_attention_layernorm.weight"]
-    return names | {f"model.layers.{i}.{n}" for i in range(cfg["num_hidden_layers"]) for n in per_layer}
-
-
 def source_shards(src: Path) -> list[Path]:
     """The weight files of `src` (by its index when it has one); ConversionError when the index names files that are
     not there or there are none."""
@@ -373,15 +362,26 @@ def _read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         del state
 
 
+def check_headers(shards: list[Path]) -> None:
+    """ConversionError for a safetensors weight file whose header cannot be read (cut short, not safetensors)."""
+    for shard in shards:
+        if shard.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(shard), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ConversionError(
+                f"the weights file {shard} is incomplete or corrupt ({exc}); download it again"
+            ) from exc
+
+
 def check_conversion(dst: Path) -> None:
     """Refuse a finished conversion whose files were damaged since (a shard deleted or cut short): ConversionError
     saying to delete it, so that the next start converts it again. Reads the shards' headers only."""
     try:
-        shards = source_shards(dst)
-        for shard in shards:
-            with safe_open(str(shard), framework="pt"):
-                pass
-    except (ConversionError, SafetensorError, OSError) as exc:
+        check_headers(source_shards(dst))
+    except ConversionError as exc:
         raise ConversionError(
             f"the converted copy in {dst} is damaged ({str(exc).split(';')[0]}): delete that folder and start again "
             "to convert it anew from the download"
@@ -526,7 +526,8 @@ def _convert_into(src: Path, dst: Path, tmp: Path, cfg: dict, shards: list[Path]
             total_size += tensor.numel() * tensor.element_size()
         del out  # (freed at once: tensors are reference-counted)
         log.info("converted shard %d/%d (%s)", i, len(shards), shard.name)
-    missing = sorted(expected_tensors(cfg) - weight_map.keys())
+    tied = {"lm_head.weight"} if cfg.get("tie_word_embeddings", False) else set()  # (the embeddings serve)
+    missing = sorted(shapes.keys() - weight_map.keys() - tied)
     if missing:  # a shard was missing or cut short: transformers would fill the gaps with random weights
         raise ConversionError(
             f"{src} lacks {len(missing)} weights that its config.json needs ({', '.join(missing[:3])}"
